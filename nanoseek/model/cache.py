@@ -1,0 +1,87 @@
+"""The latent KV cache interface the model reads and writes, and a plain contiguous implementation.
+
+MLA (DeepSeek-V2 §2.1.2) caches, per token and layer, only the normalised KV latent c_kv (kv_lora_rank values)
+and the rotated shared key k_pe (qk_rope_head_dim values) - one row of C = kv_lora_rank + qk_rope_head_dim -
+plus, on DSA layers (V3.2 §2.1), the lightning indexer's key (index_head_dim values).
+
+A `LatentCache` is the view of a cache for ONE forward call: it knows where this call's tokens go, which cached
+rows each query may see, and how to read rows back. The model only calls the four methods below, so the
+engine's paged cache (`nanoseek.engine.cache`) and `DenseCache` here are interchangeable.
+
+Legend: B batch, T new tokens, S visible cache rows, C latent row width (R + P), I indexer key width, K top-k.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+
+class LatentCache(Protocol):
+    positions: torch.Tensor  # [B, T] absolute positions of this call's tokens (RoPE)
+    mask: torch.Tensor  # [B, T, S] bool, True where query t may attend cached row s (causal and valid)
+
+    def write(self, layer: int, kv: torch.Tensor, index_k: Optional[torch.Tensor]) -> None:
+        """Store this call's rows: kv [B, T, C], index_k [B, T, I] or None."""
+
+    def read(self, layer: int) -> torch.Tensor:
+        """All visible latent rows [B, S, C] (the ones just written included)."""
+
+    def read_index_keys(self, layer: int) -> torch.Tensor:
+        """All visible indexer keys [B, S, I]."""
+
+    def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        """Only the selected rows: idx [B, T, K] (values in [0, S)) -> [B, T, K, C]. O(K) reads, for DSA decode."""
+
+
+class DenseCache:
+    """A contiguous [B, S_max] cache for batches that advance together (tests, `generate`, benches).
+
+    Usage: `cache = DenseCache(cfg, B, S_max, dtype)`; then each step `model(ids, cache=cache.step(T))`.
+    Layers num_hidden_layers .. +n_mtp hold the MTP modules' rows.
+    """
+
+    def __init__(self, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.kv = torch.zeros(n_layers, batch_size, max_len, width, dtype=dtype, device=device)
+        self.index_k = (torch.zeros(n_layers, batch_size, max_len, cfg.index_head_dim, dtype=dtype, device=device)
+                        if cfg.use_dsa else None)
+        self.max_len = max_len
+        self.length = 0  # rows filled so far (the same for every batch row)
+        self._t = 0
+
+    def step(self, num_new: int) -> "DenseCache":
+        """Prepare a call that appends num_new tokens; returns self with positions and mask set."""
+        start, end = self.length, self.length + num_new
+        if end > self.max_len:
+            raise ValueError(f"DenseCache full: {end} tokens > max_len {self.max_len}")
+        dev = self.kv.device
+        B = self.kv.shape[1]
+        pos = torch.arange(start, end, device=dev)
+        self.positions = pos.expand(B, -1)
+        self.mask = (torch.arange(end, device=dev)[None, :] <= pos[:, None]).expand(B, -1, -1)
+        self._t, self.length = num_new, end
+        return self
+
+    def rewind(self, length: int) -> None:
+        """Forget rows past `length` (speculative decoding rejects drafted tokens this way)."""
+        self.length = length
+
+    def write(self, layer, kv, index_k):
+        s, e = self.length - self._t, self.length
+        self.kv[layer, :, s:e] = kv
+        if index_k is not None:
+            self.index_k[layer, :, s:e] = index_k
+
+    def read(self, layer):
+        return self.kv[layer, :, : self.length]
+
+    def read_index_keys(self, layer):
+        return self.index_k[layer, :, : self.length]
+
+    def gather(self, layer, idx):
+        B, T, K = idx.shape
+        rows = self.kv[layer, :, : self.length]  # [B, S, C]
+        flat = idx.reshape(B, T * K, 1).expand(-1, -1, rows.shape[-1])
+        return torch.gather(rows, 1, flat).view(B, T, K, -1)

@@ -1,0 +1,56 @@
+"""DSA lightning indexer (DeepSeek-V3.2-Exp §2.1): picks, for each query, the top-k past tokens to attend.
+
+    q^I = W^I_qb c_q                 [B, T, Hi, Di]  (c_q: MLA's normalised q latent)
+    k^I = LayerNorm(W^I_k x)          [B, T, Di]      (one key head, cached for decode)
+    w   = W^I_w x · Hi^-1/2           [B, T, Hi]
+    I(t, s) = Σ_j w_t,j · ReLU(q^I_t,j · k^I_s · Di^-1/2)
+
+RoPE is applied to the FIRST qk_rope_head_dim dims of q^I and k^I, half-split (not MLA's pair layout).
+The main attention of token t then reads only the top-k positions by I(t, ·); with T <= k that is all of them.
+Deployment tricks that do not change the result (Hadamard rotation, FP8 scoring) are left out.
+
+Legend: B batch, T queries, S keys, Hi indexer heads, Di indexer head dim, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.rope import apply_rope_halves
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
+        # HF names: self_attn.indexer.{wq_b, wk, k_norm, weights_proj}
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        pe, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rope_halves(pe, cos, sin), rest), dim=-1)
+
+    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> indexer keys [B, T, Di] (what the cache stores)."""
+        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(self, x: torch.Tensor, cq: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Index scores I [B, T, S] in fp32, -inf where mask [B, T, S] is False."""
+        B, T, _ = x.shape
+        q = self._rope(self.wq_b(cq).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        # [B, T, Hi, Di] x [B, S, Di] -> [B, T, Hi, S]
+        logits = torch.matmul(q.float(), keys.float().transpose(1, 2)[:, None]) * self.head_dim ** -0.5
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B, T, Hi]
+        scores = torch.matmul(w[:, :, None, :], F.relu(logits)).squeeze(2)  # [B, T, S]
+        return scores.masked_fill(~mask, float("-inf"))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k positions [B, T, K], K = min(index_topk, S). Masked positions only fill in when S < k."""
+        return scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices

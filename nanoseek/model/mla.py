@@ -1,0 +1,213 @@
+"""Multi-head latent attention (DeepSeek-V2 §2.1) with the V3.2 sparse-attention hook (V3.2-Exp §2.1).
+
+Two ways to compute the same attention:
+- naive (training, prefill): expand the cached latent c_kv into per-head k_nope and v with W_kvb, then ordinary
+  attention (SDPA) over [k_nope ; k_pe];
+- absorbed (decode): fold W_UK into the query and W_UV after the weighted sum, so attention runs directly over
+  the cached rows [c_kv ; k_pe] (width C = 576 for V3), never materialising per-head keys.
+`tests/test_mla.py` checks that the two agree.
+
+On DSA layers the lightning indexer (`dsa.py`) picks top-k positions per query; prefill masks the rest, decode
+gathers only those K latent rows from the cache (O(K) work). The indexer's training loss (KL to the main
+attention distribution) is computed here because it needs the attention probabilities.
+
+Legend: B batch, T queries, S keys, H heads, D model width, R kv_lora_rank, P qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim, C = R + P, K top-k.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.dsa import Indexer
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope_pairs
+
+ABSORB_MAX_QUERIES = 8  # "auto" path: absorbed when a cached call has at most this many new tokens
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = cfg.num_attention_heads
+        self.R, self.P = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.N, self.V = cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.scale = cfg.softmax_scale()
+        H, qk = self.n_heads, cfg.qk_head_dim
+        # HF names: self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+        # kv_b_proj, o_proj}
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.R + self.P, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.R, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.R, H * (self.N + self.V), bias=False)
+        self.o_proj = nn.Linear(H * self.V, cfg.hidden_size, bias=False)
+        self.indexer = Indexer(cfg) if cfg.use_dsa else None
+        # DSA training switches (set by nanoseek.train): "sparse" = top-k attention (inference default),
+        # "dense" = full attention (dense warm-up stage). indexer_loss: compute the KL into self.indexer_loss.
+        self.dsa_mode = "sparse"
+        self.indexer_loss_on = False
+        self.indexer_loss: Optional[torch.Tensor] = None
+        self.indexer_recall: Optional[torch.Tensor] = None
+
+    # ---- projections -----------------------------------------------------------------------------------
+    def _queries(self, x):
+        """x [B, T, D] -> q [B, T, H, N+P] (rope not yet applied), c_q [B, T, q_lora] or None."""
+        B, T, _ = x.shape
+        if hasattr(self, "q_a_proj"):
+            cq = self.q_a_layernorm(self.q_a_proj(x))
+            return self.q_b_proj(cq).view(B, T, self.n_heads, -1), cq
+        return self.q_proj(x).view(B, T, self.n_heads, -1), None
+
+    def _latent(self, x, cos, sin):
+        """x [B, T, D] -> cache rows [B, T, C] = [RMSNorm(c_kv) ; rope(k_pe)]."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.R, self.P], dim=-1)
+        return torch.cat((self.kv_a_layernorm(c), apply_rope_pairs(k_pe, cos, sin)), dim=-1)
+
+    def _absorb_weights(self):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.N + self.V, self.R)
+        return w[:, : self.N], w[:, self.N:]  # W_UK [H, N, R], W_UV [H, V, R]
+
+    # ---- the two attention paths -------------------------------------------------------------------------
+    def naive(self, q_nope, q_pe, rows, mask, need_probs=False):
+        """q_* [B, T, H, *], rows [B, S, C], mask [B, T, S] bool or None (= causal, S == T).
+
+        Returns out [B, T, H, V] and, if need_probs, the attention probabilities [B, H, T, S] in fp32.
+        """
+        B, S, _ = rows.shape
+        H = self.n_heads
+        c, k_pe = rows.split([self.R, self.P], dim=-1)
+        k_nope, v = self.kv_b_proj(c).view(B, S, H, self.N + self.V).split([self.N, self.V], dim=-1)
+        q = torch.cat((q_nope, q_pe), -1).transpose(1, 2)  # [B, H, T, N+P]
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)), -1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if mask is None:
+            T = q.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
+            causal = True
+        else:
+            causal = False
+        if need_probs:
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+            probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+            out = torch.matmul(probs.to(v.dtype), v)
+            return out.transpose(1, 2), probs
+        if causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
+        return out.transpose(1, 2), None
+
+    def absorbed(self, q_nope, q_pe, rows, mask):
+        """Attention over latent rows. rows [B, S, C] with mask [B, T, S], or rows [B, T, K, C] gathered per
+        query (DSA decode) with mask [B, T, K]. Returns out [B, T, H, V]."""
+        w_uk, w_uv = self._absorb_weights()
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+        qc = torch.cat((q_lat, q_pe), -1)  # [B, T, H, C]
+        if rows.dim() == 3:  # shared rows: one matmul over all (query, head) pairs
+            B, T, H, _ = qc.shape
+            scores = torch.matmul(qc.reshape(B, T * H, -1), rows.transpose(1, 2)).view(B, T, H, -1)
+            lat = rows[..., : self.R]
+        else:  # per-query selected rows [B, T, K, C]
+            scores = torch.matmul(qc, rows.transpose(-1, -2))  # [B, T, H, K]
+            lat = rows[..., : self.R]
+        scores = scores.float() * self.scale
+        probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).to(qc.dtype)
+        if rows.dim() == 3:
+            o_lat = torch.matmul(probs.view(B, T * H, -1), lat).view(B, T, H, -1)
+        else:
+            o_lat = torch.matmul(probs, lat)  # [B, T, H, R]
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                path: str = "auto") -> torch.Tensor:
+        """x [B, T, D] (already input_layernorm'ed) -> [B, T, D]. path: auto | naive | absorbed."""
+        B, T, _ = x.shape
+        q, cq = self._queries(x)
+        q_nope, q_pe = q.split([self.N, self.P], dim=-1)
+        q_pe = apply_rope_pairs(q_pe, cos, sin)
+        new_rows = self._latent(x, cos, sin)
+        index_k = self.indexer.key(x, cos, sin) if self.indexer is not None else None
+        if cache is not None:
+            cache.write(self.layer_id, new_rows, index_k)
+            rows, mask = cache.read(self.layer_id), cache.mask
+        else:
+            rows, mask = new_rows, None
+        if path == "auto":
+            path = "absorbed" if cache is not None and T <= ABSORB_MAX_QUERIES else "naive"
+
+        if self.indexer is not None and (self.dsa_mode == "sparse" or self.indexer_loss_on):
+            return self._forward_dsa(x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path)
+        if path == "absorbed":
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None].expand(B, -1, -1)
+            out = self.absorbed(q_nope, q_pe, rows, mask)
+        else:
+            out, _ = self.naive(q_nope, q_pe, rows, mask)
+        return self.o_proj(out.flatten(2))
+
+    def _forward_dsa(self, x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path):
+        B, T, _ = x.shape
+        S = rows.shape[1]
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None].expand(B, -1, -1)
+        keys = cache.read_index_keys(self.layer_id) if cache is not None else index_k
+        if self.indexer_loss_on and self.dsa_mode == "sparse":
+            # sparse stage: the indexer learns only from its own KL, so its inputs are cut from the graph
+            keys = self.indexer.key(x.detach(), cos, sin) if cache is None else keys.detach()
+            scores = self.indexer.scores(x.detach(), cq.detach(), keys, cos, sin, mask)
+        else:
+            with torch.set_grad_enabled(self.indexer_loss_on and torch.is_grad_enabled()):
+                scores = self.indexer.scores(x, cq, keys, cos, sin, mask)
+        sparse = self.dsa_mode == "sparse" and self.indexer.topk < S
+        idx = self.indexer.select(scores) if sparse else None
+
+        if self.indexer_loss_on:
+            attn_mask = mask if idx is None else self._selected_mask(mask, idx)
+            out, probs = self.naive(q_nope, q_pe, rows, attn_mask, need_probs=True)
+            self._indexer_kl(probs, scores, attn_mask)
+            return self.o_proj(out.flatten(2))
+        if idx is None:
+            out = (self.absorbed(q_nope, q_pe, rows, mask) if path == "absorbed"
+                   else self.naive(q_nope, q_pe, rows, mask)[0])
+        elif path == "absorbed":
+            sel_rows = cache.gather(self.layer_id, idx) if cache is not None else self._gather(rows, idx)
+            out = self.absorbed(q_nope, q_pe, sel_rows, torch.gather(mask, -1, idx))
+        else:
+            out = self.naive(q_nope, q_pe, rows, self._selected_mask(mask, idx))[0]
+        return self.o_proj(out.flatten(2))
+
+    @staticmethod
+    def _selected_mask(mask, idx):
+        sel = torch.zeros_like(mask).scatter_(-1, idx, True)
+        return mask & sel
+
+    @staticmethod
+    def _gather(rows, idx):
+        B, T, K = idx.shape
+        flat = idx.reshape(B, T * K, 1).expand(-1, -1, rows.shape[-1])
+        return torch.gather(rows, 1, flat).view(B, T, K, -1)
+
+    def _indexer_kl(self, probs, scores, attn_mask):
+        """KL(main attention summed over heads, L1-normalised || softmax(index scores)) over attn_mask."""
+        target = probs.detach().sum(1)  # [B, T, S]
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        logp = scores.masked_fill(~attn_mask, float("-inf")).log_softmax(-1)
+        kl = torch.where(attn_mask & (target > 0), target * (target.clamp_min(1e-12).log() - logp),
+                         torch.zeros_like(target))
+        self.indexer_loss = kl.sum(-1).mean()
+        # recall of the attention mass by the indexer's top-k (diagnostic only)
+        with torch.no_grad():
+            k = min(self.indexer.topk, scores.shape[-1])
+            top = scores.topk(k, dim=-1).indices
+            self.indexer_recall = torch.gather(target, -1, top).sum(-1).mean()

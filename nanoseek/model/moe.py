@@ -1,0 +1,183 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2): shared experts + fine-grained routed experts, three routers.
+
+Routers (`Router`):
+- softmax + greedy top-k (V2-Lite), softmax + group-limited greedy (V2: group score = group max);
+- sigmoid + noaux_tc (V3): selection on s + b (b = e_score_correction_bias, the auxiliary-loss-free balancing
+  bias, fp32), groups scored by the sum of their top-2 biased scores; gate weights from the UNBIASED s.
+Gates are renormalised when norm_topk_prob, then multiplied by routed_scaling_factor.
+
+Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). Two paths that agree
+(`tests/test_moe.py`): `grouped` sorts the N·K (token, expert) pairs by expert and runs one grouped matmul per
+projection (`torch._grouped_mm`); `loop` is the plain per-expert reference.
+
+For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
+`seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
+
+Legend: N tokens (B·T flattened), D model width, E routed experts, K experts per token, I expert width.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate x) * up x). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.E, self.K = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring, self.method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        # HF names: mlp.gate.weight (kept fp32), mlp.gate.e_score_correction_bias (noaux_tc only)
+        self.weight = nn.Parameter(torch.empty(self.E, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.E, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The balancing bias stays fp32 whatever the model dtype: its steps (gamma = 1e-3) vanish in bf16.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device, torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.method != "greedy" and self.n_group > 1:
+            groups = choice.view(-1, self.n_group, self.E // self.n_group)
+            if self.method == "noaux_tc":
+                group_score = groups.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = groups.amax(-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            emask = gmask[:, :, None].expand_as(groups).reshape(-1, self.E)
+            # HF's group_limited_greedy masks with 0.0; noaux_tc with -inf. Same choice while scores > 0.
+            choice = choice.masked_fill(~emask, float("-inf") if self.method == "noaux_tc" else 0.0)
+        idx = choice.topk(self.K, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        if self.norm_topk and self.K > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx, scores
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (`_grouped_mm` rejects stride-0 grads)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    # CUDA grouped GEMM needs Hopper-class hardware and bf16
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # rows [0, I) gate, [I, 2I) up
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.impl = "grouped"  # or "loop" (reference)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
+        if self.impl == "grouped" and _grouped_mm_ok(x):
+            return self._grouped(x, w, idx)
+        return self._loop(x, w, idx)
+
+    def _loop(self, x, w, idx):
+        out = torch.zeros_like(x)
+        I = self.down_proj.shape[-1]
+        for e in range(self.gate_up_proj.shape[0]):
+            tok, slot = torch.where(idx == e)
+            if tok.numel() == 0:
+                continue
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).split(I, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
+        return out
+
+    def _grouped(self, x, w, idx):
+        N, K = idx.shape
+        E, I = self.gate_up_proj.shape[0], self.down_proj.shape[-1]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
+        counts = torch.bincount(flat, minlength=E)
+        offs = counts.cumsum(0).to(torch.int32)
+        xs = x[order // K]  # [N*K, D]
+        h = _ContiguousGrad.apply(torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))
+        gate, up = h.split(I, dim=-1)
+        y = _ContiguousGrad.apply(torch._grouped_mm((F.silu(gate) * up).contiguous(),
+                                                    self.down_proj.transpose(1, 2), offs=offs))
+        y = y * w.reshape(-1)[order, None].to(y.dtype)
+        out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
+        return out.view(N, K, -1).sum(1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.seq_aux_alpha = 0.0  # set by training; > 0 computes the sequence-wise balance loss
+        self.last_load: Optional[torch.Tensor] = None  # [E] tokens routed to each expert, last forward
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        w, idx, scores = self.gate(flat)
+        with torch.no_grad():
+            self.last_load = torch.bincount(idx.reshape(-1), minlength=self.gate.E)
+        if self.training and self.seq_aux_alpha > 0:
+            self.aux_loss = self._seq_balance_loss(idx.view(B, T, -1), scores.view(B, T, -1))
+        out = self.experts(flat, w, idx).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _seq_balance_loss(self, idx, scores):
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
+        B, T, K = idx.shape
+        E = self.gate.E
+        counts = torch.zeros(B, E, device=idx.device).scatter_add_(
+            1, idx.reshape(B, -1), torch.ones(B, T * K, device=idx.device))
+        f = counts * E / (K * T)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+        return self.seq_aux_alpha * (f * p).sum(-1).mean()

@@ -1,0 +1,135 @@
+"""The DeepSeek V2 / V3 / V3.2 decoder: embedding, pre-norm blocks (MLA + dense FFN or DeepSeekMoE), final norm,
+output head, and the MTP modules.
+
+`Transformer(cfg)(input_ids)` returns a `CausalLMOutput` with `.logits` [B, T, vocab] and `.hidden` [B, T, D]
+(the final-normed hidden state, which the MTP modules consume). Pass `cache=` (a `LatentCache`) to run prefill or
+decode steps against an external latent KV cache; positions and masks come from the cache.
+
+Parameter names follow Hugging Face's `model.` hierarchy minus the `model.` prefix (see `checkpoint.py`), so
+the weights of a real checkpoint map 1:1 except for routed experts, which are stored fused here.
+
+Legend: B batch, T tokens, D model width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.mtp import MTPModule
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V] (or [B, n, V] with num_logits=n)
+    hidden: torch.Tensor  # [B, T, D] after the final norm
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, path="auto"):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, path)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        # V3's MTP block is a MoE block (it is numbered after the last layer, which is MoE)
+        self.mtp = nn.ModuleList(MTPModule(cfg, L + k, Block(cfg, L + k, cfg.is_moe_layer(L + k)))
+                                 for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """Random init: normal(0, initializer_range) for matrices (output projections scaled by depth as in
+        GPT-2), ones for norms, zeros for biases and the balancing bias."""
+        std = std or self.config.initializer_range
+        depth_scale = 1 / math.sqrt(2 * max(1, self.config.num_hidden_layers))
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                nn.init.normal_(p, 0.0, std * depth_scale)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    # ---- pieces the engine and the trainer call ---------------------------------------------------------
+    def positions_for(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        if cache is not None:
+            return cache.positions
+        B, T = input_ids.shape
+        return torch.arange(T, device=input_ids.device).expand(B, -1)
+
+    def rope(self, positions: torch.Tensor):
+        return self.rotary(positions)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
+                path: str = "auto") -> CausalLMOutput:
+        """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given)."""
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        cos, sin = self.rotary(self.positions_for(input_ids, cache))
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, path)
+        h = self.norm(x)
+        hl = h if num_logits is None else h[:, -num_logits:]
+        return CausalLMOutput(logits=self.lm_head(hl), hidden=h)
+
+    def mtp_forward(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache=None,
+                    positions: Optional[torch.Tensor] = None):
+        """Run MTP depth k (0-based) on hidden [B, T, D] and the tokens one step ahead next_ids [B, T].
+
+        Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
+        """
+        if positions is None:
+            positions = self.positions_for(next_ids, cache)
+        cos, sin = self.rotary(positions)
+        m = self.mtp[k]
+        h = m(hidden, self.embed_tokens(next_ids), cos, sin, cache)
+        return self.lm_head(m.head_norm(h)), h
+
+    def set_expert_impl(self, impl: str) -> None:
+        """'grouped' (default, fast) or 'loop' (per-expert reference)."""
+        for m in self.modules():
+            if hasattr(m, "impl") and hasattr(m, "gate_up_proj"):
+                m.impl = impl
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean token cross-entropy in fp32. logits [B, T, V], targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
