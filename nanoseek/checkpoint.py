@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,8 +30,7 @@ from nanoseek.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_FUSED_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -78,11 +78,6 @@ def internal_to_hf(name: str, cfg: ModelConfig) -> str:
     return "model." + name
 
 
-def _mtp_layer_name(internal: str) -> str:
-    """`mtp.0.block.layers...` -> `mtp.0.block.` prefix form used for expert regexes."""
-    return internal
-
-
 # ---- reading safetensors ---------------------------------------------------------------------------------
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file, from the index (sharded) or the single file."""
@@ -108,28 +103,96 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return {k: single for k in _open(single).keys()}
 
 
-_OPEN: dict[Path, object] = {}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _open(f: Path):
-    from safetensors import safe_open
+class SafetensorsFile:
+    """A memory-mapped safetensors file read one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets),
+    then raw little-endian data. Reading it directly (instead of safe_open) lets us validate every offset against
+    the file size, so a truncated download fails with a clear message, and release each tensor's pages right
+    after copying (madvise DONTNEED), so resident memory stays near the size of the loaded weights.
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+        self.path = path
+        if not path.exists():
+            raise CheckpointError(f"{path}: file listed in the checkpoint is missing")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (no header)")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes "
+                                      f"in a file of {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.header = header
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            if self.base + end > size:
+                raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                                      f"{self.base + end} but the file has {size} bytes")
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        import mmap
+        info = self.header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = (self.base + o for o in info["data_offsets"])
+        shape = info["shape"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        view = memoryview(self._mm)[start:end]
+        with warnings.catch_warnings():  # the mapping is read-only; we clone before anyone could write
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(view, dtype=torch.uint8).clone().view(dtype).reshape(shape)
+        view.release()
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        if hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        return t
+
+    def close(self):
+        self._mm.close()
+
+
+_OPEN: dict[Path, SafetensorsFile] = {}
+
+
+def _open(f: Path) -> SafetensorsFile:
     if f not in _OPEN:
-        if not f.exists():
-            raise CheckpointError(f"{f}: file listed in the checkpoint is missing")
-        try:
-            _OPEN[f] = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error type for truncated / corrupt headers
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+        _OPEN[f] = SafetensorsFile(f)
     return _OPEN[f]
 
 
+def _close_all() -> None:
+    for f in _OPEN.values():
+        f.close()
+    _OPEN.clear()
+
+
 def _get(f: Path, name: str) -> torch.Tensor:
-    try:
-        return _open(f).get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{f}: cannot read tensor {name!r}: corrupt or truncated file ({e})") from None
+    sf = _open(f)
+    if name not in sf.header:
+        raise CheckpointError(f"{f}: the index lists tensor {name!r} but the file does not hold it")
+    return sf.get(name)
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
@@ -179,7 +242,14 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     qcfg = hf.get("quantization_config") or {}
     block = tuple(qcfg.get("weight_block_size", (128, 128)))
 
-    _OPEN.clear()
+    _close_all()
+    try:
+        return _load(path, cfg, dtype, device, block, strict_mtp)
+    finally:
+        _close_all()
+
+
+def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool) -> Transformer:
     files = _weight_files(path)
     L = cfg.num_hidden_layers
     has_mtp = any(re.match(rf"^model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= L for n in files)
@@ -225,11 +295,10 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
         internal = hf_to_internal(hf_name, cfg)
         if internal is None:
             continue
-        m = _EXPERT_RE.match(internal.replace("mtp.", "").split("block.", 1)[-1]) if "experts." in internal else None
+        m = _EXPERT_RE.match(internal)
         if m:
-            prefix = internal[: internal.index(".experts.") + len(".experts")]
             j, part = int(m.group(2)), m.group(3)
-            pname = prefix + (".down_proj" if part == "down_proj" else ".gate_up_proj")
+            pname = m.group(1) + (".down_proj" if part == "down_proj" else ".gate_up_proj")
             if pname not in params or j >= experts_per_layer:
                 unexpected.append(hf_name)
                 continue
@@ -251,7 +320,6 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     if cfg.tie_word_embeddings:
         todo.pop("lm_head.weight", None)
     missing = [n for n, rest in todo.items() if rest]
-    _OPEN.clear()
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) for this config, e.g. "
                               f"{', '.join(unexpected[:5])}")

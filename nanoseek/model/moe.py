@@ -58,7 +58,8 @@ class Router(nn.Module):
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
         if bias is not None:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device, torch.float32)
+            new = self.e_score_correction_bias
+            self.e_score_correction_bias = new.float() if bias.is_meta else bias.to(new.device, torch.float32)
         return self
 
     def forward(self, x: torch.Tensor):

@@ -48,6 +48,14 @@ class RotaryEmbedding(nn.Module):
         inv, self.attn_factor = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the frequencies: keep them fp32, only follow the device
+        inv = self.inv_freq
+        super()._apply(fn, recurse)
+        new = self.inv_freq
+        self.inv_freq = new.float() if inv.is_meta else inv.to(new.device, torch.float32)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, R/2] in float32."""
         freqs = positions[..., None].float() * self.inv_freq
