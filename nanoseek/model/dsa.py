@@ -53,4 +53,4 @@ class Indexer(nn.Module):
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Top-k positions [B, T, K], K = min(index_topk, S). Masked positions only fill in when S < k."""
-        return scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return scores.topk(min(self.topk, scores.shape[-1]), dim=-1, sorted=False).indices

@@ -101,11 +101,15 @@ class MLA(nn.Module):
             probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
             out = torch.matmul(probs.to(v.dtype), v)
             return out.transpose(1, 2), probs
+        # CPU flash attention is ~2x slower when v's head dim differs from q/k's: pad v, slice the output
+        pad = q.shape[-1] - self.V
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         if causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
-        return out.transpose(1, 2), None
+        return out[..., : self.V].transpose(1, 2), None
 
     def absorbed(self, q_nope, q_pe, rows, mask):
         """Attention over latent rows. rows [B, S, C] with mask [B, T, S], or rows [B, T, K, C] gathered per
@@ -140,7 +144,8 @@ class MLA(nn.Module):
         index_k = self.indexer.key(x, cos, sin) if self.indexer is not None else None
         if cache is not None:
             cache.write(self.layer_id, new_rows, index_k)
-            rows, mask = cache.read(self.layer_id), cache.mask
+            # rows are read below only where needed: DSA decode gathers its K rows itself (O(K), not O(S))
+            rows, mask = None, cache.mask
         else:
             rows, mask = new_rows, None
         if path == "auto":
@@ -148,6 +153,8 @@ class MLA(nn.Module):
 
         if self.indexer is not None and (self.dsa_mode == "sparse" or self.indexer_loss_on):
             return self._forward_dsa(x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path)
+        if rows is None:
+            rows = cache.read(self.layer_id)
         if path == "absorbed":
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None].expand(B, -1, -1)
@@ -158,33 +165,53 @@ class MLA(nn.Module):
 
     def _forward_dsa(self, x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path):
         B, T, _ = x.shape
-        S = rows.shape[1]
+        S = rows.shape[1] if rows is not None else mask.shape[-1]
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None].expand(B, -1, -1)
         keys = cache.read_index_keys(self.layer_id) if cache is not None else index_k
-        if self.indexer_loss_on and self.dsa_mode == "sparse":
-            # sparse stage: the indexer learns only from its own KL, so its inputs are cut from the graph
+        if not self.indexer_loss_on:
+            return self._forward_sparse(x, cq, q_nope, q_pe, rows, mask, keys, cos, sin, cache, path)
+        # Training with the indexer's KL loss (V3.2-Exp §2.1): explicit attention, since the KL needs its
+        # probabilities. Sparse stage: the indexer learns only from its KL, so its inputs are cut from the graph.
+        if self.dsa_mode == "sparse":
             keys = self.indexer.key(x.detach(), cos, sin) if cache is None else keys.detach()
             scores = self.indexer.scores(x.detach(), cq.detach(), keys, cos, sin, mask)
         else:
-            with torch.set_grad_enabled(self.indexer_loss_on and torch.is_grad_enabled()):
-                scores = self.indexer.scores(x, cq, keys, cos, sin, mask)
+            scores = self.indexer.scores(x, cq, keys, cos, sin, mask)
         sparse = self.dsa_mode == "sparse" and self.indexer.topk < S
         idx = self.indexer.select(scores) if sparse else None
+        if rows is None:
+            rows = cache.read(self.layer_id)
+        attn_mask = mask if idx is None else self._selected_mask(mask, idx)
+        out, probs = self.naive(q_nope, q_pe, rows, attn_mask, need_probs=True)
+        self._indexer_kl(probs, scores, attn_mask)
+        return self.o_proj(out.flatten(2))
 
-        if self.indexer_loss_on:
-            attn_mask = mask if idx is None else self._selected_mask(mask, idx)
-            out, probs = self.naive(q_nope, q_pe, rows, attn_mask, need_probs=True)
-            self._indexer_kl(probs, scores, attn_mask)
-            return self.o_proj(out.flatten(2))
-        if idx is None:
+    def _forward_sparse(self, x, cq, q_nope, q_pe, rows, mask, keys, cos, sin, cache, path):
+        """Inference-time DSA. Queries that see at most k positions attend to all of them, so the indexer
+        scores and selects only from the first query that sees more (rows r0: of this call)."""
+        B, T, _ = x.shape
+        k = self.indexer.topk
+        visible = mask.sum(-1)  # [B, T]; grows with t inside a call (causal)
+        over = (visible > k).any(0).nonzero()
+        if over.numel() == 0:
+            if rows is None:
+                rows = cache.read(self.layer_id)
             out = (self.absorbed(q_nope, q_pe, rows, mask) if path == "absorbed"
                    else self.naive(q_nope, q_pe, rows, mask)[0])
-        elif path == "absorbed":
+            return self.o_proj(out.flatten(2))
+        r0 = 0 if path == "absorbed" else int(over[0])  # absorbed (decode) calls are short: score them all
+        with torch.no_grad():
+            scores = self.indexer.scores(x[:, r0:], cq[:, r0:], keys, cos[:, r0:], sin[:, r0:], mask[:, r0:])
+            idx = self.indexer.select(scores)  # [B, T - r0, K]
+        if path == "absorbed":
             sel_rows = cache.gather(self.layer_id, idx) if cache is not None else self._gather(rows, idx)
             out = self.absorbed(q_nope, q_pe, sel_rows, torch.gather(mask, -1, idx))
         else:
-            out = self.naive(q_nope, q_pe, rows, self._selected_mask(mask, idx))[0]
+            if rows is None:
+                rows = cache.read(self.layer_id)
+            attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
+            out = self.naive(q_nope, q_pe, rows, attn_mask)[0]
         return self.o_proj(out.flatten(2))
 
     @staticmethod
