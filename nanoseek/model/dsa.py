@@ -42,13 +42,19 @@ class Indexer(nn.Module):
 
     def scores(self, x: torch.Tensor, cq: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Index scores I [B, T, S] in fp32, -inf where mask [B, T, S] is False."""
+        """Index scores I [B, T, S] in fp32, -inf where mask [B, T, S] is False.
+
+        The two GEMMs run in the keys' dtype (fp32 models: exactly HF's arithmetic; bf16 models: bf16 with fp32
+        accumulation, as DeepSeek itself runs this in FP8): converting all S cached keys to fp32 at every
+        decode step would cost more than the scoring."""
         B, T, _ = x.shape
+        dt = keys.dtype
         q = self._rope(self.wq_b(cq).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        # [B, T, Hi, Di] x [B, S, Di] -> [B, T, Hi, S]
-        logits = torch.matmul(q.float(), keys.float().transpose(1, 2)[:, None]) * self.head_dim ** -0.5
+        q = q.to(dt).reshape(B, T * self.n_heads, -1) * self.head_dim ** -0.5
+        # one GEMM over all (query, head) pairs: [B, T*Hi, Di] x [B, Di, S] -> [B, T*Hi, S]
+        logits = torch.matmul(q, keys.transpose(1, 2)).relu_().view(B * T, self.n_heads, -1)
         w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # [B, T, Hi]
-        scores = torch.matmul(w[:, :, None, :], F.relu(logits)).squeeze(2)  # [B, T, S]
+        scores = torch.bmm(w.to(dt).reshape(B * T, 1, self.n_heads), logits).view(B, T, -1).float()
         return scores.masked_fill(~mask, float("-inf"))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:

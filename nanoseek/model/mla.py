@@ -74,8 +74,19 @@ class MLA(nn.Module):
         return torch.cat((self.kv_a_layernorm(c), apply_rope_pairs(k_pe, cos, sin)), dim=-1)
 
     def _absorb_weights(self):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.N + self.V, self.R)
-        return w[:, : self.N], w[:, self.N:]  # W_UK [H, N, R], W_UV [H, V, R]
+        """W_UK [H, N, R] and W_UV [H, V, R] as contiguous tensors. Without autograd they are cached until the
+        weight changes (its version counter moves on every in-place update), so decode steps do not re-copy
+        the strided slices of kv_b_proj."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if torch.is_grad_enabled() and w.requires_grad:
+            w = w.view(self.n_heads, self.N + self.V, self.R)
+            return w[:, : self.N], w[:, self.N:]
+        if getattr(self, "_absorb_key", None) != key:
+            wv = w.detach().view(self.n_heads, self.N + self.V, self.R)
+            self._absorb_cache = (wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous())
+            self._absorb_key = key
+        return self._absorb_cache
 
     # ---- the two attention paths -------------------------------------------------------------------------
     def naive(self, q_nope, q_pe, rows, mask, need_probs=False):
@@ -117,20 +128,19 @@ class MLA(nn.Module):
         w_uk, w_uv = self._absorb_weights()
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
         qc = torch.cat((q_lat, q_pe), -1)  # [B, T, H, C]
+        B, T, H, _ = qc.shape
         if rows.dim() == 3:  # shared rows: one matmul over all (query, head) pairs
-            B, T, H, _ = qc.shape
             scores = torch.matmul(qc.reshape(B, T * H, -1), rows.transpose(1, 2)).view(B, T, H, -1)
-            lat = rows[..., : self.R]
         else:  # per-query selected rows [B, T, K, C]
             scores = torch.matmul(qc, rows.transpose(-1, -2))  # [B, T, H, K]
-            lat = rows[..., : self.R]
         scores = scores.float() * self.scale
         probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).to(qc.dtype)
+        # weight the whole rows and drop the k_pe part afterwards: slicing rows[..., :R] first would copy S x R
         if rows.dim() == 3:
-            o_lat = torch.matmul(probs.view(B, T * H, -1), lat).view(B, T, H, -1)
+            o_lat = torch.matmul(probs.view(B, T * H, -1), rows).view(B, T, H, -1)
         else:
-            o_lat = torch.matmul(probs, lat)  # [B, T, H, R]
-        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+            o_lat = torch.matmul(probs, rows)  # [B, T, H, C]
+        return torch.einsum("bthr,hvr->bthv", o_lat[..., : self.R], w_uv)
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,

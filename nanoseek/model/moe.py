@@ -116,34 +116,63 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
-        if self.impl == "grouped" and _grouped_mm_ok(x):
-            return self._grouped(x, w, idx)
-        return self._loop(x, w, idx)
+        if self.impl == "loop":
+            return self._loop(x, w, idx)
+        if idx.numel() < self.gate_up_proj.shape[0] or not _grouped_mm_ok(x):
+            # decode-sized batches touch few experts: visit only those instead of all E groups
+            return self._active(x, w, idx)
+        return self._grouped(x, w, idx)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, D], down [E, D, I]) the paths compute with; expert parallelism (`parallel.py`)
+        overrides this to return its rank's experts."""
+        return self.gate_up_proj, self.down_proj
 
     def _loop(self, x, w, idx):
         out = torch.zeros_like(x)
-        I = self.down_proj.shape[-1]
-        for e in range(self.gate_up_proj.shape[0]):
+        gate_up_proj, down_proj = self.weights()
+        I = down_proj.shape[-1]
+        for e in range(gate_up_proj.shape[0]):
             tok, slot = torch.where(idx == e)
             if tok.numel() == 0:
                 continue
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).split(I, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = F.linear(x[tok], gate_up_proj[e]).split(I, dim=-1)
+            y = F.linear(F.silu(gate) * up, down_proj[e])
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
         return out
 
+    def _active(self, x, w, idx):
+        """Per-expert matmuls over the experts that received tokens only (tokens sorted by expert)."""
+        N, K = idx.shape
+        gate_up_proj, down_proj = self.weights()
+        I = down_proj.shape[-1]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+        xs, ws = x[order // K], w.reshape(-1)[order, None]
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(xs[start:start + n], gate_up_proj[e]).split(I, dim=-1)
+                ys.append(F.linear(F.silu(gate) * up, down_proj[e]))
+                start += n
+        y = torch.cat(ys) * ws.to(ys[0].dtype)
+        out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
+        return out.view(N, K, -1).sum(1).to(x.dtype)
+
     def _grouped(self, x, w, idx):
         N, K = idx.shape
-        E, I = self.gate_up_proj.shape[0], self.down_proj.shape[-1]
+        gate_up_proj, down_proj = self.weights()
+        E, I = gate_up_proj.shape[0], down_proj.shape[-1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
         counts = torch.bincount(flat, minlength=E)
         offs = counts.cumsum(0).to(torch.int32)
         xs = x[order // K]  # [N*K, D]
-        h = _ContiguousGrad.apply(torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))
+        h = _ContiguousGrad.apply(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
         gate, up = h.split(I, dim=-1)
         y = _ContiguousGrad.apply(torch._grouped_mm((F.silu(gate) * up).contiguous(),
-                                                    self.down_proj.transpose(1, 2), offs=offs))
+                                                    down_proj.transpose(1, 2), offs=offs))
         y = y * w.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
         return out.view(N, K, -1).sum(1).to(x.dtype)

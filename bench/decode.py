@@ -1,0 +1,169 @@
+"""Decode speed at batch 1: nanoseek's engine vs transformers `generate`, same weights, one run.
+
+    python bench/decode.py [--preset small] [--prompt 64] [--tokens 64] [--threads N]
+
+Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
+transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
+prefill: nanoseek times the engine steps after the first token; transformers times generate(N) - generate(1)
+(best of --repeats). The memory-bandwidth bound is measured in the same run with a large tensor copy; the
+achieved fraction is (activated weight bytes per token / bandwidth) / measured time per token, where activated
+weights = everything a decode token reads: all non-expert matrices (the embedding counts one row), the
+shared experts, and num_experts_per_tok routed experts per MoE layer. KV cache bytes per token: nanoseek's from
+its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+import nanoseek
+from nanoseek.config import get_preset
+from nanoseek.engine import Engine, SamplingParams
+
+
+def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best-of copy bandwidth in GB/s, counting the read and the write."""
+    a = torch.empty(mb << 20, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() / best / 1e9
+
+
+def activated_bytes(model, elem: int) -> int:
+    cfg = model.config
+    n = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if name == "embed_tokens.weight":
+            n += p.shape[1]  # one row per token
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            n += p.numel() // p.shape[0] * cfg.num_experts_per_tok
+        else:
+            n += p.numel()
+    return n * elem
+
+
+def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
+    engine = Engine(model, None, max_batch_size=1)
+    params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
+    best = float("inf")
+    for r in range(repeats + 1):  # the first run warms up
+        engine.add_request(f"r{r}", prompt, params)
+        engine.step()  # prefill + first token
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        if r:
+            best = min(best, time.perf_counter() - t)
+    return (n_tokens - 1) / best
+
+
+def hf_rate(model, prompt, n_tokens, repeats) -> float:
+    ids = torch.tensor([prompt])
+
+    def run(n):
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(2)
+    t1 = min(run(1) for _ in range(repeats))
+    tn = min(run(n_tokens) for _ in range(repeats))
+    return (n_tokens - 1) / max(tn - t1, 1e-9)
+
+
+def hf_cache_bytes_per_token(model, prompt) -> int:
+    """Bytes of every tensor held by transformers' cache after a prompt, per prompt token."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+    cache = out.past_key_values
+    seen, total = set(), 0
+
+    def walk(obj, depth=0):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                total += obj.numel() * obj.element_size()
+        elif depth < 3 and isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, depth + 1)
+        elif depth < 3 and hasattr(obj, "__dict__"):
+            for x in vars(obj).values():
+                walk(x, depth + 1)
+    walk(cache)
+    return total // len(prompt)
+
+
+def latent_bytes_per_token(cfg, elem: int) -> int:
+    return cfg.num_hidden_layers * cfg.kv_cache_values_per_token() * elem
+
+
+def full_kv_bytes_per_token(cfg, elem: int) -> int:
+    """A cache of expanded per-head keys and values (what an MLA-unaware cache holds)."""
+    return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * elem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
+    bw = bandwidth_gbs()
+    print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
+          f"{torch.get_num_threads()}, copy bandwidth {bw:.1f} GB/s\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        src = nanoseek.Transformer(cfg)
+        nanoseek.save_pretrained(src, d)
+        del src
+        for name in args.dtypes.split(","):
+            dtype = getattr(torch, name)
+            elem = torch.empty((), dtype=dtype).element_size()
+            ns = nanoseek.from_pretrained(d, dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
+            r_hf = hf_rate(hf, prompt, args.tokens, args.repeats)
+            act = activated_bytes(ns, elem)
+            frac = act / (bw * 1e9) * r_ns
+            hf_kv = hf_cache_bytes_per_token(hf, prompt)
+            rows.append((name, r_ns, r_hf, act, frac, latent_bytes_per_token(cfg, elem), hf_kv))
+            del ns, hf
+
+    print("| dtype | nanoseek tok/s | transformers tok/s | ratio | activated MB/token | of bandwidth bound |")
+    print("|---|---|---|---|---|---|")
+    for name, r_ns, r_hf, act, frac, _, _ in rows:
+        print(f"| {name} | {r_ns:.1f} | {r_hf:.1f} | {r_ns / r_hf:.2f}x | {act / 1e6:.1f} | {frac:.0%} |")
+    print("\nKV cache bytes per token (all layers)")
+    print("| model | dtype | nanoseek (latent + indexer key) | transformers (measured) | expanded per-head K+V |")
+    print("|---|---|---|---|---|")
+    for name, *_, ns_kv, hf_kv in rows:
+        elem = torch.empty((), dtype=getattr(torch, name)).element_size()
+        print(f"| {args.preset} | {name} | {ns_kv:,} | {hf_kv:,} | {full_kv_bytes_per_token(cfg, elem):,} |")
+    big = get_preset("deepseek-v3.2")
+    print(f"| deepseek-v3.2 | bfloat16 | {latent_bytes_per_token(big, 2):,} | (not instantiated) | "
+          f"{full_kv_bytes_per_token(big, 2):,} |")
+
+
+if __name__ == "__main__":
+    main()

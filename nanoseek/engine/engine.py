@@ -1,0 +1,346 @@
+"""The inference engine: paged latent cache + continuous batching + per-request sampling (+ MTP speculation).
+
+    engine = Engine(model, tokenizer)
+    engine.add_request("a", tokenizer.encode("Hello", add_bos=True), SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): print(out.new_text, end="")
+
+One `step()` (1) decodes every running request in ONE forward: each feeds its last token (and its MTP drafts),
+absorbed MLA over the paged latent rows ("auto" path, T <= 8; DSA layers gather only their top-k rows), then
+samples, detokenises and checks stops; (2) admits waiting requests and prefills each (naive MLA, one request per
+forward, only the tokens after its cached prefix) and samples its first token. It returns the new tokens and text
+of every request that progressed. Invariant between steps: a live request's tokens[:-1] are in the cache and its
+last token is pending.
+
+Legend: B batch, T tokens per request (padded), V vocabulary, D model width.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from nanoseek.engine.cache import BlockPool, CacheView
+from nanoseek.engine.sampling import (SamplingParams, TokenHistory, TokenLogprob, process_logits,
+                                      prompt_logprobs, sample, token_logprob)
+from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
+from nanoseek.engine.speculative import MTPDrafter
+
+DEFAULT_CACHE_CAP = 8 << 30  # bytes: default budgets never take more than this
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: Optional[list[TokenLogprob]]
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # set on a request's first output only
+    num_generated: int = 0
+
+
+def default_cache_bytes(device: torch.device, need: int) -> int:
+    """A fraction of free accelerator memory (half) or of physical RAM (a tenth), capped, and never more than
+    `need` (what max_batch_size full-length requests would use)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        avail = free // 2
+    else:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 10
+    return int(min(avail, DEFAULT_CACHE_CAP, need))
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, block_size: int = 16,
+                 cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None, max_waiting: int = 64,
+                 speculative: Optional[str] = None, num_draft: int = 1, prefill_token_budget: int = 4096):
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if max_batch_size < 1 or max_waiting < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_waiting >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = self.cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # MTP layers are cached only when they are used for drafting
+        n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if speculative else 0)
+        if cache_bytes is None:
+            per_block = BlockPool.bytes_per_block(cfg, n_layers, block_size, self.dtype)
+            want_len = max_model_len or cfg.max_position_embeddings
+            need = (max_batch_size * -(-want_len // block_size) + 1) * per_block
+            cache_bytes = default_cache_bytes(self.device, need)
+        self.pool = BlockPool(cfg, n_layers, block_size, cache_bytes, self.dtype, self.device,
+                              lookahead=1 if speculative else 0)
+        cap = self.pool.capacity_tokens - (num_draft + 1 if speculative else 0)
+        if max_model_len is None:
+            max_model_len = min(cfg.max_position_embeddings, cap)
+        elif max_model_len > cap:
+            raise ValueError(f"max_model_len {max_model_len} exceeds what the KV cache holds ({cap} tokens); "
+                             f"raise cache_bytes")
+        if max_model_len < 2:
+            raise ValueError(f"the KV cache budget allows a context of only {max_model_len} tokens")
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(self.pool, max_batch_size, max_waiting, prefill_token_budget)
+        self.drafter = MTPDrafter(model, self.pool, num_draft, max_model_len) if speculative else None
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.requests: dict[str, Request] = {}
+        self._aborted: list[Request] = []
+        self.counters = dict(prompt_tokens=0, generation_tokens=0, spec_drafted=0, spec_accepted=0,
+                             requests_finished=0, forward_calls=0)
+
+    # ---- public API ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> None:
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt = [int(t) for t in prompt_ids]
+        V = self.cfg.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if any(t < 0 or t >= V for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {V})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        room = self.max_model_len - len(prompt)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room or room < 1:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
+                             f"context length of {self.max_model_len} tokens")
+        if params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {max_tokens} tokens left in the context")
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        history = TokenHistory(prompt, V, self.device) if params.needs_history else None
+        req = Request(request_id, prompt, params, max_tokens, gen, history)
+        self.scheduler.add(req)  # raises EngineFull
+        self.requests[request_id] = req
+        self.counters["prompt_tokens"] += len(prompt)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; the next step() reports it finished with reason 'abort'."""
+        req = self.scheduler.remove(request_id)
+        if req is not None and not req.finished:
+            req.finished, req.finish_reason = True, "abort"
+            self._aborted.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or self._aborted)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        drafted = self.counters["spec_drafted"]
+        total = self.pool.num_blocks - 1
+        prompt = self.counters["prompt_tokens"]
+        return dict(running=len(s.running), waiting=len(s.waiting), cache_usage=self.pool.usage(),
+                    free_blocks=self.pool.num_free(), used_blocks=total - self.pool.num_free(), total_blocks=total,
+                    prefix_cache_hit_rate=s.prefix_cache_hits / prompt if prompt else 0.0,
+                    block_size=self.pool.block_size, max_model_len=self.max_model_len,
+                    preemptions=s.preemptions, prefix_cache_hits=s.prefix_cache_hits,
+                    spec_acceptance_rate=self.counters["spec_accepted"] / drafted if drafted else None,
+                    **self.counters)
+
+    @torch.no_grad()
+    def step(self) -> list["RequestOutput"]:
+        outputs = [self._output(r) for r in self._aborted]
+        self._aborted = []
+        batch = self.scheduler.schedule_decode()
+        if batch:
+            self._decode(batch)
+            outputs += self._collect(batch)
+        for req in self.scheduler.schedule_prefill():
+            self._prefill(req)
+            outputs += self._collect([req])
+        return outputs
+
+    def generate(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams], None] = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion; returns one cumulative RequestOutput per prompt, in order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams or one per prompt")
+        ids = [f"generate-{id(self)}-{i}-{random.getrandbits(32)}" for i in range(len(prompts))]
+        final: dict[str, RequestOutput] = {}
+        pending = list(zip(ids, prompts, plist))
+        while pending or self.has_unfinished():
+            while pending:  # submit as many as the queue takes
+                try:
+                    self.add_request(*pending[0])
+                except EngineFull:
+                    break
+                pending.pop(0)
+            for o in self.step():
+                if o.request_id not in final:
+                    final[o.request_id] = o
+                    continue
+                acc = final[o.request_id]
+                acc.new_token_ids += o.new_token_ids
+                acc.new_text += o.new_text
+                if o.new_logprobs is not None:
+                    acc.new_logprobs = (acc.new_logprobs or []) + o.new_logprobs
+                acc.finished, acc.finish_reason, acc.num_generated = o.finished, o.finish_reason, o.num_generated
+        return [final[i] for i in ids]
+
+    # ---- forward passes --------------------------------------------------------------------------------
+    def _prefill(self, req: Request) -> None:
+        n0 = req.num_computed
+        todo = req.tokens[n0:]
+        want_plp = req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent
+        view = CacheView(self.pool, [req.table], [n0], [len(todo)])
+        ids = torch.tensor([todo], device=self.device)
+        out = self.model(ids, cache=view, num_logits=None if want_plp else 1)
+        self.counters["forward_calls"] += 1
+        req.num_computed = len(req.tokens)
+        if want_plp:
+            req.prompt_logprobs = prompt_logprobs(out.logits[0], req.prompt, req.params.prompt_logprobs)
+        self._accept(req, out.logits[0, -1:], None)
+        if not req.finished:
+            if self.drafter is not None:
+                self.drafter.propose([req], out.hidden, [len(todo)])
+            self._register(req)
+
+    def _decode(self, batch: list[Request]) -> None:
+        B = len(batch)
+        feeds = [[r.tokens[-1]] + r.drafts for r in batch]
+        T = max(len(f) for f in feeds)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, f in enumerate(feeds):
+            ids[b, :len(f)] = torch.tensor(f)
+        view = CacheView(self.pool, [r.table for r in batch], [r.num_computed for r in batch],
+                         [len(f) for f in feeds])
+        out = self.model(ids.to(self.device), cache=view)
+        self.counters["forward_calls"] += 1
+        # one argmax for the whole batch serves every request that needs no per-request processing
+        greedy = out.logits.argmax(-1).tolist() if any(self._plain_greedy(r) for r in batch) else None
+        emitted = []
+        for b, r in enumerate(batch):
+            drafts = r.drafts
+            n = self._accept(r, out.logits[b, :len(feeds[b])], drafts, greedy[b] if greedy else None)
+            r.num_computed += n
+            new = r.tokens[-n:]
+            accepted = next((j for j in range(len(drafts)) if j >= n or new[j] != drafts[j]), len(drafts))
+            self.counters["spec_drafted"] += len(drafts)
+            self.counters["spec_accepted"] += accepted
+            emitted.append(n)
+        if self.drafter is not None:
+            live = [b for b in range(B) if not batch[b].finished]
+            if live:
+                self.drafter.propose([batch[b] for b in live], out.hidden[live], [emitted[b] for b in live])
+        for r in batch:
+            if not r.finished:
+                self._register(r)
+
+    def _register(self, req: Request) -> None:
+        self.pool.register(req.table, req.hashes, req.tokens, req.num_computed)
+
+    # ---- sampling and stopping -------------------------------------------------------------------------
+    def _plain_greedy(self, r: Request) -> bool:
+        p = r.params
+        return p.greedy and r.history is None and p.logprobs is None and r.num_generated >= p.min_tokens
+
+    def _accept(self, req: Request, logits: torch.Tensor, drafts: Optional[list[int]],
+                greedy: Optional[list[int]] = None) -> int:
+        """Sample at each fed position (logits [T, V]) until a token differs from the draft there or the request
+        finishes. Returns the number of tokens emitted."""
+        p = req.params
+        drafts = drafts or []
+        for j in range(logits.shape[0]):
+            if greedy is not None and self._plain_greedy(req):
+                tok, lp = greedy[j], None
+            else:
+                raw = logits[j].float()
+                banned = []
+                if req.num_generated < p.min_tokens:
+                    banned = p.stop_token_ids + ([] if self.eos_id is None else [self.eos_id])
+                tok = sample(process_logits(raw, p, req.history, banned), p, req.generator)
+                lp = token_logprob(raw.log_softmax(-1), tok, p.logprobs) if p.logprobs is not None else None
+            self._append(req, tok, lp)
+            if req.finished or j >= len(drafts) or tok != drafts[j]:
+                return j + 1
+        return logits.shape[0]
+
+    def _append(self, req: Request, tok: int, lp: Optional[TokenLogprob]) -> None:
+        p = req.params
+        req.tokens.append(tok)
+        req.new_tokens.append(tok)
+        if lp is not None:
+            req.new_logprobs.append(lp)
+        if req.history is not None:
+            req.history.add(tok)
+        self.counters["generation_tokens"] += 1
+        n = req.num_generated
+        if (tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
+            self._finish(req, "stop", detok=True)  # the stop token itself is not decoded
+            return
+        before = len(req.text)
+        self._detokenize(req, final=False)
+        if p.stop and n >= p.min_tokens and self._find_stop(req, before):
+            self._finish(req, "stop", detok=False)
+        elif n >= req.max_tokens or len(req.tokens) >= self.max_model_len:
+            self._finish(req, "length", detok=True)
+
+    def _detokenize(self, req: Request, final: bool) -> None:
+        """Incremental detokenisation over a sliding window of token ids (so a multi-byte character split across
+        tokens or a tokenizer's space handling is decoded in context); incomplete characters wait."""
+        if self.tokenizer is None:
+            return
+        out, skip = req.output, req.params.skip_special_tokens
+        if req.finish_reason == "stop" and out and (out[-1] == self.eos_id or out[-1] in req.params.stop_token_ids):
+            out = out[:-1]
+        prefix = self.tokenizer.decode(out[req.prefix_offset:req.read_offset], skip_special_tokens=skip)
+        full = self.tokenizer.decode(out[req.prefix_offset:], skip_special_tokens=skip)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            req.text += full[len(prefix):]
+            req.prefix_offset, req.read_offset = req.read_offset, len(out)
+
+    def _find_stop(self, req: Request, before: int) -> bool:
+        """Cut the text at the first stop string that ends in the text added after `before` chars (the stop
+        string is not returned); True if one was found."""
+        text = req.text
+        hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in req.params.stop) if i >= 0]
+        if not hits:
+            return False
+        req.text = text[:min(hits)]
+        return True
+
+    def _finish(self, req: Request, reason: str, detok: bool) -> None:
+        req.finished, req.finish_reason = True, reason
+        if detok:  # flush characters still waiting for their last bytes
+            self._detokenize(req, final=True)
+        self.scheduler.finish(req)
+        self.counters["requests_finished"] += 1
+
+    def _collect(self, reqs: list[Request]) -> list[RequestOutput]:
+        return [self._output(r) for r in reqs if r.new_tokens or r.finished]
+
+    def _output(self, req: Request) -> RequestOutput:
+        text = req.text
+        end = len(text)
+        if not req.finished:  # hold back a tail that may be the start of a stop string
+            for s in req.params.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        end = min(end, len(text) - k)
+                        break
+        end = max(end, req.sent_chars)
+        out = RequestOutput(
+            request_id=req.request_id, new_token_ids=req.new_tokens, new_text=text[req.sent_chars:end],
+            new_logprobs=req.new_logprobs if req.params.logprobs is not None else None,
+            finished=req.finished, finish_reason=req.finish_reason, prompt_token_ids=req.prompt,
+            num_generated=req.num_generated)
+        if not req.prompt_logprobs_sent:
+            out.prompt_logprobs = req.prompt_logprobs
+            req.prompt_logprobs_sent = req.params.prompt_logprobs is not None and req.prompt_logprobs is not None
+        req.sent_chars = end
+        req.new_tokens, req.new_logprobs = [], []
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+        return out
