@@ -1,0 +1,988 @@
+"""The OpenAI-compatible HTTP server over the engine, its chat page, and `nanoseek serve`.
+
+    nanoseek serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--dtype float32|bfloat16]
+                             [--speculative mtp --num-draft 1] [--max-batch-size 16] [--max-model-len N] ...
+
+Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md):
+  POST /v1/chat/completions  messages -> DeepSeek chat encoding; thinking mode returns reasoning_content;
+                             a last assistant message with prefix=true is continued (chat prefix completion)
+  POST /v1/completions       prompt as text, texts, token ids or lists of them; n; echo; legacy integer logprobs
+                             (what lm-evaluation-harness's local-completions reads); suffix -> fill-in-the-middle
+  GET  /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info (lm-eval's remote tokenizer probes)
+  GET  /health (503 while the model loads), GET /metrics (Prometheus text), GET / (the chat page)
+
+Decisions:
+- The model loads in a background thread once the server listens: /health answers 503 until it is ready, so an
+  orchestrator can probe it, and a load failure is logged and stops the server.
+- One API call with several prompts or n > 1 becomes several engine requests read through one queue (`_Fanout`).
+  The HTTP status is only decided once every engine request has been admitted or refused, so a full queue (429)
+  or a prompt longer than the context (400) is a proper error response, never a broken stream.
+- API key (`Authorization: Bearer`) on /v1/* only, as vLLM does: the tokenizer endpoints stay open for lm-eval.
+- A client that goes away cancels its engine requests: `AsyncEngine.generate` aborts them and frees their blocks.
+- Every error, including validation errors and unknown routes, is {"error": {message, type, param, code}}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.config import ModelConfig
+from nanoseek.server import protocol as P
+from nanoseek.server.metrics import ServerMetrics
+
+log = logging.getLogger("nanoseek.server")
+STATIC_DIR = Path(__file__).parent / "static"
+THINKING_SUFFIXES = ("-thinking", "reasoner")
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str
+    served_model_name: Optional[str] = None  # default: the model folder's name
+    api_key: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "auto"  # cuda when available
+    max_batch_size: int = 16
+    block_size: int = 16
+    cache_bytes: Optional[int] = None  # None: the engine's default budget
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    max_waiting: int = 64
+    speculative: Optional[str] = None  # "mtp"
+    num_draft: int = 1
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        # ASCII-escaped JSON: a message that quotes client input (lone surrogates included) always encodes
+        return Response(json.dumps(self.body()), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before the (non-streaming) answer was ready."""
+
+
+def _overloaded(msg: str) -> APIError:
+    # 429 rather than 503: a full queue is the client's cue to back off and retry (OpenAI clients do so)
+    return APIError(429, msg, "overloaded_error", code="queue_full", headers={"Retry-After": "1"})
+
+
+# ---- several engine requests read as one stream -------------------------------------------------------------
+class _Fanout:
+    """The engine requests of one API call (prompts x n choices), read as one stream of (choice, RequestOutput)."""
+
+    def __init__(self, aengine, jobs: list[tuple[str, list[int], Any]]):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._buffer: collections.deque = collections.deque()
+        self._open = len(jobs)
+        self._tasks = [asyncio.create_task(self._pump(i, aengine.generate(rid, ids, params)))
+                       for i, (rid, ids, params) in enumerate(jobs)]
+
+    async def _pump(self, i: int, gen: AsyncIterator) -> None:
+        try:
+            async for out in gen:
+                self._queue.put_nowait((i, out, None))
+            self._queue.put_nowait((i, None, None))
+        except Exception as e:  # EngineFull / ValueError at admission, or an engine failure later
+            self._queue.put_nowait((i, None, e))
+
+    async def admitted(self) -> None:
+        """Wait until every request has produced its first output (or failed: the first failure is raised)."""
+        started: set[int] = set()
+        while len(started) < len(self._tasks):
+            item = await self._queue.get()
+            self._buffer.append(item)
+            if item[2] is not None:
+                raise item[2]
+            started.add(item[0])
+
+    async def __aiter__(self):
+        while self._open:
+            i, out, err = self._buffer.popleft() if self._buffer else await self._queue.get()
+            if err is not None:
+                raise err
+            if out is None:
+                self._open -= 1
+                continue
+            yield i, out
+
+    def client_gone(self) -> None:
+        self.cancel()
+        self._queue.put_nowait((-1, None, _ClientGone()))
+
+    def cancel(self) -> None:
+        """Abort every engine request (synchronous, so it is safe in cancelled contexts and finally blocks)."""
+        for t in self._tasks:
+            t.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Request, fan: _Fanout):
+    """While a non-streaming answer is computed, a disconnect aborts its engine requests at once."""
+
+    async def watch():
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                fan.client_gone()
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+class _CountRequests:
+    """ASGI middleware counting API responses by endpoint and status for /metrics (pure ASGI: streaming-safe)."""
+
+    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+                 "/tokenizer_info")
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.ENDPOINTS:
+            return await self.app(scope, receive, send)
+        status = [499]  # no response started: the client left first
+
+        async def send_and_count(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.metrics.request(scope["path"], status[0])
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events whose engine requests are aborted however the response ends (done, error, disconnect)."""
+
+    def __init__(self, content, fan: _Fanout):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._fan = fan
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._fan.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- the server state ---------------------------------------------------------------------------------------
+class _State:
+    """Everything the routes share: config, the engine once loaded, metrics, and request -> engine helpers."""
+
+    def __init__(self, cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], None]]):
+        self.cfg = cfg
+        self.on_fatal = on_fatal
+        self.model_cfg = ModelConfig.from_json(Path(cfg.model_dir))
+        self.name = cfg.served_model_name or Path(cfg.model_dir).resolve().name
+        self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
+                                 self.model_cfg.max_position_embeddings)
+        self.created = int(time.time())
+        self.metrics = ServerMetrics()
+        self.engine = self.aengine = self.tokenizer = None
+        self.load_error: Optional[str] = None
+        self.vocab_limit = self.model_cfg.vocab_size  # ids valid for both the model and the tokenizer
+        self._token_str: dict[int, str] = {}
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    def _load_blocking(self):
+        import torch
+
+        import nanoseek
+        from nanoseek.engine import Engine
+        from nanoseek.tokenizer import load_tokenizer
+
+        cfg = self.cfg
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(cfg.model_dir)
+        model = nanoseek.from_pretrained(cfg.model_dir, dtype=getattr(torch, cfg.dtype), device=device).eval()
+        engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
+                        cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
+                        speculative=cfg.speculative, num_draft=cfg.num_draft)
+        log.info("loaded %s (%s, %s) in %.1fs", cfg.model_dir, cfg.dtype, device, time.perf_counter() - t0)
+        return tokenizer, engine
+
+    async def load(self) -> None:
+        from nanoseek.engine import AsyncEngine
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(fn, value) -> None:
+            if not done.done():
+                fn(value)
+
+        def work() -> None:
+            try:
+                outcome = (done.set_result, self._load_blocking())
+            except BaseException as e:
+                outcome = (done.set_exception, e)
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:  # the server stopped while loading: nobody waits any more
+                pass
+
+        # a daemon thread (not the default executor), so that Ctrl-C during a long load exits at once
+        threading.Thread(target=work, name="nanoseek-load", daemon=True).start()
+        try:
+            tokenizer, engine = await done
+            # the engine caps the context at what its KV-cache budget holds
+            self.max_model_len = engine.max_model_len
+            self.vocab_limit = min(self.model_cfg.vocab_size, tokenizer.vocab_size)
+            self.tokenizer, self.engine, self.aengine = tokenizer, engine, AsyncEngine(engine)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not load the model from %s: %s", self.cfg.model_dir, self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+
+    async def shutdown(self) -> None:
+        if self.aengine is not None:
+            await asyncio.to_thread(self.aengine.shutdown)  # joins the engine thread
+
+    def ready(self) -> None:
+        if self.aengine is None:
+            msg = (f"the model failed to load: {self.load_error}" if self.load_error
+                   else "the model is still loading; retry shortly")
+            raise APIError(503, msg, "service_unavailable_error", code="model_not_ready",
+                           headers={"Retry-After": "1"})
+
+    # ---- small helpers ------------------------------------------------------------------------------------
+    def resolve_model(self, name: Optional[str]) -> tuple[str, bool]:
+        """Requested model name -> (name to report, thinking by name)."""
+        if not name:
+            return self.name, False
+        if name == self.name or name in (self.name + s for s in THINKING_SUFFIXES):
+            return name, name.endswith(THINKING_SUFFIXES)
+        raise APIError(404, f"model {name!r} not found; this server serves {self.name!r} "
+                            f"(and {self.name + '-thinking'!r} for thinking mode)", "not_found_error",
+                       param="model", code="model_not_found")
+
+    def token_str(self, tid: int) -> str:
+        """One token as text (a lone piece of a multi-byte character shows as U+FFFD); '' past the tokenizer."""
+        s = self._token_str.get(tid)
+        if s is None:
+            s = (self.tokenizer.decode([tid], skip_special_tokens=False) if tid < self.tokenizer.vocab_size
+                 else "")
+            self._token_str[tid] = s
+        return s
+
+    def token_bytes(self, tid: int) -> list[int]:
+        return list(self.tokenizer.decode_bytes([tid])) if tid < self.tokenizer.vocab_size else []
+
+    def encode(self, text: str, add_bos: bool, param: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_bos=add_bos)
+        except ValueError as e:  # e.g. lone surrogates, which have no UTF-8 form
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def check_jobs(self, n: int) -> None:
+        # all sequences of one call enter the engine's waiting queue together, before any is admitted
+        cap = self.cfg.max_waiting
+        if n > cap:
+            raise APIError(400, f"this request needs {n} sequences (prompts x n); the server queues at most {cap} "
+                                f"at once (--max-waiting)", param="n")
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        V = self.vocab_limit
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {V})", param=param,
+                           code="invalid_token_id")
+
+    def check_length(self, n_prompt: int, max_tokens: Optional[int], param: str) -> int:
+        """Validate the prompt length against the context and return the max_tokens to use."""
+        if n_prompt == 0:
+            raise APIError(400, "the prompt is empty", param=param)
+        room = self.max_model_len - n_prompt
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                                f"{n_prompt} tokens (one more is needed to generate)", param=param,
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+                                f"completion); reduce the prompt or max_tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens
+
+    def sampling(self, req: P.SamplingRequest, max_tokens: int, logprobs: Optional[int],
+                 prompt_logprobs: Optional[int], seed_offset: int):
+        from nanoseek.engine import SamplingParams
+        stops = req.stop_list()
+        if len(stops) > P.MAX_STOP:
+            raise APIError(400, f"at most {P.MAX_STOP} stop sequences are supported", param="stop")
+        stop_ids = list(req.stop_token_ids or [])
+        self.check_ids(stop_ids, "stop_token_ids")
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})",
+                           param="min_tokens")
+        # each choice is its own engine request: offset the seed so that n seeded choices differ
+        seed = None if req.seed is None else (req.seed + seed_offset) % 2**63
+        # below 1e-5 dividing the logits overflows to inf; the distribution is a point mass anyway
+        temperature = 0.0 if req.temperature < 1e-5 else req.temperature
+        # a top_p that underflows float32 would drop every token; 1e-5 keeps just the most likely one
+        top_p = max(req.top_p, 1e-5)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
+                min_p=req.min_p, seed=seed, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, stop=stops,
+                stop_token_ids=stop_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def run(self, request: Request, jobs: list) -> _Fanout:
+        """Submit the engine requests; raise the right API error if any is refused (the others are aborted)."""
+        from nanoseek.engine import EngineFull
+        fan = _Fanout(self.aengine, jobs)
+        try:
+            async with _watch_disconnect(request, fan):
+                await fan.admitted()
+        except EngineFull as e:
+            fan.cancel()
+            raise _overloaded(str(e)) from None
+        except ValueError as e:
+            fan.cancel()
+            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+        except BaseException:
+            fan.cancel()
+            raise
+        return fan
+
+    async def collect(self, request: Request, fan: _Fanout, choices: list["_Choice"],
+                      on_output: Callable[[int, Any], None]) -> None:
+        try:
+            async with _watch_disconnect(request, fan):
+                async for i, out in fan:
+                    on_output(i, out)
+        finally:
+            fan.cancel()
+            for c in choices:
+                c.abandoned()
+
+
+# ---- per-choice bookkeeping ---------------------------------------------------------------------------------
+class _Choice:
+    """One sequence of an API call: token counts, timing for the metrics, and (chat) the reasoning split."""
+
+    def __init__(self, state: _State, t0: float, n_prompt: int, thinking: bool):
+        from nanoseek.chat import ReasoningParser
+        self.state, self.t0, self.n_prompt = state, t0, n_prompt
+        self.parser = ReasoningParser() if thinking else None
+        self.last: Optional[float] = None
+        self.num_generated = 0
+        self.finish_reason: Optional[str] = None
+
+    def observe(self, out) -> None:
+        now = time.perf_counter()
+        new = len(out.new_token_ids)
+        if new:
+            if self.last is None:
+                self.state.metrics.first_token(now - self.t0)
+            else:
+                self.state.metrics.tokens_after(now - self.last, new)
+            self.last = now
+        self.num_generated = out.num_generated
+        if out.finished:
+            self.finish_reason = out.finish_reason or "stop"
+            self.state.metrics.sequence_done(out.finish_reason, self.n_prompt, self.num_generated, now - self.t0)
+
+    def abandoned(self) -> None:
+        """The response ended before this sequence finished (client gone, error): count it as aborted."""
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+            self.state.metrics.sequence_done("abort", self.n_prompt, self.num_generated,
+                                             time.perf_counter() - self.t0)
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) deltas of a text delta."""
+        if self.parser is None:
+            return "", text
+        return self.parser.feed(text)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], None]] = None) -> FastAPI:
+    """The FastAPI app; the model starts loading when the app starts (lifespan), in a background thread."""
+    state = _State(cfg, on_fatal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(state.load())
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await state.shutdown()
+
+    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for DeepSeek-class models")
+    app.state.nanoseek = state
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    errors = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse},
+              429: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
+
+    # ---- errors in the OpenAI shape -------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                            code="invalid_json").response()
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = f"{param}: {first.get('msg')}" if param else f"the body must be a JSON object ({first.get('msg')})"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
+        return APIError(400, msg, param=param, code="invalid_request").response()
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, e: _ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the logs do
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return APIError(e.status_code, str(e.detail), type_, headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
+
+    async def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # the key guards /v1/* (as vLLM does): the tokenizer endpoints stay open, which is where lm-eval's remote
+    # tokenizer looks without credentials
+    protected = [Depends(auth)]
+
+    # ---- service endpoints ----------------------------------------------------------------------------------
+    @app.get("/health", responses={503: {"model": P.ErrorResponse}})
+    async def health():
+        state.ready()
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        stats = state.engine.stats() if state.engine is not None else None
+        return PlainTextResponse(state.metrics.render(stats, state.aengine is not None),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=P.ModelList, dependencies=protected, responses=errors)
+    async def models():
+        names = [state.name, state.name + "-thinking"]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": state.created,
+                                            "owned_by": "nanoseek", "root": str(cfg.model_dir),
+                                            "max_model_len": state.max_model_len} for n in names]}
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=errors)
+    async def tokenize(req: P.TokenizeRequest):
+        state.ready()
+        if req.model is not None:
+            state.resolve_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.messages is not None:
+            text = _render_chat(req.messages, thinking=False, add_generation_prompt=req.add_generation_prompt)
+            ids = state.encode(text, False, "messages")
+        else:
+            ids = state.encode(req.prompt, req.add_special_tokens, "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=errors)
+    async def detokenize(req: P.DetokenizeRequest):
+        state.ready()
+        if req.model is not None:
+            state.resolve_model(req.model)
+        state.check_ids(req.tokens, "tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info", response_model=P.TokenizerInfo, responses=errors)
+    async def tokenizer_info():
+        state.ready()
+        tok = state.tokenizer
+        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
+        eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None
+        return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size, "bos_token": bos,
+                "eos_token": eos, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token": eos,
+                "chat_template": tok.config.get("chat_template"), "model_max_length": state.max_model_len}
+
+    # ---- chat completions -----------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, dependencies=protected,
+              responses=errors)
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        state.ready()
+        model, thinking = state.resolve_model(req.model)
+        if req.thinking is not None:
+            thinking = req.thinking.type == "enabled"
+        kw = req.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if isinstance(kw.get(key), bool):
+                thinking = kw[key]
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        prefix = req.messages[-1].prefix
+        if prefix and req.messages[-1].role != "assistant":
+            raise APIError(400, "prefix=true is only valid on a last message with role 'assistant'",
+                           param="messages")
+        if any(m.prefix for m in req.messages[:-1]):
+            raise APIError(400, "prefix=true is only valid on the last message", param="messages")
+        text = _render_chat(req.messages, thinking=thinking, add_generation_prompt=not prefix)
+        ids = state.encode(text, False, "messages")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens == 0:
+            raise APIError(400, "max_tokens must be at least 1 for chat completions", param="max_tokens")
+        max_tokens = state.check_length(len(ids), max_tokens, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        state.check_jobs(req.n)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = [(f"{rid}-{i}", ids, state.sampling(req, max_tokens, logprobs, None, i)) for i in range(req.n)]
+        choices = [_Choice(state, t0, len(ids), thinking) for _ in range(req.n)]
+        fan = await state.run(request, jobs)
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _SSEResponse(_chat_stream(state, fan, choices, rid, created, model, include_usage), fan)
+
+        reasoning = [[] for _ in choices]
+        content = [[] for _ in choices]
+        lps: list[list] = [[] for _ in choices]
+
+        def on_output(i: int, out) -> None:
+            c = choices[i]
+            c.observe(out)
+            r, t = c.split(out.new_text)
+            reasoning[i].append(r)
+            content[i].append(t)
+            if out.new_logprobs:
+                lps[i].extend(out.new_logprobs)
+            if out.finished and c.parser is not None:
+                r, t = c.parser.flush()
+                reasoning[i].append(r)
+                content[i].append(t)
+
+        await state.collect(request, fan, choices, on_output)
+        return {
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(content[i]),
+                                                 "reasoning_content": "".join(reasoning[i]) if thinking else None},
+                         "logprobs": ({"content": [_chat_logprob(state, lp) for lp in lps[i]]}
+                                      if req.logprobs else None),
+                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": _usage(len(ids), sum(c.num_generated for c in choices)),
+        }
+
+    # ---- text completions -----------------------------------------------------------------------------------
+    @app.post("/v1/completions", response_model=P.CompletionResponse, dependencies=protected, responses=errors)
+    async def completions(req: P.CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        state.ready()
+        model, _ = state.resolve_model(req.model)
+        prompts = _prompts(state, req)  # [(ids, text)]
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens=0 only makes sense with echo=true (prompt logprobs)", param="max_tokens")
+        lengths = [state.check_length(len(ids), req.max_tokens or None, "prompt") for ids, _ in prompts]
+        state.check_jobs(len(prompts) * req.n)
+        want_prompt_lp = req.logprobs if req.echo else None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs, choices, meta = [], [], []
+        # the engine always generates at least one token: with max_tokens=0 (echo only) it is dropped
+        keep = req.max_tokens != 0
+        for (ids, text), max_tokens in zip(prompts, lengths):
+            for _ in range(req.n):
+                k = len(jobs)
+                jobs.append((f"{rid}-{k}", ids, state.sampling(req, max_tokens if keep else 1, req.logprobs,
+                                                                 want_prompt_lp, k)))
+                choices.append(_Choice(state, t0, len(ids), False))
+                meta.append((ids, text, keep))
+        fan = await state.run(request, jobs)
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _SSEResponse(_completion_stream(state, req, fan, choices, meta, rid, created, model,
+                                                   include_usage), fan)
+
+        texts: list[list[str]] = [[] for _ in jobs]
+        entries: list[list] = [[] for _ in jobs]  # (token id, TokenLogprob | None) in output order
+
+        def on_output(i: int, out) -> None:
+            ids, text, keep = meta[i]
+            c = choices[i]
+            if out.prompt_logprobs is not None and req.echo:
+                entries[i][:0] = list(zip(ids, out.prompt_logprobs))
+            if keep:
+                c.observe(out)
+                texts[i].append(out.new_text)
+                if out.new_logprobs:
+                    entries[i].extend((lp.token_id, lp) for lp in out.new_logprobs)
+            elif out.finished:
+                c.finish_reason = "length"
+                c.state.metrics.sequence_done("length", c.n_prompt, 0, time.perf_counter() - c.t0)
+
+        await state.collect(request, fan, choices, on_output)
+        out_choices = []
+        for i, c in enumerate(choices):
+            ids, text, keep = meta[i]
+            prefix = text if req.echo else ""
+            lp = None
+            if req.logprobs is not None:
+                lp = _legacy_logprobs(state, entries[i], 0)
+            out_choices.append({"index": i, "text": prefix + "".join(texts[i]), "logprobs": lp,
+                                "finish_reason": c.finish_reason})
+        n_prompt = sum(len(ids) for ids, _ in prompts)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": out_choices,
+                "usage": _usage(n_prompt, sum(c.num_generated for c, m in zip(choices, meta) if m[2]))}
+
+    # ---- the chat page --------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+# ---- request -> prompt ----------------------------------------------------------------------------------------
+def _render_chat(messages: list[P.ChatMessage], thinking: bool, add_generation_prompt: bool) -> str:
+    from nanoseek.chat import encode_messages
+    msgs = []
+    for m in messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if reasoning is not None:
+            d["reasoning_content"] = reasoning
+        if m.prefix:
+            d["prefix"] = True
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        msgs.append(d)
+    try:
+        return encode_messages(msgs, add_generation_prompt=add_generation_prompt, thinking=thinking)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+
+
+def _prompts(state: _State, req: P.CompletionRequest) -> list[tuple[list[int], str]]:
+    """The request's prompt(s) as (token ids, text to echo)."""
+    from nanoseek.chat import fim_prompt
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    elif isinstance(p[0], int):
+        items = [p]
+    else:
+        items = list(p)
+    if req.suffix is not None and not all(isinstance(x, str) for x in items):
+        raise APIError(400, "suffix (fill-in-the-middle) needs a text prompt", param="suffix")
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            text = fim_prompt(x, req.suffix) if req.suffix is not None else x
+            out.append((state.encode(text, True, "prompt"), x))
+        else:
+            state.check_ids(x, "prompt")
+            if not x:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            out.append((list(x), state.tokenizer.decode(x, skip_special_tokens=False)))
+    return out
+
+
+# ---- logprobs formats -----------------------------------------------------------------------------------------
+def _top_entry(state: _State, tid: int, lp: float) -> dict:
+    return {"token": state.token_str(tid), "logprob": lp, "bytes": state.token_bytes(tid)}
+
+
+def _chat_logprob(state: _State, lp) -> dict:
+    d = _top_entry(state, lp.token_id, lp.logprob)
+    d["top_logprobs"] = [_top_entry(state, t, v) for t, v in lp.top]
+    return d
+
+
+def _legacy_logprobs(state: _State, entries: list, offset: int) -> dict:
+    """(token id, TokenLogprob | None) pairs -> {tokens, token_logprobs, top_logprobs, text_offset}."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, lp in entries:
+        s = state.token_str(tid)
+        tokens.append(s)
+        offsets.append(offset)
+        offset += len(s)
+        token_lps.append(None if lp is None else lp.logprob)
+        if lp is None:
+            tops.append(None)
+        else:
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # best first; two ids that decode alike keep the better logprob
+                top.setdefault(state.token_str(t), v)
+            tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---- streaming --------------------------------------------------------------------------------------------------
+async def _chat_stream(state: _State, fan: _Fanout, choices: list[_Choice], rid: str, created: int, model: str,
+                       include_usage: bool):
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(i: int, delta: dict, finish: Optional[str] = None, logprobs=None) -> str:
+        return _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
+                                          "finish_reason": finish}], **extra})
+
+    try:
+        for i in range(len(choices)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, out in fan:
+            c = choices[i]
+            c.observe(out)
+            r, t = c.split(out.new_text)
+            if out.finished and c.parser is not None:
+                fr, ft = c.parser.flush()
+                r, t = r + fr, t + ft
+            delta = {}
+            if r:
+                delta["reasoning_content"] = r
+            if t:
+                delta["content"] = t
+            lps = ({"content": [_chat_logprob(state, lp) for lp in out.new_logprobs]}
+                   if out.new_logprobs else None)
+            if delta or lps:
+                yield chunk(i, delta, None, lps)
+            if out.finished:
+                yield chunk(i, {}, c.finish_reason)
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(
+                choices[0].n_prompt, sum(c.num_generated for c in choices))})
+    except Exception as e:  # an engine failure mid-stream: report it in-band, then end the stream properly
+        log.exception("error while streaming %s", rid)
+        yield _sse(APIError(500, f"{type(e).__name__}: {e}", "internal_error").body())
+    finally:
+        fan.cancel()
+        for c in choices:
+            c.abandoned()
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(state: _State, req: P.CompletionRequest, fan: _Fanout, choices: list[_Choice],
+                             meta: list, rid: str, created: int, model: str, include_usage: bool):
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    extra = {"usage": None} if include_usage else {}
+    offsets = [0] * len(choices)
+
+    def chunk(i: int, text: str, entries: list, finish: Optional[str]) -> str:
+        lp = None
+        if req.logprobs is not None:
+            lp = _legacy_logprobs(state, entries, offsets[i])
+            offsets[i] += sum(len(s) for s in lp["tokens"])
+        return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}],
+                     **extra})
+
+    echoed = [False] * len(choices)
+    try:
+        async for i, out in fan:
+            ids, prompt_text, keep = meta[i]
+            c = choices[i]
+            text, entries = "", []
+            if req.echo and not echoed[i]:  # the prompt goes out with the first chunk of each choice
+                echoed[i] = True
+                text = prompt_text
+                if out.prompt_logprobs is not None:
+                    entries = list(zip(ids, out.prompt_logprobs))
+            if keep:
+                c.observe(out)
+                text += out.new_text
+                entries += [(lp.token_id, lp) for lp in (out.new_logprobs or [])]
+            elif out.finished:
+                c.finish_reason = "length"
+                c.state.metrics.sequence_done("length", c.n_prompt, 0, time.perf_counter() - c.t0)
+            if text or entries or out.finished:
+                yield chunk(i, text, entries, c.finish_reason if out.finished else None)
+        if include_usage:
+            n_prompt = sum(len(ids) for ids, _, _ in meta[::req.n])
+            yield _sse({**base, "choices": [], "usage": _usage(
+                n_prompt, sum(c.num_generated for c, m in zip(choices, meta) if m[2]))})
+    except Exception as e:
+        log.exception("error while streaming %s", rid)
+        yield _sse(APIError(500, f"{type(e).__name__}: {e}", "internal_error").body())
+    finally:
+        fan.cancel()
+        for c in choices:
+            c.abandoned()
+    yield "data: [DONE]\n\n"
+
+
+# ---- running it -----------------------------------------------------------------------------------------------
+class ServerThread:
+    """The server in a background thread of this process (tests, benches, notebooks):
+
+        with ServerThread(ServeConfig(model_dir)) as srv:
+            srv.wait_ready(); openai.OpenAI(base_url=srv.url + "/v1", api_key="-")...
+    """
+
+    def __init__(self, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+        self.app = create_app(cfg)
+        self.state: _State = self.app.state.nanoseek
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))  # port 0: a free port, known before the server starts
+        self.url = f"http://{host}:{self._sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=3))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread exited during startup")
+            time.sleep(0.01)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> "ServerThread":
+        """Block until the model is loaded (what /health reports)."""
+        t_end = time.monotonic() + timeout
+        while self.state.aengine is None:
+            if self.state.load_error or time.monotonic() > t_end:
+                raise RuntimeError(f"the model did not load: {self.state.load_error or 'timeout'}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+        self._sock.close()
+
+
+# ---- nanoseek serve -----------------------------------------------------------------------------------------
+def cli(cmd: str, argv: list[str]) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="nanoseek serve", description="OpenAI-compatible server with a chat page.")
+    ap.add_argument("model_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    ap.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    ap.add_argument("--cache-gb", type=float, default=None, help="KV-cache budget in GiB (default: the engine's)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    ap.add_argument("--max-waiting", type=int, default=64, help="queued requests before 503")
+    ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
+    ap.add_argument("--num-draft", type=int, default=1, help="MTP draft tokens per step")
+    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = ap.parse_args(argv)
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        print(f"nanoseek serve: {model_dir} is not a model folder (no config.json)", file=sys.stderr)
+        return 2
+    for name, v in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
+                    ("--block-size", args.block_size), ("--max-waiting", args.max_waiting),
+                    ("--num-draft", args.num_draft)):
+        if v < (0 if name == "--port" else 1) or (name == "--port" and v > 65535):
+            print(f"nanoseek serve: invalid {name} {v}", file=sys.stderr)
+            return 2
+    cfg = ServeConfig(model_dir=str(model_dir), served_model_name=args.served_model_name, api_key=args.api_key,
+                      dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+                      block_size=args.block_size,
+                      cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
+                      max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                      speculative=args.speculative, num_draft=args.num_draft)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    failed = threading.Event()
+    server: Optional[uvicorn.Server] = None
+
+    def on_fatal(e: BaseException) -> None:
+        failed.set()
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = create_app(cfg, on_fatal=on_fatal)
+    except (OSError, ValueError) as e:
+        print(f"nanoseek serve: {e}", file=sys.stderr)
+        return 2
+    # a short graceful period: open streams are cut after it, so Ctrl-C never hangs on a long generation
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=3))
+    log.info("serving %s as %r on http://%s:%d (chat page at /)", model_dir, app.state.nanoseek.name,
+             args.host, args.port)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down cleanly
+        pass
+    log.info("nanoseek serve: shut down")
+    return 1 if failed.is_set() else 0

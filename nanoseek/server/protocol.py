@@ -1,0 +1,229 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic models).
+
+The shapes follow the de-facto API that OpenAI clients, vLLM, SGLang and DeepSeek's own API agree on
+(see shared/reference/serving-api.md): /v1/chat/completions, /v1/completions (legacy, with echo and integer
+logprobs for lm-evaluation-harness), /v1/models, /tokenize, /detokenize, errors as {"error": {...}}.
+Widely supported sampling extras (top_k, min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos) are
+accepted; unknown fields are ignored, as every OpenAI-compatible server does. Bounds are enforced here so that
+bad values become a 400 before anything reaches the engine.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # choices per prompt: each is a separate sequence in the engine
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# ---- requests -------------------------------------------------------------------------------------------------
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Thinking(_Body):
+    """DeepSeek's switch: {"type": "enabled"} makes the prompt end with <think> and returns reasoning_content."""
+    type: Literal["enabled", "disabled"] = "enabled"
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    # earlier assistant reasoning: DeepSeek / SGLang call it reasoning_content, vLLM reasoning; both accepted
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+    # DeepSeek chat prefix completion: a last assistant message with prefix=true is continued, not answered
+    prefix: bool = False
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class SamplingRequest(_Body):
+    """Fields shared by chat and text completions."""
+    model: Optional[str] = None  # None: the served model
+    max_tokens: Optional[int] = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+    # extras of vLLM / SGLang / llama.cpp
+    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # tiny values would overflow the logits
+    stop_token_ids: Optional[list[int]] = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]  # an empty stop string would end every request at once
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    thinking: Optional[Thinking] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's way: {"thinking": true}
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    suffix: Optional[str] = None  # fill-in-the-middle
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: Optional[int] = Field(16, ge=0)  # the legacy API's default
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: either a prompt or chat messages (rendered with the chat encoding)."""
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+# ---- responses ------------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy format: one entry per token; the first prompt token (echo) has no logprob."""
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanoseek"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    vocab_size: int
+    bos_token: Optional[str]
+    eos_token: Optional[str]
+    bos_token_id: Optional[int]
+    eos_token_id: Optional[int]
+    pad_token: Optional[str]
+    chat_template: Optional[str]
+    model_max_length: int
