@@ -145,3 +145,40 @@ def test_rejects_float_input_ids():
     m = model()
     with pytest.raises(TypeError, match="integer"):
         m(torch.zeros(1, 4))
+
+
+def test_inference_fast_paths_match_plain_paths():
+    """Weight packing (oneDNN), fused projections and the decode-sized expert path against the plain paths:
+    bf16 packing is bit-identical, fp32 agrees to rounding, and a weight update invalidates the caches."""
+    from nanoseek.model import fused
+
+    m = model(index_topk=0, index_n_heads=0)
+    x = ids(m.config)
+    with torch.no_grad():
+        plain = m(x).logits
+        with torch.enable_grad():  # grad mode: every cache is bypassed (training path)
+            ref = m(x).logits.detach()
+        assert (plain - ref).abs().max() < 1e-5
+        if fused.packing_supported():
+            assert m.pack_weights_(True)
+            assert (m(x).logits - plain).abs().max() < 1e-5
+            m16 = m.to(torch.bfloat16)
+            head, h = m16.lm_head, torch.randn(3, m.config.hidden_size, dtype=torch.bfloat16)
+            assert torch.equal(fused.linear(m16, "_test", h, head.weight), head(h))  # same kernel, same bits
+            m16.pack_weights_(False)
+            a = m16(x).logits.float()
+            m16.pack_weights_(True)  # (the expert sums then accumulate in fp32: rounding-level differences)
+            assert (m16(x).logits.float() - a).abs().mean() < 0.02 * a.abs().mean()
+            m16.pack_weights_(False)
+            m.float()
+        m(x)  # caches built ...
+        for p in m.parameters():  # ... then an in-place update (as an optimizer step): the versions move on
+            p.mul_(1.5)
+        with torch.enable_grad():
+            ref = m(x).logits.detach()
+        assert (m(x).logits - ref).abs().max() < 1e-5
+    experts = m.layers[1].mlp.experts
+    xs = torch.randn(2, m.config.hidden_size)
+    w, idx, _ = m.layers[1].mlp.gate(xs)
+    with torch.no_grad():
+        assert (experts._pairs(xs, w, idx) - experts._loop(xs, w, idx)).abs().max() < 1e-5

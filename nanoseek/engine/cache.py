@@ -151,22 +151,19 @@ class CacheView:
         lengths = [s + n for s, n in zip(starts, num_new)]
         S = max(lengths)
         nb = -(-S // bs)
-        tab = torch.zeros(B, nb, dtype=torch.long)
-        for b, t in enumerate(tables):
-            k = min(len(t), nb)
-            tab[b, :k] = torch.tensor(t[:k], dtype=torch.long)
-        start = torch.tensor(starts, dtype=torch.long)
-        n_new = torch.tensor(num_new, dtype=torch.long)
-        t_idx = torch.arange(T)
-        # padded queries repeat the last real position (same mask, so no all-masked softmax rows)
-        pos = start[:, None] + torch.minimum(t_idx[None, :], n_new[:, None] - 1)  # [B, T]
+        # the per-query quantities (B*T values) are built in Python and sent as one tensor each: a decode step
+        # is bound by the number of small ops. Padded queries repeat the last real position (same mask, so no
+        # all-masked softmax rows) and write to the null block.
+        pos = [[s + min(t, n - 1) for t in range(T)] for s, n in zip(starts, num_new)]  # [B, T]
+        write = [tab[p // bs] * bs + p % bs if t < n else 0
+                 for tab, row, n in zip(tables, pos, num_new) for t, p in enumerate(row)]  # [B*T]
+        tab = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
         s_idx = torch.arange(S)
         slots = tab[:, s_idx // bs] * bs + s_idx % bs  # [B, S]
         self.read_slots = torch.where(s_idx[None] < torch.tensor(lengths)[:, None], slots, 0).to(dev)
-        real = t_idx[None, :] < n_new[:, None]
-        self.write_slots = torch.where(real, torch.gather(slots, 1, pos), 0).reshape(-1).to(dev)  # [B*T]
-        self.positions = pos.to(dev)
-        self.mask = (s_idx[None, None, :] <= pos[:, :, None]).to(dev)  # [B, T, S]
+        self.write_slots = torch.tensor(write, dtype=torch.long, device=dev)
+        self.positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        self.mask = torch.arange(S, device=dev)[None, None, :] <= self.positions[:, :, None]  # [B, T, S]
         self.rows_read = 0
         # one request whose blocks happen to be consecutive: reads are views of the pool, not copies
         t0 = tables[0][:nb]

@@ -59,7 +59,8 @@ def default_cache_bytes(device: torch.device, need: int) -> int:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, block_size: int = 16,
                  cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None, max_waiting: int = 64,
-                 speculative: Optional[str] = None, num_draft: int = 1, prefill_token_budget: int = 4096):
+                 speculative: Optional[str] = None, num_draft: int = 1, prefill_token_budget: int = 4096,
+                 pack_weights: Optional[bool] = None):
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if max_batch_size < 1 or max_waiting < 0:
@@ -68,6 +69,14 @@ class Engine:
         cfg = self.cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # CPU: matmuls on oneDNN-packed copies of the weights (`Transformer.pack_weights_`): bf16 decode ~1.7x
+        # faster per matvec, fp32 prefill ~2x per GEMM. It costs a second copy of the weights, so by default only
+        # when they take at most a quarter of the machine's RAM.
+        if pack_weights is None:
+            weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            pack_weights = self.device.type == "cpu" and weight_bytes <= ram // 4
+        model.pack_weights_(pack_weights)
         # MTP layers are cached only when they are used for drafting
         n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if speculative else 0)
         if cache_bytes is None:
@@ -211,12 +220,10 @@ class Engine:
         B = len(batch)
         feeds = [[r.tokens[-1]] + r.drafts for r in batch]
         T = max(len(f) for f in feeds)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, f in enumerate(feeds):
-            ids[b, :len(f)] = torch.tensor(f)
+        ids = torch.tensor([f + [0] * (T - len(f)) for f in feeds], dtype=torch.long, device=self.device)
         view = CacheView(self.pool, [r.table for r in batch], [r.num_computed for r in batch],
                          [len(f) for f in feeds])
-        out = self.model(ids.to(self.device), cache=view)
+        out = self.model(ids, cache=view)
         self.counters["forward_calls"] += 1
         # one argmax for the whole batch serves every request that needs no per-request processing
         greedy = out.logits.argmax(-1).tolist() if any(self._plain_greedy(r) for r in batch) else None

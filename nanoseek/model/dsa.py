@@ -13,12 +13,14 @@ Legend: B batch, T queries, S keys, Hi indexer heads, Di indexer head dim, K top
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.rope import apply_rope_halves
+from nanoseek.model.rope import RopeTables, apply_rope_halves
 
 
 class Indexer(nn.Module):
@@ -32,16 +34,14 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        pe, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
-        return torch.cat((apply_rope_halves(pe, cos, sin), rest), dim=-1)
+    def key(self, x: torch.Tensor, rope: RopeTables, wk_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, D] -> indexer keys [B, T, Di] (what the cache stores). wk_x: wk(x) if already computed
+        (MLA fuses it with its own projections of x)."""
+        k = self.k_norm(self.wk(x) if wk_x is None else wk_x)
+        return apply_rope_halves(k, rope, tail=self.head_dim - self.rope_dim)
 
-    def key(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> indexer keys [B, T, Di] (what the cache stores)."""
-        return self._rope(self.k_norm(self.wk(x)), cos, sin)
-
-    def scores(self, x: torch.Tensor, cq: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, cq: torch.Tensor, keys: torch.Tensor, rope: RopeTables,
+               mask: torch.Tensor) -> torch.Tensor:
         """Index scores I [B, T, S] in fp32, -inf where mask [B, T, S] is False.
 
         The two GEMMs run in the keys' dtype (fp32 models: exactly HF's arithmetic; bf16 models: bf16 with fp32
@@ -49,7 +49,8 @@ class Indexer(nn.Module):
         decode step would cost more than the scoring."""
         B, T, _ = x.shape
         dt = keys.dtype
-        q = self._rope(self.wq_b(cq).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        q = apply_rope_halves(self.wq_b(cq).view(B, T, self.n_heads, self.head_dim), rope,
+                              tail=self.head_dim - self.rope_dim)
         q = q.to(dt).reshape(B, T * self.n_heads, -1) * self.head_dim ** -0.5
         # one GEMM over all (query, head) pairs: [B, T*Hi, Di] x [B, Di, S] -> [B, T*Hi, S]
         logits = torch.matmul(q, keys.transpose(1, 2)).relu_().view(B * T, self.n_heads, -1)

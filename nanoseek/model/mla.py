@@ -24,8 +24,9 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.dsa import Indexer
+from nanoseek.model.fused import derived, fused_linear, linear
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import apply_rope_pairs
+from nanoseek.model.rope import RopeTables, apply_rope_pairs
 
 ABSORB_MAX_QUERIES = 8  # "auto" path: absorbed when a cached call has at most this many new tokens
 
@@ -60,53 +61,59 @@ class MLA(nn.Module):
         self.indexer_recall: Optional[torch.Tensor] = None
 
     # ---- projections -----------------------------------------------------------------------------------
-    def _queries(self, x):
-        """x [B, T, D] -> q [B, T, H, N+P] (rope not yet applied), c_q [B, T, q_lora] or None."""
-        B, T, _ = x.shape
-        if hasattr(self, "q_a_proj"):
-            cq = self.q_a_layernorm(self.q_a_proj(x))
-            return self.q_b_proj(cq).view(B, T, self.n_heads, -1), cq
-        return self.q_proj(x).view(B, T, self.n_heads, -1), None
+    def _project(self, x):
+        """x [B, T, D] -> q [B, T, H, N+P] (rope not yet applied), c_q [B, T, q_lora] or None, the raw
+        kv_a_proj_with_mqa output [B, T, R+P], and the indexer's wk(x) [B, T, Di] (None without DSA).
 
-    def _latent(self, x, cos, sin):
-        """x [B, T, D] -> cache rows [B, T, C] = [RMSNorm(c_kv) ; rope(k_pe)]."""
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.R, self.P], dim=-1)
-        return torch.cat((self.kv_a_layernorm(c), apply_rope_pairs(k_pe, cos, sin)), dim=-1)
+        All projections that read x (q_a or q, kv_a, indexer wk) run as one matmul at inference (`fused.py`)."""
+        B, T, _ = x.shape
+        first = self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj
+        linears = [first, self.kv_a_proj_with_mqa] + ([self.indexer.wk] if self.indexer is not None else [])
+        outs = fused_linear(self, "_fused_x_proj", x, linears)
+        if hasattr(self, "q_a_proj"):
+            cq = self.q_a_layernorm(outs[0])
+            q = linear(self, "_q_b", cq, self.q_b_proj.weight)
+        else:
+            cq, q = None, outs[0]
+        return q.view(B, T, self.n_heads, -1), cq, outs[1], outs[2] if self.indexer is not None else None
+
+    def _latent(self, kv, rope: RopeTables):
+        """kv_a_proj_with_mqa output [B, T, R+P] -> cache rows [B, T, C] = [RMSNorm(c_kv) ; rope(k_pe)]."""
+        c, k_pe = kv.split([self.R, self.P], dim=-1)
+        return torch.cat((self.kv_a_layernorm(c), apply_rope_pairs(k_pe, rope)), dim=-1)
 
     def _absorb_weights(self):
-        """W_UK [H, N, R] and W_UV [H, V, R] as contiguous tensors. Without autograd they are cached until the
-        weight changes (its version counter moves on every in-place update), so decode steps do not re-copy
-        the strided slices of kv_b_proj."""
-        w = self.kv_b_proj.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if torch.is_grad_enabled() and w.requires_grad:
-            w = w.view(self.n_heads, self.N + self.V, self.R)
-            return w[:, : self.N], w[:, self.N:]
-        if getattr(self, "_absorb_key", None) != key:
-            wv = w.detach().view(self.n_heads, self.N + self.V, self.R)
-            self._absorb_cache = (wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous())
-            self._absorb_key = key
-        return self._absorb_cache
+        """W_UK [H, N, R] and W_UV [H, V, R]. Without autograd they are cached as contiguous tensors until the
+        weight changes (`fused.py`), so decode steps do not re-copy the strided slices of kv_b_proj. On CPU the
+        cached copies are fp32: these per-head matmuls are tiny, and a tiny fp32 bmm costs a third of a bf16 one
+        there (bf16 products are exact in fp32, so only the accumulation order differs)."""
+        def split(w):
+            wv = (w.float() if w.device.type == "cpu" else w).view(self.n_heads, self.N + self.V, self.R)
+            return wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous()
+
+        cached = derived(self, "_absorb_cache", [self.kv_b_proj.weight], split)
+        if cached is not None:
+            return cached
+        w = self.kv_b_proj.weight.view(self.n_heads, self.N + self.V, self.R)
+        return w[:, : self.N], w[:, self.N:]
 
     # ---- the two attention paths -------------------------------------------------------------------------
-    def naive(self, q_nope, q_pe, rows, mask, need_probs=False):
-        """q_* [B, T, H, *], rows [B, S, C], mask [B, T, S] bool or None (= causal, S == T).
+    def naive(self, q, rows, mask, need_probs=False):
+        """q [B, T, H, N+P] (rotated), rows [B, S, C], mask [B, T, S] bool or None (= causal, S == T).
 
         Returns out [B, T, H, V] and, if need_probs, the attention probabilities [B, H, T, S] in fp32.
         """
         B, S, _ = rows.shape
         H = self.n_heads
         c, k_pe = rows.split([self.R, self.P], dim=-1)
-        k_nope, v = self.kv_b_proj(c).view(B, S, H, self.N + self.V).split([self.N, self.V], dim=-1)
-        q = torch.cat((q_nope, q_pe), -1).transpose(1, 2)  # [B, H, T, N+P]
+        k_nope, v = linear(self, "_kv_b", c, self.kv_b_proj.weight).view(B, S, H, -1).split([self.N, self.V], -1)
+        q = q.transpose(1, 2)  # [B, H, T, N+P]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)), -1).transpose(1, 2)
         v = v.transpose(1, 2)
-        if mask is None:
+        causal = mask is None
+        if causal and need_probs:
             T = q.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
-            causal = True
-        else:
-            causal = False
         if need_probs:
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
             probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
@@ -122,36 +129,38 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return out[..., : self.V].transpose(1, 2), None
 
-    def absorbed(self, q_nope, q_pe, rows, mask):
-        """Attention over latent rows. rows [B, S, C] with mask [B, T, S], or rows [B, T, K, C] gathered per
-        query (DSA decode) with mask [B, T, K]. Returns out [B, T, H, V]."""
+    def absorbed(self, q, rows, mask):
+        """Attention over latent rows. q [B, T, H, N+P] (rotated); rows [B, S, C] with mask [B, T, S], or rows
+        [B, T, K, C] gathered per query (DSA decode) with mask [B, T, K]. Returns out [B, T, H, V]."""
         w_uk, w_uv = self._absorb_weights()
-        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
-        qc = torch.cat((q_lat, q_pe), -1)  # [B, T, H, C]
-        B, T, H, _ = qc.shape
+        B, T, H, _ = q.shape
+        q_nope, q_pe = q.split([self.N, self.P], dim=-1)
+        # per-head q_nope W_UK as one batched matmul over heads: [H, B*T, N] x [H, N, R] (einsum adds permutes)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.N).transpose(0, 1).to(w_uk.dtype), w_uk)
+        qc = torch.cat((q_lat.transpose(0, 1).view(B, T, H, self.R).to(q.dtype), q_pe), -1)  # [B, T, H, C]
         if rows.dim() == 3:  # shared rows: one matmul over all (query, head) pairs
-            scores = torch.matmul(qc.reshape(B, T * H, -1), rows.transpose(1, 2)).view(B, T, H, -1)
+            scores = torch.matmul(qc.view(B, T * H, -1), rows.transpose(1, 2)).view(B, T, H, -1)
         else:  # per-query selected rows [B, T, K, C]
             scores = torch.matmul(qc, rows.transpose(-1, -2))  # [B, T, H, K]
-        scores = scores.float() * self.scale
-        probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).to(qc.dtype)
+        scores = torch.where(mask[:, :, None], scores.float() * self.scale, float("-inf"))
+        probs = scores.softmax(-1).to(qc.dtype)
         # weight the whole rows and drop the k_pe part afterwards: slicing rows[..., :R] first would copy S x R
         if rows.dim() == 3:
-            o_lat = torch.matmul(probs.view(B, T * H, -1), rows).view(B, T, H, -1)
+            o_lat = torch.matmul(probs.view(B, T * H, -1), rows)  # [B, T*H, C]
         else:
             o_lat = torch.matmul(probs, rows)  # [B, T, H, C]
-        return torch.einsum("bthr,hvr->bthv", o_lat[..., : self.R], w_uv)
+        o_lat = o_lat.reshape(B * T, H, -1)[..., : self.R].transpose(0, 1)  # [H, B*T, R]
+        out = torch.bmm(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B*T, V]
+        return out.transpose(0, 1).reshape(B, T, H, self.V).to(q.dtype)
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                path: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto") -> torch.Tensor:
         """x [B, T, D] (already input_layernorm'ed) -> [B, T, D]. path: auto | naive | absorbed."""
         B, T, _ = x.shape
-        q, cq = self._queries(x)
-        q_nope, q_pe = q.split([self.N, self.P], dim=-1)
-        q_pe = apply_rope_pairs(q_pe, cos, sin)
-        new_rows = self._latent(x, cos, sin)
-        index_k = self.indexer.key(x, cos, sin) if self.indexer is not None else None
+        q, cq, kv, wk_x = self._project(x)
+        q = apply_rope_pairs(q, rope, lead=self.N)  # [B, T, H, N+P]: only the last P dims of each head rotate
+        new_rows = self._latent(kv, rope)
+        index_k = self.indexer.key(x, rope, wk_x) if self.indexer is not None else None
         if cache is not None:
             cache.write(self.layer_id, new_rows, index_k)
             # rows are read below only where needed: DSA decode gathers its K rows itself (O(K), not O(S))
@@ -162,67 +171,73 @@ class MLA(nn.Module):
             path = "absorbed" if cache is not None and T <= ABSORB_MAX_QUERIES else "naive"
 
         if self.indexer is not None and (self.dsa_mode == "sparse" or self.indexer_loss_on):
-            return self._forward_dsa(x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path)
+            return self._forward_dsa(x, cq, q, rows, mask, index_k, rope, cache, path)
         if rows is None:
             rows = cache.read(self.layer_id)
         if path == "absorbed":
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None].expand(B, -1, -1)
-            out = self.absorbed(q_nope, q_pe, rows, mask)
+            out = self.absorbed(q, rows, mask)
         else:
-            out, _ = self.naive(q_nope, q_pe, rows, mask)
-        return self.o_proj(out.flatten(2))
+            out, _ = self.naive(q, rows, mask)
+        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
-    def _forward_dsa(self, x, cq, q_nope, q_pe, rows, mask, index_k, cos, sin, cache, path):
+    def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path):
         B, T, _ = x.shape
         S = rows.shape[1] if rows is not None else mask.shape[-1]
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None].expand(B, -1, -1)
         keys = cache.read_index_keys(self.layer_id) if cache is not None else index_k
         if not self.indexer_loss_on:
-            return self._forward_sparse(x, cq, q_nope, q_pe, rows, mask, keys, cos, sin, cache, path)
+            return self._forward_sparse(x, cq, q, rows, mask, keys, rope, cache, path)
         # Training with the indexer's KL loss (V3.2-Exp §2.1): explicit attention, since the KL needs its
         # probabilities. Sparse stage: the indexer learns only from its KL, so its inputs are cut from the graph.
         if self.dsa_mode == "sparse":
-            keys = self.indexer.key(x.detach(), cos, sin) if cache is None else keys.detach()
-            scores = self.indexer.scores(x.detach(), cq.detach(), keys, cos, sin, mask)
+            keys = self.indexer.key(x.detach(), rope) if cache is None else keys.detach()
+            scores = self.indexer.scores(x.detach(), cq.detach(), keys, rope, mask)
         else:
-            scores = self.indexer.scores(x, cq, keys, cos, sin, mask)
+            scores = self.indexer.scores(x, cq, keys, rope, mask)
         sparse = self.dsa_mode == "sparse" and self.indexer.topk < S
         idx = self.indexer.select(scores) if sparse else None
         if rows is None:
             rows = cache.read(self.layer_id)
         attn_mask = mask if idx is None else self._selected_mask(mask, idx)
-        out, probs = self.naive(q_nope, q_pe, rows, attn_mask, need_probs=True)
+        out, probs = self.naive(q, rows, attn_mask, need_probs=True)
         self._indexer_kl(probs, scores, attn_mask)
-        return self.o_proj(out.flatten(2))
+        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
-    def _forward_sparse(self, x, cq, q_nope, q_pe, rows, mask, keys, cos, sin, cache, path):
+    def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path):
         """Inference-time DSA. Queries that see at most k positions attend to all of them, so the indexer
         scores and selects only from the first query that sees more (rows r0: of this call)."""
         B, T, _ = x.shape
         k = self.indexer.topk
-        visible = mask.sum(-1)  # [B, T]; grows with t inside a call (causal)
-        over = (visible > k).any(0).nonzero()
-        if over.numel() == 0:
+        first_over = None  # the first query that sees more than k rows
+        if cache is None:  # plain causal self-attention: query t sees t + 1 rows
+            first_over = k if T > k else None
+        elif mask.shape[-1] > k:  # (no query sees more than S rows: S <= k says "dense" without a host sync)
+            over = (mask.sum(-1) > k).any(0).nonzero()  # visible rows grow with t inside a call (causal)
+            first_over = int(over[0]) if over.numel() else None
+        if first_over is None:
             if rows is None:
                 rows = cache.read(self.layer_id)
-            out = (self.absorbed(q_nope, q_pe, rows, mask) if path == "absorbed"
-                   else self.naive(q_nope, q_pe, rows, mask)[0])
-            return self.o_proj(out.flatten(2))
-        r0 = 0 if path == "absorbed" else int(over[0])  # absorbed (decode) calls are short: score them all
+            if path == "absorbed":
+                out = self.absorbed(q, rows, mask)
+            else:  # without a cache the mask is plain causal: let SDPA use its causal kernel
+                out = self.naive(q, rows, mask if cache is not None else None)[0]
+            return linear(self, "_o", out.flatten(2), self.o_proj.weight)
+        r0 = 0 if path == "absorbed" else first_over  # absorbed (decode) calls are short: score them all
         with torch.no_grad():
-            scores = self.indexer.scores(x[:, r0:], cq[:, r0:], keys, cos[:, r0:], sin[:, r0:], mask[:, r0:])
+            scores = self.indexer.scores(x[:, r0:], cq[:, r0:], keys, rope[r0:], mask[:, r0:])
             idx = self.indexer.select(scores)  # [B, T - r0, K]
         if path == "absorbed":
             sel_rows = cache.gather(self.layer_id, idx) if cache is not None else self._gather(rows, idx)
-            out = self.absorbed(q_nope, q_pe, sel_rows, torch.gather(mask, -1, idx))
+            out = self.absorbed(q, sel_rows, torch.gather(mask, -1, idx))
         else:
             if rows is None:
                 rows = cache.read(self.layer_id)
             attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
-            out = self.naive(q_nope, q_pe, rows, attn_mask)[0]
-        return self.o_proj(out.flatten(2))
+            out = self.naive(q, rows, attn_mask)[0]
+        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
     @staticmethod
     def _selected_mask(mask, idx):

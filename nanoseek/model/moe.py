@@ -6,9 +6,11 @@ Routers (`Router`):
   bias, fp32), groups scored by the sum of their top-2 biased scores; gate weights from the UNBIASED s.
 Gates are renormalised when norm_topk_prob, then multiplied by routed_scaling_factor.
 
-Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). Two paths that agree
-(`tests/test_moe.py`): `grouped` sorts the N·K (token, expert) pairs by expert and runs one grouped matmul per
-projection (`torch._grouped_mm`); `loop` is the plain per-expert reference.
+Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). `grouped` sorts the N·K
+(token, expert) pairs by expert and runs one grouped matmul per projection (`torch._grouped_mm`); `loop` is the
+plain per-expert reference (`tests/test_model.py` checks they agree). Inference on CPU takes two other routes
+to the same sums: `_pairs` for decode-sized batches (the fewest ops) and `_active` over oneDNN-packed
+per-expert weights when weight packing is on (`fused.py`).
 
 For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
 `seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.fused import derived, expert_weights, fused_linear, linear, packs
 
 
 class MLP(nn.Module):
@@ -36,7 +39,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
+        return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
 
 
 class Router(nn.Module):
@@ -64,7 +68,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        # the fp32 copy of a bf16 router weight is cached at inference (`fused.py`): one cast less per layer
+        w32 = derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
+        logits = F.linear(x.float(), self.weight.float() if w32 is None else w32)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:
@@ -74,10 +80,10 @@ class Router(nn.Module):
             else:
                 group_score = groups.amax(-1)
             keep = group_score.topk(self.topk_group, dim=-1).indices
-            gmask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            emask = gmask[:, :, None].expand_as(groups).reshape(-1, self.E)
+            drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # [N, groups]
             # HF's group_limited_greedy masks with 0.0; noaux_tc with -inf. Same choice while scores > 0.
-            choice = choice.masked_fill(~emask, float("-inf") if self.method == "noaux_tc" else 0.0)
+            fill = float("-inf") if self.method == "noaux_tc" else 0.0
+            choice = groups.masked_fill(drop[:, :, None], fill).view(-1, self.E)
         idx = choice.topk(self.K, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
         if self.norm_topk and self.K > 1:
@@ -118,7 +124,11 @@ class Experts(nn.Module):
         """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
         if self.impl == "loop":
             return self._loop(x, w, idx)
-        if idx.numel() < self.gate_up_proj.shape[0] or not _grouped_mm_ok(x):
+        if x.device.type == "cpu" and idx.numel() <= self.gate_up_proj.shape[0]:
+            return self._pairs(x, w, idx)  # CPU decode: per-op overhead dominates, issue the fewest ops
+        if packs(self, x, self.gate_up_proj):
+            return self._active(x, w, idx)  # oneDNN-packed per-expert weights beat the unpacked grouped GEMM
+        if not _grouped_mm_ok(x):
             # decode-sized batches touch few experts: visit only those instead of all E groups
             return self._active(x, w, idx)
         return self._grouped(x, w, idx)
@@ -141,24 +151,44 @@ class Experts(nn.Module):
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
         return out
 
+    def _pairs(self, x, w, idx):
+        """Decode-sized batches on CPU: one expert MLP per (token, expert) pair, no sorting or scattering, and
+        one batched matmul for the gate-weighted sum. The per-expert weight views are cached (`fused.py`), so the
+        loop issues only compute ops (grouped GEMM would walk all E groups; `_active` sorts and syncs)."""
+        N, K = idx.shape
+        gate_up_proj, down_proj = self.weights()
+        gu, dn, mm = expert_weights(self, gate_up_proj, down_proj, x)
+        I = down_proj.shape[-1]
+        ys = []
+        for n, row in enumerate(idx.tolist()):
+            xn = x[n:n + 1]  # [1, D]
+            for e in row:
+                gate, up = mm(xn, gu[e]).split(I, dim=-1)
+                ys.append(mm(F.silu(gate) * up, dn[e]))
+        y = torch.cat(ys).view(N, K, -1)  # [N, K, D]
+        # the gate-weighted sum in fp32 (w is fp32; a tiny fp32 bmm is also much cheaper than a bf16 one on CPU)
+        return torch.bmm(w[:, None].float(), y.float()).view(N, -1).to(x.dtype)
+
     def _active(self, x, w, idx):
         """Per-expert matmuls over the experts that received tokens only (tokens sorted by expert)."""
         N, K = idx.shape
         gate_up_proj, down_proj = self.weights()
+        gu, dn, mm = expert_weights(self, gate_up_proj, down_proj, x)
         I = down_proj.shape[-1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
-        xs, ws = x[order // K], w.reshape(-1)[order, None]
+        tok = order // K
+        xs = x.index_select(0, tok)  # [N*K, D] (index_select: cheaper than advanced indexing)
         ys, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = F.linear(xs[start:start + n], gate_up_proj[e]).split(I, dim=-1)
-                ys.append(F.linear(F.silu(gate) * up, down_proj[e]))
+                gate, up = mm(xs[start:start + n], gu[e]).split(I, dim=-1)
+                ys.append(mm(F.silu(gate) * up, dn[e]))
                 start += n
-        y = torch.cat(ys) * ws.to(ys[0].dtype)
-        out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
-        return out.view(N, K, -1).sum(1).to(x.dtype)
+        # gate-weighted sum per token, accumulated in fp32 straight into [N, D]
+        y = torch.cat(ys).float() * w.reshape(-1)[order, None]
+        return torch.zeros(N, x.shape[1], device=x.device).index_add_(0, tok, y).to(x.dtype)
 
     def _grouped(self, x, w, idx):
         N, K = idx.shape
@@ -186,15 +216,21 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.seq_aux_alpha = 0.0  # set by training; > 0 computes the sequence-wise balance loss
-        self.last_load: Optional[torch.Tensor] = None  # [E] tokens routed to each expert, last forward
+        self._last_idx: Optional[torch.Tensor] = None  # [N, K] expert ids of the last forward
         self.aux_loss: Optional[torch.Tensor] = None
+
+    @property
+    def last_load(self) -> Optional[torch.Tensor]:
+        """[E] tokens routed to each expert in the last forward; counted when asked (decode steps never ask)."""
+        if self._last_idx is None:
+            return None
+        return torch.bincount(self._last_idx.reshape(-1), minlength=self.gate.E)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, scores = self.gate(flat)
-        with torch.no_grad():
-            self.last_load = torch.bincount(idx.reshape(-1), minlength=self.gate.E)
+        self._last_idx = idx
         if self.training and self.seq_aux_alpha > 0:
             self.aux_loss = self._seq_balance_loss(idx.view(B, T, -1), scores.view(B, T, -1))
         out = self.experts(flat, w, idx).view(B, T, D)

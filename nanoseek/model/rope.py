@@ -3,7 +3,7 @@
 Two layouts are used in the V3.2 network:
 - MLA's decoupled rope dims rotate ADJACENT pairs (2i, 2i+1), DeepSeek's native layout (`apply_rope_pairs`);
 - the DSA indexer rotates its first `qk_rope_head_dim` dims as two halves (`apply_rope_halves`).
-Both take cos/sin of shape [..., T, R/2] built by `RotaryEmbedding` from absolute positions.
+Both take the `RopeTables` that `RotaryEmbedding` builds once per forward from absolute positions.
 
 Legend: B batch, T tokens, H heads, R rope dims.
 """
@@ -47,6 +47,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv, self.attn_factor = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
+        R = cfg.qk_rope_head_dim
+        # index permutations that pair each rotated dim with its partner (see `RopeTables`)
+        pair_swap = torch.arange(R).view(-1, 2).flip(-1).reshape(-1)
+        half_swap = torch.arange(R).roll(R // 2)
+        self.register_buffer("pair_swap", pair_swap, persistent=False)
+        self.register_buffer("half_swap", half_swap, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the frequencies: keep them fp32, only follow the device
@@ -56,27 +62,70 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = new.float() if inv.is_meta else inv.to(new.device, torch.float32)
         return self
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, R/2] in float32."""
+    def forward(self, positions: torch.Tensor) -> "RopeTables":
+        """positions [B, T] -> the rotation tables of these positions (cos, sin [B, T, R/2] in float32)."""
         freqs = positions[..., None].float() * self.inv_freq
-        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        return RopeTables(freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor, self.pair_swap,
+                          self.half_swap)
 
 
-def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, R] (or [B, T, R]) rotated pairwise; cos/sin [B, T, R/2]. Computed in fp32, cast back."""
-    if x.dim() == 4:
-        cos, sin = cos[:, :, None], sin[:, :, None]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+class RopeTables:
+    """cos/sin of one forward call's positions, laid out once for every rotation the layers do.
+
+    A rotation of pairs (a, b) -> (a cos - b sin, b cos + a sin) is written as  x * C + x[swap] * S  with
+    C = (cos, cos) and S = (-sin, +sin) on each pair's two dims and `swap` exchanging the partners: two multiplies
+    and an add per call instead of unbinding, rotating and re-stacking the halves (the decode step is bound by
+    the number of small ops, and every layer rotates three times). Identity columns (C = 1, S = 0, swap = self)
+    extend a table over dims that are not rotated, so a whole query head rotates without split and cat; both
+    are exact: x * 1 + x' * 0 == x.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, pair_swap: torch.Tensor, half_swap: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [B, T, R/2] fp32
+        self.pair_swap, self.half_swap = pair_swap, half_swap
+        self._tables: dict = {}
+
+    def __getitem__(self, rows: slice) -> "RopeTables":
+        """The tables of query rows `rows` (a slice over T)."""
+        return RopeTables(self.cos[:, rows], self.sin[:, rows], self.pair_swap, self.half_swap)
+
+    def table(self, layout: str, lead: int, tail: int, dtype: torch.dtype, heads: bool):
+        """(C, S, swap) over lead identity dims + the R rotated dims + tail identity dims, C/S [B, T, width]
+        ([B, T, 1, width] with heads, to broadcast over x [B, T, H, width]).
+        layout: "pairs" (adjacent dims 2i, 2i+1; MLA) or "halves" (i, i + R/2; the DSA indexer)."""
+        key = (layout, lead, tail, dtype, heads)
+        if key not in self._tables:
+            cos, sin = self.cos, self.sin
+            if layout == "pairs":
+                c = torch.stack((cos, cos), -1).flatten(-2)
+                s = torch.stack((-sin, sin), -1).flatten(-2)
+                swap = self.pair_swap
+            else:
+                c, s, swap = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1), self.half_swap
+            if lead or tail:
+                B, T, R = c.shape
+                one = c.new_ones(B, T, lead + R + tail)
+                one[..., lead:lead + R] = c
+                zero = s.new_zeros(B, T, lead + R + tail)
+                zero[..., lead:lead + R] = s
+                c, s = one, zero
+                swap = torch.cat((torch.arange(lead, device=swap.device), swap + lead,
+                                  torch.arange(lead + R, lead + R + tail, device=swap.device)))
+            c, s = c.to(dtype), s.to(dtype)
+            self._tables[key] = (c[:, :, None], s[:, :, None], swap) if heads else (c, s, swap)
+        return self._tables[key]
 
 
-def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, R] or [B, T, R] rotated as (first half, second half) pairs, in x's dtype like HF."""
-    if x.dim() == 4:
-        cos, sin = cos[:, :, None], sin[:, :, None]
-    c = torch.cat((cos, cos), -1).to(x.dtype)
-    s = torch.cat((sin, sin), -1).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * c + torch.cat((-x2, x1), -1) * s
+def apply_rope_pairs(x: torch.Tensor, rope: RopeTables, lead: int = 0) -> torch.Tensor:
+    """x [B, T, H, lead + R] (or [B, T, lead + R]): the last R dims rotated pairwise (DeepSeek's layout), the
+    first `lead` left as they are. Computed in fp32, cast back, as DeepSeek's reference does."""
+    c, s, swap = rope.table("pairs", lead, 0, torch.float32, x.dim() == 4)
+    xf = x.float()
+    return (xf * c + xf.index_select(-1, swap) * s).to(x.dtype)
+
+
+def apply_rope_halves(x: torch.Tensor, rope: RopeTables, tail: int = 0) -> torch.Tensor:
+    """x [B, T, H, R + tail] or [B, T, R + tail]: the first R dims rotated as (first half, second half) pairs,
+    the last `tail` left as they are; in x's dtype like HF."""
+    c, s, swap = rope.table("halves", 0, tail, x.dtype, x.dim() == 4)
+    return x * c + x.index_select(-1, swap) * s

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.fused import linear, packing_supported, set_packing
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.mtp import MTPModule
@@ -42,8 +43,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, path="auto"):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, path)
+    def forward(self, x, rope, cache=None, path="auto"):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, path)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -92,20 +93,20 @@ class Transformer(nn.Module):
         return self.rotary(positions)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return linear(self, "_lm_head", hidden, self.lm_head.weight)
 
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
                 path: str = "auto") -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given)."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        cos, sin = self.rotary(self.positions_for(input_ids, cache))
+        rope = self.rotary(self.positions_for(input_ids, cache))  # rotation tables, shared by all layers
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, path)
+            x = layer(x, rope, cache, path)
         h = self.norm(x)
         hl = h if num_logits is None else h[:, -num_logits:]
-        return CausalLMOutput(logits=self.lm_head(hl), hidden=h)
+        return CausalLMOutput(logits=self.head(hl), hidden=h)
 
     def mtp_forward(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache=None,
                     positions: Optional[torch.Tensor] = None):
@@ -115,10 +116,18 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = self.positions_for(next_ids, cache)
-        cos, sin = self.rotary(positions)
         m = self.mtp[k]
-        h = m(hidden, self.embed_tokens(next_ids), cos, sin, cache)
-        return self.lm_head(m.head_norm(h)), h
+        h = m(hidden, self.embed_tokens(next_ids), self.rotary(positions), cache)
+        return self.head(m.head_norm(h)), h
+
+    def pack_weights_(self, on: bool = True) -> bool:
+        """Inference on CPU: run the matmuls on oneDNN-packed copies of the weights (`fused.py`): bf16 matvecs
+        ~1.7x faster (bit-identical), fp32 prefill GEMMs ~2x faster (same values up to accumulation order), at
+        the cost of a second copy of the weights in memory. Returns whether packing is on (False where oneDNN
+        bf16 is unavailable)."""
+        on = on and packing_supported()
+        set_packing(self, on)
+        return on
 
     def set_expert_impl(self, impl: str) -> None:
         """'grouped' (default, fast) or 'loop' (per-expert reference)."""
