@@ -121,8 +121,6 @@ def _jsonable(v: Any) -> Any:
         v = v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    if isinstance(v, float):
-        return round(v, 7)
     if isinstance(v, list):
         return [_jsonable(x) for x in v]
     return v

@@ -98,6 +98,9 @@ class Engine:
         self.scheduler = Scheduler(self.pool, max_batch_size, max_waiting, prefill_token_budget)
         self.drafter = MTPDrafter(model, self.pool, num_draft, max_model_len) if speculative else None
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        # Real checkpoints pad the embedding past the tokenizer (DeepSeek V3: 129280 rows, ~128.8K tokens): never
+        # sample an id the tokenizer cannot decode.
+        self.vocab_limit = min(cfg.vocab_size, getattr(tokenizer, "vocab_size", cfg.vocab_size))
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self.counters = dict(prompt_tokens=0, generation_tokens=0, spec_drafted=0, spec_accepted=0,
@@ -206,6 +209,7 @@ class Engine:
         view = CacheView(self.pool, [req.table], [n0], [len(todo)])
         ids = torch.tensor([todo], device=self.device)
         out = self.model(ids, cache=view, num_logits=None if want_plp else 1)
+        out.logits = out.logits[..., : self.vocab_limit]
         self.counters["forward_calls"] += 1
         req.num_computed = len(req.tokens)
         if want_plp:
@@ -224,6 +228,7 @@ class Engine:
         view = CacheView(self.pool, [r.table for r in batch], [r.num_computed for r in batch],
                          [len(f) for f in feeds])
         out = self.model(ids, cache=view)
+        out.logits = out.logits[..., : self.vocab_limit]
         self.counters["forward_calls"] += 1
         # one argmax for the whole batch serves every request that needs no per-request processing
         greedy = out.logits.argmax(-1).tolist() if any(self._plain_greedy(r) for r in batch) else None

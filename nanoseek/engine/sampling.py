@@ -111,7 +111,10 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, history: Optional[To
         x[torch.tensor(banned, device=x.device)] = float("-inf")
     if p.greedy:
         return x
-    x = x / p.temperature
+    # Shift so the best logit is 0 before dividing: a tiny temperature then sends the others to -inf instead of
+    # overflowing everything to inf (and softmax to NaN). A penalty that overflowed counts as excluded.
+    x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+    x = (x - x.max()) / p.temperature
     if p.top_k > 0 and p.top_k < x.numel():
         kth = x.topk(p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -131,6 +134,10 @@ def sample(processed: torch.Tensor, p: SamplingParams, generator: Optional[torch
     if p.greedy:
         return int(processed.argmax())
     probs = processed.softmax(-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        # degenerate settings (everything truncated away): fall back to the most likely token, never fail
+        # the whole batch for one request's parameters
+        return int(torch.nan_to_num(processed, nan=float("-inf")).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

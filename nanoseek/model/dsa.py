@@ -47,6 +47,10 @@ class Indexer(nn.Module):
         The two GEMMs run in the keys' dtype (fp32 models: exactly HF's arithmetic; bf16 models: bf16 with fp32
         accumulation, as DeepSeek itself runs this in FP8): converting all S cached keys to fp32 at every
         decode step would cost more than the scoring."""
+        if torch.is_autocast_enabled(x.device.type):
+            # training under autocast: score in true fp32 so the indexer's KL is computed on fp32 scores
+            with torch.autocast(x.device.type, enabled=False):
+                return self.scores(x.float(), cq.float(), keys.float(), rope, mask)
         B, T, _ = x.shape
         dt = keys.dtype
         q = apply_rope_halves(self.wq_b(cq).view(B, T, self.n_heads, self.head_dim), rope,

@@ -199,6 +199,10 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)
         offs = counts.cumsum(0).to(torch.int32)
         xs = x[order // K]  # [N*K, D]
+        if torch.is_autocast_enabled(x.device.type):
+            # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
+            dt = torch.get_autocast_dtype(x.device.type)
+            xs, gate_up_proj, down_proj = xs.to(dt), gate_up_proj.to(dt), down_proj.to(dt)
         h = _ContiguousGrad.apply(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
         gate, up = h.split(I, dim=-1)
         y = _ContiguousGrad.apply(torch._grouped_mm((F.silu(gate) * up).contiguous(),

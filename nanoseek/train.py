@@ -1,0 +1,774 @@
+"""`nanoseek train`: pre-training with MoE balancing and MTP, the two DSA stages, exact resume, torchrun scale-out.
+
+    nanoseek train --data DIR --preset small --max-steps 1000 --out runs/x [--save-every 100] [--resume]
+    torchrun --nproc_per_node 2 -m nanoseek train ...        (same command, FSDP2 + optional expert parallelism)
+
+One optimizer step = world_size x grad_accum micro-batches of batch_size rows of seq_len tokens (each rank reads
+its own share). Per step:
+- loss = LM cross-entropy + lambda/D sum_k CE(MTP depth k)                   (DeepSeek-V3 §2.2)
+        + sequence-wise balance loss alpha sum_i f_i P_i                      (V3 §2.1.2, optional)
+        (+ sum over layers of the indexer KL in the DSA sparse stage)        (V3.2-Exp §2.1)
+- AdamW, warm-up then cosine or warmup-stable-decay, gradient clipping, bf16 autocast with fp32 master weights;
+- auxiliary-loss-free balancing (V3 §2.1.2): after the optimizer step, each noaux_tc router's bias moves by
+  b_i += gamma * sign(mean load - load_i), loads counted over the whole global batch (all-reduced over ranks).
+DSA stages on a dense or DSA checkpoint (--init): `warmup` freezes everything but the lightning indexers and
+trains them on KL(head-summed main attention || softmax(index scores)) with dense attention; `sparse` trains
+everything with top-k attention, the indexer on its detached input and KL over the selected set. `none`
+(pre-training) runs dense attention and leaves the indexer alone.
+
+Checkpoints (every --save-every steps and at the end) are folders run/checkpoints/step_N written as
+safetensors + JSON into a temporary folder, fsync'ed, renamed, then published by atomically replacing
+run/checkpoints/latest.json: a kill at any moment leaves the previous checkpoint intact. They hold the model
+(fp32 master weights and the routers' balancing biases), AdamW moments, schedule position, loader position
+and the torch / numpy / python RNG states, so `--resume` continues bit-exactly. The final model goes to
+run/final in Hugging Face layout with the tokenizer.
+
+Legend: B micro-batch rows, T tokens per row, V vocabulary, E routed experts, D MTP depth.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nanoseek import metrics as M
+from nanoseek.checkpoint import from_pretrained, save_pretrained
+from nanoseek.config import PRESETS, get_preset
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MoE
+from nanoseek.model.transformer import Transformer, cross_entropy
+from nanoseek.optim import Schedule, build_adamw, load_optimizer_state, optimizer_state_tensors, set_lr
+
+DSA_STAGES = ("none", "warmup", "sparse")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: list[str] = field(default_factory=list)  # files / folders; empty = the default corpus
+    preset: str = "tiny"
+    init: Optional[str] = None  # HF-layout folder to start from (DSA stages, fine-tuning)
+    tokenizer: Optional[str] = None  # HF tokenizer folder; None = train one into out/tokenizer
+    vocab_size: Optional[int] = None  # tokenizer size when training one (default: the preset's)
+    layers: Optional[int] = None  # override num_hidden_layers (quick runs)
+    index_topk: Optional[int] = None  # override the DSA top-k
+    max_steps: int = 100
+    stop_after: Optional[int] = None  # stop (checkpointed) after this step, schedule still spans max_steps
+    seq_len: int = 256
+    batch_size: int = 8  # micro-batch rows per rank
+    grad_accum: int = 0  # 0 = derive from batch_tokens (or 1)
+    batch_tokens: int = 0  # global batch in tokens; 0 = world x batch_size x seq_len x grad_accum
+    lr: float = 3e-3
+    min_lr: Optional[float] = None  # default lr / 10
+    warmup: Optional[int] = None  # default min(100, max_steps // 10)
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    dtype: str = "bfloat16"
+    mtp_weight: float = 0.3  # lambda (V3: 0.3 early, 0.1 late)
+    bias_update_speed: float = 1e-3  # gamma (V3: 0.001, 0 at the end)
+    seq_aux_alpha: float = 1e-4  # alpha (V3: 0.0001)
+    dsa_stage: str = "none"
+    eval_every: int = 0  # 0 = only at the end
+    eval_tokens: int = 32768
+    heldout_fraction: float = 0.02
+    cache_dir: Optional[str] = None  # token caches (default ~/.cache/nanoseek/tokens or $NANOSEEK_CACHE)
+    tokenizer_max_chars: Optional[int] = None  # cap on the text the tokenizer trains on
+    save_every: int = 0  # 0 = only at the end
+    resume: bool = False
+    expert_parallel: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    log_every: int = 10
+    samples: int = 0  # sampled completions in the report
+    sample_tokens: int = 48
+    progress: bool = True
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> TrainConfig:
+    d = TrainConfig(out="")
+    ap = argparse.ArgumentParser(prog="nanoseek train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", nargs="*", default=[], help="text/markdown/source/JSONL files or folders "
+                    "(default: this Python's standard library source)")
+    ap.add_argument("--out", required=True, help="run folder")
+    ap.add_argument("--preset", default=d.preset, choices=list(PRESETS))
+    ap.add_argument("--init", help="start from this Hugging Face model folder (e.g. for --dsa-stage)")
+    ap.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json); default: train one on the data")
+    ap.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (default: preset's)")
+    ap.add_argument("--layers", type=int, help="override the preset's number of layers")
+    ap.add_argument("--index-topk", type=int, help="override the DSA top-k")
+    ap.add_argument("--max-steps", type=int, default=d.max_steps)
+    ap.add_argument("--stop-after", type=int, help="stop after this step (schedule still spans --max-steps)")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch rows per process")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--grad-accum", type=int, default=0, help="micro-batches per step (default 1)")
+    g.add_argument("--batch-tokens", type=int, default=0, help="global batch in tokens (sets --grad-accum)")
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--min-lr", type=float, help="final lr (default lr/10)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps (default min(100, max_steps/10))")
+    ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"])
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0 = off)")
+    ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                    help="compute dtype (bfloat16 = autocast, fp32 master weights)")
+    ap.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="MTP loss weight lambda")
+    ap.add_argument("--bias-update-speed", type=float, default=d.bias_update_speed,
+                    help="gamma of auxiliary-loss-free balancing (0 = off)")
+    ap.add_argument("--seq-aux-alpha", type=float, default=d.seq_aux_alpha,
+                    help="weight of the sequence-wise balance loss (0 = off)")
+    ap.add_argument("--dsa-stage", default=d.dsa_stage, choices=DSA_STAGES)
+    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out eval period (0 = at the end)")
+    ap.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval (0 = off)")
+    ap.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
+                    help="share of files held out for evaluation")
+    ap.add_argument("--cache-dir", help="token cache folder (default $NANOSEEK_CACHE or ~/.cache/nanoseek)")
+    ap.add_argument("--tokenizer-max-chars", type=int, help="train the tokenizer on at most this much text")
+    ap.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period (0 = at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.json")
+    ap.add_argument("--expert-parallel", action="store_true", help="split routed experts across processes")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--log-every", type=int, default=d.log_every)
+    ap.add_argument("--samples", type=int, default=d.samples, help="sampled completions in the report")
+    ap.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    a = ap.parse_args(argv)
+    tc = TrainConfig(**{k: v for k, v in vars(a).items()})
+    validate(tc)
+    return tc
+
+
+def validate(tc: TrainConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+    need(tc.max_steps >= 1, "--max-steps must be >= 1")
+    need(tc.seq_len >= 2 and tc.batch_size >= 1, "--seq-len must be >= 2 and --batch-size >= 1")
+    need(tc.grad_accum >= 0 and tc.batch_tokens >= 0, "--grad-accum / --batch-tokens must be >= 0")
+    need(tc.stop_after is None or 1 <= tc.stop_after <= tc.max_steps, "--stop-after must be in [1, max-steps]")
+    need(tc.dsa_stage in DSA_STAGES, f"--dsa-stage must be one of {DSA_STAGES}")
+    need(tc.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}")
+    need(0 <= tc.heldout_fraction < 1, "--heldout-fraction must be in [0, 1)")
+    need(tc.preset in PRESETS, f"unknown preset {tc.preset!r}; choose one of {', '.join(PRESETS)}")
+    need(tc.mtp_weight >= 0 and tc.bias_update_speed >= 0 and tc.seq_aux_alpha >= 0,
+         "--mtp-weight, --bias-update-speed and --seq-aux-alpha must be >= 0")
+    if tc.dsa_stage != "none":
+        need(tc.init is not None or tc.resume, "--dsa-stage warmup|sparse starts from a checkpoint: give --init DIR")
+    if tc.init is not None:
+        need(Path(tc.init).is_dir(), f"--init {tc.init}: not a directory")
+    if tc.tokenizer is not None:
+        need(Path(tc.tokenizer).exists(), f"--tokenizer {tc.tokenizer}: not found")
+    for p in tc.data:
+        need(Path(p).exists(), f"--data {p}: not found")
+
+
+def cli(cmd: str, argv: list[str]) -> int:
+    try:
+        tc = parse_args(argv)
+    except ValueError as e:
+        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(tc)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nanoseek train: interrupted; `--resume` continues from the last checkpoint in {tc.out}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+# ---- distributed glue (nanoseek.parallel) ----------------------------------------------------------------
+def _barrier(dist) -> None:
+    if dist.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _all_reduce_sum(t: torch.Tensor, dist) -> torch.Tensor:
+    if dist.world_size == 1:
+        return t
+    from nanoseek.parallel import all_reduce_sum
+    return all_reduce_sum(t, dist)
+
+
+# ---- the model's training switches -------------------------------------------------------------------------
+def moe_layers(model: torch.nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def dsa_layers(model: torch.nn.Module) -> list[MLA]:
+    return [m for m in model.modules() if isinstance(m, MLA) and m.indexer is not None]
+
+
+def set_dsa_stage(model: torch.nn.Module, stage: str, training: bool = True) -> None:
+    """none: dense attention, no indexer; warmup: dense attention + indexer KL; sparse: top-k + indexer KL.
+    Evaluation (training=False) keeps the stage's attention but skips the KL."""
+    for m in dsa_layers(model):
+        m.dsa_mode = "sparse" if stage == "sparse" else "dense"
+        m.indexer_loss_on = training and stage in ("warmup", "sparse")
+
+
+def freeze_for_stage(model: torch.nn.Module, stage: str) -> None:
+    """What trains: the DSA warm-up only the lightning indexers; pre-training (dense attention, the indexer
+    unused) everything but the indexers; the sparse stage everything."""
+    for name, p in model.named_parameters():
+        is_indexer = ".indexer." in name
+        p.requires_grad_({"warmup": is_indexer, "none": not is_indexer, "sparse": True}[stage])
+
+
+# ---- one micro-batch -------------------------------------------------------------------------------------
+def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
+                      mtp_depth: int) -> dict[str, torch.Tensor]:
+    """Forward one micro-batch x, y [B, T]; returns the loss to backpropagate ('loss') and its parts."""
+    for m in dsa_layers(model):
+        m.indexer_loss = m.indexer_recall = None
+    for m in moe_layers(model):
+        m.aux_loss = None
+    out = model(x)
+    lm = cross_entropy(out.logits, y)
+    parts: dict[str, torch.Tensor] = {"lm_loss": lm}
+    total = lm
+    if mtp_depth:
+        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= y[:, i+k]) -> predicts y[:, i+k+1]
+        T = x.shape[1]
+        h = out.hidden
+        mtp = lm.new_zeros(())
+        for k in range(mtp_depth):
+            n = T - 1 - k
+            if n <= 0:
+                break
+            logits, h = model.mtp_forward(k, h[:, :n], y[:, k:k + n])
+            mtp = mtp + cross_entropy(logits, y[:, k + 1:k + 1 + n])
+        mtp = mtp / mtp_depth
+        parts["mtp_loss"] = mtp
+        total = total + tc.mtp_weight * mtp
+    aux = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    if aux:
+        parts["balance_loss"] = torch.stack(aux).sum()
+        total = total + parts["balance_loss"]
+    kl = [m.indexer_loss for m in dsa_layers(model) if m.indexer_loss is not None]
+    if kl:
+        parts["indexer_kl"] = torch.stack(kl).sum()
+        parts["indexer_recall"] = torch.stack([m.indexer_recall for m in dsa_layers(model)
+                                               if m.indexer_recall is not None]).mean()
+        # warm-up: the frozen model only supplies the target; only the indexers' KL is optimised
+        total = parts["indexer_kl"] if tc.dsa_stage == "warmup" else total + parts["indexer_kl"]
+    parts["loss"] = total
+    return parts
+
+
+@torch.no_grad()
+def update_expert_bias(moes: list[MoE], loads: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i). loads [n_moe, E] (global)."""
+    if gamma <= 0:
+        return
+    for m, load in zip(moes, loads):
+        b = m.gate.e_score_correction_bias
+        if b is None:  # softmax / greedy routers have no balancing bias
+            continue
+        load = load.float()
+        b.add_(gamma * torch.sign(load.mean() - load).to(b.device))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, JSON) of the torch, CUDA, numpy and python generators."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda{i}"] = s
+    npk, npstate, nppos, npg, npc = np.random.get_state()
+    js = {"python": _listify(random.getstate()),
+          "numpy": {"key": npk, "state": npstate.tolist(), "pos": nppos, "has_gauss": npg, "cached": npc}}
+    return tensors, js
+
+
+def set_rng_state(tensors: dict, js: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    n = js["numpy"]
+    np.random.set_state((n["key"], np.array(n["state"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_tuplify(js["python"]))
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The published checkpoint folder, or None. Only latest.json (replaced atomically) is trusted."""
+    ptr = Path(run_dir) / "checkpoints" / "latest.json"
+    if not ptr.exists():
+        return None
+    name = json.loads(ptr.read_text())["dir"]
+    path = ptr.parent / name
+    if not (path / "state.json").exists():
+        raise ValueError(f"{ptr} points to {path}, which is incomplete")
+    return path
+
+
+def save_checkpoint(run_dir: Path, step: int, model_sd: dict, opt_tensors: dict, state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoints/step_N atomically and publish it in latest.json; keep the `keep` newest."""
+    ck = Path(run_dir) / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final = ck / f"step_{step:07d}"
+    tmp = ck / f".tmp_{final.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(model_sd, tmp / "model.safetensors")
+    _save_tensors(opt_tensors, tmp / "train_state.safetensors")
+    _write_json(tmp / "state.json", state)  # written last: its presence marks a complete folder
+    _fsync_dir(tmp)
+    if final.exists():  # a stale folder from an abandoned run past the resumed step (never the published one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ck)
+    ptr_tmp = ck / f".latest_{os.getpid()}.json"
+    _write_json(ptr_tmp, {"dir": final.name, "step": step})
+    os.replace(ptr_tmp, ck / "latest.json")
+    _fsync_dir(ck)
+    olds = sorted(p for p in ck.glob("step_*") if p.is_dir() and p != final)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state dict, train-state tensors, state JSON) of a checkpoint folder."""
+    from safetensors.torch import load_file
+    state = json.loads((path / "state.json").read_text())
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "train_state.safetensors")), state
+
+
+def _full_state(model, dist) -> dict:
+    """The unsharded model state (on the main process; {} elsewhere under torchrun). Collective."""
+    if dist.world_size > 1:
+        from nanoseek.parallel import full_model_state_dict
+        return full_model_state_dict(model, dist)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# ---- evaluation and sampling -------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
+    """Held-out LM loss (nats/token) and bits per byte over `batches` of (x, y, n_bytes)."""
+    was_training = model.training
+    model.eval()
+    set_dsa_stage(model, stage, training=False)
+    nats = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    nbytes = torch.zeros((), dtype=torch.float64)
+    for x, y, b in batches:
+        with autocast():
+            logits = model(x).logits
+        nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                  reduction="sum").double().cpu()
+        tokens += y.numel()
+        nbytes += b
+    sums = _all_reduce_sum(torch.stack([nats, tokens, nbytes]).to(dist.device), dist).cpu()
+    set_dsa_stage(model, stage, training=True)
+    model.train(was_training)
+    nats, tokens, nbytes = sums.tolist()
+    if tokens == 0:
+        return {}
+    return {"eval_loss": nats / tokens, "eval_bpb": nats / math.log(2) / max(nbytes, 1.0)}
+
+
+@torch.no_grad()
+def sample(model: Transformer, tok, prompt: str, max_new: int, temperature: float = 0.8,
+           seed: int = 0) -> str:
+    """A plain sampling loop over a DenseCache (the serving engine does this properly)."""
+    from nanoseek.model.cache import DenseCache
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids = [tok.bos_id] + tok.encode(prompt)
+    cache = DenseCache(model.config, 1, len(ids) + max_new, dtype=dtype, device=dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = model(torch.tensor([ids], device=dev), cache=cache.step(len(ids)), num_logits=1).logits[0, -1]
+    out: list[int] = []
+    for _ in range(max_new):
+        if temperature > 0:
+            probs = (logits.float().cpu() / temperature).softmax(-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        else:
+            nxt = int(logits.argmax())
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        logits = model(torch.tensor([[nxt]], device=dev), cache=cache.step(1)).logits[0, -1]
+    return tok.decode(out)
+
+
+SAMPLE_PROMPTS = ["def ", "import os\n", "class Parser:\n    def ", "# Copyright", "The "]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def _grad_accum(tc: TrainConfig, world: int) -> int:
+    if tc.batch_tokens:
+        per = world * tc.batch_size * tc.seq_len
+        if tc.batch_tokens % per:
+            raise ValueError(f"--batch-tokens {tc.batch_tokens} is not a multiple of world_size x batch_size x "
+                             f"seq_len = {per}")
+        return tc.batch_tokens // per
+    return tc.grad_accum or 1
+
+
+def train(tc: TrainConfig) -> dict:
+    """Run a training job described by `tc`; returns the final summary (also in report.md)."""
+    from nanoseek.parallel import init_distributed
+    dist = init_distributed(None if tc.device == "auto" else tc.device)
+    device = dist.device
+    run = Path(tc.out)
+    main = dist.is_main
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+    _barrier(dist)
+    resume_from = latest_checkpoint(run) if tc.resume else None
+    if tc.resume and resume_from is None and main:
+        print(f"nanoseek train: no checkpoint in {run / 'checkpoints'}; starting from scratch", file=sys.stderr)
+    saved = None
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        prev = saved[2]["train_config"]
+        for k in ("dsa_stage", "seq_len", "preset", "layers", "index_topk"):  # batch: the loader checks
+            if prev.get(k) != getattr(tc, k):
+                raise ValueError(f"--resume: {k} was {prev.get(k)!r} in {resume_from}, now {getattr(tc, k)!r}")
+    elif tc.dsa_stage != "none" and tc.init is None:
+        raise ValueError("--dsa-stage warmup|sparse needs --init DIR (no checkpoint to resume from)")
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    if main:
+        (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+
+    # -- tokenizer and data --------------------------------------------------------------------------------
+    from nanoseek import data as D
+    tok = _tokenizer(tc, run, dist)
+    data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction,
+                     is_main=main, barrier=lambda: _barrier(dist))
+    world, rank = dist.world_size, dist.rank
+    accum = _grad_accum(tc, world)
+    loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size, rank, world, tc.seed)
+    step_tokens = world * accum * tc.batch_size * tc.seq_len
+
+    # -- model ---------------------------------------------------------------------------------------------
+    if tc.init is not None and saved is None:
+        model = from_pretrained(tc.init, dtype=torch.float32, device="cpu")
+        cfg = model.config
+        if cfg.vocab_size < tok.vocab_size:
+            raise ValueError(f"--init model has {cfg.vocab_size} vocabulary rows, the tokenizer "
+                             f"{tok.vocab_size}")
+        if tc.index_topk is not None:
+            for m in dsa_layers(model):
+                m.indexer.topk = tc.index_topk
+            cfg = model.config = cfg.replace(index_topk=tc.index_topk)
+    else:
+        if saved is not None:
+            from nanoseek.config import ModelConfig
+            cfg = ModelConfig.from_hf(saved[2]["model_config"])
+        else:
+            over = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+            if tc.layers is not None:
+                over["num_hidden_layers"] = tc.layers
+                over["first_k_dense_replace"] = min(get_preset(tc.preset).first_k_dense_replace, tc.layers)
+            if tc.index_topk is not None:
+                over["index_topk"] = tc.index_topk
+            cfg = get_preset(tc.preset, **over)
+        model = Transformer(cfg)
+    if tc.dsa_stage != "none" and not cfg.use_dsa:
+        raise ValueError(f"--dsa-stage {tc.dsa_stage}: the model has no DSA indexer (model_type "
+                         f"{cfg.model_type}, index_topk {cfg.index_topk})")
+    if saved is not None:
+        _load_full_state_plain(model, saved[0])
+    model.train()
+    for m in moe_layers(model):
+        m.seq_aux_alpha = tc.seq_aux_alpha
+    set_dsa_stage(model, tc.dsa_stage)
+    freeze_for_stage(model, tc.dsa_stage)
+    if tc.mtp_weight == 0:  # the MTP modules do not run: keep them (and the optimizer) out of it
+        for p in model.mtp.parameters():
+            p.requires_grad_(False)
+    model.to(device)
+    if world > 1:
+        from nanoseek.parallel import parallelize
+        model = parallelize(model, dist, expert_parallel=tc.expert_parallel) or model
+    mtp_depth = len(model.mtp) if tc.mtp_weight > 0 else 0
+    idle = set(moe_layers(model.mtp)) if mtp_depth == 0 else set()
+    moes = [m for m in moe_layers(model) if m not in idle]  # the MoE layers that run (and get balanced)
+
+    # -- optimizer, schedule -------------------------------------------------------------------------------
+    opt = build_adamw(model, tc.lr, tc.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    warmup = tc.warmup if tc.warmup is not None else min(100, tc.max_steps // 10)
+    sched = Schedule(tc.lr, tc.min_lr if tc.min_lr is not None else tc.lr / 10, warmup, tc.max_steps, tc.schedule)
+    start = 0
+    if saved is not None:
+        _, tstate, js = saved
+        _load_optim(model, opt, names, {k: v for k, v in tstate.items() if not k.startswith("rng/")},
+                    js["optimizer"], dist)
+        loader.load_state_dict(js["loader"])  # global position: valid for any number of ranks
+        set_rng_state(tstate, js["rng"])
+        start = js["step"]
+    dtype = DTYPES[tc.dtype]
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    # -- what the user sees --------------------------------------------------------------------------------
+    peak, peak_src = M.peak_flops(device, dtype)
+    n_flops = M.flops_params(cfg, with_mtp=mtp_depth > 0)
+    log = M.MetricsLog(run / "metrics.jsonl", resume_step=start if saved is not None else None, enabled=main)
+    stop = tc.stop_after or tc.max_steps
+    n = cfg.num_params()
+    if main:
+        name = f"from {tc.init}" if tc.init and saved is None else tc.preset
+        print(f"nanoseek train: {name} ({n['total'] / 1e6:.1f}M params, {n['active'] / 1e6:.1f}M active), "
+              f"stage {tc.dsa_stage}, {world} process(es) on {device}, {tc.dtype}, global batch {step_tokens} "
+              f"tokens ({world}x{accum}x{tc.batch_size}x{tc.seq_len}), steps {start + 1}..{stop} of "
+              f"{tc.max_steps}; peak {peak / 1e12:.2f} TFLOP/s ({peak_src})", file=sys.stderr)
+    bar = M.Progress(tc.max_steps, start, enabled=main and tc.progress, every=tc.log_every,
+                     desc=f"train[{tc.dsa_stage}]" if tc.dsa_stage != "none" else "train")
+
+    def eval_batches():
+        return D.heldout_batches(data.heldout, tc.seq_len, tc.batch_size, tc.eval_tokens, rank, world, device)
+
+    def checkpoint(step: int) -> None:
+        sd = _full_state(model, dist)
+        ot, ometa = optimizer_state_tensors(opt, names) if world == 1 else _full_optim(model, opt, dist)
+        if not main:
+            return
+        rt, rj = rng_state()
+        state = {"step": step, "tokens": step * step_tokens, "optimizer": ometa, "loader": loader.state_dict(),
+                 "rng": rj, "lr": sched(step - 1), "model_config": cfg.to_hf(),
+                 "train_config": dataclasses.asdict(tc),
+                 "expert_bias_norms": [float(m.gate.e_score_correction_bias.norm())
+                                       for m in moes if m.gate.e_score_correction_bias is not None]}
+        save_checkpoint(run, step, sd, {**ot, **rt}, state)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    t_start = time.perf_counter()
+    last_saved = start if saved is not None else -1
+    step = start
+    rec: dict = {}
+    try:
+        for step in range(start + 1, stop + 1):
+            t0 = time.perf_counter()
+            lr = sched(step - 1)
+            set_lr(opt, lr)
+            sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro-batches, kept on the device
+            loads = torch.zeros(len(moes), cfg.n_routed_experts, dtype=torch.float64, device=device)
+            for _ in range(accum):
+                x, y = loader.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast():
+                    parts = micro_step_losses(model, x, y, tc, mtp_depth)
+                (parts["loss"] / accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                for i, m in enumerate(moes):
+                    loads[i] += m.last_load
+            gnorm = _clip(model, tc.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            keys = sorted(sums)
+            red = _all_reduce_sum(torch.stack([sums[k] for k in keys]), dist).cpu()  # global means below
+            means = {k: float(v) / (accum * world) for k, v in zip(keys, red)}
+            if moes:
+                loads = _all_reduce_sum(loads, dist)  # expert loads over the whole global batch
+                if tc.dsa_stage != "warmup":
+                    update_expert_bias(moes, loads, tc.bias_update_speed)
+                loads = loads.cpu()
+            dt = time.perf_counter() - t0
+            tps = step_tokens / dt
+            rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm, "tokens": step * step_tokens,
+                   "tokens_per_s": tps, "mfu": 6 * n_flops * tps / (peak * world), "memory_mb": M.memory_mb(device),
+                   "step_time_s": dt}
+            if moes:
+                rec["maxvio"] = [M.max_vio(l) for l in loads]
+                rec["bias_norm"] = [float(m.gate.e_score_correction_bias.norm())
+                                    if m.gate.e_score_correction_bias is not None else 0.0 for m in moes]
+            if tc.eval_tokens and data.heldout is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
+                rec.update(evaluate(model, eval_batches(), autocast, dist, tc.dsa_stage))
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"loss is {means['loss']} at step {step}; lower --lr or check the data")
+            log.log(rec)
+            info = f"loss {means['loss']:.4f} (LM {means['lm_loss']:.4f}) | {tps:,.0f} tok/s | lr {lr:.2e}"
+            if "indexer_kl" in means:
+                info += f" | KL {means['indexer_kl']:.4f}"
+            bar.update(step, info)
+            if "eval_bpb" in rec:
+                bar.print(f"step {step}: held-out loss {rec['eval_loss']:.4f}, {rec['eval_bpb']:.4f} bits/byte")
+            if tc.save_every and step % tc.save_every == 0:
+                checkpoint(step)
+                last_saved = step
+    finally:
+        bar.close()
+    if last_saved != step:
+        checkpoint(step)
+    elapsed = time.perf_counter() - t_start
+    summary = {"run": str(run), "preset": tc.preset, "stage": tc.dsa_stage, "steps": step,
+               "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
+               "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed}
+    if step == tc.max_steps:
+        _finish(model, tok, tc, run, dist, log, summary, rec, peak_src)
+    elif main:
+        print(f"nanoseek train: stopped after step {step} of {tc.max_steps} (checkpoint saved); continue with "
+              f"the same command and --resume", file=sys.stderr)
+    _barrier(dist)
+    return summary
+
+
+def _load_full_state_plain(model: Transformer, sd: dict) -> None:
+    """Checkpoints hold the full (unsharded) state; load it before any parallel wrapping."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("rotary.")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _full_optim(model, opt, dist) -> tuple[dict, dict]:
+    """Sharded optimizer state gathered (torch.distributed.checkpoint, keyed by parameter name) into our
+    layout-independent (tensors, meta) form, so a checkpoint resumes on any number of processes. Collective."""
+    from nanoseek.parallel import full_optimizer_state_dict
+    osd = full_optimizer_state_dict(model, opt, dist)
+    tensors = {f"{name}/{k}": v for name, st in osd.get("state", {}).items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    groups = [{k: v for k, v in g.items() if isinstance(v, (int, float, bool, str, tuple, list))}
+              for g in osd.get("param_groups", [])]
+    return tensors, {"param_groups": groups}
+
+
+def _load_optim(model, opt, names, tensors: dict, meta: dict, dist) -> None:
+    if dist.world_size == 1:
+        load_optimizer_state(opt, names, tensors, meta)
+        return
+    from nanoseek.parallel import load_full_optimizer_state_dict
+    state: dict = {}
+    for key, t in tensors.items():
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = t
+    load_full_optimizer_state_dict(model, opt, {"state": state, "param_groups": meta["param_groups"]}, dist)
+
+
+def _tokenizer(tc: TrainConfig, run: Path, dist):
+    """--tokenizer, else the --init model's, else the run's own (trained on the training data once)."""
+    from nanoseek import tokenizer as TK
+    if tc.tokenizer:
+        return TK.load_tokenizer(tc.tokenizer)
+    if tc.init and (Path(tc.init) / "tokenizer.json").exists():
+        return TK.load_tokenizer(tc.init)
+    tdir = run / "tokenizer"
+    if not (tdir / "tokenizer.json").exists():
+        if dist.is_main:
+            from nanoseek import data as D
+            files = D.collect_files(tc.data) if tc.data else D.default_corpus()
+            train_files, _ = D.split_files(files, tc.heldout_fraction)
+            vocab = tc.vocab_size or get_preset(tc.preset).vocab_size
+            print(f"nanoseek train: training a {vocab}-token BPE tokenizer on {len(train_files)} files",
+                  file=sys.stderr)
+            TK.train_tokenizer(train_files, vocab, tdir, max_chars=tc.tokenizer_max_chars)
+        _barrier(dist)
+    return TK.load_tokenizer(tdir)
+
+
+def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, rec: dict, peak_src: str) -> None:
+    """Final HF-layout model + tokenizer, plots, samples and report.md (main process)."""
+    sd = _full_state(model, dist)
+    if not dist.is_main:
+        return
+    final = run / "final"
+    if dist.world_size > 1:  # save the gathered full weights through an unsharded copy
+        plain = Transformer(model.config)
+        _load_full_state_plain(plain, sd)
+        model = plain
+    save_pretrained(model, final)
+    tok.save(final)
+    records = log.records
+    plots = M.plot_run(run, records)
+    samples = []
+    if tc.samples:
+        m = from_pretrained(final, dtype=torch.float32)
+        for i, p in enumerate(SAMPLE_PROMPTS[: tc.samples]):
+            samples.append((p, sample(m, tok, p, tc.sample_tokens, seed=tc.seed + i)))
+    last = records[-1] if records else rec
+    summary.update({"final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"), "tokens_per_s": _median([r.get("tokens_per_s")
+                                                                            for r in records[-20:]]),
+                    "mfu": _median([r.get("mfu") for r in records[-20:]]), "mfu_peak": peak_src,
+                    "peak_memory_mb": last.get("memory_mb")})
+    ev = [r for r in records if r.get("eval_bpb") is not None]
+    if ev:
+        summary.update({"heldout_loss": ev[-1]["eval_loss"], "heldout_bits_per_byte": ev[-1]["eval_bpb"]})
+    summary["final_model"] = str(final)
+    report = M.write_report(run, summary, records, plots, samples)
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"nanoseek train: done in {summary['wall_time_s']:.0f}s; model in {final}, report {report}",
+          file=sys.stderr)
+
+
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
