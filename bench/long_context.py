@@ -63,10 +63,10 @@ def main() -> None:
     def one_step(S: int, mode: str) -> float:
         mla.dsa_mode = mode
         view = CacheView(pool, [table], [S - 1], [1])  # the new token is row S-1 (written by the layer)
-        cos, sin = rope(view.positions)
+        tables = rope(view.positions)
         with torch.no_grad():
             t = time.perf_counter()
-            mla(x, cos, sin, cache=view, path="absorbed")
+            mla(x, tables, cache=view, path="absorbed")
             return time.perf_counter() - t
 
     # rounds over every (context, mode) so background load hits all alike; best of the rounds after a warm-up

@@ -726,11 +726,12 @@ def _tokenizer(tc: TrainConfig, run: Path, dist):
         if dist.is_main:
             from nanoseek import data as D
             files = D.collect_files(tc.data) if tc.data else D.default_corpus()
-            train_files, _ = D.split_files(files, tc.heldout_fraction)
+            # the same split the loader makes (by file, else inside the text): the held-out text stays unseen
+            train_docs, _ = D.split_corpus(files, tc.heldout_fraction)
             vocab = tc.vocab_size or get_preset(tc.preset).vocab_size
-            print(f"nanoseek train: training a {vocab}-token BPE tokenizer on {len(train_files)} files",
-                  file=sys.stderr)
-            TK.train_tokenizer(train_files, vocab, tdir, max_chars=tc.tokenizer_max_chars)
+            print(f"nanoseek train: training a {vocab}-token BPE tokenizer on the training split of "
+                  f"{len(files)} files", file=sys.stderr)
+            TK.train_from_documents(train_docs, vocab, max_chars=tc.tokenizer_max_chars).save(tdir)
         _barrier(dist)
     return TK.load_tokenizer(tdir)
 

@@ -16,3 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models gain nothing from more, and OpenMP hand-offs on a busy
+    2-core machine cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

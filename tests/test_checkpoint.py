@@ -199,27 +199,22 @@ def test_transformers_checkpoint_without_mtp_drops_mtp(saved):
 
 @pytest.mark.slow
 def test_peak_memory_near_weight_size(tmp_path):
-    """Load ~400 MB of fp32 weights in a fresh process; peak RSS growth must stay under 1.3x the weights."""
+    """Load ~380 MB of fp32 weights in a fresh process: its peak resident memory may exceed what it had before
+    loading by at most 1.3x the weights plus a constant (the loader copies tensor by tensor from the mapping)."""
     cfg = get_preset("small", num_hidden_layers=4)
-    with torch.device("meta"):
-        n_bytes = nanoseek.Transformer(cfg).num_parameters() * 4
+    m = nanoseek.Transformer(cfg)
+    n_bytes = m.num_parameters() * 4
+    nanoseek.save_pretrained(m, tmp_path)
+    del m
     script = f"""
-import resource, torch, nanoseek, gc
-from nanoseek.config import get_preset
-m = nanoseek.Transformer(get_preset("small", num_hidden_layers=4))
-nanoseek.save_pretrained(m, {str(tmp_path)!r})
-del m; gc.collect()
-import ctypes; ctypes.CDLL("libc.so.6").malloc_trim(0)
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-base = rss()
-resource.setrlimit  # noqa
+import torch, nanoseek
+def status(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
+base = status("VmRSS:")
 m = nanoseek.from_pretrained({str(tmp_path)!r})
-peak = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
-print(base, peak, rss())
+print(base, status("VmHWM:"), status("VmRSS:"))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     base, peak, after = map(int, out)
-    # VmHWM is the lifetime peak (it includes building the model before saving), so measure the load by
-    # the resident size after loading, and the peak against the larger of (base, after) plus the weights
-    assert after - base < 1.3 * n_bytes + 150e6
+    assert after - base > 0.9 * n_bytes  # the weights really are resident
+    assert peak - base < 1.3 * n_bytes + 100e6, f"peak {peak - base:,} bytes for {n_bytes:,} bytes of weights"

@@ -10,13 +10,7 @@ from nanoseek.engine import AsyncEngine, BlockPool, CacheView, Engine, EngineFul
 from nanoseek.tokenizer import train_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls: OpenMP thread hand-offs cost more than the math on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(dsa=True, seed=0, **kw):

@@ -124,13 +124,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
         destroy()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, as each spawned rank uses: tiny models gain nothing from more on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_single_process_without_torchrun_env_and_bad_env(monkeypatch):

@@ -23,13 +23,7 @@ BASE = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--dtype", "
         "--heldout-fraction", "0.2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a shared CPU makes two threads stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
