@@ -98,8 +98,10 @@ class MLA(nn.Module):
         return w[:, : self.N], w[:, self.N:]
 
     # ---- the two attention paths -------------------------------------------------------------------------
-    def naive(self, q, rows, mask, need_probs=False):
+    def naive(self, q, rows, mask, need_probs=False, causal_rows=0):
         """q [B, T, H, N+P] (rotated), rows [B, S, C], mask [B, T, S] bool or None (= causal, S == T).
+        causal_rows: the mask's first rows are plain causal over S == T keys (uncached DSA prefill), so they
+        can use SDPA's causal kernel and only the rest the masked one.
 
         Returns out [B, T, H, V] and, if need_probs, the attention probabilities [B, H, T, S] in fp32.
         """
@@ -125,6 +127,12 @@ class MLA(nn.Module):
             v = F.pad(v, (0, pad))
         if causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        elif causal_rows:
+            r = causal_rows
+            top = F.scaled_dot_product_attention(q[:, :, :r], k[:, :, :r], v[:, :, :r], is_causal=True,
+                                                 scale=self.scale)
+            rest = F.scaled_dot_product_attention(q[:, :, r:], k, v, attn_mask=mask[:, None, r:], scale=self.scale)
+            out = torch.cat((top, rest), dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return out[..., : self.V].transpose(1, 2), None
@@ -236,7 +244,7 @@ class MLA(nn.Module):
             if rows is None:
                 rows = cache.read(self.layer_id)
             attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
-            out = self.naive(q, rows, attn_mask)[0]
+            out = self.naive(q, rows, attn_mask, causal_rows=r0 if cache is None else 0)[0]
         return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
     @staticmethod
