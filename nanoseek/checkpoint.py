@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -259,8 +260,7 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool) 
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.rotary.__init__(cfg)  # non-persistent buffers were on meta: rebuild them
-    model.rotary.to(device)
+    model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     todo: dict[str, set] = {n: {None} for n in params if not n.startswith("rotary.")}

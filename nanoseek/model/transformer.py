@@ -89,9 +89,6 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         return torch.arange(T, device=input_ids.device).expand(B, -1)
 
-    def rope(self, positions: torch.Tensor):
-        return self.rotary(positions)
-
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(self, "_lm_head", hidden, self.lm_head.weight)
 
