@@ -603,7 +603,8 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(_chat_stream(state, fan, choices, rid, created, model, include_usage), fan)
+            return _SSEResponse(_sse_stream(rid, fan, choices, _chat_events(
+                state, fan, choices, rid, created, model, include_usage)), fan)
 
         reasoning = [[] for _ in choices]
         content = [[] for _ in choices]
@@ -660,8 +661,8 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _SSEResponse(_completion_stream(state, req, fan, choices, meta, rid, created, model,
-                                                   include_usage), fan)
+            return _SSEResponse(_sse_stream(rid, fan, choices, _completion_events(
+                state, req, fan, choices, meta, rid, created, model, include_usage)), fan)
 
         texts: list[list[str]] = [[] for _ in jobs]
         entries: list[list] = [[] for _ in jobs]  # (token id, TokenLogprob | None) in output order
@@ -785,7 +786,24 @@ def _legacy_logprobs(state: _State, entries: list, offset: int) -> dict:
 
 
 # ---- streaming --------------------------------------------------------------------------------------------------
-async def _chat_stream(state: _State, fan: _Fanout, choices: list[_Choice], rid: str, created: int, model: str,
+async def _sse_stream(rid: str, fan: _Fanout, choices: list[_Choice], events: AsyncIterator[str]):
+    """The SSE body around a stream's events: an engine failure mid-stream is reported in-band; the requests are
+    cancelled (blocks freed) however the stream ends; `data: [DONE]` always closes it."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        log.exception("error while streaming %s", rid)
+        yield _sse(APIError(500, f"{type(e).__name__}: {e}", "internal_error").body())
+    finally:
+        await events.aclose()
+        fan.cancel()
+        for c in choices:
+            c.abandoned()
+    yield "data: [DONE]\n\n"
+
+
+async def _chat_events(state: _State, fan: _Fanout, choices: list[_Choice], rid: str, created: int, model: str,
                        include_usage: bool):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if include_usage else {}
@@ -794,41 +812,32 @@ async def _chat_stream(state: _State, fan: _Fanout, choices: list[_Choice], rid:
         return _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
                                           "finish_reason": finish}], **extra})
 
-    try:
-        for i in range(len(choices)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, out in fan:
-            c = choices[i]
-            c.observe(out)
-            r, t = c.split(out.new_text)
-            if out.finished and c.parser is not None:
-                fr, ft = c.parser.flush()
-                r, t = r + fr, t + ft
-            delta = {}
-            if r:
-                delta["reasoning_content"] = r
-            if t:
-                delta["content"] = t
-            lps = ({"content": [_chat_logprob(state, lp) for lp in out.new_logprobs]}
-                   if out.new_logprobs else None)
-            if delta or lps:
-                yield chunk(i, delta, None, lps)
-            if out.finished:
-                yield chunk(i, {}, c.finish_reason)
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(
-                choices[0].n_prompt, sum(c.num_generated for c in choices))})
-    except Exception as e:  # an engine failure mid-stream: report it in-band, then end the stream properly
-        log.exception("error while streaming %s", rid)
-        yield _sse(APIError(500, f"{type(e).__name__}: {e}", "internal_error").body())
-    finally:
-        fan.cancel()
-        for c in choices:
-            c.abandoned()
-    yield "data: [DONE]\n\n"
+    for i in range(len(choices)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for i, out in fan:
+        c = choices[i]
+        c.observe(out)
+        r, t = c.split(out.new_text)
+        if out.finished and c.parser is not None:
+            fr, ft = c.parser.flush()
+            r, t = r + fr, t + ft
+        delta = {}
+        if r:
+            delta["reasoning_content"] = r
+        if t:
+            delta["content"] = t
+        lps = ({"content": [_chat_logprob(state, lp) for lp in out.new_logprobs]}
+               if out.new_logprobs else None)
+        if delta or lps:
+            yield chunk(i, delta, None, lps)
+        if out.finished:
+            yield chunk(i, {}, c.finish_reason)
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": _usage(
+            choices[0].n_prompt, sum(c.num_generated for c in choices))})
 
 
-async def _completion_stream(state: _State, req: P.CompletionRequest, fan: _Fanout, choices: list[_Choice],
+async def _completion_events(state: _State, req: P.CompletionRequest, fan: _Fanout, choices: list[_Choice],
                              meta: list, rid: str, created: int, model: str, include_usage: bool):
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     extra = {"usage": None} if include_usage else {}
@@ -843,37 +852,28 @@ async def _completion_stream(state: _State, req: P.CompletionRequest, fan: _Fano
                      **extra})
 
     echoed = [False] * len(choices)
-    try:
-        async for i, out in fan:
-            ids, prompt_text, keep = meta[i]
-            c = choices[i]
-            text, entries = "", []
-            if req.echo and not echoed[i]:  # the prompt goes out with the first chunk of each choice
-                echoed[i] = True
-                text = prompt_text
-                if out.prompt_logprobs is not None:
-                    entries = list(zip(ids, out.prompt_logprobs))
-            if keep:
-                c.observe(out)
-                text += out.new_text
-                entries += [(lp.token_id, lp) for lp in (out.new_logprobs or [])]
-            elif out.finished:
-                c.finish_reason = "length"
-                c.state.metrics.sequence_done("length", c.n_prompt, 0, time.perf_counter() - c.t0)
-            if text or entries or out.finished:
-                yield chunk(i, text, entries, c.finish_reason if out.finished else None)
-        if include_usage:
-            n_prompt = sum(len(ids) for ids, _, _ in meta[::req.n])
-            yield _sse({**base, "choices": [], "usage": _usage(
-                n_prompt, sum(c.num_generated for c, m in zip(choices, meta) if m[2]))})
-    except Exception as e:
-        log.exception("error while streaming %s", rid)
-        yield _sse(APIError(500, f"{type(e).__name__}: {e}", "internal_error").body())
-    finally:
-        fan.cancel()
-        for c in choices:
-            c.abandoned()
-    yield "data: [DONE]\n\n"
+    async for i, out in fan:
+        ids, prompt_text, keep = meta[i]
+        c = choices[i]
+        text, entries = "", []
+        if req.echo and not echoed[i]:  # the prompt goes out with the first chunk of each choice
+            echoed[i] = True
+            text = prompt_text
+            if out.prompt_logprobs is not None:
+                entries = list(zip(ids, out.prompt_logprobs))
+        if keep:
+            c.observe(out)
+            text += out.new_text
+            entries += [(lp.token_id, lp) for lp in (out.new_logprobs or [])]
+        elif out.finished:
+            c.finish_reason = "length"
+            c.state.metrics.sequence_done("length", c.n_prompt, 0, time.perf_counter() - c.t0)
+        if text or entries or out.finished:
+            yield chunk(i, text, entries, c.finish_reason if out.finished else None)
+    if include_usage:
+        n_prompt = sum(len(ids) for ids, _, _ in meta[::req.n])
+        yield _sse({**base, "choices": [], "usage": _usage(
+            n_prompt, sum(c.num_generated for c, m in zip(choices, meta) if m[2]))})
 
 
 # ---- running it -----------------------------------------------------------------------------------------------
