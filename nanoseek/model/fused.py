@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model import cpu_decode
+
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -71,7 +73,10 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def linear(owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) (bias-free); through a packed copy of the weight when `owner` packs."""
+    """F.linear(x, weight) (bias-free); through the CPU decode kernel for a few bf16 rows, or a packed copy of
+    the weight when `owner` packs."""
+    if cpu_decode.usable(x, weight):
+        return cpu_decode.linear(x, weight)
     if packs(owner, x, weight):
         packed = derived(owner, name, [weight], _pack)
         if packed is not None:
@@ -85,6 +90,10 @@ def fused_linear(owner: nn.Module, name: str, x: torch.Tensor, linears: Sequence
     for `owner` under `name`) when no gradient is needed."""
     weights = [m.weight for m in linears]
     sizes = [w.shape[0] for w in weights]
+    if cpu_decode.usable(x, *weights):
+        w = derived(owner, name, weights, lambda *ws: torch.cat(ws))
+        if w is not None:
+            return cpu_decode.linear(x, w).split(sizes, dim=-1)
     if packs(owner, x, weights[0]):
         packed = derived(owner, name + "_packed", weights, lambda *ws: _pack(torch.cat(ws)))
         if packed is not None:

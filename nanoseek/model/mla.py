@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import cpu_decode
 from nanoseek.model.dsa import Indexer
 from nanoseek.model.fused import derived, fused_linear, linear
 from nanoseek.model.norm import RMSNorm
@@ -141,6 +142,9 @@ class MLA(nn.Module):
         """Attention over latent rows. q [B, T, H, N+P] (rotated); rows [B, S, C] with mask [B, T, S], or rows
         [B, T, K, C] gathered per query (DSA decode) with mask [B, T, K]. Returns out [B, T, H, V]."""
         w_uk, w_uv = self._absorb_weights()
+        if (cpu_decode.usable(q.flatten(2), rows) and w_uk.dtype == torch.float32 and w_uk.is_contiguous()
+                and self.R <= cpu_decode.MAX_LATENT):
+            return cpu_decode.mla_absorbed(q, w_uk, w_uv, rows, mask, self.scale)  # one fused call
         B, T, H, _ = q.shape
         q_nope, q_pe = q.split([self.N, self.P], dim=-1)
         # per-head q_nope W_UK as one batched matmul over heads: [H, B*T, N] x [H, N, R] (einsum adds permutes)

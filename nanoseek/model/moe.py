@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import cpu_decode
 from nanoseek.model.fused import derived, expert_weights, fused_linear, linear, packs
 
 
@@ -39,6 +40,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_decode.usable(x, self.down_proj.weight):
+            gate_up = derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
+                              lambda g, u: torch.cat((g, u)))
+            if gate_up is not None:
+                return cpu_decode.mlp(x, gate_up, self.down_proj.weight)  # one fused call
         gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
         return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
 
@@ -67,9 +73,14 @@ class Router(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
+        """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32; None from the fused
+        CPU decode kernel, which serves inference only)."""
         # the fp32 copy of a bf16 router weight is cached at inference (`fused.py`): one cast less per layer
         w32 = derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
+        if w32 is not None and not self.training and cpu_decode.usable(x):  # a few bf16 rows at decode: one fused call
+            w, idx = cpu_decode.route(x, w32, self.e_score_correction_bias, self.scoring, self.method, self.n_group,
+                                      self.topk_group, self.K, self.norm_topk, self.scaling)
+            return w, idx, None
         logits = F.linear(x.float(), self.weight.float() if w32 is None else w32)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
@@ -124,6 +135,8 @@ class Experts(nn.Module):
         """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
         if self.impl == "loop":
             return self._loop(x, w, idx)
+        if cpu_decode.usable(x, *self.weights()):
+            return cpu_decode.moe(x, w, idx, *self.weights())  # all (token, expert) pairs in one fused call
         if x.device.type == "cpu" and idx.numel() <= self.gate_up_proj.shape[0]:
             return self._pairs(x, w, idx)  # CPU decode: per-op overhead dominates, issue the fewest ops
         if packs(self, x, self.gate_up_proj):

@@ -1,0 +1,221 @@
+"""The fused bf16 CPU decode kernels (`nanoseek/model/cpu_decode.c`) against the PyTorch reference paths they
+replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse, one and several requests,
+several tokens per request as in MTP verification) with the kernels on and off.
+
+bf16 results can differ from the reference by the order of fp32 sums, i.e. by an ulp of a bf16 output, and such
+differences grow through layers; the tolerances say so. Skipped where the kernels are unavailable (not x86 with
+AVX-512 BF16, or no C compiler).
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoseek
+from nanoseek.config import get_preset
+from nanoseek.engine.cache import BlockPool, CacheView
+from nanoseek.model import cpu_decode
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MLP, Experts, Router
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding, apply_rope_pairs
+
+pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="CPU decode kernels unavailable here")
+BF = torch.bfloat16
+
+
+@contextlib.contextmanager
+def kernels(on: bool):
+    prev = cpu_decode.set_enabled(on)
+    try:
+        yield
+    finally:
+        cpu_decode.set_enabled(prev)
+
+
+def both(fn):
+    """fn() with the kernels on, then off (the PyTorch reference)."""
+    with torch.no_grad():
+        with kernels(True):
+            a = fn()
+        with kernels(False):
+            b = fn()
+    return a, b
+
+
+def close(a, b, rel=2 ** -7):
+    """Within a bf16 ulp or two of the reference's scale."""
+    a, b = a.float(), b.float()
+    assert (a - b).abs().max() <= rel * 2 * b.abs().max() + 1e-6, (a - b).abs().max()
+
+
+def test_usable_only_for_few_bf16_rows_without_grad():
+    w = torch.randn(8, 64, dtype=BF)
+    assert cpu_decode.usable(torch.randn(1, 64, dtype=BF), w)
+    assert not cpu_decode.usable(torch.randn(1, 64), w.float())  # fp32
+    assert not cpu_decode.usable(torch.randn(cpu_decode.MAX_ROWS + 1, 64, dtype=BF), w)  # prefill-sized
+    assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), w.t())  # strided weight
+    assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), w.requires_grad_())  # autograd needs the graph
+    with kernels(False):
+        assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), torch.randn(8, 64, dtype=BF))
+
+
+@pytest.mark.parametrize("M,D,O", [(1, 384, 512), (3, 100, 77), (16, 64, 1024), (2, 33, 5)])
+def test_linear(M, D, O):
+    x, w = torch.randn(M, D, dtype=BF), torch.randn(O, D, dtype=BF)
+    y = cpu_decode.linear(x, w)
+    assert y.shape == (M, O) and y.dtype == BF
+    close(y, F.linear(x.float(), w.float()))
+
+
+def test_rms_norm_and_rope_pairs():
+    norm = RMSNorm(40).to(BF)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    x = torch.randn(2, 3, 40, dtype=BF) * 3
+    a, b = both(lambda: norm(x))
+    close(a, b)
+    rot = RotaryEmbedding(get_preset("tiny"))
+    rope = rot(torch.tensor([[5, 6, 7], [100, 200, 300]]))
+    q = torch.randn(2, 3, 4, 24, dtype=BF)  # 16 identity dims, then 8 rotated in pairs
+    a, b = both(lambda: apply_rope_pairs(q, rope, lead=16))
+    assert torch.equal(a[..., :16], q[..., :16])
+    close(a, b)
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # sigmoid + noaux_tc with groups (V3)
+    {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+    {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False},
+])
+def test_router(kw):
+    cfg = get_preset("tiny", **{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+                                **kw})
+    r = Router(cfg).eval()
+    with torch.no_grad():
+        r.weight.normal_(0, 0.3)
+        if r.e_score_correction_bias is not None:
+            r.e_score_correction_bias.normal_(0, 0.1)
+    r = r.to(BF)
+    x = torch.randn(5, cfg.hidden_size, dtype=BF)
+    (wa, ia, sa), (wb, ib, _) = both(lambda: r(x))
+    assert sa is None  # the kernel serves inference: no score tensor for a balance loss
+    ia, oa = ia.sort(-1)
+    ib, ob = ib.sort(-1)
+    assert torch.equal(ia, ib)
+    torch.testing.assert_close(wa.gather(1, oa), wb.gather(1, ob), rtol=1e-5, atol=1e-6)
+
+
+def test_experts_and_mlp():
+    cfg = get_preset("tiny", n_routed_experts=8, num_experts_per_tok=3)
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.2)
+        ex.down_proj.normal_(0, 0.2)
+    ex = ex.to(BF)
+    x = torch.randn(4, cfg.hidden_size, dtype=BF)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(4)])
+    w = torch.rand(4, 3)
+    a, b = both(lambda: ex(x, w, idx))
+    ex.impl = "loop"
+    with torch.no_grad():
+        c = ex(x, w, idx)  # the per-expert reference
+    close(a, b)
+    close(a, c, rel=2 ** -6)
+    mlp = MLP(cfg.hidden_size, 48)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.2)
+    mlp = mlp.to(BF)
+    a, b = both(lambda: mlp(x[:2, None]))
+    assert a.shape == (2, 1, cfg.hidden_size)
+    close(a, b)
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_absorbed_attention(per_query):
+    cfg = get_preset("tiny")
+    attn = MLA(cfg, 0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.2)
+    attn = attn.to(BF).eval()
+    B, T, S, C = 2, 3, 21, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    q = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_head_dim, dtype=BF)
+    rows = torch.randn(B, T, S, C, dtype=BF) if per_query else torch.randn(B, S, C, dtype=BF)
+    mask = torch.rand(B, T, S) < 0.7
+    mask[..., 0] = True
+    a, b = both(lambda: attn.absorbed(q, rows, mask))
+    assert a.shape == (B, T, cfg.num_attention_heads, cfg.v_head_dim)
+    close(a, b, rel=2 ** -6)
+
+
+def bf16_model(**kw):
+    torch.manual_seed(0)
+    m = nanoseek.Transformer(get_preset("tiny", **kw)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    return m.to(BF)
+
+
+def decode(m, ids, n0, feeds, on):
+    """Prefill ids[:, :n0] (PyTorch path), then decode calls where request b feeds feeds[c][b] tokens at call c
+    (fewer than the longest are padded). Returns the logits of the real tokens, per request."""
+    cfg = m.config
+    B, L = ids.shape
+    pool = BlockPool(cfg, cfg.num_hidden_layers, 8, 1 << 22, BF, "cpu")
+    tables = [[] for _ in range(B)]
+    for t in tables:
+        assert pool.grow(t, L)
+    outs = [[] for _ in range(B)]
+    with torch.no_grad(), kernels(on):
+        m(ids[:, :n0], cache=CacheView(pool, tables, [0] * B, [n0] * B))
+        n = [n0] * B
+        for k in feeds:
+            T = max(k)
+            feed = torch.stack([F.pad(ids[b, n[b]:n[b] + k[b]], (0, T - k[b])) for b in range(B)])
+            out = m(feed, cache=CacheView(pool, tables, n, k)).logits.float()
+            for b in range(B):
+                outs[b].append(out[b, :k[b]])
+                n[b] += k[b]
+    return [torch.cat(o) for o in outs]
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0}])
+def test_decode_steps_match_reference(kw):
+    """Decode one request token by token past DSA's top-k (32), so the sparse path gathers: kernels on vs off."""
+    m = bf16_model(**kw)
+    ids = torch.randint(0, m.config.vocab_size, (1, 52))
+    calls = {"n": 0}
+    real = cpu_decode.mla_absorbed
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    cpu_decode.mla_absorbed = counting
+    try:
+        (a,) = decode(m, ids, 40, [[1]] * 12, True)
+    finally:
+        cpu_decode.mla_absorbed = real
+    assert calls["n"] == 12 * m.config.num_hidden_layers  # the kernels really ran
+    (b,) = decode(m, ids, 40, [[1]] * 12, False)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_ragged_multi_token_calls_equal_each_request_alone():
+    """Two requests in one call, one feeding 1 token (padded) and the other 3 (MTP verification): the kernels
+    compute every row on its own, so the batch gives each request's results alone, token by token. (DSA top-k
+    covers the context here: the PyTorch indexer scores 1 and 3 queries with different GEMMs, whose bf16
+    roundings can flip a near-tie in the selection.)"""
+    m = bf16_model(index_topk=64)
+    ids = torch.randint(0, m.config.vocab_size, (2, 52))
+    ragged = decode(m, ids, 40, [[1, 3]] * 4, True)
+    alone0 = decode(m, ids[:1], 40, [[1]] * 4, True)[0]
+    alone1 = decode(m, ids[1:], 40, [[1]] * 12, True)[0]
+    torch.testing.assert_close(ragged[0], alone0, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ragged[1], alone1, rtol=1e-2, atol=1e-2)
