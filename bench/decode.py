@@ -5,8 +5,9 @@
 Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
 transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
 prefill: nanoseek times the engine steps after the first token; transformers times generate(N) - generate(1)
-(best of --repeats). The memory-bandwidth bound is measured in the same run with a large tensor copy; the
-achieved fraction is (activated weight bytes per token / bandwidth) / measured time per token, where activated
+(best of --repeats). The memory-bandwidth bound is measured in the same run, twice: a large tensor copy
+(read + write bytes) and a large sum (read only); the achieved fraction is (activated weight bytes per token /
+bandwidth) / measured time per token, for each bandwidth, where activated
 weights = everything a decode token reads: all non-expert matrices (the embedding counts one row), the
 shared experts, and num_experts_per_tok routed experts per MoE layer. KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -35,6 +37,17 @@ def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() / best / 1e9
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best-of read bandwidth in GB/s: a sum over a large fp32 tensor (what streaming weights needs)."""
+    a = torch.ones(mb << 18)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
 
 
 def activated_bytes(model, elem: int) -> int:
@@ -65,6 +78,38 @@ def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
         if r:
             best = min(best, time.perf_counter() - t)
     return (n_tokens - 1) / best
+
+
+def kernel_time_per_token(model, prompt, n_tokens) -> Optional[float]:
+    """Seconds per decoded token spent inside the C decode kernels (`nanoseek/model/cpu_decode.c`), the ctypes
+    calls alone: what a step would cost with no Python or PyTorch around them. None where they do not run."""
+    from nanoseek.model import cpu_decode
+    lib = cpu_decode.library()
+    if lib is None:
+        return None
+    spent = [0.0]
+
+    class Timed:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def timed(*a):
+                t = time.perf_counter()
+                r = fn(*a)
+                spent[0] += time.perf_counter() - t
+                return r
+            return timed
+
+    engine = Engine(model, None, max_batch_size=1)
+    engine.add_request("k", prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
+    engine.step()
+    cpu_decode._lib = Timed()
+    try:
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        cpu_decode._lib = lib
+    return spent[0] / (n_tokens - 1) if spent[0] else None
 
 
 def hf_rate(model, prompt, n_tokens, repeats) -> float:
@@ -129,10 +174,11 @@ def main() -> None:
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
-    bw = bandwidth_gbs()
+    bw, bw_read = bandwidth_gbs(), read_bandwidth_gbs()
     print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
-          f"{torch.get_num_threads()}, copy bandwidth {bw:.1f} GB/s\n")
-    rows = []
+          f"{torch.get_num_threads()}, copy bandwidth {bw:.1f} GB/s (read + write), read bandwidth "
+          f"{bw_read:.1f} GB/s\n")
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as d:
         src = nanoseek.Transformer(cfg)
         nanoseek.save_pretrained(src, d)
@@ -143,17 +189,27 @@ def main() -> None:
             ns = nanoseek.from_pretrained(d, dtype=dtype)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
             r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
+            k_s = kernel_time_per_token(ns, prompt, args.tokens)
             r_hf = hf_rate(hf, prompt, args.tokens, args.repeats)
             act = activated_bytes(ns, elem)
             frac = act / (bw * 1e9) * r_ns
+            frac_read = act / (bw_read * 1e9) * r_ns
             hf_kv = hf_cache_bytes_per_token(hf, prompt)
-            rows.append((name, r_ns, r_hf, act, frac, latent_bytes_per_token(cfg, elem), hf_kv))
+            rows.append((name, r_ns, r_hf, act, frac, frac_read, latent_bytes_per_token(cfg, elem), hf_kv))
+            if k_s:
+                notes.append(f"{name}: {k_s * 1e3:.2f} ms of each {1e3 / r_ns:.2f} ms token are spent inside the C "
+                             f"decode kernels ({act / k_s / 1e9:.1f} GB/s over the activated bytes); the rest is "
+                             f"Python and PyTorch around them")
             del ns, hf
 
-    print("| dtype | nanoseek tok/s | transformers tok/s | ratio | activated MB/token | of bandwidth bound |")
-    print("|---|---|---|---|---|---|")
-    for name, r_ns, r_hf, act, frac, _, _ in rows:
-        print(f"| {name} | {r_ns:.1f} | {r_hf:.1f} | {r_ns / r_hf:.2f}x | {act / 1e6:.1f} | {frac:.0%} |")
+    print("| dtype | nanoseek tok/s | transformers tok/s | ratio | activated MB/token | of bandwidth bound (copy) "
+          "| of bandwidth bound (read) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r_ns, r_hf, act, frac, frac_read, _, _ in rows:
+        print(f"| {name} | {r_ns:.1f} | {r_hf:.1f} | {r_ns / r_hf:.2f}x | {act / 1e6:.1f} | {frac:.0%} | "
+              f"{frac_read:.0%} |")
+    for n in notes:
+        print(n)
     print("\nKV cache bytes per token (all layers)")
     print("| model | dtype | nanoseek (latent + indexer key) | transformers (measured) | expanded per-head K+V |")
     print("|---|---|---|---|---|")

@@ -4,7 +4,10 @@
     .venv/bin/python bench/train.py --layers 4 --steps 6 --seq-len 256 --batch-size 4 --dtypes bfloat16
 
 One training step = forward + cross-entropy + backward + gradient clipping + AdamW (fused, same settings for
-both). bfloat16 = autocast with fp32 master weights for both. The two models are timed in alternation (one
+both). bfloat16 = autocast with fp32 master weights for both. nanoseek's step is the one `nanoseek train` runs:
+its loss function torch.compile'd (`--no-compile`: eager); the compilation happens in the untimed first step.
+The process keeps freed memory in malloc's heap as `nanoseek train` does (`keep_freed_memory`), which speeds up
+both models alike. The two models are timed in alternation (one
 step each, repeated) so that load from other processes hits both alike; the median step is reported, both in
 wall-clock time and in process CPU time / threads ("CPU time" columns: what the step costs when the cores are
 not shared; on a busy machine the wall-clock figures mostly measure the other processes).
@@ -27,7 +30,7 @@ import nanoseek
 from nanoseek import metrics as M
 from nanoseek.model.transformer import cross_entropy
 from nanoseek.optim import build_adamw
-from nanoseek.train import TrainConfig, micro_step_losses
+from nanoseek.train import TrainConfig, keep_freed_memory, loss_function
 
 
 def hf_model(path: str):
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="nanoseek's step eagerly")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -90,10 +94,15 @@ def main() -> None:
           f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     x = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     y = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
-    tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0)
+    tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=a.compile)
+    # what `nanoseek train` does on a CPU; process-wide, so transformers runs with it too
+    keep_freed_memory()
+    ns_losses = {}
 
-    def ns_forward(model, x, y):
-        return micro_step_losses(model, x, y, tc, mtp_depth=0)["loss"]
+    def ns_forward(model, x, y):  # the training loop's loss function: compiled unless --no-compile
+        if model not in ns_losses:
+            ns_losses[model] = loss_function(model, tc, mtp_depth=0)
+        return ns_losses[model](x, y)["loss"]
 
     def hf_forward(model, x, y):
         return cross_entropy(model(input_ids=x).logits, y)

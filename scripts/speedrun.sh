@@ -54,16 +54,18 @@ $PY -m nanoseek train "${DATA_ARGS[@]}" --tokenizer "$RUN/tokenizer" --preset sm
   --bias-update-speed 1e-3 --seq-aux-alpha 1e-4 --samples 2
 t_pre=$(stamp)
 
+# The two short DSA stages run eagerly: compiling their graphs (indexer KL, top-k masks) takes about as long as
+# their 20 steps; the 320 pre-training steps are worth compiling (the default).
 echo "== 3/4 DSA warm-up (indexers only, dense attention, rows of $DSA_SEQ_LEN)"
 $PY -m nanoseek train "${DATA_ARGS[@]}" --init "$RUN/pretrain/final" --dsa-stage warmup --out "$RUN/dsa_warmup" \
   --max-steps "$WARM_STEPS" --seq-len "$DSA_SEQ_LEN" --batch-size "$DSA_BATCH" --lr 1e-3 --warmup 2 \
-  --dtype "$DTYPE" --eval-tokens 0
+  --dtype "$DTYPE" --eval-tokens 0 --no-compile
 t_warm=$(stamp)
 
 echo "== 4/4 DSA sparse training (top-k attention, everything trains)"
 $PY -m nanoseek train "${DATA_ARGS[@]}" --init "$RUN/dsa_warmup/final" --dsa-stage sparse --out "$RUN/dsa_sparse" \
   --max-steps "$SPARSE_STEPS" --seq-len "$DSA_SEQ_LEN" --batch-size "$DSA_BATCH" --lr 2e-4 --min-lr 1e-4 \
-  --warmup 2 --dtype "$DTYPE" --eval-tokens 16384 --samples 4 --sample-tokens 64
+  --warmup 2 --dtype "$DTYPE" --eval-tokens 16384 --samples 4 --sample-tokens 64 --no-compile
 t_end=$(stamp)
 
 # -- the run's report: timings, held-out bits per byte, DSA indexer, samples (from the stages' summaries) ------

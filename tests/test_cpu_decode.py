@@ -1,6 +1,7 @@
 """The fused bf16 CPU decode kernels (`nanoseek/model/cpu_decode.c`) against the PyTorch reference paths they
-replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse, one and several requests,
-several tokens per request as in MTP verification) with the kernels on and off.
+replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse attention, MoE blocks with
+and without a shared expert and the dense block, one and several requests, several tokens per request as in MTP
+verification) with the kernels on and off.
 
 bf16 results can differ from the reference by the order of fp32 sums, i.e. by an ulp of a bf16 output, and such
 differences grow through layers; the tolerances say so. Skipped where the kernels are unavailable (not x86 with
@@ -17,9 +18,9 @@ from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
 from nanoseek.model import cpu_decode
 from nanoseek.model.mla import MLA
-from nanoseek.model.moe import MLP, Experts, Router
+from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import RotaryEmbedding, apply_rope_pairs
+from nanoseek.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="CPU decode kernels unavailable here")
 BF = torch.bfloat16
@@ -69,67 +70,77 @@ def test_linear(M, D, O):
     close(y, F.linear(x.float(), w.float()))
 
 
-def test_rms_norm_and_rope_pairs():
+def test_rms_norm():
     norm = RMSNorm(40).to(BF)
     with torch.no_grad():
         norm.weight.normal_(1, 0.2)
     x = torch.randn(2, 3, 40, dtype=BF) * 3
     a, b = both(lambda: norm(x))
     close(a, b)
-    rot = RotaryEmbedding(get_preset("tiny"))
-    rope = rot(torch.tensor([[5, 6, 7], [100, 200, 300]]))
-    q = torch.randn(2, 3, 4, 24, dtype=BF)  # 16 identity dims, then 8 rotated in pairs
-    a, b = both(lambda: apply_rope_pairs(q, rope, lead=16))
-    assert torch.equal(a[..., :16], q[..., :16])
-    close(a, b)
+
+
+def randomize(module, std=0.2):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(1 if "norm" in name else 0, std)
+    return module.to(BF).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0}])
+def test_mla_projections(kw):
+    cfg = get_preset("tiny", **kw)
+    attn = randomize(MLA(cfg, 0))
+    rope = RotaryEmbedding(cfg)(torch.tensor([[5, 6, 7], [100, 200, 300]]))
+    x = torch.randn(2, 3, cfg.hidden_size, dtype=BF)
+    norm = randomize(RMSNorm(cfg.hidden_size))
+    a, b = both(lambda: attn._project_rotated(x, rope, norm))
+    for u, v in zip(a, b):  # the normed x, q (rotated), c_q, the cache rows, the indexer's key
+        assert (u is None) == (v is None)
+        if u is not None:
+            assert u.shape == v.shape
+            close(u, v)
 
 
 @pytest.mark.parametrize("kw", [
-    {},  # sigmoid + noaux_tc with groups (V3)
+    {},  # sigmoid + noaux_tc with groups and a balancing bias (V3), one shared expert
     {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
-    {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False},
+    {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False,
+     "n_shared_experts": 0},
 ])
-def test_router(kw):
+def test_moe_block(kw):
+    """A block's feed-forward half (norm, router, routed and shared experts, residual) in one call."""
     cfg = get_preset("tiny", **{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
                                 **kw})
-    r = Router(cfg).eval()
+    moe = MoE(cfg)
     with torch.no_grad():
-        r.weight.normal_(0, 0.3)
-        if r.e_score_correction_bias is not None:
-            r.e_score_correction_bias.normal_(0, 0.1)
-    r = r.to(BF)
-    x = torch.randn(5, cfg.hidden_size, dtype=BF)
-    (wa, ia, sa), (wb, ib, _) = both(lambda: r(x))
-    assert sa is None  # the kernel serves inference: no score tensor for a balance loss
-    ia, oa = ia.sort(-1)
-    ib, ob = ib.sort(-1)
-    assert torch.equal(ia, ib)
-    torch.testing.assert_close(wa.gather(1, oa), wb.gather(1, ob), rtol=1e-5, atol=1e-6)
-
-
-def test_experts_and_mlp():
-    cfg = get_preset("tiny", n_routed_experts=8, num_experts_per_tok=3)
-    ex = Experts(cfg)
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.2)
-        ex.down_proj.normal_(0, 0.2)
-    ex = ex.to(BF)
-    x = torch.randn(4, cfg.hidden_size, dtype=BF)
-    idx = torch.stack([torch.randperm(8)[:3] for _ in range(4)])
-    w = torch.rand(4, 3)
-    a, b = both(lambda: ex(x, w, idx))
-    ex.impl = "loop"
-    with torch.no_grad():
-        c = ex(x, w, idx)  # the per-expert reference
-    close(a, b)
-    close(a, c, rel=2 ** -6)
-    mlp = MLP(cfg.hidden_size, 48)
-    with torch.no_grad():
-        for p in mlp.parameters():
+        for p in moe.parameters():
             p.normal_(0, 0.2)
-    mlp = mlp.to(BF)
-    a, b = both(lambda: mlp(x[:2, None]))
-    assert a.shape == (2, 1, cfg.hidden_size)
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    moe, norm = moe.to(BF).eval(), randomize(RMSNorm(cfg.hidden_size))
+    h = torch.randn(2, 3, cfg.hidden_size, dtype=BF)
+    with torch.no_grad(), kernels(True):
+        a = moe.fused_block(h, norm)
+        ids_a = moe._last_idx.sort(-1).values
+    with torch.no_grad(), kernels(False):
+        assert moe.fused_block(h, norm) is None
+        b = h + moe(norm(h))  # the per-op PyTorch path
+        ids_b = moe._last_idx.sort(-1).values
+    assert torch.equal(ids_a, ids_b)  # the same experts
+    close(a, b, rel=2 ** -6)
+    moe.experts.impl = "loop"
+    with torch.no_grad(), kernels(False):
+        close(a, h + moe(norm(h)), rel=2 ** -6)  # the per-expert reference
+
+
+def test_dense_block():
+    mlp, norm = randomize(MLP(64, 96)), randomize(RMSNorm(64))
+    h = torch.randn(5, 1, 64, dtype=BF)
+    with torch.no_grad(), kernels(True):
+        a = mlp.fused_block(h, norm)
+    with torch.no_grad(), kernels(False):
+        b = h + mlp(norm(h))
+    assert a.shape == h.shape
     close(a, b)
 
 
@@ -146,8 +157,8 @@ def test_absorbed_attention(per_query):
     rows = torch.randn(B, T, S, C, dtype=BF) if per_query else torch.randn(B, S, C, dtype=BF)
     mask = torch.rand(B, T, S) < 0.7
     mask[..., 0] = True
-    a, b = both(lambda: attn.absorbed(q, rows, mask))
-    assert a.shape == (B, T, cfg.num_attention_heads, cfg.v_head_dim)
+    a, b = both(lambda: attn._absorbed_out(q, rows, mask))  # attention and o_proj
+    assert a.shape == (B, T, cfg.hidden_size)
     close(a, b, rel=2 ** -6)
 
 
@@ -184,7 +195,8 @@ def decode(m, ids, n0, feeds, on):
     return [torch.cat(o) for o in outs]
 
 
-@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0}])
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
+                                {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
 def test_decode_steps_match_reference(kw):
     """Decode one request token by token past DSA's top-k (32), so the sparse path gathers: kernels on vs off."""
     m = bf16_model(**kw)

@@ -289,7 +289,8 @@ def test_resume_single_process_checkpoint_on_two_processes_with_ep(reference, tm
 
 # ---- the same through the command line: `torchrun --nproc_per_node 2 -m nanoseek train` -------------------------
 CLI_ARGS = ["--device", "cpu", "--preset", "tiny", "--seq-len", "64", "--dtype", "float32", "--no-progress",
-            "--heldout-fraction", "0.2", "--max-steps", "10", "--lr", "3e-3", "--eval-tokens", "0", "--samples", "0"]
+            "--heldout-fraction", "0.2", "--max-steps", "10", "--lr", "3e-3", "--eval-tokens", "0", "--samples", "0",
+            "--no-compile"]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from nanoseek.tokenizer import train_tokenizer
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "string.py",
                 "calendar.py", "csv.py", "ftplib.py", "sched.py", "colorsys.py"]
+# eager steps: compiling costs ~30 s per run here; test_compiled_training_matches_eager covers the compiled path
 BASE = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--dtype", "float32", "--no-progress",
-        "--heldout-fraction", "0.2"]
+        "--heldout-fraction", "0.2", "--no-compile"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,3 +253,23 @@ def test_bad_arguments_fail_clearly(env, tmp_path, capsys):
                            "--batch-tokens", "1000", "--seq-len", "64", "--cache-dir", str(env["cache"]),
                            "--no-progress"]) == 1
     assert "multiple" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(env, tmp_path):
+    """The default (torch.compile'd) training step computes the same losses as the eager one, bf16 autocast
+    included, and the same expert loads (the balancing bias update reads them)."""
+    args = ["--max-steps", "4", "--lr", "3e-3", "--eval-tokens", "0", "--layers", "2"]
+    eager = run(env, tmp_path / "eager", *args)
+    argv = [a for a in BASE if a != "--no-compile"]
+    compiled_out = tmp_path / "compiled"
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    assert T.cli("train", ["--data", str(env["corpus"]), "--tokenizer", str(env["tok"]), "--cache-dir",
+                           str(env["cache"]), "--out", str(compiled_out), *argv, *args]) == 0
+    compiled = [json.loads(line) for line in (compiled_out / "metrics.jsonl").read_text().splitlines()]
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile (errors would fall back to eager)
+    for e, c in zip(eager, compiled, strict=True):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-4)
+        assert c["maxvio"] == pytest.approx(e["maxvio"], rel=1e-3, abs=1e-6)
+        assert c["bias_norm"] == pytest.approx(e["bias_norm"], rel=1e-3, abs=1e-6)

@@ -70,9 +70,10 @@ class Engine:
         cfg = self.cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # CPU: matmuls on oneDNN-packed copies of the weights (`Transformer.pack_weights_`): bf16 decode ~1.7x
-        # faster per matvec, fp32 prefill ~2x per GEMM. It costs a second copy of the weights, so by default only
-        # when they take at most a quarter of the machine's RAM.
+        # CPU: matmuls on oneDNN-packed copies of the weights (`Transformer.pack_weights_`): bf16 prefill and
+        # decode calls the C kernels do not take (`cpu_decode.py`) ~1.7x faster per matvec, fp32 prefill ~2x per
+        # GEMM. It costs a second copy of the weights, so by default only when they take at most a quarter of
+        # the machine's RAM.
         if pack_weights is None:
             weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

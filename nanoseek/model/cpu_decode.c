@@ -1,13 +1,17 @@
-/* Fused bf16 CPU kernels for decode steps (a few tokens per call): matvecs that stream the weights once, and
- * one call per DeepSeekMoE layer for all routed experts of all tokens. Built and loaded by cpu_decode.py.
+/* Fused bf16 CPU kernels for decode steps (a few tokens per call), built and loaded by cpu_decode.py:
+ *   ns_linear_bf16        matvec for a few rows, each weight row read once for all of them
+ *   ns_rmsnorm_bf16       RMSNorm
+ *   ns_mla_project_bf16   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
+ *   ns_mla_absorbed_bf16  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
+ *   ns_ffn_block_bf16     a block's feed-forward half: norm, router, routed + shared experts, residual
  *
- * At decode a token reads every activated weight once, so the step is bound by memory bandwidth plus the fixed
- * cost of each call. PyTorch issues a dozen small matmuls per MoE layer (~25 us each, mostly overhead); here a
- * layer's experts are one call and each weight row is read exactly once per call, whatever the number of rows
- * of x. Rounding follows the PyTorch bf16 path step by step (fp32 accumulation, bf16 outputs), so results
- * match it up to the order of the fp32 sums.
+ * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
+ * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
+ * PyTorch bf16 path step by step (fp32 accumulation, bf16 wherever PyTorch rounds), so results match it up to
+ * the order of fp32 sums (tests/test_cpu_decode.py).
  *
- * Threads: OpenMP with the caller's thread count (libgomp is the one PyTorch already loaded).
+ * Threads: OpenMP with the caller's thread count (libgomp is the one PyTorch already loaded). Compiled with
+ * -ffp-contract=off so that the scalar loops round like PyTorch's separate multiplies and adds.
  * Legend: M rows of x, D input width, O output rows, N tokens, K experts per token, I expert width.
  */
 #include <math.h>
@@ -126,17 +130,54 @@ void ns_moe_bf16(const bf16 *x, int64_t N, int64_t D, const int64_t *idx, const 
 /* Absorbed MLA attention (DeepSeek-V2 §2.1.2 in its decode form) for the B*T queries of a decode call:
  *   q_lat = q_nope W_UK (per head), scores = [q_lat ; q_pe] . rows * scale, p = softmax over the mask,
  *   o_lat = p . rows[:, :R], out = o_lat W_UV^T.
- * q [B, T, H, N+P]; w_uk [H, N, R] and w_uv [H, V, R] fp32; rows [B, S, C] shared by a request's T queries, or
+ * q [B, T, H, N+P]; w_kvb [H, N+V, R] = kv_b_proj's weight (W_UK = its first N rows per head, W_UV the
+ * last V); rows [B, S, C] shared by a request's T queries, or
  * [B, T, S, C] per query (DSA's selected rows) when per_query; mask [B, T, S]; out [B, T, H, V].
  * Each row is read once per query for all heads. Roundings as the PyTorch path (mla.py `absorbed`): q_lat,
- * scores, probabilities and o_lat are bf16, the softmax and the W_UV product fp32.
- * Scratch: qc [H, C] bf16, sc [H, S] fp32, ol [H, R] fp32. */
+ * scores, probabilities and o_lat are bf16, the softmax and the W_UK, W_UV products fp32 (exact products of
+ * bf16 values, so reading the bf16 weight equals PyTorch's fp32 copy of it).
+ * With w_o [Dm, H*V] given, also the output projection y [B, T, Dm] = out . W_o^T (o_proj).
+ * Scratch: qc [H, C] bf16, sc [H, S] fp32, ol [H, R] fp32, pb [H, S + 1] bf16. */
 #define NS_CHUNK 16
+#ifdef NS_AVX512BF16
+/* ol[h, c0:c0+16] = bf16(sum_s p[h, s] rows[s, c0:c0+16]) for all heads, with VDPBF16PS: each instruction takes
+ * two consecutive rows, interleaved column by column, against the head's broadcast probability pair. Heads go
+ * in blocks of 8 accumulators kept in registers. pb [H, S2] bf16, S2 = S rounded up to even (padded with 0). */
+static void olat_chunk(const bf16 *rm, int64_t S, int64_t C, int64_t c0, const bf16 *pb, int64_t S2, int64_t H,
+                       float *ol, int64_t R) {
+    uint16_t perm_idx[32];
+    for (int k = 0; k < 32; k++) perm_idx[k] = (uint16_t)(k % 2 ? 32 + k / 2 : k / 2);
+    const __m512i perm = _mm512_loadu_si512(perm_idx);
+    for (int64_t hb = 0; hb < H; hb += 8) {
+        const int64_t nb = H - hb < 8 ? H - hb : 8;
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s += 2) {
+            const __m256i r0 = _mm256_loadu_si256((const __m256i *)(rm + s * C + c0));
+            const __m256i r1 = s + 1 < S ? _mm256_loadu_si256((const __m256i *)(rm + (s + 1) * C + c0))
+                                         : _mm256_setzero_si256();
+            const __m512i rr = _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), perm,
+                                                         _mm512_castsi256_si512(r1));
+            for (int64_t j = 0; j < nb; j++) {
+                uint32_t pair;
+                memcpy(&pair, pb + (hb + j) * S2 + s, 4);
+                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)rr);
+            }
+        }
+        for (int64_t j = 0; j < nb; j++) {
+            float tmp[16];
+            _mm512_storeu_ps(tmp, acc[j]);
+            for (int k = 0; k < 16; k++) ol[(hb + j) * R + c0 + k] = rbf(tmp[k]);
+        }
+    }
+}
+#endif
+
 void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                          const float *w_uk, const float *w_uv, int64_t R, int64_t V, const bf16 *rows,
+                          const bf16 *w_kvb, int64_t R, int64_t V, const bf16 *rows,
                           int64_t S, int per_query, const uint8_t *mask, float scale, bf16 *out, bf16 *qc,
-                          float *sc, float *ol, int nt) {
-    const int64_t C = R + P;
+                          float *sc, float *ol, bf16 *pb, const bf16 *w_o, int64_t Dm, bf16 *y, int nt) {
+    const int64_t C = R + P, S2 = S + (S & 1);
 #pragma omp parallel num_threads(nt)
     {
         float acc[NS_CHUNK * 128];
@@ -150,8 +191,9 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
                 float lat[1024];
                 for (int64_t r = 0; r < R; r++) lat[r] = 0.f;
                 for (int64_t n = 0; n < N; n++) {
-                    const float qn = bf2f(qh[n]), *w = w_uk + (h * N + n) * R;
-                    for (int64_t r = 0; r < R; r++) lat[r] += qn * w[r];
+                    const float qn = bf2f(qh[n]);
+                    const bf16 *w = w_kvb + (h * (N + V) + n) * R;
+                    for (int64_t r = 0; r < R; r++) lat[r] += qn * bf2f(w[r]);
                 }
                 for (int64_t r = 0; r < R; r++) qc[h * C + r] = f2bf(lat[r]);
                 for (int64_t j = 0; j < P; j++) qc[h * C + R + j] = qh[N + j];
@@ -172,7 +214,19 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
                 }
                 for (int64_t s = 0; s < S; s++) x[s] = rbf(x[s] / sum);
             }
-            /* o_lat over column chunks: a chunk of every row is read once for all heads (heads in blocks of 128) */
+            /* o_lat = p . rows[:, :R] over column chunks: a chunk of every row is read once per block of heads */
+#ifdef NS_AVX512BF16
+            if (R % 16 == 0) {
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < H * S2; t++) { /* probabilities as bf16, padded to an even count */
+                    const int64_t h = t / S2, s = t % S2;
+                    pb[t] = s < S ? f2bf(sc[h * S + s]) : 0;
+                }
+#pragma omp for schedule(static)
+                for (int64_t c0 = 0; c0 < R; c0 += 16) olat_chunk(rm, S, C, c0, pb, S2, H, ol, R);
+            } else
+#endif
+            {
 #pragma omp for schedule(static) collapse(2)
             for (int64_t hb = 0; hb < H; hb += 128)
                 for (int64_t c0 = 0; c0 < R; c0 += NS_CHUNK) {
@@ -192,24 +246,31 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
                     for (int64_t h = 0; h < nh; h++)
                         for (int64_t j = 0; j < nc; j++) ol[(hb + h) * R + c0 + j] = rbf(acc[h * NS_CHUNK + j]);
                 }
+            }
 #pragma omp for schedule(static)
             for (int64_t h = 0; h < H; h++)
                 for (int64_t v = 0; v < V; v++) {
-                    out[(m * H + h) * V + v] = f2bf(dot_f(ol + h * R, w_uv + (h * V + v) * R, R));
+                    out[(m * H + h) * V + v] = f2bf(dot_bf_f(w_kvb + (h * (N + V) + N + v) * R, ol + h * R, R));
                 }
+        }
+        if (w_o) { /* the output projection: y [B*T, Dm] = out [B*T, H*V] . W_o^T */
+#pragma omp for schedule(static)
+            for (int64_t d = 0; d < Dm; d++)
+                for (int64_t m = 0; m < B * T; m++) y[m * Dm + d] = f2bf(dot(out + m * H * V, w_o + d * H * V, H * V));
         }
     }
 }
 
+static void rmsnorm_row(const bf16 *x, int64_t D, const bf16 *w, float eps, bf16 *y) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; d++) ss += bf2f(x[d]) * bf2f(x[d]);
+    const float inv = 1.f / sqrtf(ss / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) y[d] = f2bf(bf2f(w[d]) * rbf(bf2f(x[d]) * inv));
+}
+
 /* RMSNorm as norm.py: y = w * bf16(x / sqrt(mean(x^2) + eps)), statistics in fp32. x, y [M, D], w [D]. */
 void ns_rmsnorm_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *w, float eps, bf16 *y) {
-    for (int64_t m = 0; m < M; m++) {
-        const bf16 *xm = x + m * D;
-        float ss = 0.f;
-        for (int64_t d = 0; d < D; d++) ss += bf2f(xm[d]) * bf2f(xm[d]);
-        const float inv = 1.f / sqrtf(ss / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) y[m * D + d] = f2bf(bf2f(w[d]) * rbf(bf2f(xm[d]) * inv));
-    }
+    for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, w, eps, y + m * D);
 }
 
 /* DeepSeekMoE routing as moe.py `Router` for N tokens: logits = x . W (fp32), scores = sigmoid (scoring 0) or
@@ -271,23 +332,108 @@ void ns_router(const bf16 *x, int64_t N, int64_t D, const float *w32, int64_t E,
     }
 }
 
-/* RoPE in DeepSeek's pair layout as rope.py `apply_rope_pairs`: x [M, H, W], the dims [lead, W) rotated as
- * pairs (2i, 2i + 1) by the angles of row m (cos, sin [M, (W - lead) / 2] fp32), in fp32, rounded once. */
-void ns_rope_pairs_bf16(const bf16 *x, int64_t M, int64_t H, int64_t W, int64_t lead, const float *cos,
-                        const float *sin, bf16 *y) {
-    const int64_t half = (W - lead) / 2;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t h = 0; h < H; h++) {
-            const bf16 *xh = x + (m * H + h) * W;
-            bf16 *yh = y + (m * H + h) * W;
-            memcpy(yh, xh, lead * sizeof(bf16));
-            for (int64_t i = 0; i < half; i++) {
-                const float a = bf2f(xh[lead + 2 * i]), b = bf2f(xh[lead + 2 * i + 1]);
-                const float c = cos[m * half + i], s = sin[m * half + i];
-                yh[lead + 2 * i] = f2bf(a * c + b * -s);
-                yh[lead + 2 * i + 1] = f2bf(b * c + a * s);
+/* RoPE in DeepSeek's pair layout as rope.py `apply_rope_pairs`: pairs (2i, 2i + 1) of x[0, 2 half) rotated by
+ * the angles cos, sin [half], in fp32, rounded once */
+static void rope_row(const bf16 *x, int64_t half, const float *cos, const float *sin, bf16 *y) {
+    for (int64_t i = 0; i < half; i++) {
+        const float a = bf2f(x[2 * i]), b = bf2f(x[2 * i + 1]), c = cos[i], s = sin[i];
+        y[2 * i] = f2bf(a * c + b * -s);
+        y[2 * i + 1] = f2bf(b * c + a * s);
+    }
+}
+
+/* MLA's projections of the hidden state x [M, D] (mla.py `_project` and `_latent`), one pass over each weight,
+ * after the block's input RMSNorm when in_norm is given (xn [M, D] = the normed x, written for the caller):  xo = x . [W_qa | W_kva | W_ik]^T  ([M, Oq + R + P + Di]; W_ik: the DSA indexer key, Di may be 0);
+ *   with q-LoRA (qa_norm != NULL):  cq = RMSNorm(xo[:, :Oq]),  q = cq . W_qb^T;  without:  q = xo[:, :Oq];
+ *   q [M, H, N+P] with its last P dims of each head rotated; rows [M, R+P] = [RMSNorm(c_kv) ; rope(k_pe)].
+ * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
+ * (LayerNorm in fp32, rounded once; the rotation of the first P dims in bf16 arithmetic, as PyTorch does it).
+ * cos, sin [M, P/2]. cq is written only with q-LoRA. */
+void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, int64_t Oq, int64_t R, int64_t P,
+                         int64_t Di, const bf16 *qa_norm, float eps_q, const bf16 *wqb, int64_t H, int64_t N,
+                         const bf16 *kv_norm, float eps_kv, const bf16 *ik_w, const bf16 *ik_b, float ik_eps,
+                         const float *cos, const float *sin, const bf16 *in_norm, float in_eps, bf16 *xn,
+                         bf16 *xo, bf16 *cq, bf16 *q, bf16 *rows, bf16 *ik, int nt) {
+    const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2;
+    const bf16 *xin = in_norm ? xn : x;
+#pragma omp parallel num_threads(nt)
+    {
+        if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < Ow; o++)
+            for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2bf(dot(xin + m * D, wx + o * D, D));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const bf16 *xm = xo + m * Ow;
+            if (qa_norm) rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
+            else memcpy(q + m * Q, xm, Q * sizeof(bf16));
+            rmsnorm_row(xm + Oq, R, kv_norm, eps_kv, rows + m * (R + P));
+            rope_row(xm + Oq + R, half, cos + m * half, sin + m * half, rows + m * (R + P) + R);
+            if (Di > 0) {
+                const bf16 *k = xm + Oq + R + P;
+                bf16 *km = ik + m * Di, tmp[1024];
+                float mean = 0.f, var = 0.f;
+                for (int64_t d = 0; d < Di; d++) mean += bf2f(k[d]);
+                mean /= (float)Di;
+                for (int64_t d = 0; d < Di; d++) var += (bf2f(k[d]) - mean) * (bf2f(k[d]) - mean);
+                const float inv = 1.f / sqrtf(var / (float)Di + ik_eps);
+                for (int64_t d = 0; d < Di; d++)
+                    tmp[d] = f2bf((bf2f(k[d]) - mean) * inv * bf2f(ik_w[d]) + bf2f(ik_b[d]));
+                memcpy(km, tmp, Di * sizeof(bf16));
+                for (int64_t i = 0; i < half; i++) { /* halves: (i, i + P/2), each product and sum in bf16 */
+                    const float c = rbf(cos[m * half + i]), sn = rbf(sin[m * half + i]);
+                    const float a = bf2f(tmp[i]), b = bf2f(tmp[i + half]);
+                    km[i] = f2bf(rbf(a * c) + rbf(b * -sn));
+                    km[i + half] = f2bf(rbf(b * c) + rbf(a * sn));
+                }
             }
         }
+        if (qa_norm) {
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < Q; o++)
+                for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2bf(dot(cq + m * Oq, wqb + o * Oq, Oq));
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < M * H; t++) {
+            bf16 *qh = q + t * (N + P) + N, tmp[512];
+            const int64_t m = t / H;
+            memcpy(tmp, qh, P * sizeof(bf16));
+            rope_row(tmp, half, cos + m * half, sin + m * half, qh);
+        }
+    }
+}
+
+/* The feed-forward half of a decoder block for N tokens (transformer.py `Block`): out = h + FFN(RMSNorm(h)),
+ * FFN = DeepSeekMoE (router + routed experts, plus the shared expert when s_gate_up is given) or, with E = 0,
+ * the dense SwiGLU MLP passed as the shared one. Roundings as PyTorch: the norm, the routed and shared outputs,
+ * their sum and the residual sum are bf16. Scratch: xn, r_out, s_out [N, D] bf16; act [N*K', I'] bf16 and
+ * ys [N*K', D] fp32 with K' = max(K, 1), I' = max(I, Is); rs [N, 2E] fp32; gw [N, K] fp32; idx [N, K] int64. */
+void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, float eps, const float *router_w32,
+                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
+                       int64_t K, int norm, float scaling, const bf16 *gate_up, const bf16 *down, int64_t I,
+                       const bf16 *s_gate_up, const bf16 *s_down, int64_t Is, bf16 *out, bf16 *xn, bf16 *r_out,
+                       bf16 *s_out, bf16 *act, float *ys, float *rs, float *gw, int64_t *idx, int nt) {
+    ns_rmsnorm_bf16(h, N, D, norm_w, eps, xn);
+    if (E > 0) {
+        ns_router(xn, N, D, router_w32, E, bias, scoring, method, n_group, topk_group, K, norm, scaling, gw, idx,
+                  rs, nt);
+        ns_moe_bf16(xn, N, D, idx, gw, K, gate_up, down, I, r_out, act, ys, nt);
+    }
+    if (s_gate_up) { /* one expert of weight 1: the same roundings as a plain SwiGLU MLP */
+        float one[N];
+        int64_t zero[N];
+        for (int64_t n = 0; n < N; n++) one[n] = 1.f, zero[n] = 0;
+        ns_moe_bf16(xn, N, D, zero, one, 1, s_gate_up, s_down, Is, s_out, act, ys, nt);
+    }
+    for (int64_t t = 0; t < N * D; t++) {
+        float f;
+        if (E > 0 && s_gate_up) f = rbf(bf2f(r_out[t]) + bf2f(s_out[t]));
+        else f = bf2f(E > 0 ? r_out[t] : s_out[t]);
+        out[t] = f2bf(bf2f(h[t]) + f);
+    }
 }
 
 int ns_has_avx512bf16(void) {

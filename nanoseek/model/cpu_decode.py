@@ -1,11 +1,12 @@
 """Fused bf16 CPU decode kernels (`cpu_decode.c`): compiled once with the machine's C compiler, called via ctypes.
 
-Decoding a token on a CPU is bound by reading the activated weights and by the fixed cost of each PyTorch op;
-a MoE layer alone issues a dozen small matmuls. These kernels stream each weight row once per call: a matvec for
-a few rows of x (`linear`) and all routed experts of a MoE layer for all tokens in one call (`moe`). They serve
-bf16 inference calls with few rows (`MAX_ROWS`) and no autograd; everything else, and every machine where the
-library cannot be built (no compiler, not x86 with AVX-512 BF16, NANOSEEK_CPU_KERNELS=0), takes the PyTorch
-path, which is also the reference the tests compare against (`tests/test_cpu_decode.py`).
+Decoding a token on a CPU is bound by reading the activated weights and by the fixed cost of each PyTorch op:
+a layer issues ~100 small ops. These kernels cover a decode step in a few calls per layer: the MLA projections
+(`mla_project`), absorbed attention (`mla_absorbed`), the feed-forward half of a block with its router and
+experts (`ffn_block`), RMSNorm and plain matvecs. They serve bf16 inference calls with few rows (`MAX_ROWS`)
+and no autograd; everything else, and every machine where the library cannot be built (no compiler, not x86
+with AVX-512 BF16, NANOSEEK_CPU_KERNELS=0), takes the PyTorch path, which is also the reference the tests
+compare against (`tests/test_cpu_decode.py`).
 
 The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (or $NANOSEEK_CACHE), keyed on
 the source, the compiler and the CPU, written to a temporary name and renamed, so concurrent processes are safe.
@@ -19,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -31,6 +33,7 @@ _BF16 = torch.bfloat16
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
 _enabled = True
+_local = threading.local()
 
 
 def set_enabled(on: bool) -> bool:
@@ -84,12 +87,14 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ns_linear_bf16.argtypes = [p, i64, i64, p, i64, p, nt]
-    lib.ns_moe_bf16.argtypes = [p, i64, i64, p, p, i64, p, p, i64, p, p, p, nt]
-    lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i64, nt, p,
-                                         ctypes.c_float, p, p, p, p, nt]
-    lib.ns_rope_pairs_bf16.argtypes = [p, i64, i64, i64, i64, p, p, p]
+    lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, i64, nt, p,
+                                         ctypes.c_float, p, p, p, p, p, p, i64, p, nt]
+    lib.ns_mla_project_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_float, p, i64, i64, p,
+                                        ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p,
+                                        p, p, p, nt]
+    lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
+                                      ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
-    lib.ns_router.argtypes = [p, i64, i64, p, i64, p, nt, nt, i64, i64, i64, nt, ctypes.c_float, p, p, p, nt]
     return lib
 
 
@@ -121,6 +126,21 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return True
 
 
+def _scratch(*sizes: int) -> list[int]:
+    """Addresses of scratch areas of these byte sizes (64-byte aligned), carved from a per-thread buffer reused
+    by every call: the kernels are synchronous, so a call's scratch is free again when it returns, and a decode
+    step saves a few dozen allocations."""
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 64) * 64
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < total + 64:
+        buf = _local.buf = torch.empty(max(total + 64, 1 << 20), dtype=torch.uint8)
+    base = -(-buf.data_ptr() // 64) * 64
+    return [base + o for o in offsets]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ weight[O, D]^T -> [..., O] (bf16; check `usable` first)."""
     xf = x.reshape(-1, x.shape[-1]).contiguous()
@@ -131,44 +151,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def moe(x: torch.Tensor, gate_w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor,
-        down: torch.Tensor) -> torch.Tensor:
-    """Routed experts: x [N, D], gate weights [N, K] fp32, expert ids [N, K], gate_up [E, 2I, D], down [E, D, I]
-    -> [N, D] (bf16; check `usable` first)."""
-    x = x.contiguous()
-    N, D = x.shape
-    K, I = idx.shape[1], down.shape[-1]
-    idx = idx.to(torch.int64).contiguous()
-    gw = gate_w.to(torch.float32).contiguous()
-    out = torch.empty(N, D, dtype=x.dtype)
-    act = torch.empty(N * K, I, dtype=x.dtype)
-    ys = torch.empty(N * K, D, dtype=torch.float32)
-    _lib.ns_moe_bf16(x.data_ptr(), N, D, idx.data_ptr(), gw.data_ptr(), K, gate_up.data_ptr(), down.data_ptr(),
-                     I, out.data_ptr(), act.data_ptr(), ys.data_ptr(), torch.get_num_threads())
-    return out
-
-
 MAX_LATENT = 1024  # the kernel keeps one head's latent query on the stack
 
 
-def mla_absorbed(q: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Absorbed MLA attention: q [B, T, H, N+P] bf16, w_uk [H, N, R] / w_uv [H, V, R] fp32, rows [B, S, C] (shared
-    by a request's queries) or [B, T, S, C] (per query), mask [B, T, S] -> [B, T, H, V] bf16."""
+def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tensor, mask: torch.Tensor,
+                 scale: float, w_o: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA attention and the output projection: q [B, T, H, N+P] bf16, w_kvb = kv_b_proj's weight
+    [H*(N+V), R], rows [B, S, C] (shared by a request's queries) or [B, T, S, C] (per query), mask [B, T, S],
+    w_o = o_proj's weight [Dm, H*V] -> [B, T, Dm] bf16."""
     B, T, H, _ = q.shape
-    _, N, R = w_uk.shape
-    V = w_uv.shape[1]
+    R = w_kvb.shape[1]
+    N = w_kvb.shape[0] // H - V
     S, C = rows.shape[-2], rows.shape[-1]
     q, rows = q.contiguous(), rows.contiguous()
-    mask = mask.to(torch.uint8).contiguous()
-    out = torch.empty(B, T, H, V, dtype=q.dtype)
-    qc = torch.empty(H, C, dtype=q.dtype)
-    sc = torch.empty(H, S, dtype=torch.float32)
-    ol = torch.empty(H, R, dtype=torch.float32)
-    _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_uk.data_ptr(), w_uv.data_ptr(), R, V,
-                              rows.data_ptr(), S, int(rows.dim() == 4), mask.data_ptr(), scale, out.data_ptr(),
-                              qc.data_ptr(), sc.data_ptr(), ol.data_ptr(), torch.get_num_threads())
-    return out
+    mask = mask.contiguous()  # bool: one byte of 0 or 1 per entry, as the kernel reads it
+    assert mask.dtype == torch.bool
+    Dm = w_o.shape[0]
+    y = torch.empty(B, T, Dm, dtype=q.dtype)
+    out, qc, sc, ol, pb = _scratch(B * T * H * V * 2, H * C * 2, H * S * 4, H * R * 4, H * (S + 1) * 2)
+    _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), S,
+                              int(rows.dim() == 4), mask.data_ptr(), scale, out, qc, sc, ol, pb, w_o.data_ptr(), Dm,
+                              y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,40 +188,58 @@ _SCORING = {"sigmoid": 0, "softmax": 1}
 _METHOD = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
-def route(x: torch.Tensor, w32: torch.Tensor, bias: Optional[torch.Tensor], scoring: str, method: str,
-          n_group: int, topk_group: int, k: int, norm: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router of moe.py for x [N, D] bf16 with an fp32 router weight [E, D] -> gate weights [N, K] fp32, expert
-    ids [N, K]."""
+def mla_project(x: torch.Tensor, wx: torch.Tensor, q_out: int, R: int, P: int, qa_norm: Optional[torch.Tensor],
+                eps_q: float, wqb: Optional[torch.Tensor], H: int, N: int, kv_norm: torch.Tensor, eps_kv: float,
+                cos: torch.Tensor, sin: torch.Tensor, index_norm: Optional[torch.nn.LayerNorm] = None,
+                in_norm: Optional[torch.Tensor] = None, in_eps: float = 0.0):
+    """MLA's projections of x [B, T, D] (see the C source), after the RMSNorm of weight in_norm when given:
+    returns the normed x (x itself without in_norm), q [B, T, H, N+P] (rotated), cq [B, T, q_lora] or None,
+    cache rows [B, T, R+P], and with the indexer's key norm given its key [B, T, Di] (else None)."""
+    B, T, D = x.shape
     x = x.contiguous()
-    N, D = x.shape
-    E = w32.shape[0]
-    gw = torch.empty(N, k, dtype=torch.float32)
-    idx = torch.empty(N, k, dtype=torch.int64)
-    scratch = torch.empty(N, 2 * E, dtype=torch.float32)
-    _lib.ns_router(x.data_ptr(), N, D, w32.data_ptr(), E, None if bias is None else bias.data_ptr(),
-                   _SCORING[scoring], _METHOD[method], n_group, topk_group, k, int(norm), scaling, gw.data_ptr(),
-                   idx.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
-    return gw, idx
+    M, Ow = B * T, wx.shape[0]
+    Di = Ow - q_out - R - P
+    (xo,) = _scratch(M * Ow * 2)
+    cq = torch.empty(B, T, q_out, dtype=x.dtype) if qa_norm is not None else None
+    q = torch.empty(B, T, H, N + P, dtype=x.dtype)
+    rows = torch.empty(B, T, R + P, dtype=x.dtype)
+    ik = torch.empty(B, T, Di, dtype=x.dtype) if Di else None
+    xn = torch.empty_like(x) if in_norm is not None else x
+    ik_args = (index_norm.weight.data_ptr(), index_norm.bias.data_ptr(), index_norm.eps) if Di else (None, None, 0.0)
+    _lib.ns_mla_project_bf16(x.data_ptr(), M, D, wx.data_ptr(), q_out, R, P, Di,
+                             None if qa_norm is None else qa_norm.data_ptr(), eps_q,
+                             None if wqb is None else wqb.data_ptr(), H, N, kv_norm.data_ptr(), eps_kv, *ik_args,
+                             cos.data_ptr(), sin.data_ptr(), None if in_norm is None else in_norm.data_ptr(),
+                             in_eps, xn.data_ptr(), xo, None if cq is None else cq.data_ptr(), q.data_ptr(),
+                             rows.data_ptr(), None if ik is None else ik.data_ptr(), torch.get_num_threads())
+    return xn, q, cq, rows, ik
 
 
-_ONE = torch.ones(1, 1)
-_ZERO = torch.zeros(1, 1, dtype=torch.int64)
-
-
-def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU MLP down(silu(gate x) * up x) for x [..., D] bf16, gate_up [2I, D] (gate rows first), down [D, I]:
-    the expert kernel with one expert of weight 1 (same roundings as the PyTorch MLP)."""
-    xf = x.reshape(-1, x.shape[-1])
-    N = xf.shape[0]
-    out = moe(xf, _ONE.expand(N, 1), _ZERO.expand(N, 1), gate_up[None], down[None])
-    return out.view(x.shape)
-
-
-def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lead: int) -> torch.Tensor:
-    """x [B, T, H, W] or [B, T, W] bf16 with dims lead.. rotated in pairs by cos, sin [B, T, (W - lead) / 2]."""
-    xc = x.contiguous()
-    y = torch.empty_like(xc)
-    M = cos.numel() // cos.shape[-1]
-    _lib.ns_rope_pairs_bf16(xc.data_ptr(), M, xc.numel() // (M * x.shape[-1]), x.shape[-1], lead,
-                            cos.data_ptr(), sin.data_ptr(), y.data_ptr())
-    return y
+def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, experts=None,
+              shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """h + FFN(RMSNorm(h)) for h [B, T, D] bf16 (see the C source). router: (w32 [E, D], bias or None, scoring,
+    method, n_group, topk_group, K, norm, scaling) and experts: (gate_up [E, 2I, D], down [E, D, I]) for a MoE
+    layer; shared: (gate_up [2Is, D], down [D, Is]), the shared expert or the dense MLP. Returns the new h and
+    the expert ids [N, K] (None without a router)."""
+    shape = h.shape
+    h = h.contiguous()
+    N, D = h.numel() // shape[-1], shape[-1]
+    E = router[0].shape[0] if router is not None else 0
+    K = router[6] if router is not None else 0
+    I = experts[1].shape[-1] if experts is not None else 0
+    Is = shared[1].shape[-1] if shared is not None else 0
+    Kp, Ip = max(K, 1), max(I, Is)
+    out = torch.empty_like(h)
+    idx = torch.empty(N, Kp, dtype=torch.int64)
+    xn, r_out, s_out, act, ys, rs, gw = _scratch(N * D * 2, N * D * 2, N * D * 2, N * Kp * Ip * 2, N * Kp * D * 4,
+                                                 N * 2 * max(E, 1) * 4, N * Kp * 4)
+    if router is not None:
+        w32, bias, scoring, method, n_group, topk_group, _, norm, scaling = router
+        r_args = (w32.data_ptr(), E, None if bias is None else bias.data_ptr(), _SCORING[scoring], _METHOD[method],
+                  n_group, topk_group, K, int(norm), scaling, experts[0].data_ptr(), experts[1].data_ptr(), I)
+    else:
+        r_args = (None, 0, None, 0, 0, 1, 1, 0, 0, 1.0, None, None, 0)
+    s_args = (shared[0].data_ptr(), shared[1].data_ptr(), Is) if shared is not None else (None, None, 0)
+    _lib.ns_ffn_block_bf16(h.data_ptr(), N, D, norm_w.data_ptr(), eps, *r_args, *s_args, out.data_ptr(), xn,
+                           r_out, s_out, act, ys, rs, gw, idx.data_ptr(), torch.get_num_threads())
+    return out.view(shape), (idx if router is not None else None)

@@ -4,8 +4,10 @@ oneDNN-packed copies), built once and reused until a parameter changes.
 Decoding one token on a CPU costs far more per PyTorch op than per byte of weights, so
 - projections that read the same input run as ONE matmul over their concatenated weights (`fused_linear`);
   the parameters keep their own names and shapes, so checkpoints are unaffected;
-- with weight packing on (`Transformer.pack_weights_`, the engine's default on CPU), matmuls run on copies of
-  the weights pre-packed in oneDNN's blocked layout (`linear`). bf16: the plain `F.linear` re-packs its weight
+- bf16 calls with a few rows (decode) go to the fused C kernels of `cpu_decode.py`, which read the weights as
+  they are;
+- otherwise, with weight packing on (`Transformer.pack_weights_`, the engine's default on CPU), matmuls run on
+  copies of the weights pre-packed in oneDNN's blocked layout (`linear`). bf16: the plain `F.linear` re-packs its weight
   on every call, which costs about as much as a matvec itself (same kernel, bit-identical results, ~1.7x
   faster). fp32: oneDNN's packed GEMM runs ~2x faster than MKL's on prefill-sized inputs (same values up to the
   accumulation order), but slower on matvecs, so fp32 decode keeps the plain path. Twice the weight memory.

@@ -78,6 +78,36 @@ class MLA(nn.Module):
             cq, q = None, outs[0]
         return q.view(B, T, self.n_heads, -1), cq, outs[1], outs[2] if self.indexer is not None else None
 
+    def _project_rotated(self, x, rope: RopeTables, norm: Optional[RMSNorm] = None):
+        """x [B, T, D] -> (x after `norm` if given, q [B, T, H, N+P] with its rope dims rotated, c_q or None, the
+        new cache rows [B, T, C], the indexer's key [B, T, Di] or None): norm + `_project` + rope + `_latent` +
+        `Indexer.key`, as one fused call for a few bf16 rows on CPU (`cpu_decode.py`)."""
+        first = self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj
+        idx = self.indexer
+        linears = [first, self.kv_a_proj_with_mqa] + ([idx.wk] if idx is not None else [])
+        weights = [m.weight for m in linears]
+        lora = hasattr(self, "q_a_proj")
+        extra = [self.q_a_layernorm.weight, self.q_b_proj.weight] if lora else []
+        extra += [idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
+        norm_w = [norm.weight] if norm is not None else []
+        if (cpu_decode.usable(x, *weights, *extra, *norm_w, self.kv_a_layernorm.weight) and self.P <= 512
+                and (idx is None or (idx.head_dim <= 1024 and idx.rope_dim == self.P))
+                and rope.cos.is_contiguous() and rope.sin.is_contiguous()):
+            wx = derived(self, "_fused_x_proj", weights, lambda *ws: torch.cat(ws))
+            if wx is not None:
+                return cpu_decode.mla_project(
+                    x, wx, weights[0].shape[0], self.R, self.P, extra[0] if lora else None,
+                    self.q_a_layernorm.eps if lora else 0.0, extra[1] if lora else None, self.n_heads, self.N,
+                    self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, rope.cos, rope.sin,
+                    idx.k_norm if idx is not None else None, norm.weight if norm is not None else None,
+                    norm.eps if norm is not None else 0.0)
+        if norm is not None:
+            x = norm(x)
+        q, cq, kv, wk_x = self._project(x)
+        q = apply_rope_pairs(q, rope, lead=self.N)  # only the last P dims of each head rotate
+        index_k = idx.key(x, rope, wk_x) if idx is not None else None
+        return x, q, cq, self._latent(kv, rope), index_k
+
     def _latent(self, kv, rope: RopeTables):
         """kv_a_proj_with_mqa output [B, T, R+P] -> cache rows [B, T, C] = [RMSNorm(c_kv) ; rope(k_pe)]."""
         c, k_pe = kv.split([self.R, self.P], dim=-1)
@@ -138,13 +168,18 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return out[..., : self.V].transpose(1, 2), None
 
+    def _absorbed_out(self, q, rows, mask):
+        """o_proj(absorbed(q, rows, mask)) [B, T, D]: one fused call for a few bf16 rows on CPU."""
+        if (cpu_decode.usable(q.flatten(2), rows, self.kv_b_proj.weight, self.o_proj.weight)
+                and self.R <= cpu_decode.MAX_LATENT):
+            return cpu_decode.mla_absorbed(q, self.kv_b_proj.weight, self.V, rows, mask, self.scale,
+                                           self.o_proj.weight)
+        return linear(self, "_o", self.absorbed(q, rows, mask).flatten(2), self.o_proj.weight)
+
     def absorbed(self, q, rows, mask):
         """Attention over latent rows. q [B, T, H, N+P] (rotated); rows [B, S, C] with mask [B, T, S], or rows
         [B, T, K, C] gathered per query (DSA decode) with mask [B, T, K]. Returns out [B, T, H, V]."""
         w_uk, w_uv = self._absorb_weights()
-        if (cpu_decode.usable(q.flatten(2), rows) and w_uk.dtype == torch.float32 and w_uk.is_contiguous()
-                and self.R <= cpu_decode.MAX_LATENT):
-            return cpu_decode.mla_absorbed(q, w_uk, w_uv, rows, mask, self.scale)  # one fused call
         B, T, H, _ = q.shape
         q_nope, q_pe = q.split([self.N, self.P], dim=-1)
         # per-head q_nope W_UK as one batched matmul over heads: [H, B*T, N] x [H, N, R] (einsum adds permutes)
@@ -166,13 +201,12 @@ class MLA(nn.Module):
         return out.transpose(0, 1).reshape(B, T, H, self.V).to(q.dtype)
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto") -> torch.Tensor:
-        """x [B, T, D] (already input_layernorm'ed) -> [B, T, D]. path: auto | naive | absorbed."""
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto",
+                norm: Optional[RMSNorm] = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. x is the block's input_layernorm'ed input, or its raw input with that
+        `norm` given (decode fuses it into the projections). path: auto | naive | absorbed."""
         B, T, _ = x.shape
-        q, cq, kv, wk_x = self._project(x)
-        q = apply_rope_pairs(q, rope, lead=self.N)  # [B, T, H, N+P]: only the last P dims of each head rotate
-        new_rows = self._latent(kv, rope)
-        index_k = self.indexer.key(x, rope, wk_x) if self.indexer is not None else None
+        x, q, cq, new_rows, index_k = self._project_rotated(x, rope, norm)
         if cache is not None:
             cache.write(self.layer_id, new_rows, index_k)
             # rows are read below only where needed: DSA decode gathers its K rows itself (O(K), not O(S))
@@ -189,9 +223,8 @@ class MLA(nn.Module):
         if path == "absorbed":
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None].expand(B, -1, -1)
-            out = self.absorbed(q, rows, mask)
-        else:
-            out, _ = self.naive(q, rows, mask)
+            return self._absorbed_out(q, rows, mask)
+        out, _ = self.naive(q, rows, mask)
         return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
     def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path):
@@ -233,9 +266,9 @@ class MLA(nn.Module):
             if rows is None:
                 rows = cache.read(self.layer_id)
             if path == "absorbed":
-                out = self.absorbed(q, rows, mask)
-            else:  # without a cache the mask is plain causal: let SDPA use its causal kernel
-                out = self.naive(q, rows, mask if cache is not None else None)[0]
+                return self._absorbed_out(q, rows, mask)
+            # without a cache the mask is plain causal: let SDPA use its causal kernel
+            out = self.naive(q, rows, mask if cache is not None else None)[0]
             return linear(self, "_o", out.flatten(2), self.o_proj.weight)
         r0 = 0 if path == "absorbed" else first_over  # absorbed (decode) calls are short: score them all
         with torch.no_grad():
@@ -243,12 +276,11 @@ class MLA(nn.Module):
             idx = self.indexer.select(scores)  # [B, T - r0, K]
         if path == "absorbed":
             sel_rows = cache.gather(self.layer_id, idx) if cache is not None else self._gather(rows, idx)
-            out = self.absorbed(q, sel_rows, torch.gather(mask, -1, idx))
-        else:
-            if rows is None:
-                rows = cache.read(self.layer_id)
-            attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
-            out = self.naive(q, rows, attn_mask, causal_rows=r0 if cache is None else 0)[0]
+            return self._absorbed_out(q, sel_rows, torch.gather(mask, -1, idx))
+        if rows is None:
+            rows = cache.read(self.layer_id)
+        attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
+        out = self.naive(q, rows, attn_mask, causal_rows=r0 if cache is None else 0)[0]
         return linear(self, "_o", out.flatten(2), self.o_proj.weight)
 
     @staticmethod

@@ -8,9 +8,10 @@ Gates are renormalised when norm_topk_prob, then multiplied by routed_scaling_fa
 
 Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). `grouped` sorts the N·K
 (token, expert) pairs by expert and runs one grouped matmul per projection (`torch._grouped_mm`); `loop` is the
-plain per-expert reference (`tests/test_model.py` checks they agree). Inference on CPU takes two other routes
-to the same sums: `_pairs` for decode-sized batches (the fewest ops) and `_active` over oneDNN-packed
-per-expert weights when weight packing is on (`fused.py`).
+plain per-expert reference (`tests/test_model.py` checks they agree). Inference on CPU takes other routes to
+the same sums: `_pairs` for decode-sized batches (the fewest PyTorch ops) and `_active` over oneDNN-packed
+per-expert weights when weight packing is on (`fused.py`); a few bf16 tokens skip all of them: `fused_block`
+runs a block's whole feed-forward half (norm, router, experts, residual) as one C call (`cpu_decode.py`).
 
 For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
 `seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
@@ -40,13 +41,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.usable(x, self.down_proj.weight):
-            gate_up = derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
-                              lambda g, u: torch.cat((g, u)))
-            if gate_up is not None:
-                return cpu_decode.mlp(x, gate_up, self.down_proj.weight)  # one fused call
         gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
         return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
+
+
+    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
+        """h + self(norm(h)) as one C call for a few bf16 rows on CPU (`cpu_decode.py`); None otherwise."""
+        if not cpu_decode.usable(h, norm.weight, self.down_proj.weight):
+            return None
+        gate_up = derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
+                          lambda g, u: torch.cat((g, u)))
+        if gate_up is None:
+            return None
+        return cpu_decode.ffn_block(h, norm.weight, norm.eps, shared=(gate_up, self.down_proj.weight))[0]
 
 
 class Router(nn.Module):
@@ -73,14 +80,9 @@ class Router(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32; None from the fused
-        CPU decode kernel, which serves inference only)."""
+        """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
         # the fp32 copy of a bf16 router weight is cached at inference (`fused.py`): one cast less per layer
         w32 = derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
-        if w32 is not None and not self.training and cpu_decode.usable(x):  # a few bf16 rows at decode: one fused call
-            w, idx = cpu_decode.route(x, w32, self.e_score_correction_bias, self.scoring, self.method, self.n_group,
-                                      self.topk_group, self.K, self.norm_topk, self.scaling)
-            return w, idx, None
         logits = F.linear(x.float(), self.weight.float() if w32 is None else w32)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
@@ -114,6 +116,25 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+class _DispatchRows(torch.autograd.Function):
+    """x [N, D] -> x[order // K] [N*K, D]: each token's row once per (token, slot) pair, the pairs in `order`
+    (a permutation of the N*K pairs). Backward gathers the pairs' gradients back through the inverse permutation
+    and sums each token's K of them: autograd's scatter-add for an indexed read is several times slower on CPU,
+    and compiled (inductor) it was a third of a training step."""
+
+    @staticmethod
+    def forward(ctx, x, order, K):
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        ctx.save_for_backward(inv)
+        ctx.K = K
+        return x.index_select(0, order // K)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv).view(inv.numel() // ctx.K, ctx.K, -1).sum(1), None, None
+
+
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -135,8 +156,6 @@ class Experts(nn.Module):
         """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
         if self.impl == "loop":
             return self._loop(x, w, idx)
-        if cpu_decode.usable(x, *self.weights()):
-            return cpu_decode.moe(x, w, idx, *self.weights())  # all (token, expert) pairs in one fused call
         if x.device.type == "cpu" and idx.numel() <= self.gate_up_proj.shape[0]:
             return self._pairs(x, w, idx)  # CPU decode: per-op overhead dominates, issue the fewest ops
         if packs(self, x, self.gate_up_proj):
@@ -211,9 +230,10 @@ class Experts(nn.Module):
         E, I = gate_up_proj.shape[0], down_proj.shape[-1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
-        counts = torch.bincount(flat, minlength=E)
+        # expert loads by scatter-add, not bincount: a fixed output shape keeps the step traceable (torch.compile)
+        counts = torch.zeros(E, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts.cumsum(0).to(torch.int32)
-        xs = x[order // K]  # [N*K, D]
+        xs = _DispatchRows.apply(x, order, K)  # [N*K, D]
         if torch.is_autocast_enabled(x.device.type):
             # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
             dt = torch.get_autocast_dtype(x.device.type)
@@ -255,6 +275,32 @@ class MoE(nn.Module):
         out = self.experts(flat, w, idx).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        return out
+
+    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
+        """h + self(norm(h)) as one C call (norm, router, routed and shared experts, residual) for a few bf16
+        rows at inference on CPU (`cpu_decode.py`); None otherwise."""
+        g = self.gate
+        gate_up, down = self.experts.weights()
+        if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down):
+            return None
+        w32 = derived(g, "_weight_fp32", [g.weight], lambda w: w.float())
+        shared = None
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            if not cpu_decode.usable(h, s.down_proj.weight):
+                return None
+            s_gate_up = derived(s, "_fused_gate_up", [s.gate_proj.weight, s.up_proj.weight],
+                                lambda a, b: torch.cat((a, b)))
+            shared = None if s_gate_up is None else (s_gate_up, s.down_proj.weight)
+            if shared is None:
+                return None
+        if w32 is None or gate_up.shape[0] != g.E:  # (expert parallelism holds only this rank's experts)
+            return None
+        router = (w32, g.e_score_correction_bias, g.scoring, g.method, g.n_group, g.topk_group, g.K, g.norm_topk,
+                  g.scaling)
+        out, idx = cpu_decode.ffn_block(h, norm.weight, norm.eps, router, (gate_up, down), shared)
+        self._last_idx = idx
         return out
 
     def _seq_balance_loss(self, idx, scores):

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
-from nanoseek.model import cpu_decode
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -120,8 +119,6 @@ class RopeTables:
 def apply_rope_pairs(x: torch.Tensor, rope: RopeTables, lead: int = 0) -> torch.Tensor:
     """x [B, T, H, lead + R] (or [B, T, lead + R]): the last R dims rotated pairwise (DeepSeek's layout), the
     first `lead` left as they are. Computed in fp32, cast back, as DeepSeek's reference does."""
-    if cpu_decode.usable(x.flatten(2)) and rope.cos.is_contiguous() and rope.sin.is_contiguous():
-        return cpu_decode.rope_pairs(x, rope.cos, rope.sin, lead)  # decode: one fused call, same roundings
     c, s, swap = rope.table("pairs", lead, 0, torch.float32, x.dim() == 4)
     xf = x.float()
     return (xf * c + xf.index_select(-1, swap) * s).to(x.dtype)

@@ -44,7 +44,10 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, cache=None, path="auto"):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, path)
+        x = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)  # (norm fused at decode)
+        fused = self.mlp.fused_block(x, self.post_attention_layernorm)  # decode on CPU: one C call, else None
+        if fused is not None:
+            return fused
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
