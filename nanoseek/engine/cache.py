@@ -157,10 +157,8 @@ class CacheView:
         pos = [[s + min(t, n - 1) for t in range(T)] for s, n in zip(starts, num_new)]  # [B, T]
         write = [tab[p // bs] * bs + p % bs if t < n else 0
                  for tab, row, n in zip(tables, pos, num_new) for t, p in enumerate(row)]  # [B*T]
-        tab = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
-        s_idx = torch.arange(S)
-        slots = tab[:, s_idx // bs] * bs + s_idx % bs  # [B, S]
-        self.read_slots = torch.where(s_idx[None] < torch.tensor(lengths)[:, None], slots, 0).to(dev)
+        self._tables, self._lengths, self._nb, self._S = tables, lengths, nb, S
+        self._read_slots: Optional[torch.Tensor] = None
         self.write_slots = torch.tensor(write, dtype=torch.long, device=dev)
         self.positions = torch.tensor(pos, dtype=torch.long, device=dev)
         self.mask = torch.arange(S, device=dev)[None, None, :] <= self.positions[:, :, None]  # [B, T, S]
@@ -171,13 +169,27 @@ class CacheView:
         if B == 1 and len(t0) == nb and t0[-1] - t0[0] == nb - 1 and t0 == list(range(t0[0], t0[0] + nb)):
             self._span = slice(t0[0] * bs, t0[0] * bs + S)
 
+    @property
+    def read_slots(self) -> torch.Tensor:
+        """[B, S] pool slot of each visible row (0, the null block, past a request's length). Built on first use:
+        a single request whose blocks are consecutive reads views of the pool and never needs it."""
+        if self._read_slots is None:
+            bs, S = self.pool.block_size, self._S
+            tab = torch.tensor([t[:self._nb] + [0] * (self._nb - len(t[:self._nb])) for t in self._tables],
+                               dtype=torch.long)
+            s_idx = torch.arange(S)
+            slots = tab[:, s_idx // bs] * bs + s_idx % bs
+            self._read_slots = torch.where(s_idx[None] < torch.tensor(self._lengths)[:, None], slots, 0).to(
+                self.pool.kv.device)
+        return self._read_slots
+
     def write(self, layer: int, kv: torch.Tensor, index_k: Optional[torch.Tensor]) -> None:
         self.pool.kv[layer].index_copy_(0, self.write_slots, kv.reshape(-1, kv.shape[-1]))
         if index_k is not None:
             self.pool.index_k[layer].index_copy_(0, self.write_slots, index_k.reshape(-1, index_k.shape[-1]))
 
     def read(self, layer: int) -> torch.Tensor:
-        self.rows_read += self.read_slots.numel()
+        self.rows_read += len(self._tables) * self._S
         if self._span is not None:
             return self.pool.kv[layer, self._span][None]
         return self.pool.kv[layer][self.read_slots]  # [B, S, C]

@@ -136,7 +136,8 @@ void ns_moe_bf16(const bf16 *x, int64_t N, int64_t D, const int64_t *idx, const 
  * Each row is read once per query for all heads. Roundings as the PyTorch path (mla.py `absorbed`): q_lat,
  * scores, probabilities and o_lat are bf16, the softmax and the W_UK, W_UV products fp32 (exact products of
  * bf16 values, so reading the bf16 weight equals PyTorch's fp32 copy of it).
- * With w_o [Dm, H*V] given, also the output projection y [B, T, Dm] = out . W_o^T (o_proj).
+ * With w_o [Dm, H*V] given, also the output projection y [B, T, Dm] = out . W_o^T (o_proj), plus the residual
+ * resid [B, T, Dm] when given (y = resid + o_proj(out), each rounded to bf16 as PyTorch).
  * Scratch: qc [H, C] bf16, sc [H, S] fp32, ol [H, R] fp32, pb [H, S + 1] bf16. */
 #define NS_CHUNK 16
 #ifdef NS_AVX512BF16
@@ -176,7 +177,8 @@ static void olat_chunk(const bf16 *rm, int64_t S, int64_t C, int64_t c0, const b
 void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
                           const bf16 *w_kvb, int64_t R, int64_t V, const bf16 *rows,
                           int64_t S, int per_query, const uint8_t *mask, float scale, bf16 *out, bf16 *qc,
-                          float *sc, float *ol, bf16 *pb, const bf16 *w_o, int64_t Dm, bf16 *y, int nt) {
+                          float *sc, float *ol, bf16 *pb, const bf16 *w_o, int64_t Dm, const bf16 *resid,
+                          bf16 *y, int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
 #pragma omp parallel num_threads(nt)
     {
@@ -256,7 +258,10 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
         if (w_o) { /* the output projection: y [B*T, Dm] = out [B*T, H*V] . W_o^T */
 #pragma omp for schedule(static)
             for (int64_t d = 0; d < Dm; d++)
-                for (int64_t m = 0; m < B * T; m++) y[m * Dm + d] = f2bf(dot(out + m * H * V, w_o + d * H * V, H * V));
+                for (int64_t m = 0; m < B * T; m++) {
+                    const float o = rbf(dot(out + m * H * V, w_o + d * H * V, H * V));
+                    y[m * Dm + d] = f2bf(resid ? bf2f(resid[m * Dm + d]) + o : o);
+                }
         }
     }
 }

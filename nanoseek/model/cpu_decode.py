@@ -88,7 +88,7 @@ def _build() -> Optional[ctypes.CDLL]:
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ns_linear_bf16.argtypes = [p, i64, i64, p, i64, p, nt]
     lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, i64, nt, p,
-                                         ctypes.c_float, p, p, p, p, p, p, i64, p, nt]
+                                         ctypes.c_float, p, p, p, p, p, p, i64, p, p, nt]
     lib.ns_mla_project_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_float, p, i64, i64, p,
                                         ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p,
                                         p, p, p, nt]
@@ -155,10 +155,10 @@ MAX_LATENT = 1024  # the kernel keeps one head's latent query on the stack
 
 
 def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tensor, mask: torch.Tensor,
-                 scale: float, w_o: torch.Tensor) -> torch.Tensor:
+                 scale: float, w_o: torch.Tensor, resid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Absorbed MLA attention and the output projection: q [B, T, H, N+P] bf16, w_kvb = kv_b_proj's weight
     [H*(N+V), R], rows [B, S, C] (shared by a request's queries) or [B, T, S, C] (per query), mask [B, T, S],
-    w_o = o_proj's weight [Dm, H*V] -> [B, T, Dm] bf16."""
+    w_o = o_proj's weight [Dm, H*V] -> [B, T, Dm] bf16 (plus the residual resid [B, T, Dm] when given)."""
     B, T, H, _ = q.shape
     R = w_kvb.shape[1]
     N = w_kvb.shape[0] // H - V
@@ -167,11 +167,13 @@ def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tenso
     mask = mask.contiguous()  # bool: one byte of 0 or 1 per entry, as the kernel reads it
     assert mask.dtype == torch.bool
     Dm = w_o.shape[0]
+    resid = resid.contiguous() if resid is not None else None  # (kept alive in a name through the call)
     y = torch.empty(B, T, Dm, dtype=q.dtype)
     out, qc, sc, ol, pb = _scratch(B * T * H * V * 2, H * C * 2, H * S * 4, H * R * 4, H * (S + 1) * 2)
     _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), S,
                               int(rows.dim() == 4), mask.data_ptr(), scale, out, qc, sc, ol, pb, w_o.data_ptr(), Dm,
-                              y.data_ptr(), torch.get_num_threads())
+                              None if resid is None else resid.data_ptr(), y.data_ptr(),
+                              torch.get_num_threads())
     return y
 
 

@@ -200,6 +200,54 @@ class MLA(nn.Module):
         out = torch.bmm(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).reshape(B, T, H, self.V).to(q.dtype)
 
+    # ---- decode fast path ------------------------------------------------------------------------------
+    def decode_block(self, h: torch.Tensor, norm: RMSNorm, rope: RopeTables, cache) -> Optional[torch.Tensor]:
+        """h + forward(norm(h)) for a decode call (a few bf16 rows on CPU, inference) in two fused C calls, the
+        projections and the attention with o_proj and the residual, with no other PyTorch op than the cache
+        write; None where it does not apply (then the caller runs `forward`): training or the indexer's loss,
+        or a DSA layer whose queries see more than top-k rows (selection runs in `_forward_sparse`)."""
+        if self.training or self.indexer_loss_on or h.shape[1] > ABSORB_MAX_QUERIES:
+            return None
+        mask = cache.mask
+        if self.indexer is not None and self.dsa_mode == "sparse" and mask.shape[-1] > self.indexer.topk:
+            return None
+        w = derived(self, "_decode_weights", self._decode_sources(norm), self._decode_build)
+        if w is None or not cpu_decode.usable(h, *w["check"]) or not (rope.cos.is_contiguous()
+                                                                       and rope.sin.is_contiguous()):
+            return None
+        xn, q, cq, rows, index_k = cpu_decode.mla_project(
+            h, w["wx"], w["q_out"], self.R, self.P, w["qa_norm"], w["qa_eps"], w["wqb"], self.n_heads, self.N,
+            w["kv_norm"], w["kv_eps"], rope.cos, rope.sin, w["k_norm"], norm.weight, norm.eps)
+        cache.write(self.layer_id, rows, index_k)
+        return cpu_decode.mla_absorbed(q, w["kv_b"], self.V, cache.read(self.layer_id), mask, self.scale, w["o"],
+                                       resid=h)
+
+    def _decode_sources(self, norm: RMSNorm) -> list[torch.Tensor]:
+        lora = hasattr(self, "q_a_proj")
+        first = self.q_a_proj if lora else self.q_proj
+        src = [first.weight, self.kv_a_proj_with_mqa.weight]
+        if self.indexer is not None:
+            src += [self.indexer.wk.weight, self.indexer.k_norm.weight, self.indexer.k_norm.bias]
+        if lora:
+            src += [self.q_a_layernorm.weight, self.q_b_proj.weight]
+        return src + [self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight, norm.weight]
+
+    def _decode_build(self, *src: torch.Tensor) -> Optional[dict]:
+        """The decode path's weights, resolved once per weight version (`fused.py`): the projections of x
+        concatenated, and the tensors and constants of the two calls."""
+        lora, idx = hasattr(self, "q_a_proj"), self.indexer
+        n_x = 3 if idx is not None else 2
+        if self.P > 512 or self.R > cpu_decode.MAX_LATENT or (idx is not None and (
+                idx.head_dim > 1024 or idx.rope_dim != self.P)):
+            return None
+        rest = list(src[n_x + (2 if idx is not None else 0):])
+        qa_norm, wqb = (rest.pop(0), rest.pop(0)) if lora else (None, None)
+        kv_norm, kv_b, o, _ = rest
+        return {"wx": torch.cat(src[:n_x]), "q_out": src[0].shape[0], "qa_norm": qa_norm,
+                "qa_eps": self.q_a_layernorm.eps if lora else 0.0, "wqb": wqb, "kv_norm": kv_norm,
+                "kv_eps": self.kv_a_layernorm.eps, "k_norm": idx.k_norm if idx is not None else None, "kv_b": kv_b,
+                "o": o, "check": list(src)}
+
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto",
                 norm: Optional[RMSNorm] = None) -> torch.Tensor:

@@ -44,11 +44,15 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, cache=None, path="auto"):
-        x = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)  # (norm fused at decode)
-        fused = self.mlp.fused_block(x, self.post_attention_layernorm)  # decode on CPU: one C call, else None
-        if fused is not None:
-            return fused
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # decode of a few bf16 rows on CPU: each half of the block is one or two fused C calls (None elsewhere)
+        h = self.self_attn.decode_block(x, self.input_layernorm, rope, cache) if cache is not None and \
+            path != "naive" else None
+        if h is None:
+            h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)
+        out = self.mlp.fused_block(h, self.post_attention_layernorm)
+        if out is not None:
+            return out
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Transformer(nn.Module):
