@@ -7,10 +7,11 @@ transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloa
 prefill: nanoseek times the engine steps after the first token; transformers times generate(N) - generate(1)
 (best of --repeats). The memory-bandwidth bound is measured in the same run, twice: a large tensor copy
 (read + write bytes) and a large sum (read only); the achieved fraction is (activated weight bytes per token /
-bandwidth) / measured time per token, for each bandwidth, where activated
-weights = everything a decode token reads: all non-expert matrices (the embedding counts one row), the
-shared experts, and num_experts_per_tok routed experts per MoE layer. KV cache bytes per token: nanoseek's from
-its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
+bandwidth) / measured time per token, for each bandwidth, where activated weights = everything a decode token
+reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
+routed experts per MoE layer. For bf16 it also reports how much of a token is spent inside the fused C decode
+kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth. KV cache bytes per token: nanoseek's from its
+config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 """
 from __future__ import annotations
 

@@ -108,7 +108,9 @@ class Engine:
         self.counters = dict(prompt_tokens=0, generation_tokens=0, spec_drafted=0, spec_accepted=0,
                              requests_finished=0, forward_calls=0)
         # Everything alive now (torch, the model) lives as long as the engine: keep it out of the garbage
-        # collector's full passes, which would otherwise stall a decode step by ~80 ms now and then.
+        # collector's full passes, which would otherwise stall a decode step by ~80 ms now and then. Collect
+        # first, so that no garbage cycle is frozen with it.
+        gc.collect()
         gc.freeze()
 
     # ---- public API ------------------------------------------------------------------------------------

@@ -82,30 +82,14 @@ class MLA(nn.Module):
         """x [B, T, D] -> (x after `norm` if given, q [B, T, H, N+P] with its rope dims rotated, c_q or None, the
         new cache rows [B, T, C], the indexer's key [B, T, Di] or None): norm + `_project` + rope + `_latent` +
         `Indexer.key`, as one fused call for a few bf16 rows on CPU (`cpu_decode.py`)."""
-        first = self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj
-        idx = self.indexer
-        linears = [first, self.kv_a_proj_with_mqa] + ([idx.wk] if idx is not None else [])
-        weights = [m.weight for m in linears]
-        lora = hasattr(self, "q_a_proj")
-        extra = [self.q_a_layernorm.weight, self.q_b_proj.weight] if lora else []
-        extra += [idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
-        norm_w = [norm.weight] if norm is not None else []
-        if (cpu_decode.usable(x, *weights, *extra, *norm_w, self.kv_a_layernorm.weight) and self.P <= 512
-                and (idx is None or (idx.head_dim <= 1024 and idx.rope_dim == self.P))
-                and rope.cos.is_contiguous() and rope.sin.is_contiguous()):
-            wx = derived(self, "_fused_x_proj", weights, lambda *ws: torch.cat(ws))
-            if wx is not None:
-                return cpu_decode.mla_project(
-                    x, wx, weights[0].shape[0], self.R, self.P, extra[0] if lora else None,
-                    self.q_a_layernorm.eps if lora else 0.0, extra[1] if lora else None, self.n_heads, self.N,
-                    self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, rope.cos, rope.sin,
-                    idx.k_norm if idx is not None else None, norm.weight if norm is not None else None,
-                    norm.eps if norm is not None else 0.0)
+        w = self._fused_weights(x, rope, norm)
+        if w is not None:
+            return self._project_fused(x, rope, norm, w)
         if norm is not None:
             x = norm(x)
         q, cq, kv, wk_x = self._project(x)
         q = apply_rope_pairs(q, rope, lead=self.N)  # only the last P dims of each head rotate
-        index_k = idx.key(x, rope, wk_x) if idx is not None else None
+        index_k = self.indexer.key(x, rope, wk_x) if self.indexer is not None else None
         return x, q, cq, self._latent(kv, rope), index_k
 
     def _latent(self, kv, rope: RopeTables):
@@ -200,7 +184,7 @@ class MLA(nn.Module):
         out = torch.bmm(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).reshape(B, T, H, self.V).to(q.dtype)
 
-    # ---- decode fast path ------------------------------------------------------------------------------
+    # ---- decode fast path (fused C kernels, `cpu_decode.py`) --------------------------------------------
     def decode_block(self, h: torch.Tensor, norm: RMSNorm, rope: RopeTables, cache) -> Optional[torch.Tensor]:
         """h + forward(norm(h)) for a decode call (a few bf16 rows on CPU, inference) in two fused C calls, the
         projections and the attention with o_proj and the residual, with no other PyTorch op than the cache
@@ -211,18 +195,29 @@ class MLA(nn.Module):
         mask = cache.mask
         if self.indexer is not None and self.dsa_mode == "sparse" and mask.shape[-1] > self.indexer.topk:
             return None
-        w = derived(self, "_decode_weights", self._decode_sources(norm), self._decode_build)
-        if w is None or not cpu_decode.usable(h, *w["check"]) or not (rope.cos.is_contiguous()
-                                                                       and rope.sin.is_contiguous()):
+        w = self._fused_weights(h, rope, norm)
+        if w is None:
             return None
-        xn, q, cq, rows, index_k = cpu_decode.mla_project(
-            h, w["wx"], w["q_out"], self.R, self.P, w["qa_norm"], w["qa_eps"], w["wqb"], self.n_heads, self.N,
-            w["kv_norm"], w["kv_eps"], rope.cos, rope.sin, w["k_norm"], norm.weight, norm.eps)
+        _, q, _, rows, index_k = self._project_fused(h, rope, norm, w)
         cache.write(self.layer_id, rows, index_k)
         return cpu_decode.mla_absorbed(q, w["kv_b"], self.V, cache.read(self.layer_id), mask, self.scale, w["o"],
                                        resid=h)
 
-    def _decode_sources(self, norm: RMSNorm) -> list[torch.Tensor]:
+    def _fused_weights(self, x, rope: RopeTables, norm: Optional[RMSNorm]) -> Optional[dict]:
+        """The fused path's weights for input x (cached per weight version, `fused.py`), or None where the
+        kernels do not take this call."""
+        if not (cpu_decode.usable(x) and rope.cos.is_contiguous() and rope.sin.is_contiguous()):
+            return None
+        w = derived(self, "_decode_weights", self._decode_sources(norm), self._decode_build)
+        return w if w is not None and cpu_decode.usable(x, *w["check"]) else None
+
+    def _project_fused(self, x, rope: RopeTables, norm: Optional[RMSNorm], w: dict):
+        return cpu_decode.mla_project(
+            x, w["wx"], w["q_out"], self.R, self.P, w["qa_norm"], w["qa_eps"], w["wqb"], self.n_heads, self.N,
+            w["kv_norm"], w["kv_eps"], rope.cos, rope.sin, w["k_norm"], norm.weight if norm is not None else None,
+            norm.eps if norm is not None else 0.0)
+
+    def _decode_sources(self, norm: Optional[RMSNorm]) -> list[torch.Tensor]:
         lora = hasattr(self, "q_a_proj")
         first = self.q_a_proj if lora else self.q_proj
         src = [first.weight, self.kv_a_proj_with_mqa.weight]
@@ -230,19 +225,20 @@ class MLA(nn.Module):
             src += [self.indexer.wk.weight, self.indexer.k_norm.weight, self.indexer.k_norm.bias]
         if lora:
             src += [self.q_a_layernorm.weight, self.q_b_proj.weight]
-        return src + [self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight, norm.weight]
+        src += [self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight]
+        return src + ([norm.weight] if norm is not None else [])
 
     def _decode_build(self, *src: torch.Tensor) -> Optional[dict]:
-        """The decode path's weights, resolved once per weight version (`fused.py`): the projections of x
-        concatenated, and the tensors and constants of the two calls."""
+        """The fused path's weights, resolved once per weight version: the projections of x concatenated, and
+        the tensors and constants of the calls (`_decode_sources` order)."""
         lora, idx = hasattr(self, "q_a_proj"), self.indexer
-        n_x = 3 if idx is not None else 2
         if self.P > 512 or self.R > cpu_decode.MAX_LATENT or (idx is not None and (
                 idx.head_dim > 1024 or idx.rope_dim != self.P)):
             return None
+        n_x = 3 if idx is not None else 2
         rest = list(src[n_x + (2 if idx is not None else 0):])
         qa_norm, wqb = (rest.pop(0), rest.pop(0)) if lora else (None, None)
-        kv_norm, kv_b, o, _ = rest
+        kv_norm, kv_b, o = rest[:3]
         return {"wx": torch.cat(src[:n_x]), "q_out": src[0].shape[0], "qa_norm": qa_norm,
                 "qa_eps": self.q_a_layernorm.eps if lora else 0.0, "wqb": wqb, "kv_norm": kv_norm,
                 "kv_eps": self.kv_a_layernorm.eps, "k_norm": idx.k_norm if idx is not None else None, "kv_b": kv_b,

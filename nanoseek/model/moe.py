@@ -44,7 +44,6 @@ class MLP(nn.Module):
         gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
         return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
 
-
     def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
         """h + self(norm(h)) as one C call for a few bf16 rows on CPU (`cpu_decode.py`); None otherwise."""
         if not cpu_decode.usable(h, norm.weight, self.down_proj.weight):
@@ -285,18 +284,16 @@ class MoE(nn.Module):
         if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down):
             return None
         w32 = derived(g, "_weight_fp32", [g.weight], lambda w: w.float())
+        if w32 is None or gate_up.shape[0] != g.E:  # (expert parallelism holds only this rank's experts)
+            return None
         shared = None
         if self.shared_experts is not None:
             s = self.shared_experts
-            if not cpu_decode.usable(h, s.down_proj.weight):
-                return None
             s_gate_up = derived(s, "_fused_gate_up", [s.gate_proj.weight, s.up_proj.weight],
                                 lambda a, b: torch.cat((a, b)))
-            shared = None if s_gate_up is None else (s_gate_up, s.down_proj.weight)
-            if shared is None:
+            if s_gate_up is None or not cpu_decode.usable(h, s_gate_up, s.down_proj.weight):
                 return None
-        if w32 is None or gate_up.shape[0] != g.E:  # (expert parallelism holds only this rank's experts)
-            return None
+            shared = (s_gate_up, s.down_proj.weight)
         router = (w32, g.e_score_correction_bias, g.scoring, g.method, g.n_group, g.topk_group, g.K, g.norm_topk,
                   g.scaling)
         out, idx = cpu_decode.ffn_block(h, norm.weight, norm.eps, router, (gate_up, down), shared)
