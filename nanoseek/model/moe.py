@@ -284,7 +284,8 @@ class MoE(nn.Module):
         if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down):
             return None
         w32 = derived(g, "_weight_fp32", [g.weight], lambda w: w.float())
-        if w32 is None or gate_up.shape[0] != g.E:  # (expert parallelism holds only this rank's experts)
+        # (expert parallelism holds only this rank's experts; the kernel scores at most 256 groups)
+        if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256:
             return None
         shared = None
         if self.shared_experts is not None:
