@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server over the engine, its chat page, and `nanoseek serve`.
 
-    nanoseek serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--dtype float32|bfloat16]
+    nanoseek serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--dtype auto|float32|bfloat16]
                              [--speculative mtp --num-draft 1] [--max-batch-size 16] [--max-model-len N] ...
 
 Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md):
@@ -59,7 +59,7 @@ class ServeConfig:
     model_dir: str
     served_model_name: Optional[str] = None  # default: the model folder's name
     api_key: Optional[str] = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's (FP8 releases: bfloat16), like vLLM's --dtype auto
     device: str = "auto"  # cuda when available
     max_batch_size: int = 16
     block_size: int = 16
@@ -236,11 +236,13 @@ class _State:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model_dir)
-        model = nanoseek.from_pretrained(cfg.model_dir, dtype=getattr(torch, cfg.dtype), device=device).eval()
+        dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        model = nanoseek.from_pretrained(cfg.model_dir, dtype=dtype, device=device).eval()
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
                         cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
                         speculative=cfg.speculative, num_draft=cfg.num_draft)
-        log.info("loaded %s (%s, %s) in %.1fs", cfg.model_dir, cfg.dtype, device, time.perf_counter() - t0)
+        log.info("loaded %s (%s, %s) in %.1fs", cfg.model_dir, str(next(model.parameters()).dtype).split(".")[-1],
+                 device, time.perf_counter() - t0)
         return tokenizer, engine
 
     async def load(self) -> None:
@@ -931,7 +933,9 @@ def cli(cmd: str, argv: list[str]) -> int:
     ap.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
     ap.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: the checkpoint's (bfloat16 for DeepSeek's releases; on CPU bf16 decode runs on the "
+                         "fused kernels)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
