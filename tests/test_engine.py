@@ -224,9 +224,25 @@ def test_preemption_with_speculation():
         assert o.new_token_ids == alone(m, p, greedy(24)).new_token_ids
 
 
+def test_queue_bound_counts_only_requests_beyond_the_free_batch_slots():
+    """Requests submitted between two steps wait in the queue until the step admits them: the bound applies to
+    the ones the batch will not take."""
+    e = Engine(tiny_model(), None, max_batch_size=4, max_waiting=1, max_model_len=64)
+    for i in range(5):  # 4 free slots + 1 queue place
+        e.add_request(f"r{i}", [5, 6, i + 7], greedy(3))
+    with pytest.raises(EngineFull):
+        e.add_request("r5", [5], greedy(2))
+    e.step()  # admits 4; one still waits
+    with pytest.raises(EngineFull):
+        e.add_request("r5", [5], greedy(2))
+    while e.has_unfinished():
+        e.step()
+    e.add_request("r5", [5], greedy(2))  # room again
+
+
 def test_errors_queue_bound_abort():
     m = tiny_model()
-    e = Engine(m, None, cache_bytes=1 << 20, max_waiting=2, max_model_len=64)
+    e = Engine(m, None, cache_bytes=1 << 20, max_batch_size=1, max_waiting=1, max_model_len=64)
     with pytest.raises(ValueError, match="context length"):
         e.add_request("long", list(range(3, 60)), greedy(10))
     with pytest.raises(ValueError, match="empty"):
@@ -235,8 +251,8 @@ def test_errors_queue_bound_abort():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="token ids"):
         e.add_request("bad", [5, 99999], greedy(2))
-    e.add_request("a", [5, 6, 7], greedy(20))
-    e.add_request("b", [5, 6, 8], greedy(20))
+    e.add_request("a", [5, 6, 7], greedy(20))  # takes the batch's free slot at the next step
+    e.add_request("b", [5, 6, 8], greedy(20))  # will wait: the queue's one place
     with pytest.raises(EngineFull):
         e.add_request("c", [5], greedy(2))
     e.step()

@@ -80,7 +80,10 @@ class Scheduler:
         self.prefix_cache_hits = 0  # prompt tokens whose rows came from the prefix cache
 
     def add(self, req: Request) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        # The bound is on requests that will have to wait: those the free batch slots do not take at the next
+        # step (several requests submitted between two steps all sit in `waiting` until then).
+        free_slots = max(0, self.max_batch_size - len(self.running))
+        if len(self.waiting) >= self.max_waiting + free_slots:
             raise EngineFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
         self.waiting.append(req)
 
