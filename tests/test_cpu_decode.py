@@ -231,3 +231,18 @@ def test_ragged_multi_token_calls_equal_each_request_alone():
     alone1 = decode(m, ids[1:], 40, [[1]] * 12, True)[0]
     torch.testing.assert_close(ragged[0], alone0, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(ragged[1], alone1, rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_engine_batch_and_speculation_invariant():
+    """With the kernels every row of a decode call is computed on its own, so in bf16 a request's greedy tokens
+    do not depend on what it is batched with, nor on MTP verification feeding several tokens at once. (Without
+    DSA: past top-k the PyTorch indexer scores a batch with other GEMMs than one query, whose bf16 roundings
+    can flip near-ties in the selection.)"""
+    from nanoseek.engine import Engine, SamplingParams
+    m = bf16_model(index_topk=0, index_n_heads=0)
+    prompts = [torch.randint(3, m.config.vocab_size, (n,)).tolist() for n in (5, 40, 70)]
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    batched = [o.new_token_ids for o in Engine(m, None).generate(prompts, sp)]
+    alone = [Engine(m, None, max_batch_size=1).generate([p], sp)[0].new_token_ids for p in prompts]
+    spec = [o.new_token_ids for o in Engine(m, None, speculative="mtp", num_draft=2).generate(prompts, sp)]
+    assert batched == alone == spec
