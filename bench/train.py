@@ -7,10 +7,10 @@ One training step = forward + cross-entropy + backward + gradient clipping + Ada
 both). bfloat16 = autocast with fp32 master weights for both. nanoseek's step is the one `nanoseek train` runs:
 its loss function torch.compile'd (`--no-compile`: eager); the compilation happens in the untimed first step.
 The process keeps freed memory in malloc's heap as `nanoseek train` does (`keep_freed_memory`), which speeds up
-both models alike. The two models are timed in alternation (one
-step each, repeated) so that load from other processes hits both alike; the median step is reported, both in
-wall-clock time and in process CPU time / threads ("CPU time" columns: what the step costs when the cores are
-not shared; on a busy machine the wall-clock figures mostly measure the other processes).
+both models alike. The two models are timed in alternation (one step each, repeated) so that load from other
+processes hits both alike; the median step is reported, both in wall-clock time and in process CPU time /
+threads ("CPU time" columns: what the step costs when the cores are not shared; on a busy machine the wall-clock
+figures mostly measure the other processes).
 The config is the chosen preset with DSA and MTP off (transformers' DeepseekV3 has neither), so both compute
 the same function; nanoseek's first step is checked against transformers' loss before timing.
 
