@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="nanoseek's step eagerly")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where one nanoseek step spends its time (torch.profiler, by op)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -147,6 +149,12 @@ def main() -> None:
                          res["nanoseek"][1] / res["transformers"][1], None))
             print(f"  {dname}: peak {peak / 1e9:.0f} GFLOP/s ({src}); first-step loss nanoseek {l_ns:.4f}, "
                   f"transformers {l_hf:.4f}")
+            if a.profile:
+                from torch.profiler import profile
+                with profile() as prof:
+                    steps["nanoseek"]()
+                print(f"\none nanoseek {dname} step, by op (self CPU time, both threads):")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
             del ns, hf, steps
     print()
     print("| dtype | model | tokens/s (wall) | tokens/s (CPU time) | MFU (CPU time) |")

@@ -75,19 +75,6 @@ static inline float dot_bf_f(const bf16 *a, const float *b, int64_t n) {
     return s;
 }
 
-/* sum_i a[i] * b[i], both fp32 */
-static inline float dot_f(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.f;
-#ifdef NS_AVX512BF16
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* y[M, O] = x[M, D] @ W[O, D]^T, bf16 in and out. Each weight row is read once for all M rows. */
 void ns_linear_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *W, int64_t O, bf16 *y, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)

@@ -45,8 +45,9 @@ class Block(nn.Module):
 
     def forward(self, x, rope, cache=None, path="auto"):
         # decode of a few bf16 rows on CPU: each half of the block is one or two fused C calls (None elsewhere)
-        h = self.self_attn.decode_block(x, self.input_layernorm, rope, cache) if cache is not None and \
-            path != "naive" else None
+        h = None
+        if cache is not None and path != "naive":
+            h = self.self_attn.decode_block(x, self.input_layernorm, rope, cache)
         if h is None:
             h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)
         out = self.mlp.fused_block(h, self.post_attention_layernorm)
