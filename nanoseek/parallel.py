@@ -30,6 +30,7 @@ M (token, expert) pairs received for this rank's experts.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -103,16 +104,43 @@ def init_distributed(device: str | None = None) -> Dist:
 
 
 def destroy(timeout_s: float = 60.0) -> None:
-    """Leave the process group (no-op without one). A barrier first lets every rank finish its last collective
-    before any rank tears its connections down (gloo can abort a peer otherwise); it waits at most `timeout_s`,
-    so a rank calling this after an error, while others are stuck elsewhere, still exits."""
+    """Leave the process group (no-op without one). Drop the sharded model and optimizer first.
+
+    A barrier first lets every rank finish its last collective before any rank tears its connections down (gloo
+    can abort a peer otherwise); it waits at most `timeout_s`, so a rank calling this after an error, while others
+    are stuck elsewhere, still exits. The groups must then really die here, their worker threads joined: a gloo
+    thread still alive at interpreter exit can be finishing a last work item whose tensors need the GIL, and the
+    process aborts ("terminate called without an active exception", about one exit in twenty). DTensor's
+    sharding caches keep device meshes, and through them the groups, alive after the model is gone, so they are
+    emptied first."""
     if not torch_dist.is_initialized():
         return
     try:
         torch_dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError:  # a peer is gone or busy elsewhere: tear down anyway
         pass
+    _clear_dtensor_caches()
+    gc.collect()  # FSDP state and hooks form reference cycles that hold the mesh
     torch_dist.destroy_process_group()
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's caches that keep device meshes: sharding propagation, redistribution plans, mesh topology.
+    They are private to torch, so each is skipped where this torch lacks it; the 2-process tests check that no
+    gloo thread outlives `destroy`, which catches a cache this misses."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+        _clear_sharding_prop_cache()
+    except (ImportError, AttributeError):
+        pass
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    caches = [getattr(_redistribute, "_gen_transform_infos", None), getattr(_redistribute, "_planner_cache", None),
+              getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh", None)]
+    for cache in caches:
+        if hasattr(cache, "cache_clear"):
+            cache.cache_clear()
+        elif isinstance(cache, dict):
+            cache.clear()
 
 
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -188,6 +188,7 @@ def cli(cmd: str, argv: list[str]) -> int:
     except ValueError as e:
         print(f"nanoseek train: error: {e}", file=sys.stderr)
         return 2
+    from nanoseek.parallel import destroy
     try:
         train(tc)
     except (ValueError, FileNotFoundError) as e:
@@ -197,6 +198,8 @@ def cli(cmd: str, argv: list[str]) -> int:
         print(f"nanoseek train: interrupted; `--resume` continues from the last checkpoint in {tc.out}",
               file=sys.stderr)
         return 130
+    finally:
+        destroy()  # under torchrun: leave the group once train()'s sharded model is gone (see destroy)
     return 0
 
 
@@ -242,10 +245,7 @@ def freeze_for_stage(model: torch.nn.Module, stage: str) -> None:
 def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
                       mtp_depth: int) -> dict[str, torch.Tensor]:
     """Forward one micro-batch x, y [B, T]; returns the loss to backpropagate ('loss') and its parts."""
-    for m in dsa_layers(model):
-        m.indexer_loss = m.indexer_recall = None
-    for m in moe_layers(model):
-        m.aux_loss = None
+    _clear_side_losses(model)
     out = model(x)
     lm = cross_entropy(out.logits, y)
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
@@ -276,7 +276,18 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
         # warm-up: the frozen model only supplies the target; only the indexers' KL is optimised
         total = parts["indexer_kl"] if tc.dsa_stage == "warmup" else total + parts["indexer_kl"]
     parts["loss"] = total
+    _clear_side_losses(model)
     return parts
+
+
+def _clear_side_losses(model: Transformer) -> None:
+    """Reset the losses the blocks leave in attributes. Left there, their autograd graph would outlive the step,
+    and with it FSDP's backward hooks: a cycle through C++ that gc cannot break, keeping the model and its
+    process group alive to interpreter exit."""
+    for m in dsa_layers(model):
+        m.indexer_loss = m.indexer_recall = None
+    for m in moe_layers(model):
+        m.aux_loss = None
 
 
 def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: int = 1):

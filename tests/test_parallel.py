@@ -13,7 +13,6 @@ Two paths:
   process, with and without --expert-parallel, and a resume that changes the layout.
 """
 import json
-import gc
 import os
 import shutil
 import socket
@@ -105,24 +104,34 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     torch.set_num_threads(1)
     dist = init_distributed("cpu")
     try:
-        assert (dist.rank, dist.world_size, dist.is_main) == (rank, world, rank == 0)
-        model = parallelize(_model(job.get("warmup", False)), dist, expert_parallel=job["ep"])
-        opt = _optimizer(model)
-        batches = _batches()
-        start = 0
-        if job.get("resume_from"):  # a single-process checkpoint, read by every rank
-            ck = torch.load(job["resume_from"])
-            load_full_model_state_dict(model, ck["model"], dist)
-            load_full_optimizer_state_dict(model, opt, ck["optim"], dist)
-            start = job["resume_step"]
-        log = _train(model, opt, batches, dist, start)
-        sd, osd = full_model_state_dict(model, dist), full_optimizer_state_dict(model, opt, dist)
-        if dist.is_main:
-            torch.save({"log": log, "model": sd, "optim": osd}, job["out"])
-        else:
-            assert sd == {} and osd == {}
+        _job(rank, world, dist, job)  # its sharded model and optimizer are gone when destroy() runs
     finally:
         destroy()
+    assert _gloo_threads() == []  # the groups died in destroy(): no gloo thread is left to abort the exit
+
+
+def _gloo_threads() -> list[str]:
+    names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n]
+
+
+def _job(rank: int, world: int, dist: Dist, job: dict) -> None:
+    assert (dist.rank, dist.world_size, dist.is_main) == (rank, world, rank == 0)
+    model = parallelize(_model(job.get("warmup", False)), dist, expert_parallel=job["ep"])
+    opt = _optimizer(model)
+    batches = _batches()
+    start = 0
+    if job.get("resume_from"):  # a single-process checkpoint, read by every rank
+        ck = torch.load(job["resume_from"])
+        load_full_model_state_dict(model, ck["model"], dist)
+        load_full_optimizer_state_dict(model, opt, ck["optim"], dist)
+        start = job["resume_step"]
+    log = _train(model, opt, batches, dist, start)
+    sd, osd = full_model_state_dict(model, dist), full_optimizer_state_dict(model, opt, dist)
+    if dist.is_main:
+        torch.save({"log": log, "model": sd, "optim": osd}, job["out"])
+    else:
+        assert sd == {} and osd == {}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,6 +166,14 @@ def _expert_layer_worker(rank: int, world: int, port: int, device: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist = init_distributed(device)
+    try:
+        _expert_layer_checks(rank, world, dist)  # its DTensors, which hold the mesh and so the group, are gone
+    finally:
+        destroy()
+    assert _gloo_threads() == []
+
+
+def _expert_layer_checks(rank: int, world: int, dist: Dist) -> None:
     mesh = torch.distributed.device_mesh.init_device_mesh(dist.device.type, (world,))
     cfg = nanoseek.get_preset("tiny")
     E, N, K, D = cfg.n_routed_experts, 40, cfg.num_experts_per_tok, cfg.hidden_size
@@ -192,11 +209,6 @@ def _expert_layer_worker(rank: int, world: int, port: int, device: str) -> None:
             got = getattr(ep, name).grad
             assert isinstance(got, torch.distributed.tensor.DTensor) and got.shape == ref.shape
             torch.testing.assert_close(got.to_local().float(), ref[lo:hi], **tol)
-    # drop the DTensors and their mesh before leaving the group: torn down later, at interpreter exit, gloo's
-    # threads can abort the process (SIGABRT after every check passed, about 1 run in 6)
-    del plain, ep, outs, grads, got, mesh
-    gc.collect()
-    destroy()
 
 
 def test_expert_parallel_layer_matches_plain_experts(tmp_path):

@@ -222,6 +222,22 @@ def test_expert_bias_moves_toward_balance():
         assert (m.gate.e_score_correction_bias[:2] < 0).all()
 
 
+def test_micro_step_leaves_no_autograd_graph_on_the_model():
+    """The blocks' side losses (sequence-wise balance, indexer KL and recall) are read and cleared within the
+    micro-step: their graph, left on the model, would keep FSDP's hooks and so the model and its process group
+    alive to interpreter exit, where gloo threads can abort the process (`nanoseek.parallel.destroy`)."""
+    model = nanoseek.Transformer(nanoseek.get_preset("tiny"))
+    T.set_dsa_stage(model, "sparse")
+    for m in T.moe_layers(model):
+        m.seq_aux_alpha = 1e-3
+    ids = torch.randint(0, model.config.vocab_size, (2, 50))  # 48 > index_topk: the selection is active
+    parts = T.micro_step_losses(model, ids[:, :48], ids[:, 1:49], T.TrainConfig(out="-", dsa_stage="sparse"), 1)
+    assert {"balance_loss", "indexer_kl", "indexer_recall", "mtp_loss"} <= parts.keys()
+    parts["loss"].backward()
+    assert all(m.aux_loss is None for m in T.moe_layers(model))
+    assert all(m.indexer_loss is None and m.indexer_recall is None for m in T.dsa_layers(model))
+
+
 def test_dsa_warmup_trains_only_the_indexer_and_kl_falls(env, pretrained, tmp_path):
     init = pretrained[0] / "final"
     out = tmp_path / "warm"
