@@ -162,6 +162,23 @@ def test_absorbed_attention(per_query):
     close(a, b, rel=2 ** -6)
 
 
+@contextlib.contextmanager
+def counting(kernel: str):
+    """Counts the calls of one C kernel, whichever path makes them."""
+    lib = cpu_decode.library()
+    real, calls = getattr(lib, kernel), {"n": 0}
+
+    def count(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    setattr(lib, kernel, count)
+    try:
+        yield calls
+    finally:
+        setattr(lib, kernel, real)
+
+
 def bf16_model(**kw):
     torch.manual_seed(0)
     m = nanoseek.Transformer(get_preset("tiny", **kw)).eval()
@@ -201,19 +218,10 @@ def test_decode_steps_match_reference(kw):
     """Decode one request token by token past DSA's top-k (32), so the sparse path gathers: kernels on vs off."""
     m = bf16_model(**kw)
     ids = torch.randint(0, m.config.vocab_size, (1, 52))
-    calls = {"n": 0}
-    real = cpu_decode.mla_absorbed
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    cpu_decode.mla_absorbed = counting
-    try:
+    L = m.config.num_hidden_layers
+    with counting("ns_mla_absorbed_bf16") as calls, counting("ns_decode_stack_bf16") as stacks:
         (a,) = decode(m, ids, 40, [[1]] * 12, True)
-    finally:
-        cpu_decode.mla_absorbed = real
-    assert calls["n"] == 12 * m.config.num_hidden_layers  # the kernels really ran
+    assert calls["n"] + L * stacks["n"] == 12 * L  # the kernels really ran, block by block or all in one call
     (b,) = decode(m, ids, 40, [[1]] * 12, False)
     assert (a - b).abs().max() <= 0.02 * b.abs().max()
     assert torch.equal(a.argmax(-1), b.argmax(-1))
@@ -246,3 +254,58 @@ def test_bf16_engine_batch_and_speculation_invariant():
     alone = [Engine(m, None, max_batch_size=1).generate([p], sp)[0].new_token_ids for p in prompts]
     spec = [o.new_token_ids for o in Engine(m, None, speculative="mtp", num_draft=2).generate(prompts, sp)]
     assert batched == alone == spec
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
+                                {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
+def test_decode_plan_equals_block_by_block(kw, monkeypatch):
+    """The whole-stack plan (`decode_plan.py`) runs the kernels the blocks run one by one, and the cache's writes
+    and reads itself: identical logits and expert ids, for one request (contiguous rows) and for a ragged batch
+    (1 and 3 tokens, rows gathered by slot). It steps aside once DSA must select (context past top-k = 32), and
+    after a weight changes in place it rebuilds, matching the reference again."""
+    from nanoseek.model import decode_plan
+    m = bf16_model(**kw)
+    L = m.config.num_hidden_layers
+    ids = torch.randint(0, m.config.vocab_size, (2, 52))
+    real_run, runs = decode_plan.run, {"n": 0}
+
+    def plan_run(*a):
+        y = real_run(*a)
+        runs["n"] += y is not None
+        return y
+
+    def both_paths(ids, feeds):
+        moes = [b.mlp for b in m.layers if isinstance(b.mlp, MoE)]
+        monkeypatch.setattr(decode_plan, "run", plan_run)
+        with counting("ns_mla_absorbed_bf16") as calls, counting("ns_decode_stack_bf16") as stacks:
+            planned = decode(m, ids, 20, feeds, True)
+        assert calls["n"] == 0 and stacks["n"] == len(feeds)  # one call per step runs all the blocks
+        last = [x._last_idx.clone() for x in moes]
+        monkeypatch.setattr(decode_plan, "run", lambda *a: None)
+        reference = decode(m, ids, 20, feeds, True)
+        assert all(torch.equal(a, b) for a, b in zip(planned, reference))
+        assert all(torch.equal(a, x._last_idx) for a, x in zip(last, moes))
+
+    both_paths(ids[:1], [[1]] * 6)
+    assert runs["n"] == 6
+    both_paths(ids, [[1, 3]] * 3)
+    assert runs["n"] == 9
+    with torch.no_grad():  # in place, as training or a weight load would: the plan must rebuild the
+        m.layers[1].self_attn.kv_a_proj_with_mqa.weight.mul_(-1)  # concatenated projection it derives from it
+    both_paths(ids[:1], [[1]] * 4)
+    assert runs["n"] == 13
+    def dense_cache_steps():  # the model-level DenseCache (generate, benches): batch rows at slot b * max_len + p
+        cache = nanoseek.DenseCache(m.config, 2, 32, BF)
+        with torch.no_grad(), kernels(True):
+            m(ids[:, :20], cache=cache.step(20))
+            return [m(ids[:, 20 + i:21 + i], cache=cache.step(1)).logits for i in range(4)]
+
+    monkeypatch.setattr(decode_plan, "run", plan_run)
+    planned = dense_cache_steps()
+    assert runs["n"] == 17
+    monkeypatch.setattr(decode_plan, "run", lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(planned, dense_cache_steps()))
+    if m.config.use_dsa:  # past top-k the DSA layers select: the blocks run one by one
+        monkeypatch.setattr(decode_plan, "run", plan_run)
+        decode(m, ids[:1], 40, [[1]] * 2, True)
+        assert runs["n"] == 17

@@ -192,15 +192,29 @@ class CacheView:
         self.rows_read += len(self._tables) * self._S
         if self._span is not None:
             return self.pool.kv[layer, self._span][None]
-        return self.pool.kv[layer][self.read_slots]  # [B, S, C]
+        return self._rows(self.pool.kv[layer], self.read_slots)  # [B, S, C]
+
+    def slots(self):
+        """The cache as pools of rows for `decode_plan`: (kv [L, slots, C], index_k [L, slots, I] or None, write
+        slots [B*T], read slots [B*S] or None with the first row's slot when one request's rows are
+        contiguous). Counts the reads of all layers."""
+        self.rows_read += self.pool.kv.shape[0] * len(self._tables) * self._S
+        if self._span is not None:
+            return self.pool.kv, self.pool.index_k, self.write_slots, None, self._span.start
+        return self.pool.kv, self.pool.index_k, self.write_slots, self.read_slots.reshape(-1), 0
 
     def read_index_keys(self, layer: int) -> torch.Tensor:
         if self._span is not None:
             return self.pool.index_k[layer, self._span][None]
-        return self.pool.index_k[layer][self.read_slots]  # [B, S, I]
+        return self._rows(self.pool.index_k[layer], self.read_slots)  # [B, S, I]
 
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         B, T, K = idx.shape
         slots = torch.gather(self.read_slots, 1, idx.reshape(B, T * K)).view(B, T, K)
         self.rows_read += slots.numel()
-        return self.pool.kv[layer][slots]  # [B, T, K, C]
+        return self._rows(self.pool.kv[layer], slots)  # [B, T, K, C]
+
+    @staticmethod
+    def _rows(plane: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """plane[slots]: index_select, a quarter of advanced indexing's cost on CPU (one per layer and step)."""
+        return plane.index_select(0, slots.reshape(-1)).view(*slots.shape, plane.shape[-1])

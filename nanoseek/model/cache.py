@@ -33,6 +33,10 @@ class LatentCache(Protocol):
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """Only the selected rows: idx [B, T, K] (values in [0, S)) -> [B, T, K, C]. O(K) reads, for DSA decode."""
 
+    # optional: slots() -> (kv [L, slots, C], index_k [L, slots, I] or None, write slots [B*T], read slots [B*S] or
+    # None, first slot of a single request's contiguous rows): the whole-stack CPU decode (`decode_plan.py`)
+    # reads and writes the cache itself through it; a cache without it takes the blocks one by one.
+
 
 class DenseCache:
     """A contiguous [B, S_max] cache for batches that advance together (tests, `generate`, benches).
@@ -79,6 +83,17 @@ class DenseCache:
 
     def read_index_keys(self, layer):
         return self.index_k[layer, :, : self.length]
+
+    def slots(self):
+        """The cache as pools of rows (see `CacheView.slots`): batch row b's position p is slot b * max_len + p."""
+        L, B, S_max, C = self.kv.shape
+        base = torch.arange(B, device=self.kv.device)[:, None] * S_max
+        write = (base + torch.arange(self.length - self._t, self.length, device=self.kv.device)).reshape(-1)
+        ik = None if self.index_k is None else self.index_k.view(L, B * S_max, -1)
+        if B == 1:
+            return self.kv.view(L, S_max, C), ik, write, None, 0
+        read = (base + torch.arange(self.length, device=self.kv.device)).reshape(-1)
+        return self.kv.view(L, B * S_max, C), ik, write, read, 0
 
     def gather(self, layer, idx):
         B, T, K = idx.shape

@@ -4,6 +4,7 @@
  *   ns_mla_project_bf16   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
  *   ns_mla_absorbed_bf16  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block_bf16     a block's feed-forward half: norm, router, routed + shared experts, residual
+ *   ns_decode_stack_bf16  all decoder blocks of a decode step, with the latent cache's writes and reads
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
  * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
@@ -425,6 +426,60 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
         if (E > 0 && s_gate_up) f = rbf(bf2f(r_out[t]) + bf2f(s_out[t]));
         else f = bf2f(E > 0 ? r_out[t] : s_out[t]);
         out[t] = f2bf(bf2f(h[t]) + f);
+    }
+}
+
+/* The decoder blocks of a decode step in one call (decode_plan.py): per block, the projections, the cache write,
+ * absorbed attention with o_proj and the residual, and the feed-forward half, exactly the calls the blocks make
+ * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
+ * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
+ * NULL (one request), the contiguous rows from slot span0. kv [B, S, C] is scratch for gathered rows.
+ * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block
+ * (the result). idx [L, M, K'] receives each MoE block's expert ids. */
+typedef struct {
+    int64_t layer;                                               /* its plane in the cache pools */
+    const bf16 *wx; int64_t q_out, R, P, Di; const bf16 *qa_norm; float qa_eps; const bf16 *wqb; int64_t H, N;
+    const bf16 *kv_norm; float kv_eps; const bf16 *ik_w, *ik_b; float ik_eps; const bf16 *in_norm; float in_eps;
+    int64_t Nk; const bf16 *kv_b; int64_t V; float scale; const bf16 *w_o; int64_t Dm;
+    const bf16 *post_w; float post_eps; const float *router_w32; int64_t E; const float *bias; int scoring, method;
+    int64_t n_group, topk_group, K; int norm; float scaling; const bf16 *gate_up, *down; int64_t I;
+    const bf16 *s_gate_up, *s_down; int64_t Is, Kp;
+} ns_block;
+
+void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *x_in, int64_t B, int64_t T,
+                          int64_t D, const float *cos, const float *sin, const uint8_t *mask, int64_t S,
+                          bf16 *kv_pool, bf16 *ik_pool, int64_t n_slots, const int64_t *write_slots,
+                          const int64_t *read_slots, int64_t span0, bf16 *kv, bf16 *rows, bf16 *ik, bf16 *xn,
+                          bf16 *xo, bf16 *cq, bf16 *q, bf16 *att, bf16 *qc, float *sc, float *ol, bf16 *pb,
+                          bf16 *fxn, bf16 *r_out, bf16 *s_out, bf16 *act, float *ys, float *rs, float *gw,
+                          bf16 *h, bf16 *out, int64_t *idx, int nt) {
+    const int64_t M = B * T;
+    const bf16 *x = x_in;
+    for (int64_t l = 0; l < n_blocks; l++) {
+        const ns_block *b = &blocks[l];
+        const int64_t C = b->R + b->P;
+        ns_mla_project_bf16(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
+                            b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
+                            xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
+        bf16 *plane = kv_pool + b->layer * n_slots * C;
+        for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(bf16));
+        if (b->Di) {
+            bf16 *iplane = ik_pool + b->layer * n_slots * b->Di;
+            for (int64_t m = 0; m < M; m++)
+                memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(bf16));
+        }
+        const bf16 *r = plane + span0 * C;
+        if (read_slots) {
+            for (int64_t i = 0; i < B * S; i++) memcpy(kv + i * C, plane + read_slots[i] * C, C * sizeof(bf16));
+            r = kv;
+        }
+        ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, r, S, 0, mask, b->scale, att, qc, sc,
+                             ol, pb, b->w_o, b->Dm, x, h, nt);
+        ns_ffn_block_bf16(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
+                          b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,
+                          b->s_gate_up, b->s_down, b->Is, out, fxn, r_out, s_out, act, ys, rs, gw,
+                          idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
+        x = out;
     }
 }
 

@@ -95,6 +95,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
                                       ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 19 + [
+        p, p, p, nt]
     return lib
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import decode_plan
 from nanoseek.model.fused import linear, packing_supported, set_packing
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
@@ -107,8 +108,12 @@ class Transformer(nn.Module):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         rope = self.rotary(self.positions_for(input_ids, cache))  # rotation tables, shared by all layers
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, cache, path)
+        y = decode_plan.run(self, x, rope, cache) if cache is not None and path != "naive" else None
+        if y is not None:  # bf16 decode on the CPU kernels, the blocks' arguments resolved once
+            x = y
+        else:
+            for layer in self.layers:
+                x = layer(x, rope, cache, path)
         h = self.norm(x)
         hl = h if num_logits is None else h[:, -num_logits:]
         return CausalLMOutput(logits=self.head(hl), hidden=h)

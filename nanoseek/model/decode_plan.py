@@ -1,0 +1,196 @@
+"""Whole-stack bf16 decode on the CPU kernels: one C call runs every decoder block of a decode step.
+
+A decode step of a few bf16 rows on CPU runs three fused C calls per decoder block (`cpu_decode.py`): MLA's
+projections, absorbed attention with o_proj, and the feed-forward half. Taken block by block
+(`Block.forward` -> `MLA.decode_block`, `MoE.fused_block`), each call looks up its derived weights, checks them,
+lays out its arguments in Python and writes or reads the cache with PyTorch ops: at `small`'s size that cost as
+much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` resolves the blocks once per
+weight version of the model into an array of C structs (weight addresses, shapes, epsilons, router settings);
+a step checks one key for the model (the address and version of every weight it reads, and the attention modes)
+and makes one call, `ns_decode_stack_bf16`, which runs the blocks' kernels in order and does the cache's writes
+and reads itself, through the cache's slot view (`slots()`).
+
+Same kernels, same arguments: the result is bit-identical to the block-by-block path, which stays the
+reference (tests/test_cpu_decode.py compares them) and runs wherever the plan does not apply: training, grad
+mode, fp32, more than MAX_ROWS rows, the indexer's loss, a DSA layer whose queries see more than top-k rows, or
+a cache without a slot view.
+
+Legend: B requests, T new tokens each, M = B*T rows, S visible cache rows, D model width, H heads, L blocks.
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+from typing import Optional
+
+import torch
+
+from nanoseek.model import cpu_decode
+from nanoseek.model.fused import derived
+from nanoseek.model.mla import ABSORB_MAX_QUERIES
+from nanoseek.model.moe import MoE
+
+_PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakKeyDictionary()
+
+
+def run(model, x: torch.Tensor, rope, cache) -> Optional[torch.Tensor]:
+    """The decoder blocks on x [B, T, D] (embedded tokens of a decode call) through the plan of `model` (a
+    Transformer), built or rebuilt as needed; None where the plan does not apply (the caller runs the blocks)."""
+    if model.training or torch.is_grad_enabled() or x.shape[1] > ABSORB_MAX_QUERIES or not cpu_decode.usable(x):
+        return None
+    if not (rope.cos.is_contiguous() and rope.sin.is_contiguous()):
+        return None
+    plan = _PLANS.get(model)
+    if plan is None or plan.key != plan.current_key():
+        plan = DecodePlan.build(model)
+        if plan is None:
+            return None
+        _PLANS[model] = plan
+    if plan.sparse_topk is not None and cache.mask.shape[-1] > plan.sparse_topk:
+        return None  # DSA selection needed: runs in MLA._forward_sparse
+    if not hasattr(cache, "slots"):
+        return None
+    return plan.run(x, rope, cache)
+
+
+class _Block(ctypes.Structure):
+    """One decoder block's constant arguments: `ns_block` in cpu_decode.c, field for field."""
+    _p, _i, _f, _c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    _fields_ = [("layer", _i), ("wx", _p), ("q_out", _i), ("R", _i), ("P", _i), ("Di", _i), ("qa_norm", _p),
+                ("qa_eps", _f), ("wqb", _p), ("H", _i), ("N", _i), ("kv_norm", _p), ("kv_eps", _f), ("ik_w", _p),
+                ("ik_b", _p), ("ik_eps", _f), ("in_norm", _p), ("in_eps", _f), ("Nk", _i), ("kv_b", _p), ("V", _i),
+                ("scale", _f), ("w_o", _p), ("Dm", _i), ("post_w", _p), ("post_eps", _f), ("router_w32", _p),
+                ("E", _i), ("bias", _p), ("scoring", _c), ("method", _c), ("n_group", _i), ("topk_group", _i),
+                ("K", _i), ("norm", _c), ("scaling", _f), ("gate_up", _p), ("down", _p), ("I", _i),
+                ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i)]
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class DecodePlan:
+    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
+                 sparse_topk: Optional[int]):
+        self.sources, self.modes = sources, modes
+        self.key = self.current_key()
+        self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
+        self.structs_addr = ctypes.addressof(self.structs)
+        self.moes = moes  # per block, its MoE module (its expert ids are set after each step) or None
+        self.keep = keep  # the derived weights whose addresses the structs hold
+        self.sparse_topk = sparse_topk
+        # scratch widths, the largest over the blocks
+        self.C, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["Di"]
+        self.Ow = max(b["q_out"] + b["R"] + b["P"] + b["Di"] for b in blocks)
+        self.Oq = max(max(b["q_out"], 1) for b in blocks)
+        self.Q = max(b["H"] * (b["N"] + b["P"]) for b in blocks)
+        self.HV = max(b["H"] * b["V"] for b in blocks)
+        self.H, self.R = max(b["H"] for b in blocks), max(b["R"] for b in blocks)
+        self.Kp = blocks[0]["Kp"]
+        self.KI = max(self.Kp * max(b.get("I", 0), b.get("Is", 0)) for b in blocks)
+        self.E = max(max(b.get("E", 0), 1) for b in blocks)
+
+    def current_key(self) -> tuple:
+        """What the plan's addresses and branches depend on: every weight's address and version, and the
+        attention modes (set_dsa_stage changes them without touching a weight)."""
+        src = self.sources  # (checked every step: flat lists are the cheapest to build and compare)
+        return ([t._version for t in src], [t.data_ptr() for t in src],
+                [(m.dsa_mode, m.indexer_loss_on) for m in self.modes])
+
+    @staticmethod
+    def build(model) -> Optional["DecodePlan"]:
+        sources: list[torch.Tensor] = []
+        blocks, moes, keep, modes, topks, kps = [], [], [], [], [], []
+        for layer in model.layers:
+            attn, ffn, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+            if attn.indexer_loss_on:
+                return None
+            # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
+            src = attn._decode_sources(norm)
+            w = derived(attn, "_decode_weights", src, attn._decode_build)
+            if w is None or not _bf16(w["check"]):
+                return None
+            idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
+            if idx is not None and attn.dsa_mode == "sparse":
+                topks.append(idx.topk)
+            Di = w["wx"].shape[0] - w["q_out"] - R - P
+            kv_b = w["kv_b"]
+            b = dict(layer=attn.layer_id, wx=_ptr(w["wx"]), q_out=w["q_out"], R=R, P=P, Di=Di,
+                     qa_norm=_ptr(w["qa_norm"]), qa_eps=w["qa_eps"], wqb=_ptr(w["wqb"]), H=H, N=attn.N,
+                     kv_norm=_ptr(w["kv_norm"]), kv_eps=w["kv_eps"], in_norm=_ptr(norm.weight), in_eps=norm.eps,
+                     Nk=kv_b.shape[0] // H - V, kv_b=_ptr(kv_b), V=V, scale=attn.scale, w_o=_ptr(w["o"]),
+                     Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps)
+            if Di:
+                b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
+            sources += src
+            modes.append(attn)
+            keep.append(w)
+            # feed-forward: the arguments MoE.fused_block / MLP.fused_block pass
+            I, Is, K = 0, 0, 0
+            if isinstance(ffn, MoE):
+                g, (gate_up, down) = ffn.gate, ffn.experts.weights()
+                w32 = derived(g, "_weight_fp32", [g.weight], lambda t: t.float())
+                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not _bf16([gate_up, down]):
+                    return None
+                E, K, I = g.E, g.K, down.shape[-1]
+                bias = g.e_score_correction_bias
+                b.update(router_w32=_ptr(w32), E=E, bias=_ptr(bias), scoring=cpu_decode._SCORING[g.scoring],
+                         method=cpu_decode._METHOD[g.method], n_group=g.n_group, topk_group=g.topk_group, K=K,
+                         norm=int(g.norm_topk), scaling=g.scaling, gate_up=_ptr(gate_up), down=_ptr(down), I=I)
+                sources += [g.weight, gate_up, down] + ([bias] if bias is not None else [])
+                keep.append(w32)
+                moes.append(ffn)
+                s = ffn.shared_experts
+            else:
+                b.update(n_group=1, topk_group=1, scaling=1.0)
+                moes.append(None)
+                s = ffn  # the dense MLP runs as the "shared" expert
+            if s is not None:
+                s_gate_up = derived(s, "_fused_gate_up", [s.gate_proj.weight, s.up_proj.weight],
+                                    lambda a, c: torch.cat((a, c)))
+                if s_gate_up is None or not _bf16([s_gate_up, s.down_proj.weight]):
+                    return None
+                Is = s.down_proj.weight.shape[-1]
+                b.update(s_gate_up=_ptr(s_gate_up), s_down=_ptr(s.down_proj.weight), Is=Is)
+                sources += [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight]
+                keep.append(s_gate_up)
+            if not _bf16([post.weight]):
+                return None
+            sources.append(post.weight)
+            blocks.append(b)
+            kps.append(max(K, 1))
+        # the cache rows and index keys of all blocks go through one buffer each: their widths must agree (they
+        # come from the config)
+        if not blocks or len({(b["R"] + b["P"], b["Di"]) for b in blocks}) != 1:
+            return None
+        for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
+            b["Kp"] = max(kps)
+        return DecodePlan(sources, modes, blocks, moes, keep, min(topks) if topks else None)
+
+    def run(self, x: torch.Tensor, rope, cache) -> torch.Tensor:
+        B, T, D = x.shape
+        M = B * T
+        kv_pool, ik_pool, write, read, span0 = cache.slots()
+        mask = cache.mask.contiguous()  # bool [B, T, S]
+        S = mask.shape[-1]
+        C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
+        # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
+        scratch = cpu_decode._scratch(
+            B * S * C * 2, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
+            M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
+            M * D * 2, M * D * 2, M * D * 2, M * KI * 2, M * Kp * D * 4, M * 2 * E * 4, M * Kp * 4)
+        h = torch.empty(B, T, D, dtype=x.dtype)  # the residual stream after attention
+        out = torch.empty(B, T, D, dtype=x.dtype)  # ... and after each block: the result
+        idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
+        cpu_decode.library().ns_decode_stack_bf16(
+            self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, rope.cos.data_ptr(), rope.sin.data_ptr(),
+            mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1], write.data_ptr(), _ptr(read),
+            span0, *scratch, h.data_ptr(), out.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+        for i, moe in enumerate(self.moes):
+            if moe is not None:  # MoE.last_load reads it; a plain attribute, set without nn.Module's lookups
+                moe.__dict__["_last_idx"] = idx[i].view(-1)[:M * moe.gate.K].view(M, moe.gate.K)
+        return out
+
+
+def _bf16(weights: list[torch.Tensor]) -> bool:
+    return all(t.dtype is torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in weights)
