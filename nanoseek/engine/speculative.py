@@ -55,7 +55,7 @@ class MTPDrafter:
         logits, h = self.model.mtp_forward(0, hidden[:, :T], ids.to(dev), cache=view)
         last = torch.tensor(num_new, device=dev) - 1
         ar = torch.arange(B, device=dev)
-        tok = logits[ar, last].argmax(-1)  # [B]
+        tok = logits[ar, last].float().argmax(-1)  # [B] (fp32: see Engine._decode)
         h = h[ar, last][:, None]  # [B, 1, D]
         budgets = [self._budget(r) for r in reqs]
         drafts = [[t] if k > 0 else [] for t, k in zip(tok.tolist(), budgets)]
@@ -67,7 +67,7 @@ class MTPDrafter:
             logits, h_new = self.model.mtp_forward(min(j, self.depth - 1), h[live], prev, cache=view)
             h = h.clone()
             h[live] = h_new
-            for b, t in zip(live, logits[:, -1].argmax(-1).tolist()):
+            for b, t in zip(live, logits[:, -1].float().argmax(-1).tolist()):
                 drafts[b].append(t)
         for r, d in zip(reqs, drafts):
             r.drafts = d
