@@ -194,11 +194,11 @@ class CacheView:
             return self.pool.kv[layer, self._span][None]
         return self._rows(self.pool.kv[layer], self.read_slots)  # [B, S, C]
 
-    def slots(self):
+    def slots(self, num_layers: int):
         """The cache as pools of rows for `decode_plan`: (kv [L, slots, C], index_k [L, slots, I] or None, write
         slots [B*T], read slots [B*S] or None with the first row's slot when one request's rows are
-        contiguous). Counts the reads of all layers."""
-        self.rows_read += self.pool.kv.shape[0] * len(self._tables) * self._S
+        contiguous). Counts the reads of the num_layers layers the caller reads."""
+        self.rows_read += num_layers * len(self._tables) * self._S
         if self._span is not None:
             return self.pool.kv, self.pool.index_k, self.write_slots, None, self._span.start
         return self.pool.kv, self.pool.index_k, self.write_slots, self.read_slots.reshape(-1), 0

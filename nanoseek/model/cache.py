@@ -33,9 +33,10 @@ class LatentCache(Protocol):
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """Only the selected rows: idx [B, T, K] (values in [0, S)) -> [B, T, K, C]. O(K) reads, for DSA decode."""
 
-    # optional: slots() -> (kv [L, slots, C], index_k [L, slots, I] or None, write slots [B*T], read slots [B*S] or
-    # None, first slot of a single request's contiguous rows): the whole-stack CPU decode (`decode_plan.py`)
-    # reads and writes the cache itself through it; a cache without it takes the blocks one by one.
+    # optional: slots(num_layers) -> (kv [L, slots, C], index_k [L, slots, I] or None, write slots [B*T], read
+    # slots [B*S] or None, first slot of a single request's contiguous rows): the whole-stack CPU decode
+    # (`decode_plan.py`) reads and writes the cache itself through it; a cache without it takes the blocks one
+    # by one.
 
 
 class DenseCache:
@@ -84,7 +85,7 @@ class DenseCache:
     def read_index_keys(self, layer):
         return self.index_k[layer, :, : self.length]
 
-    def slots(self):
+    def slots(self, num_layers: int):
         """The cache as pools of rows (see `CacheView.slots`): batch row b's position p is slot b * max_len + p."""
         L, B, S_max, C = self.kv.shape
         base = torch.arange(B, device=self.kv.device)[:, None] * S_max

@@ -170,7 +170,7 @@ class DecodePlan:
     def run(self, x: torch.Tensor, rope, cache) -> torch.Tensor:
         B, T, D = x.shape
         M = B * T
-        kv_pool, ik_pool, write, read, span0 = cache.slots()
+        kv_pool, ik_pool, write, read, span0 = cache.slots(len(self.moes))
         mask = cache.mask.contiguous()  # bool [B, T, S]
         S = mask.shape[-1]
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
