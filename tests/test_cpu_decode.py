@@ -162,6 +162,40 @@ def test_absorbed_attention(per_query):
     close(a, b, rel=2 ** -6)
 
 
+def test_dsa_selection_matches_the_indexer():
+    """DSA's selection in the kernel (decode, bf16) against `Indexer.scores` + `select`: the scores agree to a
+    bf16 ulp or two (fp32 sums in another order), -inf exactly where masked; each query's K positions are
+    distinct, increasing, and a top-K of the reference scores up to those ulps (a near-tie may pick either row);
+    a query that sees fewer than K rows gets all of them plus masked ones; the rows are those positions' rows."""
+    from nanoseek.model.dsa import Indexer
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    idx = Indexer(cfg)
+    with torch.no_grad():
+        for p in idx.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else None
+    idx = idx.to(BF)
+    B, T, S, K = 2, 3, 70, idx.topk
+    C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    cq, xn = torch.randn(B, T, cfg.q_lora_rank, dtype=BF), torch.randn(B, T, cfg.hidden_size, dtype=BF)
+    keys, rows = torch.randn(B, S, idx.head_dim, dtype=BF), torch.randn(B, S, C, dtype=BF)
+    pos = torch.tensor([[S - 3, S - 2, S - 1], [17, 18, 19]])  # request 1 sees 18-20 rows (< K)
+    mask = torch.arange(S)[None, None] <= pos[..., None]
+    rope = RotaryEmbedding(cfg)(pos)
+    with torch.no_grad():
+        ref = idx.scores(xn, cq, keys, rope, mask)
+    got, chosen, sel_mask, sel = cpu_decode.dsa_select(idx, cq, xn, keys, rows, mask, rope.cos, rope.sin)
+    assert torch.equal(torch.isinf(got), ~mask) and torch.equal(torch.isinf(ref), ~mask)
+    assert ((got - ref).abs()[mask] <= 2 ** -6 * ref.abs()[mask] + 1e-3).all()
+    assert chosen.shape == (B, T, K) and (chosen.diff(dim=-1) > 0).all()
+    kth = ref.topk(K, dim=-1).values[..., -1:]
+    picked = torch.gather(ref, -1, chosen)
+    assert (picked >= kth - (2 ** -6 * kth.abs() + 1e-3)).all()
+    assert torch.equal(sel_mask, torch.gather(mask, -1, chosen))
+    assert torch.equal(sel_mask[1].sum(-1), mask[1].sum(-1))  # all of its visible rows
+    assert torch.equal(sel, torch.stack([rows[b][chosen[b]] for b in range(B)]))
+
+
 @contextlib.contextmanager
 def counting(kernel: str):
     """Counts the calls of one C kernel, whichever path makes them."""
@@ -214,8 +248,9 @@ def decode(m, ids, n0, feeds, on):
 
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
                                 {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
-def test_decode_steps_match_reference(kw):
+def test_decode_steps_match_reference(kw, monkeypatch):
     """Decode one request token by token past DSA's top-k (32), so the sparse path gathers: kernels on vs off."""
+    earliest_on_ties(monkeypatch)
     m = bf16_model(**kw)
     ids = torch.randint(0, m.config.vocab_size, (1, 52))
     L = m.config.num_hidden_layers
@@ -223,7 +258,24 @@ def test_decode_steps_match_reference(kw):
         (a,) = decode(m, ids, 40, [[1]] * 12, True)
     assert calls["n"] + L * stacks["n"] == 12 * L  # the kernels really ran, block by block or all in one call
     (b,) = decode(m, ids, 40, [[1]] * 12, False)
-    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert_steps_close(a, b)
+
+
+def earliest_on_ties(monkeypatch):
+    """The reference's DSA selection with the kernel's tie rule: rows tied at the K-th score go to the earliest
+    positions (torch.topk leaves ties unspecified, and bf16 scores tie often)."""
+    from nanoseek.model.dsa import Indexer
+
+    def select(self, scores):
+        return scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, scores.shape[-1])]
+
+    monkeypatch.setattr(Indexer, "select", select)
+
+
+def assert_steps_close(a, b):
+    """Decode logits [steps, V] of the kernels (a) and the reference (b): within bf16 roundings at every step, and
+    the same greedy tokens."""
+    assert ((a - b).abs().amax(-1) <= 0.02 * b.abs().amax(-1)).all()
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
@@ -241,13 +293,13 @@ def test_ragged_multi_token_calls_equal_each_request_alone():
     torch.testing.assert_close(ragged[1], alone1, rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_engine_batch_and_speculation_invariant():
-    """With the kernels every row of a decode call is computed on its own, so in bf16 a request's greedy tokens
-    do not depend on what it is batched with, nor on MTP verification feeding several tokens at once. (Without
-    DSA: past top-k the PyTorch indexer scores a batch with other GEMMs than one query, whose bf16 roundings
-    can flip near-ties in the selection.)"""
+@pytest.mark.parametrize("kw", [{"index_topk": 0, "index_n_heads": 0}, {"index_topk": 16}])
+def test_bf16_engine_batch_and_speculation_invariant(kw):
+    """With the kernels every row of a decode call is computed on its own, DSA's selection past top-k (16)
+    included, so in bf16 a request's greedy tokens do not depend on what it is batched with, nor on MTP
+    verification feeding several tokens at once."""
     from nanoseek.engine import Engine, SamplingParams
-    m = bf16_model(index_topk=0, index_n_heads=0)
+    m = bf16_model(**kw)
     prompts = [torch.randint(3, m.config.vocab_size, (n,)).tolist() for n in (5, 40, 70)]
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     batched = [o.new_token_ids for o in Engine(m, None).generate(prompts, sp)]
@@ -305,7 +357,11 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     assert runs["n"] == 17
     monkeypatch.setattr(decode_plan, "run", lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(planned, dense_cache_steps()))
-    if m.config.use_dsa:  # past top-k the DSA layers select: the blocks run one by one
+    if m.config.use_dsa:  # past top-k the plan's kernel selects DSA's rows (the blocks select in PyTorch)
+        earliest_on_ties(monkeypatch)
         monkeypatch.setattr(decode_plan, "run", plan_run)
-        decode(m, ids[:1], 40, [[1]] * 2, True)
-        assert runs["n"] == 17
+        planned = decode(m, ids, 40, [[1, 3]] * 3, True)
+        assert runs["n"] == 20
+        monkeypatch.setattr(decode_plan, "run", lambda *a: None)
+        for a, b in zip(planned, decode(m, ids, 40, [[1, 3]] * 3, True)):
+            assert_steps_close(a, b)

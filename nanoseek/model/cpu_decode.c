@@ -4,6 +4,7 @@
  *   ns_mla_project_bf16   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
  *   ns_mla_absorbed_bf16  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block_bf16     a block's feed-forward half: norm, router, routed + shared experts, residual
+ *   ns_dsa_select_bf16    DSA's lightning indexer at decode: scores over the cached keys, top-k, gathered rows
  *   ns_decode_stack_bf16  all decoder blocks of a decode step, with the latent cache's writes and reads
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
@@ -17,6 +18,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -433,7 +435,9 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
  * absorbed attention with o_proj and the residual, and the feed-forward half, exactly the calls the blocks make
  * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
  * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
- * NULL (one request), the contiguous rows from slot span0. kv [B, S, C] is scratch for gathered rows.
+ * NULL (one request), the contiguous rows from slot span0. kv [B, S, C] (or [M, topk, C]) is scratch for
+ * gathered rows. A DSA block whose queries see more than its top-k rows selects them first
+ * (ns_dsa_select_bf16).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block
  * (the result). idx [L, M, K'] receives each MoE block's expert ids. */
 typedef struct {
@@ -444,7 +448,103 @@ typedef struct {
     const bf16 *post_w; float post_eps; const float *router_w32; int64_t E; const float *bias; int scoring, method;
     int64_t n_group, topk_group, K; int norm; float scaling; const bf16 *gate_up, *down; int64_t I;
     const bf16 *s_gate_up, *s_down; int64_t Is, Kp;
+    const bf16 *iwq, *iwp; int64_t Hi, topk;                     /* DSA indexer: wq_b, weights_proj; topk 0: none */
 } ns_block;
+
+static int cmp_i64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* ord[0:K] = the positions of the K largest of v[0:S] (unordered, ties broken arbitrarily). Quickselect with a three-way partition, so that runs of equal values (-inf: masked rows) stay
+ * linear. Invariant: v at ord[0:lo] >= v at ord[lo:hi] >= v at ord[hi:S]. */
+static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
+    for (int64_t i = 0; i < S; i++) ord[i] = i;
+    int64_t lo = 0, hi = S;
+    while (hi - lo > 1) {
+        const float p = v[ord[lo + (hi - lo) / 2]];
+        int64_t lt = lo, i = lo, gt = hi, t;
+        while (i < gt) { /* [lo, lt) > p, [lt, i) == p, [gt, hi) < p */
+            const float x = v[ord[i]];
+            if (x > p) { t = ord[lt]; ord[lt++] = ord[i]; ord[i++] = t; }
+            else if (x < p) { t = ord[--gt]; ord[gt] = ord[i]; ord[i] = t; }
+            else i++;
+        }
+        if (K <= lt) hi = lt;
+        else if (K <= gt) return;
+        else lo = gt;
+    }
+}
+
+/* DSA selection for the M queries of a decode call (dsa.py `Indexer.scores` + `select`, in its bf16 roundings):
+ *   iq[m, j] = rope_halves(wq_b cq[m])_j * Di^-1/2 (bf16),  iw[m, j] = bf16(weights_proj xn[m] * Hi^-1/2),
+ *   score[m, s] = bf16(sum_j iw[m, j] relu(bf16(iq[m, j] . key[s])))  (-inf where mask[m, s] is 0),
+ * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
+ * ord [M, S] (the first K of each row), sel_mask [M, K], and their latent rows gathered into sel [M, K, C]. Keys and rows are read through the slots (read_slots [B, S], or span0). */
+void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, int64_t C, const bf16 *cq,
+                        const bf16 *xn, const float *cos, const float *sin, const uint8_t *mask, const bf16 *iplane,
+                        const bf16 *plane, const int64_t *read_slots, int64_t span0, bf16 *iq, float *iw,
+                        float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *sel, int nt) {
+    const int64_t M = B * T, half = P / 2;
+    const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < M * Hi * Di; o++) {
+            const int64_t m = o / (Hi * Di), r = o % (Hi * Di);
+            iq[o] = f2bf(dot(cq + m * Oq, iwq + r * Oq, Oq));
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < M * Hi; t++) {
+            const int64_t m = t / Hi;
+            bf16 *qh = iq + t * Di;
+            for (int64_t i = 0; i < half; i++) { /* halves (i, i + P/2), each product and sum in bf16 */
+                const float c = rbf(cos[m * half + i]), sn = rbf(sin[m * half + i]);
+                const float a = bf2f(qh[i]), e = bf2f(qh[i + half]);
+                qh[i] = f2bf(rbf(a * c) + rbf(e * -sn));
+                qh[i + half] = f2bf(rbf(e * c) + rbf(a * sn));
+            }
+            for (int64_t d = 0; d < Di; d++) qh[d] = f2bf(bf2f(qh[d]) * qscale);
+            iw[t] = rbf(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * S; i++) {
+            const int64_t m = i / S, s = i % S;
+            if (!mask[i]) { isc[i] = -INFINITY; continue; }
+            const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
+            const bf16 *key = iplane + slot * Di;
+            float acc = 0.f;
+            for (int64_t j = 0; j < Hi; j++) {
+                const float l = rbf(dot(key, iq + (m * Hi + j) * Di, Di));
+                if (l > 0.f) acc += l * iw[m * Hi + j];
+            }
+            isc[i] = rbf(acc);
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            int64_t *om = ord + m * S;
+            const float *v = isc + m * S;
+            topk_positions(v, S, K, om);
+            /* ties at the K-th score go to the earliest positions, and the K rows are read in position order: the
+             * selection is then a function of the scores alone (not of the quickselect's path), and a query that
+             * sees at most K rows reads them as the dense path does, followed by masked ones */
+            float thr = INFINITY;
+            for (int64_t j = 0; j < K; j++) thr = fminf(thr, v[om[j]]);
+            int64_t n = 0;
+            for (int64_t j = 0; j < K; j++)
+                if (v[om[j]] > thr) om[n++] = om[j];
+            for (int64_t s = 0; s < S && n < K; s++)
+                if (v[s] == thr) om[n++] = s;
+            qsort(om, K, sizeof(int64_t), cmp_i64);
+            for (int64_t j = 0; j < K; j++) {
+                const int64_t s = om[j], slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
+                sel_mask[m * K + j] = mask[m * S + s];
+                memcpy(sel + (m * K + j) * C, plane + slot * C, C * sizeof(bf16));
+            }
+        }
+    }
+}
 
 void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *x_in, int64_t B, int64_t T,
                           int64_t D, const float *cos, const float *sin, const uint8_t *mask, int64_t S,
@@ -452,7 +552,8 @@ void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *
                           const int64_t *read_slots, int64_t span0, bf16 *kv, bf16 *rows, bf16 *ik, bf16 *xn,
                           bf16 *xo, bf16 *cq, bf16 *q, bf16 *att, bf16 *qc, float *sc, float *ol, bf16 *pb,
                           bf16 *fxn, bf16 *r_out, bf16 *s_out, bf16 *act, float *ys, float *rs, float *gw,
-                          bf16 *h, bf16 *out, int64_t *idx, int nt) {
+                          bf16 *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *h, bf16 *out,
+                          int64_t *idx, int nt) {
     const int64_t M = B * T;
     const bf16 *x = x_in;
     for (int64_t l = 0; l < n_blocks; l++) {
@@ -468,13 +569,21 @@ void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *
             for (int64_t m = 0; m < M; m++)
                 memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(bf16));
         }
-        const bf16 *r = plane + span0 * C;
-        if (read_slots) {
-            for (int64_t i = 0; i < B * S; i++) memcpy(kv + i * C, plane + read_slots[i] * C, C * sizeof(bf16));
-            r = kv;
+        if (b->topk > 0 && S > b->topk) { /* DSA: each query attends to its top-k rows only */
+            ns_dsa_select_bf16(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, C, cq, xn, cos,
+                               sin, mask, ik_pool + b->layer * n_slots * b->Di, plane, read_slots, span0, iq, iw,
+                               isc, ord, sel_mask, kv, nt);
+            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, kv, b->topk, 1, sel_mask, b->scale,
+                                 att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+        } else {
+            const bf16 *r = plane + span0 * C;
+            if (read_slots) {
+                for (int64_t i = 0; i < B * S; i++) memcpy(kv + i * C, plane + read_slots[i] * C, C * sizeof(bf16));
+                r = kv;
+            }
+            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, r, S, 0, mask, b->scale, att, qc,
+                                 sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         }
-        ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, r, S, 0, mask, b->scale, att, qc, sc,
-                             ol, pb, b->w_o, b->Dm, x, h, nt);
         ns_ffn_block_bf16(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
                           b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,
                           b->s_gate_up, b->s_down, b->Is, out, fxn, r_out, s_out, act, ys, rs, gw,

@@ -95,7 +95,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
                                       ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
-    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 19 + [
+    lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 10 + [p] * 6 + [p, p, i64] + [p] * 6 + [nt]
+    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 24 + [
         p, p, p, nt]
     return lib
 
@@ -186,6 +187,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _lib.ns_rmsnorm_bf16(xf.data_ptr(), xf.numel() // xf.shape[-1], xf.shape[-1], weight.data_ptr(), eps,
                          y.data_ptr())
     return y
+
+
+def dsa_select(indexer, cq: torch.Tensor, xn: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
+               mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """DSA's selection at decode as the whole-stack kernel runs it (`Indexer.scores` + `select`): cq [B, T, q_lora],
+    xn [B, T, D] (the attention's normed input), keys [B, S, Di], rows [B, S, C], mask [B, T, S], cos/sin
+    [B, T, P/2] -> (scores [B, T, S] fp32, positions [B, T, K] in increasing order, their mask [B, T, K], their
+    rows [B, T, K, C])."""
+    B, T, Oq = cq.shape
+    S, C, D, K = keys.shape[1], rows.shape[-1], xn.shape[-1], indexer.topk
+    Hi, Di, P = indexer.n_heads, indexer.head_dim, indexer.rope_dim
+    cq, xn, mask, cos, sin = cq.contiguous(), xn.contiguous(), mask.contiguous(), cos.contiguous(), sin.contiguous()
+    keys, rows = keys.reshape(B * S, Di).contiguous(), rows.reshape(B * S, C).contiguous()
+    read = torch.arange(B * S)  # request b's row s at slot b * S + s
+    iq, iw = torch.empty(B * T, Hi * Di, dtype=_BF16), torch.empty(B * T, Hi)
+    scores, order = torch.empty(B, T, S), torch.empty(B, T, S, dtype=torch.int64)
+    sel_mask, sel = torch.empty(B, T, K, dtype=torch.bool), torch.empty(B, T, K, C, dtype=_BF16)
+    library().ns_dsa_select_bf16(
+        indexer.wq_b.weight.data_ptr(), indexer.weights_proj.weight.data_ptr(), Hi, Di, P, K, B, T, D, Oq, S, C,
+        cq.data_ptr(), xn.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(),
+        keys.data_ptr(), rows.data_ptr(), read.data_ptr(), 0, iq.data_ptr(), iw.data_ptr(), scores.data_ptr(),
+        order.data_ptr(), sel_mask.data_ptr(), sel.data_ptr(), torch.get_num_threads())
+    return scores, order[..., :K], sel_mask, sel
 
 
 _SCORING = {"sigmoid": 0, "softmax": 1}

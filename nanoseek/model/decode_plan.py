@@ -46,8 +46,6 @@ def run(model, x: torch.Tensor, rope, cache) -> Optional[torch.Tensor]:
         if plan is None:
             return None
         _PLANS[model] = plan
-    if plan.sparse_topk is not None and cache.mask.shape[-1] > plan.sparse_topk:
-        return None  # DSA selection needed: runs in MLA._forward_sparse
     if not hasattr(cache, "slots"):
         return None
     return plan.run(x, rope, cache)
@@ -62,7 +60,8 @@ class _Block(ctypes.Structure):
                 ("scale", _f), ("w_o", _p), ("Dm", _i), ("post_w", _p), ("post_eps", _f), ("router_w32", _p),
                 ("E", _i), ("bias", _p), ("scoring", _c), ("method", _c), ("n_group", _i), ("topk_group", _i),
                 ("K", _i), ("norm", _c), ("scaling", _f), ("gate_up", _p), ("down", _p), ("I", _i),
-                ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i)]
+                ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i), ("iwq", _p), ("iwp", _p), ("Hi", _i),
+                ("topk", _i)]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -70,15 +69,13 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 class DecodePlan:
-    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
-                 sparse_topk: Optional[int]):
+    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list):
         self.sources, self.modes = sources, modes
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
         self.moes = moes  # per block, its MoE module (its expert ids are set after each step) or None
         self.keep = keep  # the derived weights whose addresses the structs hold
-        self.sparse_topk = sparse_topk
         # scratch widths, the largest over the blocks
         self.C, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["Di"]
         self.Ow = max(b["q_out"] + b["R"] + b["P"] + b["Di"] for b in blocks)
@@ -89,6 +86,9 @@ class DecodePlan:
         self.Kp = blocks[0]["Kp"]
         self.KI = max(self.Kp * max(b.get("I", 0), b.get("Is", 0)) for b in blocks)
         self.E = max(max(b.get("E", 0), 1) for b in blocks)
+        self.topk = max(b.get("topk", 0) for b in blocks)  # DSA selection scratch (0: no DSA block selects)
+        self.HiDi = max(b.get("Hi", 0) * b["Di"] for b in blocks)
+        self.Hi = max(b.get("Hi", 0) for b in blocks)
 
     def current_key(self) -> tuple:
         """What the plan's addresses and branches depend on: every weight's address and version, and the
@@ -100,7 +100,7 @@ class DecodePlan:
     @staticmethod
     def build(model) -> Optional["DecodePlan"]:
         sources: list[torch.Tensor] = []
-        blocks, moes, keep, modes, topks, kps = [], [], [], [], [], []
+        blocks, moes, keep, modes, kps = [], [], [], [], []
         for layer in model.layers:
             attn, ffn, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
             if attn.indexer_loss_on:
@@ -111,8 +111,6 @@ class DecodePlan:
             if w is None or not _bf16(w["check"]):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
-            if idx is not None and attn.dsa_mode == "sparse":
-                topks.append(idx.topk)
             Di = w["wx"].shape[0] - w["q_out"] - R - P
             kv_b = w["kv_b"]
             b = dict(layer=attn.layer_id, wx=_ptr(w["wx"]), q_out=w["q_out"], R=R, P=P, Di=Di,
@@ -122,6 +120,12 @@ class DecodePlan:
                      Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps)
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
+            if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
+                if w["qa_norm"] is None or not _bf16([idx.wq_b.weight, idx.weights_proj.weight]):
+                    return None
+                b.update(iwq=_ptr(idx.wq_b.weight), iwp=_ptr(idx.weights_proj.weight), Hi=idx.n_heads,
+                         topk=idx.topk)
+                src = src + [idx.wq_b.weight, idx.weights_proj.weight]
             sources += src
             modes.append(attn)
             keep.append(w)
@@ -165,7 +169,7 @@ class DecodePlan:
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-        return DecodePlan(sources, modes, blocks, moes, keep, min(topks) if topks else None)
+        return DecodePlan(sources, modes, blocks, moes, keep)
 
     def run(self, x: torch.Tensor, rope, cache) -> torch.Tensor:
         B, T, D = x.shape
@@ -175,10 +179,13 @@ class DecodePlan:
         S = mask.shape[-1]
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
+        sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
         scratch = cpu_decode._scratch(
-            B * S * C * 2, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
+            max(B * S, sel) * C * 2, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
             M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
-            M * D * 2, M * D * 2, M * D * 2, M * KI * 2, M * Kp * D * 4, M * 2 * E * 4, M * Kp * 4)
+            M * D * 2, M * D * 2, M * D * 2, M * KI * 2, M * Kp * D * 4, M * 2 * E * 4, M * Kp * 4,
+            M * max(self.HiDi, 1) * 2, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
+            max(sel, 1))
         h = torch.empty(B, T, D, dtype=x.dtype)  # the residual stream after attention
         out = torch.empty(B, T, D, dtype=x.dtype)  # ... and after each block: the result
         idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
