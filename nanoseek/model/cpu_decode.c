@@ -508,18 +508,52 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
             for (int64_t d = 0; d < Di; d++) qh[d] = f2bf(bf2f(qh[d]) * qscale);
             iw[t] = rbf(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
         }
+#ifdef NS_AVX512BF16
+        if (Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
+            const int64_t nb = (S + 15) / 16, Dp = Di / 2;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * S; i++) {
-            const int64_t m = i / S, s = i % S;
-            if (!mask[i]) { isc[i] = -INFINITY; continue; }
-            const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
-            const bf16 *key = iplane + slot * Di;
-            float acc = 0.f;
-            for (int64_t j = 0; j < Hi; j++) {
-                const float l = rbf(dot(key, iq + (m * Hi + j) * Di, Di));
-                if (l > 0.f) acc += l * iw[m * Hi + j];
+            for (int64_t blk = 0; blk < M * nb; blk++) {
+                const int64_t m = blk / nb, s0 = (blk % nb) * 16, n = S - s0 < 16 ? S - s0 : 16;
+                const __mmask16 live = (__mmask16)((1u << n) - 1);
+                int32_t off[16] = {0};
+                for (int64_t r = 0; r < n; r++)
+                    off[r] = (int32_t)((read_slots ? read_slots[(m / T) * S + s0 + r] : span0 + s0 + r) * Dp);
+                const __m512i vo = _mm512_loadu_si512(off);
+                __m512i kt[512]; /* kt[j] lane r = dims (2j, 2j+1) of key s0 + r */
+                for (int64_t j = 0; j < Dp; j++)
+                    kt[j] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                                                         _mm512_add_epi32(vo, _mm512_set1_epi32((int)j)), iplane, 4);
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t h = 0; h < Hi; h++) {
+                    const uint32_t *qh = (const uint32_t *)(iq + (m * Hi + h) * Di);
+                    __m512 a = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < Dp; j++)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)kt[j], (__m512bh)_mm512_set1_epi32((int)qh[j]));
+                    const __m512 l = _mm512_max_ps(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(a)), _mm512_setzero_ps());
+                    acc = _mm512_fmadd_ps(l, _mm512_set1_ps(iw[m * Hi + h]), acc); /* l * w is exact in fp32 */
+                }
+                float out[16];
+                _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(acc));
+                const bf16 *ob = (const bf16 *)out;
+                for (int64_t r = 0; r < n; r++)
+                    isc[m * S + s0 + r] = mask[m * S + s0 + r] ? bf2f(ob[r]) : -INFINITY;
             }
-            isc[i] = rbf(acc);
+        } else
+#endif
+        {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < M * S; i++) {
+                const int64_t m = i / S, s = i % S;
+                if (!mask[i]) { isc[i] = -INFINITY; continue; }
+                const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
+                const bf16 *key = iplane + slot * Di;
+                float acc = 0.f;
+                for (int64_t j = 0; j < Hi; j++) {
+                    const float l = rbf(dot(key, iq + (m * Hi + j) * Di, Di));
+                    if (l > 0.f) acc += l * iw[m * Hi + j];
+                }
+                isc[i] = rbf(acc);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {

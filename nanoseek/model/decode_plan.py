@@ -8,12 +8,15 @@ much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` 
 weight version of the model into an array of C structs (weight addresses, shapes, epsilons, router settings);
 a step checks one key for the model (the address and version of every weight it reads, and the attention modes)
 and makes one call, `ns_decode_stack_bf16`, which runs the blocks' kernels in order and does the cache's writes
-and reads itself, through the cache's slot view (`slots()`).
+and reads itself, through the cache's slot view (`slots()`). Past DSA's top-k the call also runs the lightning
+indexer and the selection (`ns_dsa_select_bf16`): each query scores the cached index keys and attends to its
+top-k rows.
 
-Same kernels, same arguments: the result is bit-identical to the block-by-block path, which stays the
-reference (tests/test_cpu_decode.py compares them) and runs wherever the plan does not apply: training, grad
-mode, fp32, more than MAX_ROWS rows, the indexer's loss, a DSA layer whose queries see more than top-k rows, or
-a cache without a slot view.
+Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path, which stays
+the reference (tests/test_cpu_decode.py compares them); past it the two select alike up to ties at the k-th
+score and bf16 ulps of the scores. The blocks run one by one wherever the plan does not apply: training, grad
+mode, fp32, more than MAX_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, or a cache without a slot
+view.
 
 Legend: B requests, T new tokens each, M = B*T rows, S visible cache rows, D model width, H heads, L blocks.
 """
