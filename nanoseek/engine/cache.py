@@ -157,7 +157,7 @@ class CacheView:
         pos = [[s + min(t, n - 1) for t in range(T)] for s, n in zip(starts, num_new)]  # [B, T]
         write = [tab[p // bs] * bs + p % bs if t < n else 0
                  for tab, row, n in zip(tables, pos, num_new) for t, p in enumerate(row)]  # [B*T]
-        self._tables, self._lengths, self._nb, self._S = tables, lengths, nb, S
+        self._tables, self._nb, self._S = tables, nb, S
         self._read_slots: Optional[torch.Tensor] = None
         self.write_slots = torch.tensor(write, dtype=torch.long, device=dev)
         self.positions = torch.tensor(pos, dtype=torch.long, device=dev)
@@ -171,16 +171,14 @@ class CacheView:
 
     @property
     def read_slots(self) -> torch.Tensor:
-        """[B, S] pool slot of each visible row (0, the null block, past a request's length). Built on first use:
-        a single request whose blocks are consecutive reads views of the pool and never needs it."""
+        """[B, S] pool slot of each row position (past a request's length: a row of its last block or of the null
+        block, which the mask hides). Built on first use: a single request whose blocks are consecutive reads
+        views of the pool and never needs it."""
         if self._read_slots is None:
-            bs, S = self.pool.block_size, self._S
-            tab = torch.tensor([t[:self._nb] + [0] * (self._nb - len(t[:self._nb])) for t in self._tables],
-                               dtype=torch.long)
-            s_idx = torch.arange(S)
-            slots = tab[:, s_idx // bs] * bs + s_idx % bs
-            self._read_slots = torch.where(s_idx[None] < torch.tensor(self._lengths)[:, None], slots, 0).to(
-                self.pool.kv.device)
+            bs, nb = self.pool.block_size, self._nb
+            tab = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self._tables], dtype=torch.long)
+            slots = (tab[:, :, None] * bs + torch.arange(bs)).view(len(self._tables), nb * bs)[:, :self._S]
+            self._read_slots = slots.to(self.pool.kv.device)
         return self._read_slots
 
     def write(self, layer: int, kv: torch.Tensor, index_k: Optional[torch.Tensor]) -> None:

@@ -196,9 +196,10 @@ class DecodePlan:
             self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, rope.cos.data_ptr(), rope.sin.data_ptr(),
             mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1], write.data_ptr(), _ptr(read),
             span0, *scratch, h.data_ptr(), out.data_ptr(), idx.data_ptr(), torch.get_num_threads())
-        for i, moe in enumerate(self.moes):
+        for moe, ids in zip(self.moes, idx.unbind(0)):
             if moe is not None:  # MoE.last_load reads it; a plain attribute, set without nn.Module's lookups
-                moe.__dict__["_last_idx"] = idx[i].view(-1)[:M * moe.gate.K].view(M, moe.gate.K)
+                K = moe.gate.K
+                moe.__dict__["_last_idx"] = ids if K == Kp else ids.view(-1)[:M * K].view(M, K)
         return out
 
 
