@@ -460,8 +460,9 @@ static int cmp_i64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* ord[0:K] = the positions of the K largest of v[0:S] (unordered, ties broken arbitrarily). Quickselect with a three-way partition, so that runs of equal values (-inf: masked rows) stay
- * linear. Invariant: v at ord[0:lo] >= v at ord[lo:hi] >= v at ord[hi:S]. */
+/* ord[0:K] = the positions of the K largest of v[0:S] (unordered, ties broken arbitrarily). Quickselect with a
+ * three-way partition, so that runs of equal values (-inf: masked rows) stay linear.
+ * Invariant: v at ord[0:lo] >= v at ord[lo:hi] >= v at ord[hi:S]. */
 static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
     for (int64_t i = 0; i < S; i++) ord[i] = i;
     int64_t lo = 0, hi = S;
@@ -484,7 +485,8 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
  *   iq[m, j] = rope_halves(wq_b cq[m])_j * Di^-1/2 (bf16),  iw[m, j] = bf16(weights_proj xn[m] * Hi^-1/2),
  *   score[m, s] = bf16(sum_j iw[m, j] relu(bf16(iq[m, j] . key[s])))  (-inf where mask[m, s] is 0),
  * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
- * ord [M, S] (the first K of each row), sel_mask [M, K], and their latent rows gathered into sel [M, K, C]. Keys and rows are read through the slots (read_slots [B, S], or span0). */
+ * ord [M, S] (the first K of each row), sel_mask [M, K], and their latent rows gathered into sel [M, K, C].
+ * Keys and rows are read through the slots (read_slots [B, S], or span0). */
 void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
                         int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, int64_t C, const bf16 *cq,
                         const bf16 *xn, const float *cos, const float *sin, const uint8_t *mask, const bf16 *iplane,

@@ -4,10 +4,10 @@ Decoding a token on a CPU is bound by reading the activated weights and by the f
 a layer issues ~100 small ops. These kernels cover a decode step in a few calls per layer: the MLA projections
 (`mla_project`), absorbed attention (`mla_absorbed`), the feed-forward half of a block with its router and
 experts (`ffn_block`), RMSNorm and plain matvecs; `ns_decode_stack_bf16` runs all the blocks of a step in one
-call, DSA's selection past top-k included (`dsa_select`), for `decode_plan.py`. They serve bf16 inference calls with few rows (`MAX_ROWS`)
-and no autograd; everything else, and every machine where the library cannot be built (no compiler, not x86
-with AVX-512 BF16, NANOSEEK_CPU_KERNELS=0), takes the PyTorch path, which is also the reference the tests
-compare against (`tests/test_cpu_decode.py`).
+call, DSA's selection past top-k included (`dsa_select`), for `decode_plan.py`. They serve bf16 inference calls
+with few rows (`MAX_ROWS`) and no autograd; everything else, and every machine where the library cannot be built
+(no compiler, not x86 with AVX-512 BF16, NANOSEEK_CPU_KERNELS=0), takes the PyTorch path, which is also the
+reference the tests compare against (`tests/test_cpu_decode.py`).
 
 The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (or $NANOSEEK_CACHE), keyed on
 the source, the compiler and the CPU, written to a temporary name and renamed, so concurrent processes are safe.

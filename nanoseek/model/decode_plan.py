@@ -72,6 +72,8 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 class DecodePlan:
+    """A model's decoder blocks as C structs for `ns_decode_stack_bf16`, valid while `key` is current."""
+
     def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list):
         self.sources, self.modes = sources, modes
         self.key = self.current_key()
