@@ -357,11 +357,14 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     assert runs["n"] == 17
     monkeypatch.setattr(decode_plan, "run", lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(planned, dense_cache_steps()))
+    del m.layers[-1]  # a model that drops (or swaps) a block gets a new plan
+    both_paths(ids[:1], [[1]] * 2)
+    assert runs["n"] == 19
     if m.config.use_dsa:  # past top-k the plan's kernel selects DSA's rows (the blocks select in PyTorch)
         earliest_on_ties(monkeypatch)
         monkeypatch.setattr(decode_plan, "run", plan_run)
         planned = decode(m, ids, 40, [[1, 3]] * 3, True)
-        assert runs["n"] == 20
+        assert runs["n"] == 22
         monkeypatch.setattr(decode_plan, "run", lambda *a: None)
         for a, b in zip(planned, decode(m, ids, 40, [[1, 3]] * 3, True)):
             assert_steps_close(a, b)

@@ -44,7 +44,7 @@ def run(model, x: torch.Tensor, rope, cache) -> Optional[torch.Tensor]:
     if not (rope.cos.is_contiguous() and rope.sin.is_contiguous()):
         return None
     plan = _PLANS.get(model)
-    if plan is None or plan.key != plan.current_key():
+    if plan is None or plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers]:
         plan = DecodePlan.build(model)
         if plan is None:
             return None
@@ -74,8 +74,10 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 class DecodePlan:
     """A model's decoder blocks as C structs for `ns_decode_stack_bf16`, valid while `key` is current."""
 
-    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list):
+    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
+                 layers: list[int]):
         self.sources, self.modes = sources, modes
+        self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
@@ -174,7 +176,7 @@ class DecodePlan:
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-        return DecodePlan(sources, modes, blocks, moes, keep)
+        return DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers])
 
     def run(self, x: torch.Tensor, rope, cache) -> torch.Tensor:
         B, T, D = x.shape
