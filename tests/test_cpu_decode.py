@@ -312,9 +312,10 @@ def test_bf16_engine_batch_and_speculation_invariant(kw):
                                 {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
 def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     """The whole-stack plan (`decode_plan.py`) runs the kernels the blocks run one by one, and the cache's writes
-    and reads itself: identical logits and expert ids, for one request (contiguous rows) and for a ragged batch
-    (1 and 3 tokens, rows gathered by slot). It steps aside once DSA must select (context past top-k = 32), and
-    after a weight changes in place it rebuilds, matching the reference again."""
+    and reads itself: identical logits and expert ids, for one request (contiguous rows), a ragged batch (1 and 3
+    tokens, rows gathered by slot) and the DenseCache. After a weight changes in place, or a block goes, it
+    rebuilds, matching the reference again. Past DSA's top-k (32) it selects the rows in the kernel: close to the
+    blocks, which select in PyTorch (with the kernel's tie rule)."""
     from nanoseek.model import decode_plan
     m = bf16_model(**kw)
     L = m.config.num_hidden_layers
