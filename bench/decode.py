@@ -10,8 +10,9 @@ prefill: nanoseek times the engine steps after the first token; transformers tim
 bandwidth) / measured time per token, for each bandwidth, where activated weights = everything a decode token
 reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
 routed experts per MoE layer. For bf16 it also reports how much of a token is spent inside the fused C decode
-kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth. KV cache bytes per token: nanoseek's from its
-config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
+kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams a
+256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
+its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 """
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
         a.sum()
         best = min(best, time.perf_counter() - t)
     return a.numel() * 4 / best / 1e9
+
+
+def matvec_bandwidth_gbs(mb: int = 256, width: int = 384, repeats: int = 5) -> Optional[float]:
+    """Best-of GB/s of the decode kernels' own bf16 matvec (`ns_linear_bf16`, one row of x) over a weight matrix
+    far larger than the caches: what streaming weights can reach here, for reference (None without the
+    kernels)."""
+    from nanoseek.model import cpu_decode
+    if cpu_decode.library() is None:
+        return None
+    w = torch.ones((mb << 20) // (2 * width), width, dtype=torch.bfloat16)
+    x = torch.ones(1, width, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        cpu_decode.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return w.numel() * 2 / best / 1e9
 
 
 def activated_bytes(model, elem: int) -> int:
@@ -201,6 +219,10 @@ def main() -> None:
                 notes.append(f"{name}: {k_s * 1e3:.2f} ms of each {1e3 / r_ns:.2f} ms token are spent inside the C "
                              f"decode kernels ({act / k_s / 1e9:.1f} GB/s over the activated bytes); the rest is "
                              f"Python and PyTorch around them")
+                bw_mv = matvec_bandwidth_gbs()
+                if bw_mv:
+                    notes.append(f"{name}: the kernels' bf16 matvec streams a 256 MB matrix at {bw_mv:.1f} GB/s "
+                                 f"here; against that rate, decode reaches {act / (bw_mv * 1e9) * r_ns:.0%}")
             del ns, hf
 
     print("| dtype | nanoseek tok/s | transformers tok/s | ratio | activated MB/token | of bandwidth bound (copy) "
