@@ -133,7 +133,10 @@ def _clear_dtensor_caches() -> None:
         _clear_sharding_prop_cache()
     except (ImportError, AttributeError):
         pass
-    from torch.distributed.tensor import _collective_utils, _redistribute
+    try:
+        from torch.distributed.tensor import _collective_utils, _redistribute
+    except ImportError:
+        return
     caches = [getattr(_redistribute, "_gen_transform_infos", None), getattr(_redistribute, "_planner_cache", None),
               getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh", None)]
     for cache in caches:
