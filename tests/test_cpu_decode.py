@@ -166,14 +166,16 @@ def test_dsa_selection_matches_the_indexer():
     """DSA's selection in the kernel (decode, bf16) against `Indexer.scores` + `select`: the scores agree to a
     bf16 ulp or two (fp32 sums in another order), -inf exactly where masked; each query's K positions are
     distinct, increasing, and a top-K of the reference scores up to those ulps (a near-tie may pick either row);
-    a query that sees fewer than K rows gets all of them plus masked ones; the rows are those positions' rows."""
+    a query that sees fewer than K rows gets all of them plus masked ones; the rows are those positions' rows;
+    rows tied at the K-th score go to the earliest positions."""
     from nanoseek.model.dsa import Indexer
     cfg = get_preset("tiny")
     torch.manual_seed(0)
     idx = Indexer(cfg)
     with torch.no_grad():
         for p in idx.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else None
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
     idx = idx.to(BF)
     B, T, S, K = 2, 3, 70, idx.topk
     C = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -194,6 +196,9 @@ def test_dsa_selection_matches_the_indexer():
     assert torch.equal(sel_mask, torch.gather(mask, -1, chosen))
     assert torch.equal(sel_mask[1].sum(-1), mask[1].sum(-1))  # all of its visible rows
     assert torch.equal(sel, torch.stack([rows[b][chosen[b]] for b in range(B)]))
+    same = keys[:, :1].expand(B, S, -1).contiguous()  # every row scores alike: ties go to the earliest positions
+    first = cpu_decode.dsa_select(idx, cq, xn, same, rows, mask, rope.cos, rope.sin)[1]
+    assert torch.equal(first[0], torch.arange(K).expand(T, K))
 
 
 @contextlib.contextmanager
