@@ -97,6 +97,20 @@ void ns_linear_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *W, int64_t 
  * Intermediate roundings as the PyTorch bf16 path: gate, up, silu(gate), the product and y are bf16. */
 void ns_moe_bf16(const bf16 *x, int64_t N, int64_t D, const int64_t *idx, const float *gw, int64_t K,
                  const bf16 *gate_up, const bf16 *down, int64_t I, bf16 *out, bf16 *act, float *ys, int nt) {
+#ifdef NS_AVX512BF16
+    /* the experts' streams start where the hardware has no history: ask for each one's first KB now, so that
+     * their memory latencies overlap instead of stalling one after another (the block stack: median 1.00 against
+     * 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
+    for (int64_t nk = 0; nk < N * K; nk++) {
+        const char *g = (const char *)(gate_up + idx[nk] * 2 * I * D), *u = g + I * D * 2;
+        const char *dn = (const char *)(down + idx[nk] * D * I);
+        for (int64_t b = 0; b < 1024; b += 64) {
+            _mm_prefetch(g + b, _MM_HINT_T1);
+            _mm_prefetch(u + b, _MM_HINT_T1);
+            _mm_prefetch(dn + b, _MM_HINT_T1);
+        }
+    }
+#endif
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
