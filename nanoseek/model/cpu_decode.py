@@ -124,10 +124,12 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    for w in weights:
-        if w.dtype is not _BF16 or not w.is_cpu or not w.is_contiguous():
-            return False
-    return True
+    return kernel_weights(weights)
+
+
+def kernel_weights(weights) -> bool:
+    """Whether the kernels can read these tensors as they are: bf16, on CPU, contiguous."""
+    return all(w.dtype is _BF16 and w.is_cpu and w.is_contiguous() for w in weights)
 
 
 def _scratch(*sizes: int) -> list[int]:

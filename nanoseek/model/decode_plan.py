@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from nanoseek.model import cpu_decode
+from nanoseek.model.cpu_decode import kernel_weights
 from nanoseek.model.fused import derived
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
@@ -115,7 +116,7 @@ class DecodePlan:
             # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
             src = attn._decode_sources(norm)
             w = derived(attn, "_decode_weights", src, attn._decode_build)
-            if w is None or not _bf16(w["check"]):
+            if w is None or not kernel_weights(w["check"]):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
             Di = w["wx"].shape[0] - w["q_out"] - R - P
@@ -128,7 +129,7 @@ class DecodePlan:
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
-                if w["qa_norm"] is None or not _bf16([idx.wq_b.weight, idx.weights_proj.weight]):
+                if w["qa_norm"] is None or not kernel_weights([idx.wq_b.weight, idx.weights_proj.weight]):
                     return None
                 b.update(iwq=_ptr(idx.wq_b.weight), iwp=_ptr(idx.weights_proj.weight), Hi=idx.n_heads,
                          topk=idx.topk)
@@ -140,8 +141,8 @@ class DecodePlan:
             I, Is, K = 0, 0, 0
             if isinstance(ffn, MoE):
                 g, (gate_up, down) = ffn.gate, ffn.experts.weights()
-                w32 = derived(g, "_weight_fp32", [g.weight], lambda t: t.float())
-                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not _bf16([gate_up, down]):
+                w32 = g.weight_fp32()
+                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not kernel_weights([gate_up, down]):
                     return None
                 E, K, I = g.E, g.K, down.shape[-1]
                 bias = g.e_score_correction_bias
@@ -157,15 +158,14 @@ class DecodePlan:
                 moes.append(None)
                 s = ffn  # the dense MLP runs as the "shared" expert
             if s is not None:
-                s_gate_up = derived(s, "_fused_gate_up", [s.gate_proj.weight, s.up_proj.weight],
-                                    lambda a, c: torch.cat((a, c)))
-                if s_gate_up is None or not _bf16([s_gate_up, s.down_proj.weight]):
+                s_gate_up = s.fused_gate_up()
+                if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight]):
                     return None
                 Is = s.down_proj.weight.shape[-1]
                 b.update(s_gate_up=_ptr(s_gate_up), s_down=_ptr(s.down_proj.weight), Is=Is)
                 sources += [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight]
                 keep.append(s_gate_up)
-            if not _bf16([post.weight]):
+            if not kernel_weights([post.weight]):
                 return None
             sources.append(post.weight)
             blocks.append(b)
@@ -206,6 +206,3 @@ class DecodePlan:
                 moe.__dict__["_last_idx"] = ids if K == Kp else ids.view(-1)[:M * K].view(M, K)
         return out
 
-
-def _bf16(weights: list[torch.Tensor]) -> bool:
-    return all(t.dtype is torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in weights)

@@ -44,12 +44,16 @@ class MLP(nn.Module):
         gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
         return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
 
+    def fused_gate_up(self) -> Optional[torch.Tensor]:
+        """gate_proj and up_proj's weights stacked [2*hidden, dim] (cached, `fused.py`; None under autograd)."""
+        return derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
+                       lambda g, u: torch.cat((g, u)))
+
     def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
         """h + self(norm(h)) as one C call for a few bf16 rows on CPU (`cpu_decode.py`); None otherwise."""
         if not cpu_decode.usable(h, norm.weight, self.down_proj.weight):
             return None
-        gate_up = derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
-                          lambda g, u: torch.cat((g, u)))
+        gate_up = self.fused_gate_up()
         if gate_up is None:
             return None
         return cpu_decode.ffn_block(h, norm.weight, norm.eps, shared=(gate_up, self.down_proj.weight))[0]
@@ -78,10 +82,13 @@ class Router(nn.Module):
             self.e_score_correction_bias = new.float() if bias.is_meta else bias.to(new.device, torch.float32)
         return self
 
+    def weight_fp32(self) -> Optional[torch.Tensor]:
+        """The weight in fp32, cached at inference (`fused.py`; None under autograd): one cast less per layer."""
+        return derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
+
     def forward(self, x: torch.Tensor):
         """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
-        # the fp32 copy of a bf16 router weight is cached at inference (`fused.py`): one cast less per layer
-        w32 = derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
+        w32 = self.weight_fp32()
         logits = F.linear(x.float(), self.weight.float() if w32 is None else w32)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
@@ -283,15 +290,14 @@ class MoE(nn.Module):
         gate_up, down = self.experts.weights()
         if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down):
             return None
-        w32 = derived(g, "_weight_fp32", [g.weight], lambda w: w.float())
+        w32 = g.weight_fp32()
         # (expert parallelism holds only this rank's experts; the kernel scores at most 256 groups)
         if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256:
             return None
         shared = None
         if self.shared_experts is not None:
             s = self.shared_experts
-            s_gate_up = derived(s, "_fused_gate_up", [s.gate_proj.weight, s.up_proj.weight],
-                                lambda a, b: torch.cat((a, b)))
+            s_gate_up = s.fused_gate_up()
             if s_gate_up is None or not cpu_decode.usable(h, s_gate_up, s.down_proj.weight):
                 return None
             shared = (s_gate_up, s.down_proj.weight)
