@@ -107,7 +107,8 @@ def test_mla_projections(kw):
     {"scoring_func": "softmax", "topk_method": "group_limited_greedy", "norm_topk_prob": False,
      "n_shared_experts": 0},
 ])
-def test_moe_block(kw):
+@pytest.mark.parametrize("shape", [(2, 3), (1, 1)])  # (1, 1): 4 + 1 experts, the last one split over 2 threads
+def test_moe_block(kw, shape):
     """A block's feed-forward half (norm, router, routed and shared experts, residual) in one call."""
     cfg = get_preset("tiny", **{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
                                 **kw})
@@ -118,7 +119,7 @@ def test_moe_block(kw):
         if moe.gate.e_score_correction_bias is not None:
             moe.gate.e_score_correction_bias.normal_(0, 0.1)
     moe, norm = moe.to(BF).eval(), randomize(RMSNorm(cfg.hidden_size))
-    h = torch.randn(2, 3, cfg.hidden_size, dtype=BF)
+    h = torch.randn(*shape, cfg.hidden_size, dtype=BF)
     with torch.no_grad(), kernels(True):
         a = moe.fused_block(h, norm)
         ids_a = moe._last_idx.sort(-1).values
@@ -145,14 +146,16 @@ def test_dense_block():
 
 
 @pytest.mark.parametrize("per_query", [False, True])
-def test_absorbed_attention(per_query):
+@pytest.mark.parametrize("S", [21, 4000])  # 4000 rows are past NS_ROWS_SPLIT: the scores split by rows
+def test_absorbed_attention(per_query, S):
     cfg = get_preset("tiny")
     attn = MLA(cfg, 0)
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.2)
     attn = attn.to(BF).eval()
-    B, T, S, C = 2, 3, 21, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    B, T, C = 2, 3, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert S * C * 2 > 256 << 10 or S < 100
     q = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_head_dim, dtype=BF)
     rows = torch.randn(B, T, S, C, dtype=BF) if per_query else torch.randn(B, S, C, dtype=BF)
     mask = torch.rand(B, T, S) < 0.7

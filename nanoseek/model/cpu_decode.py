@@ -94,10 +94,10 @@ def _build() -> Optional[ctypes.CDLL]:
                                         ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p,
                                         p, p, p, nt]
     lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
-                                      ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, p, p, nt]
+                                      ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 10 + [p] * 6 + [p, p, i64] + [p] * 6 + [nt]
-    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 24 + [
+    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 22 + [
         p, p, p, nt]
     return lib
 
@@ -259,11 +259,11 @@ def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, ex
     K = router[6] if router is not None else 0
     I = experts[1].shape[-1] if experts is not None else 0
     Is = shared[1].shape[-1] if shared is not None else 0
-    Kp, Ip = max(K, 1), max(I, Is)
+    Kp = max(K, 1)
     out = torch.empty_like(h)
     idx = torch.empty(N, Kp, dtype=torch.int64)
-    xn, r_out, s_out, act, ys, rs, gw = _scratch(N * D * 2, N * D * 2, N * D * 2, N * Kp * Ip * 2, N * Kp * D * 4,
-                                                 N * 2 * max(E, 1) * 4, N * Kp * 4)
+    xn, act, ys, rs, gw = _scratch(N * D * 2, N * (Kp * I + Is) * 2, N * (Kp + 1) * D * 4, N * 2 * max(E, 1) * 4,
+                                   N * Kp * 4)
     if router is not None:
         w32, bias, scoring, method, n_group, topk_group, _, norm, scaling = router
         r_args = (w32.data_ptr(), E, None if bias is None else bias.data_ptr(), _SCORING[scoring], _METHOD[method],
@@ -271,6 +271,6 @@ def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, ex
     else:
         r_args = (None, 0, None, 0, 0, 1, 1, 0, 0, 1.0, None, None, 0)
     s_args = (shared[0].data_ptr(), shared[1].data_ptr(), Is) if shared is not None else (None, None, 0)
-    _lib.ns_ffn_block_bf16(h.data_ptr(), N, D, norm_w.data_ptr(), eps, *r_args, *s_args, out.data_ptr(), xn,
-                           r_out, s_out, act, ys, rs, gw, idx.data_ptr(), torch.get_num_threads())
+    _lib.ns_ffn_block_bf16(h.data_ptr(), N, D, norm_w.data_ptr(), eps, *r_args, *s_args, out.data_ptr(), xn, act,
+                           ys, rs, gw, idx.data_ptr(), torch.get_num_threads())
     return out.view(shape), (idx if router is not None else None)

@@ -92,7 +92,7 @@ class DecodePlan:
         self.HV = max(b["H"] * b["V"] for b in blocks)
         self.H, self.R = max(b["H"] for b in blocks), max(b["R"] for b in blocks)
         self.Kp = blocks[0]["Kp"]
-        self.KI = max(self.Kp * max(b.get("I", 0), b.get("Is", 0)) for b in blocks)
+        self.KI = max(self.Kp * b.get("I", 0) + b.get("Is", 0) for b in blocks)  # expert rows: routed + shared
         self.E = max(max(b.get("E", 0), 1) for b in blocks)
         self.topk = max(b.get("topk", 0) for b in blocks)  # DSA selection scratch (0: no DSA block selects)
         self.HiDi = max(b.get("Hi", 0) * b["Di"] for b in blocks)
@@ -190,7 +190,7 @@ class DecodePlan:
         scratch = cpu_decode._scratch(
             max(B * S, sel) * C * 2, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
             M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
-            M * D * 2, M * D * 2, M * D * 2, M * KI * 2, M * Kp * D * 4, M * 2 * E * 4, M * Kp * 4,
+            M * D * 2, M * KI * 2, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
             M * max(self.HiDi, 1) * 2, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
             max(sel, 1))
         h = torch.empty(B, T, D, dtype=x.dtype)  # the residual stream after attention
