@@ -4,7 +4,7 @@
  *   ns_mla_project_bf16   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
  *   ns_mla_absorbed_bf16  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block_bf16     a block's feed-forward half: norm, router, routed + shared experts, residual
- *   ns_dsa_select_bf16    DSA's lightning indexer at decode: scores over the cached keys, top-k, gathered rows
+ *   ns_dsa_select_bf16    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
  *   ns_decode_stack_bf16  all decoder blocks of a decode step, with the latent cache's writes and reads
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
@@ -121,6 +121,11 @@ static ns_pf pf_make(const void *a, int64_t na, const void *b, int64_t nb, int64
     return c;
 }
 
+/* Row s of a query's latent rows: rows[s], or rows[ri[s]] through the cache slots ri (no gathered copy) */
+static inline const bf16 *row_at(const bf16 *rows, const int64_t *ri, int64_t s, int64_t C) {
+    return rows + (ri ? ri[s] : s) * C;
+}
+
 /* The phases of absorbed attention for one query, each over a range of heads [h0, h1) (and of rows or columns
  * where noted), so that a thread can run them for its own heads without waiting for the others. */
 static void att_qlat(const bf16 *qm, const bf16 *w_kvb, int64_t N, int64_t P, int64_t V, int64_t R, int64_t h0,
@@ -140,10 +145,11 @@ static void att_qlat(const bf16 *qm, const bf16 *w_kvb, int64_t N, int64_t P, in
     }
 }
 
-static void att_scores(const bf16 *qc, const bf16 *rm, const uint8_t *mk, int64_t S, int64_t C, float scale,
-                       int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc, ns_pf *pf) { /* rows [s0, s1) */
+static void att_scores(const bf16 *qc, const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64_t S,
+                       int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
+                       ns_pf *pf) { /* rows [s0, s1) */
     for (int64_t s = s0; s < s1; s++) {
-        const bf16 *row = rm + s * C;
+        const bf16 *row = row_at(rm, ri, s, C);
         pf_next(pf);
         for (int64_t h = h0; h < h1; h++) sc[h * S + s] = mk[s] ? rbf(dot(qc + h * C, row, C)) * scale : -INFINITY;
     }
@@ -165,8 +171,9 @@ static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int
 }
 
 /* ol[h, c0:c1] = bf16(p[h] . rows[:, c0:c1]) for heads [h0, h1), columns [c0, c1) (multiples of NS_CHUNK) */
-static void att_olat(const bf16 *rm, const uint8_t *mk, int64_t S, int64_t C, const float *sc, const bf16 *pb,
-                     int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol, ns_pf *pf) {
+static void att_olat(const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C, const float *sc,
+                     const bf16 *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol,
+                     ns_pf *pf) {
 #ifdef NS_AVX512BF16
     if (pb) { /* VDPBF16PS: each instruction takes two consecutive rows, interleaved column by column, against the
                * head's broadcast probability pair; heads in blocks of 8 accumulators kept in registers */
@@ -180,8 +187,8 @@ static void att_olat(const bf16 *rm, const uint8_t *mk, int64_t S, int64_t C, co
                 for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
                 for (int64_t s = 0; s < S; s += 2) {
                     pf_next(pf);
-                    const __m256i r0 = _mm256_loadu_si256((const __m256i *)(rm + s * C + c));
-                    const __m256i r1 = s + 1 < S ? _mm256_loadu_si256((const __m256i *)(rm + (s + 1) * C + c))
+                    const __m256i r0 = _mm256_loadu_si256((const __m256i *)(row_at(rm, ri, s, C) + c));
+                    const __m256i r1 = s + 1 < S ? _mm256_loadu_si256((const __m256i *)(row_at(rm, ri, s + 1, C) + c))
                                                  : _mm256_setzero_si256();
                     const __m512i rr = _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), perm,
                                                                  _mm512_castsi256_si512(r1));
@@ -208,7 +215,7 @@ static void att_olat(const bf16 *rm, const uint8_t *mk, int64_t S, int64_t C, co
             for (int64_t s = 0; s < S; s++) {
                 const float p = sc[h * S + s];
                 if (!mk[s] || p == 0.f) continue;
-                for (int64_t j = 0; j < nc; j++) acc[j] += p * bf2f(rm[s * C + c + j]);
+                for (int64_t j = 0; j < nc; j++) acc[j] += p * bf2f(row_at(rm, ri, s, C)[c + j]);
             }
             for (int64_t j = 0; j < nc; j++) ol[h * R + c + j] = rbf(acc[j]);
         }
@@ -225,8 +232,9 @@ static void att_wuv(const bf16 *w_kvb, const float *ol, int64_t N, int64_t V, in
  *   q_lat = q_nope W_UK (per head), scores = [q_lat ; q_pe] . rows * scale, p = softmax over the mask,
  *   o_lat = p . rows[:, :R], out = o_lat W_UV^T.
  * q [B, T, H, N+P]; w_kvb [H, N+V, R] = kv_b_proj's weight (W_UK = its first N rows per head, W_UV the
- * last V); rows [B, S, C] shared by a request's T queries, or
- * [B, T, S, C] per query (DSA's selected rows) when per_query; mask [B, T, S]; out [B, T, H, V].
+ * last V); rows [B, S, C] shared by a request's T queries, or [B, T, S, C] per query (DSA's selected rows) when
+ * per_query; with row_idx ([B, S] or [B, T, S]) the rows are instead rows[row_idx[...]] (the cache pool read
+ * through its slots, without a gathered copy); mask [B, T, S]; out [B, T, H, V].
  * Roundings as the PyTorch path (mla.py `absorbed`): q_lat, scores, probabilities and o_lat are bf16, the softmax
  * and the W_UK, W_UV products fp32 (exact products of bf16 values, so reading the bf16 weight equals PyTorch's
  * fp32 copy of it).
@@ -241,7 +249,7 @@ static void att_wuv(const bf16 *w_kvb, const float *ol, int64_t N, int64_t V, in
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
 void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                          const bf16 *w_kvb, int64_t R, int64_t V, const bf16 *rows,
+                          const bf16 *w_kvb, int64_t R, int64_t V, const bf16 *rows, const int64_t *row_idx,
                           int64_t S, int per_query, const uint8_t *mask, float scale, bf16 *out, bf16 *qc,
                           float *sc, float *ol, bf16 *pb, const bf16 *w_o, int64_t Dm, const bf16 *resid,
                           bf16 *y, int nt) {
@@ -264,23 +272,25 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
         ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * 2, w_o ? w_o + d0 * H * V : NULL,
                            w_o ? (d1 - d0) * H * V * 2 : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
-            const bf16 *rm = rows + (per_query ? m : m / T) * S * C;
+            const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
+            const bf16 *rm = row_idx ? rows : rows + rq * S * C;
+            const int64_t *ri = row_idx ? row_idx + rq * S : NULL;
             const uint8_t *mk = mask + m * S;
             att_qlat(q + m * H * (N + P), w_kvb, N, P, V, R, h0, h1, qc);
             if (by_heads) {
-                att_scores(qc, rm, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
+                att_scores(qc, rm, ri, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
-                att_olat(rm, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
+                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
             } else {
                 int64_t s0, s1, c0, c1;
                 part(S, t, n, &s0, &s1);
                 part((R + NS_CHUNK - 1) / NS_CHUNK, t, n, &c0, &c1);
 #pragma omp barrier
-                att_scores(qc, rm, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
+                att_scores(qc, rm, ri, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
 #pragma omp barrier
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
 #pragma omp barrier
-                att_olat(rm, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
+                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
                          ol, &pf);
 #pragma omp barrier
             }
@@ -558,9 +568,8 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
  * absorbed attention with o_proj and the residual, and the feed-forward half, exactly the calls the blocks make
  * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
  * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
- * NULL (one request), the contiguous rows from slot span0. kv [B, S, C] (or [M, topk, C]) is scratch for
- * gathered rows. A DSA block whose queries see more than its top-k rows selects them first
- * (ns_dsa_select_bf16).
+ * NULL (one request), the contiguous rows from slot span0; attention reads them in place. A DSA block whose
+ * queries see more than its top-k rows selects them first (ns_dsa_select_bf16) into sel [M, topk] (slots).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block
  * (the result). idx [L, M, K'] receives each MoE block's expert ids. */
 typedef struct {
@@ -604,13 +613,13 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
  *   iq[m, j] = rope_halves(wq_b cq[m])_j * Di^-1/2 (bf16),  iw[m, j] = bf16(weights_proj xn[m] * Hi^-1/2),
  *   score[m, s] = bf16(sum_j iw[m, j] relu(bf16(iq[m, j] . key[s])))  (-inf where mask[m, s] is 0),
  * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
- * ord [M, S] (the first K of each row), sel_mask [M, K], and their latent rows gathered into sel [M, K, C].
- * Keys and rows are read through the slots (read_slots [B, S], or span0). */
+ * ord [M, S] (the first K of each row), sel_mask [M, K], and the slots of their latent rows sel [M, K].
+ * Keys are read through the slots (read_slots [B, S], or span0). */
 void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
-                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, int64_t C, const bf16 *cq,
-                        const bf16 *xn, const float *cos, const float *sin, const uint8_t *mask, const bf16 *iplane,
-                        const bf16 *plane, const int64_t *read_slots, int64_t span0, bf16 *iq, float *iw,
-                        float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *sel, int nt) {
+                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const bf16 *cq, const bf16 *xn,
+                        const float *cos, const float *sin, const uint8_t *mask, const bf16 *iplane,
+                        const int64_t *read_slots, int64_t span0, bf16 *iq, float *iw, float *isc, int64_t *ord,
+                        uint8_t *sel_mask, int64_t *sel, int nt) {
     const int64_t M = B * T, half = P / 2;
     const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
 #pragma omp parallel num_threads(nt)
@@ -697,9 +706,9 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
                 if (v[s] == thr) om[n++] = s;
             qsort(om, K, sizeof(int64_t), cmp_i64);
             for (int64_t j = 0; j < K; j++) {
-                const int64_t s = om[j], slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
+                const int64_t s = om[j];
                 sel_mask[m * K + j] = mask[m * S + s];
-                memcpy(sel + (m * K + j) * C, plane + slot * C, C * sizeof(bf16));
+                sel[m * K + j] = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
             }
         }
     }
@@ -708,7 +717,7 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
 void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *x_in, int64_t B, int64_t T,
                           int64_t D, const float *cos, const float *sin, const uint8_t *mask, int64_t S,
                           bf16 *kv_pool, bf16 *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                          const int64_t *read_slots, int64_t span0, bf16 *kv, bf16 *rows, bf16 *ik, bf16 *xn,
+                          const int64_t *read_slots, int64_t span0, int64_t *sel, bf16 *rows, bf16 *ik, bf16 *xn,
                           bf16 *xo, bf16 *cq, bf16 *q, bf16 *att, bf16 *qc, float *sc, float *ol, bf16 *pb,
                           bf16 *fxn, bf16 *act, float *ys, float *rs, float *gw,
                           bf16 *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *h, bf16 *out,
@@ -729,19 +738,14 @@ void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *
                 memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(bf16));
         }
         if (b->topk > 0 && S > b->topk) { /* DSA: each query attends to its top-k rows only */
-            ns_dsa_select_bf16(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, C, cq, xn, cos,
-                               sin, mask, ik_pool + b->layer * n_slots * b->Di, plane, read_slots, span0, iq, iw,
-                               isc, ord, sel_mask, kv, nt);
-            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, kv, b->topk, 1, sel_mask, b->scale,
-                                 att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
-        } else {
-            const bf16 *r = plane + span0 * C;
-            if (read_slots) {
-                for (int64_t i = 0; i < B * S; i++) memcpy(kv + i * C, plane + read_slots[i] * C, C * sizeof(bf16));
-                r = kv;
-            }
-            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, r, S, 0, mask, b->scale, att, qc,
-                                 sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+            ns_dsa_select_bf16(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin,
+                               mask, ik_pool + b->layer * n_slots * b->Di, read_slots, span0, iq, iw, isc, ord,
+                               sel_mask, sel, nt);
+            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, sel, b->topk, 1, sel_mask,
+                                 b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+        } else { /* the rows through the slots, or one request's contiguous span */
+            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, read_slots ? plane : plane + span0 * C,
+                                 read_slots, S, 0, mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         }
         ns_ffn_block_bf16(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
                           b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,

@@ -88,7 +88,7 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ns_linear_bf16.argtypes = [p, i64, i64, p, i64, p, nt]
-    lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, i64, nt, p,
+    lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, p, i64, nt, p,
                                          ctypes.c_float, p, p, p, p, p, p, i64, p, p, nt]
     lib.ns_mla_project_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_float, p, i64, i64, p,
                                         ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p,
@@ -96,7 +96,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
                                       ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
-    lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 10 + [p] * 6 + [p, p, i64] + [p] * 6 + [nt]
+    lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 9 + [p] * 6 + [p, i64] + [p] * 6 + [nt]
     lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 22 + [
         p, p, p, nt]
     return lib
@@ -176,7 +176,7 @@ def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tenso
     resid = resid.contiguous() if resid is not None else None  # (kept alive in a name through the call)
     y = torch.empty(B, T, Dm, dtype=q.dtype)
     out, qc, sc, ol, pb = _scratch(B * T * H * V * 2, H * C * 2, H * S * 4, H * R * 4, H * (S + 1) * 2)
-    _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), S,
+    _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), None, S,
                               int(rows.dim() == 4), mask.data_ptr(), scale, out, qc, sc, ol, pb, w_o.data_ptr(), Dm,
                               None if resid is None else resid.data_ptr(), y.data_ptr(),
                               torch.get_num_threads())
@@ -206,13 +206,13 @@ def dsa_select(indexer, cq: torch.Tensor, xn: torch.Tensor, keys: torch.Tensor, 
     read = torch.arange(B * S)  # request b's row s at slot b * S + s
     iq, iw = torch.empty(B * T, Hi * Di, dtype=_BF16), torch.empty(B * T, Hi)
     scores, order = torch.empty(B, T, S), torch.empty(B, T, S, dtype=torch.int64)
-    sel_mask, sel = torch.empty(B, T, K, dtype=torch.bool), torch.empty(B, T, K, C, dtype=_BF16)
+    sel_mask, sel = torch.empty(B, T, K, dtype=torch.bool), torch.empty(B, T, K, dtype=torch.int64)
     library().ns_dsa_select_bf16(
-        indexer.wq_b.weight.data_ptr(), indexer.weights_proj.weight.data_ptr(), Hi, Di, P, K, B, T, D, Oq, S, C,
-        cq.data_ptr(), xn.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(),
-        keys.data_ptr(), rows.data_ptr(), read.data_ptr(), 0, iq.data_ptr(), iw.data_ptr(), scores.data_ptr(),
-        order.data_ptr(), sel_mask.data_ptr(), sel.data_ptr(), torch.get_num_threads())
-    return scores, order[..., :K], sel_mask, sel
+        indexer.wq_b.weight.data_ptr(), indexer.weights_proj.weight.data_ptr(), Hi, Di, P, K, B, T, D, Oq, S,
+        cq.data_ptr(), xn.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), keys.data_ptr(),
+        read.data_ptr(), 0, iq.data_ptr(), iw.data_ptr(), scores.data_ptr(), order.data_ptr(), sel_mask.data_ptr(),
+        sel.data_ptr(), torch.get_num_threads())
+    return scores, order[..., :K], sel_mask, rows[sel]  # the rows at the selected slots
 
 
 _SCORING = {"sigmoid": 0, "softmax": 1}

@@ -188,7 +188,7 @@ class DecodePlan:
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
         sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
         scratch = cpu_decode._scratch(
-            max(B * S, sel) * C * 2, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
+            max(sel, 1) * 8, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
             M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
             M * D * 2, M * KI * 2, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
             M * max(self.HiDi, 1) * 2, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
