@@ -369,11 +369,25 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     del m.layers[-1]  # a model that drops (or swaps) a block gets a new plan
     both_paths(ids[:1], [[1]] * 2)
     assert runs["n"] == 19
+    builds = {"n": 0}
+    real_build = decode_plan.DecodePlan.build
+
+    def counted_build(model):
+        builds["n"] += 1
+        return real_build(model)
+
+    monkeypatch.setattr(decode_plan.DecodePlan, "build", staticmethod(counted_build))
+    with torch.no_grad():  # new tensors in the model (load_state_dict(assign=True) does this): a new plan
+        w = m.layers[-1].post_attention_layernorm.weight
+        m.layers[-1].post_attention_layernorm.weight = torch.nn.Parameter(w * 2, requires_grad=False)
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.flip(0), requires_grad=False)
+    both_paths(ids[:1], [[1]] * 3)
+    assert runs["n"] == 22 and builds["n"] == 1  # built once, then reused step after step
     if m.config.use_dsa:  # past top-k the plan's kernel selects DSA's rows (the blocks select in PyTorch)
         earliest_on_ties(monkeypatch)
         monkeypatch.setattr(decode_plan, "run", plan_run)
         planned = decode(m, ids, 40, [[1, 3]] * 3, True)
-        assert runs["n"] == 22
+        assert runs["n"] == 25
         monkeypatch.setattr(decode_plan, "run", lambda *a: None)
         for a, b in zip(planned, decode(m, ids, 40, [[1, 3]] * 3, True)):
             assert_steps_close(a, b)

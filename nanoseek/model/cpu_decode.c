@@ -570,8 +570,11 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
  * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
  * NULL (one request), the contiguous rows from slot span0; attention reads them in place. A DSA block whose
  * queries see more than its top-k rows selects them first (ns_dsa_select_bf16) into sel [M, topk] (slots).
- * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block
- * (the result). idx [L, M, K'] receives each MoE block's expert ids. */
+ * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block.
+ * idx [L, M, K'] receives each MoE block's expert ids. The angles of RoPE come from tables of every position
+ * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. Then the model's final norm,
+ * hn [M, D], and with head_w [V, D] the logits [B, n_logits, V] of each request's last n_logits rows (hl
+ * [B * n_logits, D] scratch). */
 typedef struct {
     int64_t layer;                                               /* its plane in the cache pools */
     const bf16 *wx; int64_t q_out, R, P, Di; const bf16 *qa_norm; float qa_eps; const bf16 *wqb; int64_t H, N;
@@ -715,15 +718,22 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
 }
 
 void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *x_in, int64_t B, int64_t T,
-                          int64_t D, const float *cos, const float *sin, const uint8_t *mask, int64_t S,
+                          int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
+                          const uint8_t *mask, int64_t S,
                           bf16 *kv_pool, bf16 *ik_pool, int64_t n_slots, const int64_t *write_slots,
                           const int64_t *read_slots, int64_t span0, int64_t *sel, bf16 *rows, bf16 *ik, bf16 *xn,
                           bf16 *xo, bf16 *cq, bf16 *q, bf16 *att, bf16 *qc, float *sc, float *ol, bf16 *pb,
                           bf16 *fxn, bf16 *act, float *ys, float *rs, float *gw,
                           bf16 *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *h, bf16 *out,
-                          int64_t *idx, int nt) {
-    const int64_t M = B * T;
+                          int64_t *idx, const bf16 *norm_w, float norm_eps, bf16 *hn, const bf16 *head_w,
+                          int64_t V, int64_t n_logits, bf16 *hl, bf16 *logits, int nt) {
+    const int64_t M = B * T, half = blocks[0].P / 2;
     const bf16 *x = x_in;
+    float *cos = cs, *sin = cs + M * half; /* the angles of the queries' positions, from the tables */
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(cos + m * half, cos_tab + pos[m] * half, half * sizeof(float));
+        memcpy(sin + m * half, sin_tab + pos[m] * half, half * sizeof(float));
+    }
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
@@ -752,6 +762,17 @@ void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *
                           b->s_gate_up, b->s_down, b->Is, out, fxn, act, ys, rs, gw,
                           idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
         x = out;
+    }
+    /* the final norm (hn [M, D]) and the head over each request's last n_logits rows (logits [B, n_logits, V]) */
+    ns_rmsnorm_bf16(out, M, D, norm_w, norm_eps, hn);
+    if (head_w) {
+        const bf16 *xl = hn;
+        if (n_logits < T) {
+            for (int64_t b = 0; b < B; b++)
+                memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(bf16));
+            xl = hl;
+        }
+        ns_linear_bf16(xl, B * n_logits, D, head_w, V, logits, nt);
     }
 }
 

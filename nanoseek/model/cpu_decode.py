@@ -97,8 +97,8 @@ def _build() -> Optional[ctypes.CDLL]:
                                       ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 9 + [p] * 6 + [p, i64] + [p] * 6 + [nt]
-    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64] + [p] * 22 + [
-        p, p, p, nt]
+    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p, p, i64, p, p, i64] + [
+        p] * 22 + [p, p, p, p, ctypes.c_float, p, p, i64, i64, p, p, nt]
     return lib
 
 

@@ -36,23 +36,38 @@ from nanoseek.model.moe import MoE
 
 _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakKeyDictionary()
 
+# A plan holds the tensors it was built from. An assignment of a parameter, buffer or submodule anywhere
+# (load_state_dict(assign=True), a swapped layer or expert) puts other tensors in the model and bumps this
+# counter, so every plan is rebuilt; in-place writes and `.data` swaps keep the tensors and show in the key.
+_assignments = [0]
 
-def run(model, x: torch.Tensor, rope, cache) -> Optional[torch.Tensor]:
-    """The decoder blocks on x [B, T, D] (embedded tokens of a decode call) through the plan of `model` (a
-    Transformer), built or rebuilt as needed; None where the plan does not apply (the caller runs the blocks)."""
+
+def _assigned(*_) -> None:
+    _assignments[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_assigned)
+
+
+def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
+    """The decoder blocks, the final norm and the head on x [B, T, D] (embedded tokens of a decode call) through
+    the plan of `model` (a Transformer), built or rebuilt as needed: (logits [B, T or num_logits, V], normed
+    hidden [B, T, D]), or None where the plan does not apply (the caller runs the blocks)."""
     if model.training or torch.is_grad_enabled() or x.shape[1] > ABSORB_MAX_QUERIES or not cpu_decode.usable(x):
         return None
-    if not (rope.cos.is_contiguous() and rope.sin.is_contiguous()):
+    if not hasattr(cache, "slots"):
         return None
     plan = _PLANS.get(model)
-    if plan is None or plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers]:
+    if plan is None or plan.assignments != _assignments[0] or plan.key != plan.current_key() or \
+            plan.layers != [id(b) for b in model.layers]:
         plan = DecodePlan.build(model)
         if plan is None:
             return None
         _PLANS[model] = plan
-    if not hasattr(cache, "slots"):
-        return None
-    return plan.run(x, rope, cache)
+    return plan.run(x, cache, model.rotary, num_logits)
 
 
 class _Block(ctypes.Structure):
@@ -78,6 +93,7 @@ class DecodePlan:
     def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
                  layers: list[int]):
         self.sources, self.modes = sources, modes
+        self.assignments = _assignments[0]
         self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
@@ -85,7 +101,7 @@ class DecodePlan:
         self.moes = moes  # per block, its MoE module (its expert ids are set after each step) or None
         self.keep = keep  # the derived weights whose addresses the structs hold
         # scratch widths, the largest over the blocks
-        self.C, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["Di"]
+        self.C, self.P, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["P"], blocks[0]["Di"]
         self.Ow = max(b["q_out"] + b["R"] + b["P"] + b["Di"] for b in blocks)
         self.Oq = max(max(b["q_out"], 1) for b in blocks)
         self.Q = max(b["H"] * (b["N"] + b["P"]) for b in blocks)
@@ -176,14 +192,25 @@ class DecodePlan:
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-        return DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers])
+        # the final norm and the head
+        norm, head = model.norm, model.lm_head.weight
+        if not kernel_weights([norm.weight, head]):
+            return None
+        sources += [norm.weight, head]
+        plan = DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers])
+        plan.final = (norm.weight.data_ptr(), norm.eps, head.data_ptr(), head.shape[0])
+        return plan
 
-    def run(self, x: torch.Tensor, rope, cache) -> torch.Tensor:
+    def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
         B, T, D = x.shape
         M = B * T
         kv_pool, ik_pool, write, read, span0 = cache.slots(len(self.moes))
         mask = cache.mask.contiguous()  # bool [B, T, S]
         S = mask.shape[-1]
+        cos, sin = rotary.cached(S)  # fp32 [positions, P/2], every position < S
+        pos = cache.positions.contiguous()
+        norm_w, norm_eps, head_w, V = self.final
+        nl = T if num_logits is None else min(num_logits, T)
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
         sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
@@ -192,17 +219,19 @@ class DecodePlan:
             M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
             M * D * 2, M * KI * 2, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
             M * max(self.HiDi, 1) * 2, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
-            max(sel, 1))
-        h = torch.empty(B, T, D, dtype=x.dtype)  # the residual stream after attention
-        out = torch.empty(B, T, D, dtype=x.dtype)  # ... and after each block: the result
+            max(sel, 1), M * self.P * 4, M * D * 2, M * D * 2, M * D * 2)
+        cs, h, out, hl = scratch[-4:]  # RoPE's angles, the stream after attention, after each block, head rows
+        hn = torch.empty(B, T, D, dtype=x.dtype)  # the result: the normed hidden state ...
+        logits = torch.empty(B, nl, V, dtype=x.dtype)  # ... and the logits of the last nl rows of each request
         idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
         cpu_decode.library().ns_decode_stack_bf16(
-            self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, rope.cos.data_ptr(), rope.sin.data_ptr(),
-            mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1], write.data_ptr(), _ptr(read),
-            span0, *scratch, h.data_ptr(), out.data_ptr(), idx.data_ptr(), torch.get_num_threads())
+            self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
+            pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
+            write.data_ptr(), _ptr(read), span0, *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
+            hn.data_ptr(), head_w, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
         for moe, ids in zip(self.moes, idx.unbind(0)):
             if moe is not None:  # MoE.last_load reads it; a plain attribute, set without nn.Module's lookups
                 K = moe.gate.K
                 moe.__dict__["_last_idx"] = ids if K == Kp else ids.view(-1)[:M * K].view(M, K)
-        return out
+        return logits, hn
 

@@ -8,6 +8,7 @@ Both take the `RopeTables` that `RotaryEmbedding` builds once per forward from a
 Legend: B batch, T tokens, H heads, R rope dims.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class RotaryEmbedding(nn.Module):
         half_swap = torch.arange(R).roll(R // 2)
         self.register_buffer("pair_swap", pair_swap, persistent=False)
         self.register_buffer("half_swap", half_swap, persistent=False)
+        self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # `cached`: every position's angles
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not round the frequencies: keep them fp32, only follow the device
@@ -60,13 +62,32 @@ class RotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         new = self.inv_freq
         self.inv_freq = new.float() if inv.is_meta else inv.to(new.device, torch.float32)
+        self._cache = None
         return self
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] -> cos, sin [..., R/2] in float32 (scaled by YaRN's attention factor)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
 
     def forward(self, positions: torch.Tensor) -> "RopeTables":
         """positions [B, T] -> the rotation tables of these positions (cos, sin [B, T, R/2] in float32)."""
-        freqs = positions[..., None].float() * self.inv_freq
-        return RopeTables(freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor, self.pair_swap,
-                          self.half_swap)
+        return RopeTables(*self.angles(positions), self.pair_swap, self.half_swap)
+
+    def cached(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, R/2] of positions 0 .. n-1 for some n >= length, computed once (grown by doubling)."""
+        c = getattr(self, "_cache", None)
+        if c is None or c[0].shape[0] < length:
+            n = max(1024, 1 << (length - 1).bit_length())
+            c = self._cache = self.angles(torch.arange(n, device=self.inv_freq.device))
+        return c
+
+    def lookup(self, positions: torch.Tensor, length: int) -> "RopeTables":
+        """Inference: the tables of positions [B, T] (all < length, a host-side bound, so no device sync) read
+        from `cached`: a decode step computes no angles, and a position gets the same angles in a prefill and in
+        a decode step (PyTorch's cos of one 16-value row and of a long tensor may differ by an ulp)."""
+        cos, sin = self.cached(length)
+        return RopeTables(cos[positions], sin[positions], self.pair_swap, self.half_swap)
 
 
 class RopeTables:

@@ -27,7 +27,7 @@ from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.model.rope import RopeTables, RotaryEmbedding
 
 
 @dataclass
@@ -101,19 +101,24 @@ class Transformer(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(self, "_lm_head", hidden, self.lm_head.weight)
 
+    def rope_for(self, positions: torch.Tensor, cache) -> RopeTables:
+        """The rotation tables of a call, shared by all layers; with a cache (inference) read from the angles
+        computed once per position (the cache's mask bounds the positions without a device sync)."""
+        return self.rotary(positions) if cache is None else self.rotary.lookup(positions, cache.mask.shape[-1])
+
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
                 path: str = "auto") -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given)."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        rope = self.rotary(self.positions_for(input_ids, cache))  # rotation tables, shared by all layers
         x = self.embed_tokens(input_ids)
-        y = decode_plan.run(self, x, rope, cache) if cache is not None and path != "naive" else None
-        if y is not None:  # bf16 decode on the CPU kernels, the blocks' arguments resolved once
-            x = y
-        else:
-            for layer in self.layers:
-                x = layer(x, rope, cache, path)
+        if cache is not None and path != "naive":  # bf16 decode on the CPU kernels: blocks, norm and head in one call
+            out = decode_plan.run(self, x, cache, num_logits)
+            if out is not None:
+                return CausalLMOutput(logits=out[0], hidden=out[1])
+        rope = self.rope_for(self.positions_for(input_ids, cache), cache)
+        for layer in self.layers:
+            x = layer(x, rope, cache, path)
         h = self.norm(x)
         hl = h if num_logits is None else h[:, -num_logits:]
         return CausalLMOutput(logits=self.head(hl), hidden=h)
@@ -124,10 +129,9 @@ class Transformer(nn.Module):
 
         Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
         """
-        if positions is None:
-            positions = self.positions_for(next_ids, cache)
+        rope = self.rope_for(self.positions_for(next_ids, cache), cache) if positions is None else self.rotary(positions)
         m = self.mtp[k]
-        h = m(hidden, self.embed_tokens(next_ids), self.rotary(positions), cache)
+        h = m(hidden, self.embed_tokens(next_ids), rope, cache)
         return self.head(m.head_norm(h)), h
 
     def pack_weights_(self, on: bool = True) -> bool:
