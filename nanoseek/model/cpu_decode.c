@@ -93,6 +93,8 @@ void ns_linear_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *W, int64_t 
 }
 
 #define NS_CHUNK 16
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
 /* [lo, hi) = part t of n of [0, total), split as evenly as `omp for schedule(static)` would */
 static inline void part(int64_t total, int t, int n, int64_t *lo, int64_t *hi) {
     const int64_t q = total / n, r = total % n;
@@ -396,15 +398,29 @@ void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, in
     const bf16 *xin = in_norm ? xn : x;
 #pragma omp parallel num_threads(nt)
     {
+        /* the norms work row by row, so with fewer rows than threads some threads wait meanwhile: those ask for
+         * the start of their share of the next matrix (as much as the norms last, about), a thread that works
+         * for its first 2 KB */
+        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t m0, m1, o0, o1, q0, q1;
+        part(M, t, nth, &m0, &m1);
+        part(Ow, t, nth, &o0, &o1);
+        part(Q, t, nth, &q0, &q1);
+        const int64_t idle = m0 == m1;
         if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
+            ns_pf pf = pf_make(wx + o0 * D, imin(idle ? 4096 : 2048, (o1 - o0) * D * 2), NULL, 0, 1);
+            pf_next(&pf);
+            for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
+#pragma omp barrier
         }
-#pragma omp for schedule(static)
-        for (int64_t o = 0; o < Ow; o++)
+        for (int64_t o = o0; o < o1; o++)
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2bf(dot(xin + m * D, wx + o * D, D));
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
+#pragma omp barrier
+        if (qa_norm) {
+            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, (q1 - q0) * Oq * 2), NULL, 0, 1);
+            pf_next(&pf);
+        }
+        for (int64_t m = m0; m < m1; m++) {
             const bf16 *xm = xo + m * Ow;
             if (qa_norm) rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
             else memcpy(q + m * Q, xm, Q * sizeof(bf16));
@@ -429,10 +445,11 @@ void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, in
                 }
             }
         }
+#pragma omp barrier
         if (qa_norm) {
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < Q; o++)
+            for (int64_t o = q0; o < q1; o++) /* the rows asked for above */
                 for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2bf(dot(cq + m * Oq, wqb + o * Oq, Oq));
+#pragma omp barrier
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < M * H; t++) {
