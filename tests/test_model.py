@@ -36,6 +36,34 @@ def test_naive_equals_absorbed(dsa):
     assert (a - c).abs().max() < 1e-5
 
 
+def test_explicit_training_attention_equals_flash(monkeypatch):
+    """Compiled CPU training writes short causal attention out (`mla._explicit_is_faster`): same loss and
+    gradients as SDPA's flash kernel. (Forced here in eager mode.)"""
+    m = model(index_topk=0, index_n_heads=0).train()
+    x = ids(m.config)
+
+    def loss_and_grads():
+        m.zero_grad()
+        loss = m(x).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, {"n": 0}
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    flash = loss_and_grads()
+    assert calls["n"] == m.config.num_hidden_layers
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    explicit = loss_and_grads()
+    assert calls["n"] == m.config.num_hidden_layers  # not called again
+    assert torch.allclose(flash[0], explicit[0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(flash[1], explicit[1]))
+
+
 def test_grouped_experts_equal_loop():
     cfg = get_preset("tiny", n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     experts, router = Experts(cfg), Router(cfg)
