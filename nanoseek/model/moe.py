@@ -141,6 +141,52 @@ class _DispatchRows(torch.autograd.Function):
         return g.index_select(0, inv).view(inv.numel() // ctx.K, ctx.K, -1).sum(1), None, None
 
 
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a [M, K] with rows grouped by offs, b [G, K, N]) -> [M, N]. Its CPU kernel takes float32
+    but its shape function (used by torch.compile) only bf16, so a compiled float32 step failed to compile (and
+    torch.compile then skipped the step's frames in every dtype for the rest of the process): compiled float32
+    calls go through `grouped_mm`, an opaque op with its own shape function and backward."""
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[G, K, N]: per group, a[rows]^T @ g[rows] (a [M, K], g [M, N]): the weight gradient of `grouped_mm`."""
+    return torch._grouped_mm(a.t(), g, offs=offs)
+
+
+@grouped_mm_wgrad.register_fake
+def _(a, g, offs):
+    return a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, g):
+    a, b, offs = ctx.saved_tensors
+    g = g.contiguous()
+    ga = grouped_mm(g, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    gb = grouped_mm_wgrad(a, g, offs) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -244,10 +290,9 @@ class Experts(nn.Module):
             # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
             dt = torch.get_autocast_dtype(x.device.type)
             xs, gate_up_proj, down_proj = xs.to(dt), gate_up_proj.to(dt), down_proj.to(dt)
-        h = _ContiguousGrad.apply(torch._grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs))
+        h = _ContiguousGrad.apply(_grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
         gate, up = h.split(I, dim=-1)
-        y = _ContiguousGrad.apply(torch._grouped_mm((F.silu(gate) * up).contiguous(),
-                                                    down_proj.transpose(1, 2), offs=offs))
+        y = _ContiguousGrad.apply(_grouped_mm((F.silu(gate) * up).contiguous(), down_proj.transpose(1, 2), offs))
         y = y * w.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
         return out.view(N, K, -1).sum(1).to(x.dtype)
