@@ -461,35 +461,38 @@ void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, in
     }
 }
 
-/* One expert applied to one token: x [D], gate_up [2I, D] (gate rows first), down [D, I]; act [I], y [D] */
-typedef struct { const bf16 *x, *gate_up, *down; int64_t I; bf16 *act; float *y; } ns_unit;
+/* The experts' work of a block, as groups: one expert (routed, or the shared one) with every (token, expert) pair
+ * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
+ * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
+ * ys[p] [D]. */
+typedef struct { const bf16 *gate_up, *down; int64_t I, first, count; } ns_group; /* pairs[first, first + count) */
+typedef struct { const bf16 *xn; bf16 *act; float *ys; const int64_t *pairs; int64_t NKr, K, D, I, Is; } ns_pairs;
 
-/* unit u of a block's experts: the routed (token, k) pairs n*K + k first, then the shared expert of each token */
-static inline ns_unit unit(int64_t u, int64_t N, int64_t K, int64_t Kr, int64_t D, int64_t I, int64_t Is,
-                           const int64_t *idx, const bf16 *xn, const bf16 *gate_up, const bf16 *down,
-                           const bf16 *s_gate_up, const bf16 *s_down, bf16 *act, float *ys) {
-    ns_unit e;
-    if (u < N * Kr) {
-        const int64_t n = u / Kr, k = u % Kr, ex = idx[n * K + k];
-        e.x = xn + n * D, e.gate_up = gate_up + ex * 2 * I * D, e.down = down + ex * D * I, e.I = I;
-        e.act = act + u * I;
-    } else {
-        const int64_t n = u - N * Kr;
-        e.x = xn + n * D, e.gate_up = s_gate_up, e.down = s_down, e.I = Is, e.act = act + N * Kr * I + n * Is;
-    }
-    e.y = ys + u * D;
-    return e;
+static inline const bf16 *pair_x(const ns_pairs *c, int64_t p) {
+    return c->xn + (p < c->NKr ? p / c->K : p - c->NKr) * c->D;
+}
+static inline bf16 *pair_act(const ns_pairs *c, int64_t p) {
+    return p < c->NKr ? c->act + p * c->I : c->act + c->NKr * c->I + (p - c->NKr) * c->Is;
 }
 
-static void expert_gate_up(const ns_unit *e, int64_t D, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
+static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
     for (int64_t r = r0; r < r1; r++) {
-        const float g = rbf(dot(e->x, e->gate_up + r * D, D)), u = rbf(dot(e->x, e->gate_up + (e->I + r) * D, D));
-        e->act[r] = f2bf(rbf(g / (1.f + expf(-g))) * u);
+        const bf16 *wg = g->gate_up + r * c->D, *wu = g->gate_up + (g->I + r) * c->D;
+        for (int64_t j = 0; j < g->count; j++) {
+            const int64_t p = c->pairs[g->first + j];
+            const bf16 *x = pair_x(c, p);
+            const float a = rbf(dot(x, wg, c->D)), u = rbf(dot(x, wu, c->D));
+            pair_act(c, p)[r] = f2bf(rbf(a / (1.f + expf(-a))) * u);
+        }
     }
 }
 
-static void expert_down(const ns_unit *e, int64_t d0, int64_t d1) { /* y rows [d0, d1) */
-    for (int64_t d = d0; d < d1; d++) e->y[d] = rbf(dot(e->act, e->down + d * e->I, e->I));
+static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t d1) { /* y rows [d0, d1) */
+    for (int64_t d = d0; d < d1; d++)
+        for (int64_t j = 0; j < g->count; j++) {
+            const int64_t p = c->pairs[g->first + j];
+            c->ys[p * c->D + d] = rbf(dot(pair_act(c, p), g->down + d * g->I, g->I));
+        }
 }
 
 /* The feed-forward half of a decoder block for N tokens (transformer.py `Block`): out = h + FFN(RMSNorm(h)),
@@ -499,16 +502,20 @@ static void expert_down(const ns_unit *e, int64_t d0, int64_t d1) { /* y rows [d
  * gate_up [E, 2I, D] (gate rows first), down [E, D, I]; the shared expert is one more expert of weight 1
  * (gate_up [2Is, D], down [D, Is]). Roundings as PyTorch: the norm, gate, up, silu(gate), their product, each
  * y, the routed and shared outputs, their sum and the residual sum are bf16.
- * One parallel region: the norm, the router's logits, the routing (one thread), the routed and shared experts
- * together (see below), then the weighted sums and the residual. Scratch: xn [N, D] bf16; act [N, K'*I + Is] bf16 and
- * ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32; idx [N, K] int64. */
+ * One parallel region: the norm, the router's logits, the routing and the grouping of the pairs by expert (one
+ * thread), the expert groups (see below), then the weighted sums and the residual. Scratch: xn [N, D] bf16;
+ * act [N, K'*I + Is] bf16 and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
+ * idx [N, K] int64. */
 void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, float eps, const float *router_w32,
                        int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
                        int64_t K, int norm, float scaling, const bf16 *gate_up, const bf16 *down, int64_t I,
                        const bf16 *s_gate_up, const bf16 *s_down, int64_t Is, bf16 *out, bf16 *xn, bf16 *act,
                        float *ys, float *rs, float *gw, int64_t *idx, int nt) {
-    const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0; /* routed experts per token; shared rows */
-    float *ys_s = ys + N * Kr * D;
+    const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
+    float *ys_s = ys + NKr * D;
+    int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
+    ns_group groups[E + 2];
+    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is};
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp single
@@ -516,67 +523,94 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
         if (Kr > 0) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < N * E; t++) rs[t] = dot_bf_f(xn + (t / E) * D, router_w32 + (t % E) * D, D);
+        }
 #pragma omp single
-            {
-                for (int64_t n = 0; n < N; n++)
-                    route_token(rs + n * E, E, bias, scoring, method, n_group, topk_group, K, norm, scaling,
-                                gw + n * K, idx + n * K, rs + N * E + n * E);
+        {
+            for (int64_t n = 0; n < N && Kr > 0; n++)
+                route_token(rs + n * E, E, bias, scoring, method, n_group, topk_group, K, norm, scaling,
+                            gw + n * K, idx + n * K, rs + N * E + n * E);
+            /* the groups: the routed experts in expert order (a counting sort of the pairs, each group's pairs in
+             * order), then the shared one; cost[g] = the work before group g (pairs x width), cost[G] the total */
+            int64_t count[E + 1], slot[E + 1], first = 0;
+            for (int64_t e = 0; e < E; e++) count[e] = 0;
+            for (int64_t p = 0; p < NKr; p++) count[idx[p]]++;
+            for (int64_t e = 0; e < E; e++) {
+                slot[e] = G;
+                if (count[e]) groups[G++] = (ns_group){gate_up + e * 2 * I * D, down + e * D * I, I, first, 0};
+                first += count[e];
+            }
+            for (int64_t p = 0; p < NKr; p++) {
+                ns_group *gr = &groups[slot[idx[p]]];
+                pairs[gr->first + gr->count++] = p;
+            }
+            if (Ns) {
+                for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
+                groups[G++] = (ns_group){s_gate_up, s_down, Is, NKr, N};
+            }
+            cost[0] = 0;
+            for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
 #ifdef NS_AVX512BF16
-                /* the experts' streams start where the hardware has no history: ask for each one's first KB now,
-                 * so that their memory latencies overlap instead of stalling one after another (the block stack:
-                 * median 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is
-                 * larger) */
-                for (int64_t nk = 0; nk <= N * K; nk++) { /* (and the shared expert's, last) */
-                    const int last = nk == N * K;
-                    if (last && !s_gate_up) break;
-                    const char *g = (const char *)(last ? s_gate_up : gate_up + idx[nk] * 2 * I * D);
-                    const char *u = g + (last ? Is : I) * D * 2;
-                    const char *dn = (const char *)(last ? s_down : down + idx[nk] * D * I);
-                    for (int64_t b = 0; b < 1024; b += 64) {
-                        _mm_prefetch(g + b, _MM_HINT_T1);
-                        _mm_prefetch(u + b, _MM_HINT_T1);
-                        _mm_prefetch(dn + b, _MM_HINT_T1);
-                    }
+            /* the experts' streams start where the hardware has no history: ask for each one's first KB now, so
+             * that their memory latencies overlap instead of stalling one after another (the block stack: median
+             * 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
+            for (int64_t g = 0; g < G; g++) {
+                const char *gp = (const char *)groups[g].gate_up, *up = gp + groups[g].I * D * 2;
+                const char *dn = (const char *)groups[g].down;
+                for (int64_t b = 0; b < 1024; b += 64) {
+                    _mm_prefetch(gp + b, _MM_HINT_T1);
+                    _mm_prefetch(up + b, _MM_HINT_T1);
+                    _mm_prefetch(dn + b, _MM_HINT_T1);
                 }
+            }
 #endif
+        }
+        /* the groups split by cost into one contiguous share per thread: a thread runs its whole groups, gate/up
+         * then down, streaming their matrices one after another with no wait (6% more bandwidth than splitting
+         * each phase's rows over the threads and waiting between the phases); a group across a share boundary
+         * is split by rows over all threads, with one wait between its two halves */
+        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t C = cost[G], lo = C * t / nth, hi = C * (t + 1) / nth;
+        int any_split = 0;
+        for (int64_t g = 0; g < G; g++) {
+            int split = 0;
+            for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
+            if (split) {
+                int64_t r0, r1;
+                part(groups[g].I, t, nth, &r0, &r1);
+                group_gate_up(&pc, &groups[g], r0, r1);
+                any_split = 1;
             }
         }
-        /* the experts: whole ones per thread, gate/up then down, so that each thread streams its matrices one
-         * after another with no wait (6% more bandwidth than splitting each phase's rows over the threads and
-         * waiting between the phases); the U % nt left over are split by rows, with one wait between their
-         * halves */
-        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t U = N * Kr + Ns, whole = U / nth, u_split = whole * nth;
-        for (int64_t u = u_split; u < U; u++) {
-            int64_t r0, r1;
-            ns_unit e = unit(u, N, K, Kr, D, I, Is, idx, xn, gate_up, down, s_gate_up, s_down, act, ys);
-            part(e.I, t, nth, &r0, &r1);
-            expert_gate_up(&e, D, r0, r1);
+        for (int64_t g = 0; g < G; g++) {
+            int split = 0;
+            for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
+            if (!split && lo <= cost[g] && cost[g] < hi) {
+                group_gate_up(&pc, &groups[g], 0, groups[g].I);
+                group_down(&pc, &groups[g], 0, D);
+            }
         }
-        for (int64_t u = t * whole; u < (t + 1) * whole; u++) {
-            ns_unit e = unit(u, N, K, Kr, D, I, Is, idx, xn, gate_up, down, s_gate_up, s_down, act, ys);
-            expert_gate_up(&e, D, 0, e.I);
-            expert_down(&e, 0, D);
-        }
-        if (u_split < U) {
+        if (any_split) {
 #pragma omp barrier
-            for (int64_t u = u_split; u < U; u++) {
-                int64_t d0, d1;
-                ns_unit e = unit(u, N, K, Kr, D, I, Is, idx, xn, gate_up, down, s_gate_up, s_down, act, ys);
-                part(D, t, nth, &d0, &d1);
-                expert_down(&e, d0, d1);
+            for (int64_t g = 0; g < G; g++) {
+                int split = 0;
+                for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
+                if (split) {
+                    int64_t d0, d1;
+                    part(D, t, nth, &d0, &d1);
+                    group_down(&pc, &groups[g], d0, d1);
+                }
             }
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < N * D; t++) {
-            const int64_t n = t / D, d = t % D;
+        for (int64_t i = 0; i < N * D; i++) {
+            const int64_t n = i / D, d = i % D;
             float r = 0.f;
             for (int64_t k = 0; k < Kr; k++) r += gw[n * K + k] * ys[(n * K + k) * D + d];
             float f;
-            if (Kr > 0 && Ns) f = rbf(bf2f(f2bf(r)) + ys_s[t]);
-            else f = Kr > 0 ? bf2f(f2bf(r)) : ys_s[t];
-            out[t] = f2bf(bf2f(h[t]) + f);
+            if (Kr > 0 && Ns) f = rbf(bf2f(f2bf(r)) + ys_s[i]);
+            else f = Kr > 0 ? bf2f(f2bf(r)) : ys_s[i];
+            out[i] = f2bf(bf2f(h[i]) + f);
         }
     }
 }
