@@ -269,8 +269,10 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
         part(H, t, n, &h0, &h1);
         part(Dm, t, n, &d0, &d1);
         /* while the scores and o_lat compute, this thread's W_UV heads and o_proj rows come in: spread over the
-         * loop iterations of both (one query's worth; later queries find them cached) */
-        const int64_t iters = by_heads ? S * (1 + (R + 15) / 16 * ((h1 - h0 + 7) / 8) / 2) : S / n + R / 32;
+         * loop iterations of both (one query's worth; later queries find them cached): scores, one per row;
+         * o_lat, one per pair of rows, column chunk and block of 8 heads */
+        const int64_t chunks = (R + 15) / 16, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
+                                                               : S / n + S / 2 * (chunks / n + 1) * ((H + 7) / 8);
         ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * 2, w_o ? w_o + d0 * H * V : NULL,
                            w_o ? (d1 - d0) * H * V * 2 : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
@@ -300,7 +302,7 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
         }
         if (w_o) { /* the output projection: y [B*T, Dm] = out [B*T, H*V] . W_o^T */
 #pragma omp barrier
-            for (int64_t d = d0; d < d1; d++) /* the rows pf_o brought to this core */
+            for (int64_t d = d0; d < d1; d++) /* the rows `pf` brought to this core */
                 for (int64_t m = 0; m < B * T; m++) {
                     const float o = rbf(dot(out + m * H * V, w_o + d * H * V, H * V));
                     y[m * Dm + d] = f2bf(resid ? bf2f(resid[m * Dm + d]) + o : o);

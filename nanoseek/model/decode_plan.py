@@ -6,11 +6,12 @@ projections, absorbed attention with o_proj, and the feed-forward half. Taken bl
 lays out its arguments in Python and writes or reads the cache with PyTorch ops: at `small`'s size that cost as
 much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` resolves the blocks once per
 weight version of the model into an array of C structs (weight addresses, shapes, epsilons, router settings);
-a step checks one key for the model (the address and version of every weight it reads, and the attention modes)
-and makes one call, `ns_decode_stack_bf16`, which runs the blocks' kernels in order and does the cache's writes
-and reads itself, through the cache's slot view (`slots()`). Past DSA's top-k the call also runs the lightning
-indexer and the selection (`ns_dsa_select_bf16`): each query scores the cached index keys and attends to its
-top-k rows.
+a step checks one key for the model (the address and version of every weight it reads, the attention modes, and
+a count of parameter, buffer and module assignments anywhere) and makes one call, `ns_decode_stack_bf16`, which
+runs the blocks' kernels in order, does the cache's writes and reads itself, through the cache's slot view
+(`slots()`), and ends with the final norm and the head. Past DSA's top-k the call also runs the lightning indexer
+and the selection (`ns_dsa_select_bf16`): each query scores the cached index keys and attends to its top-k rows.
+RoPE's angles come from the rotary module's table of every position (`RotaryEmbedding.cached`).
 
 Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path, which stays
 the reference (tests/test_cpu_decode.py compares them); past it the two select alike up to ties at the k-th
@@ -91,8 +92,9 @@ class DecodePlan:
     """A model's decoder blocks as C structs for `ns_decode_stack_bf16`, valid while `key` is current."""
 
     def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
-                 layers: list[int]):
+                 layers: list[int], final: tuple):
         self.sources, self.modes = sources, modes
+        self.final = final  # (final norm's weight address, its eps, the head's weight address, vocabulary size)
         self.assignments = _assignments[0]
         self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
         self.key = self.current_key()
@@ -197,9 +199,8 @@ class DecodePlan:
         if not kernel_weights([norm.weight, head]):
             return None
         sources += [norm.weight, head]
-        plan = DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers])
-        plan.final = (norm.weight.data_ptr(), norm.eps, head.data_ptr(), head.shape[0])
-        return plan
+        return DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers],
+                          (norm.weight.data_ptr(), norm.eps, head.data_ptr(), head.shape[0]))
 
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
         B, T, D = x.shape

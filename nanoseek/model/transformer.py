@@ -129,7 +129,10 @@ class Transformer(nn.Module):
 
         Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
         """
-        rope = self.rope_for(self.positions_for(next_ids, cache), cache) if positions is None else self.rotary(positions)
+        if positions is None:
+            rope = self.rope_for(self.positions_for(next_ids, cache), cache)
+        else:
+            rope = self.rotary(positions)
         m = self.mtp[k]
         h = m(hidden, self.embed_tokens(next_ids), rope, cache)
         return self.head(m.head_norm(h)), h
