@@ -9,9 +9,9 @@ prefill: nanoseek times the engine steps after the first token; transformers tim
 (read + write bytes) and a large sum (read only); the achieved fraction is (activated weight bytes per token /
 bandwidth) / measured time per token, for each bandwidth, where activated weights = everything a decode token
 reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
-routed experts per MoE layer. For bf16 it also reports how much of a token is spent inside the fused C decode
-kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams a
-256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
+routed experts per MoE layer. For each dtype it also reports how much of a token is spent inside the fused C
+decode kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
+a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 """
 from __future__ import annotations
@@ -52,21 +52,22 @@ def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return a.numel() * 4 / best / 1e9
 
 
-def matvec_bandwidth_gbs(mb: int = 256, width: int = 384, repeats: int = 5) -> Optional[float]:
-    """Best-of GB/s of the decode kernels' own bf16 matvec (`ns_linear_bf16`, one row of x) over a weight matrix
-    far larger than the caches: what streaming weights can reach here, for reference (None without the
+def matvec_bandwidth_gbs(dtype: torch.dtype, mb: int = 256, width: int = 384, repeats: int = 5) -> Optional[float]:
+    """Best-of GB/s of the decode kernels' own matvec (`ns_linear`, one row of x) over a weight matrix of this
+    dtype far larger than the caches: what streaming weights can reach here, for reference (None without the
     kernels)."""
     from nanoseek.model import cpu_decode
-    if cpu_decode.library() is None:
+    if cpu_decode.library(dtype) is None:
         return None
-    w = torch.ones((mb << 20) // (2 * width), width, dtype=torch.bfloat16)
-    x = torch.ones(1, width, dtype=torch.bfloat16)
+    elem = torch.empty((), dtype=dtype).element_size()
+    w = torch.ones((mb << 20) // (elem * width), width, dtype=dtype)
+    x = torch.ones(1, width, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         cpu_decode.linear(x, w)
         best = min(best, time.perf_counter() - t)
-    return w.numel() * 2 / best / 1e9
+    return w.numel() * elem / best / 1e9
 
 
 def activated_bytes(model, elem: int) -> int:
@@ -99,11 +100,11 @@ def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
     return (n_tokens - 1) / best
 
 
-def kernel_time_per_token(model, prompt, n_tokens) -> Optional[float]:
+def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
     """Seconds per decoded token spent inside the C decode kernels (`nanoseek/model/cpu_decode.c`), the ctypes
     calls alone: what a step would cost with no Python or PyTorch around them. None where they do not run."""
     from nanoseek.model import cpu_decode
-    lib = cpu_decode.library()
+    lib = cpu_decode.library(dtype)
     if lib is None:
         return None
     spent = [0.0]
@@ -122,12 +123,12 @@ def kernel_time_per_token(model, prompt, n_tokens) -> Optional[float]:
     engine = Engine(model, None, max_batch_size=1)
     engine.add_request("k", prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
     engine.step()
-    cpu_decode._lib = Timed()
+    cpu_decode._libs[dtype] = Timed()
     try:
         while engine.has_unfinished():
             engine.step()
     finally:
-        cpu_decode._lib = lib
+        cpu_decode._libs[dtype] = lib
     return spent[0] / (n_tokens - 1) if spent[0] else None
 
 
@@ -208,7 +209,7 @@ def main() -> None:
             ns = nanoseek.from_pretrained(d, dtype=dtype)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
             r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
-            k_s = kernel_time_per_token(ns, prompt, args.tokens)
+            k_s = kernel_time_per_token(ns, prompt, args.tokens, dtype)
             r_hf = hf_rate(hf, prompt, args.tokens, args.repeats)
             act = activated_bytes(ns, elem)
             frac = act / (bw * 1e9) * r_ns
@@ -219,9 +220,9 @@ def main() -> None:
                 notes.append(f"{name}: {k_s * 1e3:.2f} ms of each {1e3 / r_ns:.2f} ms token are spent inside the C "
                              f"decode kernels ({act / k_s / 1e9:.1f} GB/s over the activated bytes); the rest is "
                              f"Python and PyTorch around them")
-                bw_mv = matvec_bandwidth_gbs()
+                bw_mv = matvec_bandwidth_gbs(dtype)
                 if bw_mv:
-                    notes.append(f"{name}: the kernels' bf16 matvec streams a 256 MB matrix at {bw_mv:.1f} GB/s "
+                    notes.append(f"{name}: the kernels' matvec streams a 256 MB matrix at {bw_mv:.1f} GB/s "
                                  f"here; against that rate, decode reaches {act / (bw_mv * 1e9) * r_ns:.0%}")
             del ns, hf
 

@@ -1,11 +1,11 @@
-"""The fused bf16 CPU decode kernels (`nanoseek/model/cpu_decode.c`) against the PyTorch reference paths they
-replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse attention, MoE blocks with
+"""The fused CPU decode kernels (`nanoseek/model/cpu_decode.c`, bf16 and float32 builds) against the PyTorch
+reference paths they replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse attention, MoE blocks with
 and without a shared expert and the dense block, one and several requests, several tokens per request as in MTP
 verification) with the kernels on and off.
 
 bf16 results can differ from the reference by the order of fp32 sums, i.e. by an ulp of a bf16 output, and such
-differences grow through layers; the tolerances say so. Skipped where the kernels are unavailable (not x86 with
-AVX-512 BF16, or no C compiler).
+differences grow through layers; the tolerances say so (float32 ones are 1e-5). Skipped where the kernels are
+unavailable (not x86 with AVX-512 BF16, or no C compiler).
 """
 import contextlib
 
@@ -24,6 +24,8 @@ from nanoseek.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="CPU decode kernels unavailable here")
 BF = torch.bfloat16
+DTYPES = [BF, pytest.param(torch.float32, marks=pytest.mark.skipif(
+    cpu_decode.library(torch.float32) is None, reason="float32 kernels unavailable here"))]
 
 
 @contextlib.contextmanager
@@ -46,15 +48,19 @@ def both(fn):
 
 
 def close(a, b, rel=2 ** -7):
-    """Within a bf16 ulp or two of the reference's scale."""
+    """Within a bf16 ulp or two of the reference's scale (float32: 1e-5 of it)."""
+    if a.dtype == torch.float32:
+        rel = 1e-5 / 2
     a, b = a.float(), b.float()
     assert (a - b).abs().max() <= rel * 2 * b.abs().max() + 1e-6, (a - b).abs().max()
 
 
-def test_usable_only_for_few_bf16_rows_without_grad():
+def test_usable_only_for_few_rows_without_grad():
     w = torch.randn(8, 64, dtype=BF)
     assert cpu_decode.usable(torch.randn(1, 64, dtype=BF), w)
-    assert not cpu_decode.usable(torch.randn(1, 64), w.float())  # fp32
+    assert cpu_decode.usable(torch.randn(1, 64), w.float()) == (cpu_decode.library(torch.float32) is not None)
+    assert not cpu_decode.usable(torch.randn(1, 64), w)  # a weight of another dtype
+    assert not cpu_decode.usable(torch.randn(1, 64, dtype=torch.float16), w.half())  # no build for it
     assert not cpu_decode.usable(torch.randn(cpu_decode.MAX_ROWS + 1, 64, dtype=BF), w)  # prefill-sized
     assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), w.t())  # strided weight
     assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), w.requires_grad_())  # autograd needs the graph
@@ -62,37 +68,40 @@ def test_usable_only_for_few_bf16_rows_without_grad():
         assert not cpu_decode.usable(torch.randn(1, 64, dtype=BF), torch.randn(8, 64, dtype=BF))
 
 
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("M,D,O", [(1, 384, 512), (3, 100, 77), (16, 64, 1024), (2, 33, 5)])
-def test_linear(M, D, O):
-    x, w = torch.randn(M, D, dtype=BF), torch.randn(O, D, dtype=BF)
+def test_linear(M, D, O, dt):
+    x, w = torch.randn(M, D, dtype=dt), torch.randn(O, D, dtype=dt)
     y = cpu_decode.linear(x, w)
-    assert y.shape == (M, O) and y.dtype == BF
-    close(y, F.linear(x.float(), w.float()))
+    assert y.shape == (M, O) and y.dtype == dt
+    close(y, F.linear(x.float(), w.float()).to(dt))
 
 
-def test_rms_norm():
-    norm = RMSNorm(40).to(BF)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_rms_norm(dt):
+    norm = RMSNorm(40).to(dt)
     with torch.no_grad():
         norm.weight.normal_(1, 0.2)
-    x = torch.randn(2, 3, 40, dtype=BF) * 3
+    x = torch.randn(2, 3, 40, dtype=dt) * 3
     a, b = both(lambda: norm(x))
     close(a, b)
 
 
-def randomize(module, std=0.2):
+def randomize(module, std=0.2, dt=BF):
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.normal_(1 if "norm" in name else 0, std)
-    return module.to(BF).eval()
+    return module.to(dt).eval()
 
 
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0}])
-def test_mla_projections(kw):
+def test_mla_projections(kw, dt):
     cfg = get_preset("tiny", **kw)
-    attn = randomize(MLA(cfg, 0))
+    attn = randomize(MLA(cfg, 0), dt=dt)
     rope = RotaryEmbedding(cfg)(torch.tensor([[5, 6, 7], [100, 200, 300]]))
-    x = torch.randn(2, 3, cfg.hidden_size, dtype=BF)
-    norm = randomize(RMSNorm(cfg.hidden_size))
+    x = torch.randn(2, 3, cfg.hidden_size, dtype=dt)
+    norm = randomize(RMSNorm(cfg.hidden_size), dt=dt)
     a, b = both(lambda: attn._project_rotated(x, rope, norm))
     for u, v in zip(a, b):  # the normed x, q (rotated), c_q, the cache rows, the indexer's key
         assert (u is None) == (v is None)
@@ -108,7 +117,8 @@ def test_mla_projections(kw):
      "n_shared_experts": 0},
 ])
 @pytest.mark.parametrize("shape", [(2, 3), (1, 1)])  # (1, 1): 4 + 1 experts, the last one split over 2 threads
-def test_moe_block(kw, shape):
+@pytest.mark.parametrize("dt", DTYPES)
+def test_moe_block(kw, shape, dt):
     """A block's feed-forward half (norm, router, routed and shared experts, residual) in one call."""
     cfg = get_preset("tiny", **{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
                                 **kw})
@@ -118,8 +128,8 @@ def test_moe_block(kw, shape):
             p.normal_(0, 0.2)
         if moe.gate.e_score_correction_bias is not None:
             moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    moe, norm = moe.to(BF).eval(), randomize(RMSNorm(cfg.hidden_size))
-    h = torch.randn(*shape, cfg.hidden_size, dtype=BF)
+    moe, norm = moe.to(dt).eval(), randomize(RMSNorm(cfg.hidden_size), dt=dt)
+    h = torch.randn(*shape, cfg.hidden_size, dtype=dt)
     with torch.no_grad(), kernels(True):
         a = moe.fused_block(h, norm)
         ids_a = moe._last_idx.sort(-1).values
@@ -134,9 +144,10 @@ def test_moe_block(kw, shape):
         close(a, h + moe(norm(h)), rel=2 ** -6)  # the per-expert reference
 
 
-def test_dense_block():
-    mlp, norm = randomize(MLP(64, 96)), randomize(RMSNorm(64))
-    h = torch.randn(5, 1, 64, dtype=BF)
+@pytest.mark.parametrize("dt", DTYPES)
+def test_dense_block(dt):
+    mlp, norm = randomize(MLP(64, 96), dt=dt), randomize(RMSNorm(64), dt=dt)
+    h = torch.randn(5, 1, 64, dtype=dt)
     with torch.no_grad(), kernels(True):
         a = mlp.fused_block(h, norm)
     with torch.no_grad(), kernels(False):
@@ -147,17 +158,18 @@ def test_dense_block():
 
 @pytest.mark.parametrize("per_query", [False, True])
 @pytest.mark.parametrize("S", [21, 4000])  # 4000 rows are past NS_ROWS_SPLIT: the scores split by rows
-def test_absorbed_attention(per_query, S):
+@pytest.mark.parametrize("dt", DTYPES)
+def test_absorbed_attention(per_query, S, dt):
     cfg = get_preset("tiny")
     attn = MLA(cfg, 0)
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.2)
-    attn = attn.to(BF).eval()
+    attn = attn.to(dt).eval()
     B, T, C = 2, 3, cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert S * C * 2 > 256 << 10 or S < 100
-    q = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_head_dim, dtype=BF)
-    rows = torch.randn(B, T, S, C, dtype=BF) if per_query else torch.randn(B, S, C, dtype=BF)
+    q = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_head_dim, dtype=dt)
+    rows = torch.randn(B, T, S, C, dtype=dt) if per_query else torch.randn(B, S, C, dtype=dt)
     mask = torch.rand(B, T, S) < 0.7
     mask[..., 0] = True
     a, b = both(lambda: attn._absorbed_out(q, rows, mask))  # attention and o_proj
@@ -205,9 +217,9 @@ def test_dsa_selection_matches_the_indexer():
 
 
 @contextlib.contextmanager
-def counting(kernel: str):
+def counting(kernel: str, dt=BF):
     """Counts the calls of one C kernel, whichever path makes them."""
-    lib = cpu_decode.library()
+    lib = cpu_decode.library(dt)
     real, calls = getattr(lib, kernel), {"n": 0}
 
     def count(*a):
@@ -221,14 +233,14 @@ def counting(kernel: str):
         setattr(lib, kernel, real)
 
 
-def bf16_model(**kw):
+def kernel_model(dt=BF, **kw):
     torch.manual_seed(0)
     m = nanoseek.Transformer(get_preset("tiny", **kw)).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    return m.to(BF)
+    return m.to(dt)
 
 
 def decode(m, ids, n0, feeds, on):
@@ -236,7 +248,7 @@ def decode(m, ids, n0, feeds, on):
     (fewer than the longest are padded). Returns the logits of the real tokens, per request."""
     cfg = m.config
     B, L = ids.shape
-    pool = BlockPool(cfg, cfg.num_hidden_layers, 8, 1 << 22, BF, "cpu")
+    pool = BlockPool(cfg, cfg.num_hidden_layers, 8, 1 << 22, m.embed_tokens.weight.dtype, "cpu")
     tables = [[] for _ in range(B)]
     for t in tables:
         assert pool.grow(t, L)
@@ -254,15 +266,16 @@ def decode(m, ids, n0, feeds, on):
     return [torch.cat(o) for o in outs]
 
 
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
                                 {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
-def test_decode_steps_match_reference(kw, monkeypatch):
+def test_decode_steps_match_reference(kw, dt, monkeypatch):
     """Decode one request token by token past DSA's top-k (32), so the sparse path gathers: kernels on vs off."""
     earliest_on_ties(monkeypatch)
-    m = bf16_model(**kw)
+    m = kernel_model(dt, **kw)
     ids = torch.randint(0, m.config.vocab_size, (1, 52))
     L = m.config.num_hidden_layers
-    with counting("ns_mla_absorbed_bf16") as calls, counting("ns_decode_stack_bf16") as stacks:
+    with counting("ns_mla_absorbed", dt) as calls, counting("ns_decode_stack", dt) as stacks:
         (a,) = decode(m, ids, 40, [[1]] * 12, True)
     assert calls["n"] + L * stacks["n"] == 12 * L  # the kernels really ran, block by block or all in one call
     (b,) = decode(m, ids, 40, [[1]] * 12, False)
@@ -292,7 +305,7 @@ def test_ragged_multi_token_calls_equal_each_request_alone():
     compute every row on its own, so the batch gives each request's results alone, token by token. (DSA top-k
     covers the context here: the PyTorch indexer scores 1 and 3 queries with different GEMMs, whose bf16
     roundings can flip a near-tie in the selection.)"""
-    m = bf16_model(index_topk=64)
+    m = kernel_model(index_topk=64)
     ids = torch.randint(0, m.config.vocab_size, (2, 52))
     ragged = decode(m, ids, 40, [[1, 3]] * 4, True)
     alone0 = decode(m, ids[:1], 40, [[1]] * 4, True)[0]
@@ -301,13 +314,14 @@ def test_ragged_multi_token_calls_equal_each_request_alone():
     torch.testing.assert_close(ragged[1], alone1, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("kw", [{"index_topk": 0, "index_n_heads": 0}, {"index_topk": 16}])
-def test_bf16_engine_batch_and_speculation_invariant(kw):
+def test_engine_batch_and_speculation_invariant(kw, dt):
     """With the kernels every row of a decode call is computed on its own, DSA's selection past top-k (16)
-    included, so in bf16 a request's greedy tokens do not depend on what it is batched with, nor on MTP
-    verification feeding several tokens at once."""
+    included, so a request's greedy tokens do not depend on what it is batched with, nor on MTP verification
+    feeding several tokens at once."""
     from nanoseek.engine import Engine, SamplingParams
-    m = bf16_model(**kw)
+    m = kernel_model(dt, **kw)
     prompts = [torch.randint(3, m.config.vocab_size, (n,)).tolist() for n in (5, 40, 70)]
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     batched = [o.new_token_ids for o in Engine(m, None).generate(prompts, sp)]
@@ -316,16 +330,17 @@ def test_bf16_engine_batch_and_speculation_invariant(kw):
     assert batched == alone == spec
 
 
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
                                 {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"}])
-def test_decode_plan_equals_block_by_block(kw, monkeypatch):
+def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
     """The whole-stack plan (`decode_plan.py`) runs the kernels the blocks run one by one, and the cache's writes
     and reads itself: identical logits and expert ids, for one request (contiguous rows), a ragged batch (1 and 3
     tokens, rows gathered by slot) and the DenseCache. After a weight changes in place, or a block goes, it
     rebuilds, matching the reference again. Past DSA's top-k (32) it selects the rows in the kernel: close to the
     blocks, which select in PyTorch (with the kernel's tie rule)."""
     from nanoseek.model import decode_plan
-    m = bf16_model(**kw)
+    m = kernel_model(dt, **kw)
     L = m.config.num_hidden_layers
     ids = torch.randint(0, m.config.vocab_size, (2, 52))
     real_run, runs = decode_plan.run, {"n": 0}
@@ -338,7 +353,7 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     def both_paths(ids, feeds):
         moes = [b.mlp for b in m.layers if isinstance(b.mlp, MoE)]
         monkeypatch.setattr(decode_plan, "run", plan_run)
-        with counting("ns_mla_absorbed_bf16") as calls, counting("ns_decode_stack_bf16") as stacks:
+        with counting("ns_mla_absorbed", dt) as calls, counting("ns_decode_stack", dt) as stacks:
             planned = decode(m, ids, 20, feeds, True)
         assert calls["n"] == 0 and stacks["n"] == len(feeds)  # one call per step runs all the blocks
         last = [x._last_idx.clone() for x in moes]
@@ -356,7 +371,7 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     both_paths(ids[:1], [[1]] * 4)
     assert runs["n"] == 13
     def dense_cache_steps():  # the model-level DenseCache (generate, benches): batch rows at slot b * max_len + p
-        cache = nanoseek.DenseCache(m.config, 2, 32, BF)
+        cache = nanoseek.DenseCache(m.config, 2, 32, dt)
         with torch.no_grad(), kernels(True):
             m(ids[:, :20], cache=cache.step(20))
             return [m(ids[:, 20 + i:21 + i], cache=cache.step(1)).logits for i in range(4)]
@@ -372,9 +387,9 @@ def test_decode_plan_equals_block_by_block(kw, monkeypatch):
     builds = {"n": 0}
     real_build = decode_plan.DecodePlan.build
 
-    def counted_build(model):
+    def counted_build(model, dtype):
         builds["n"] += 1
-        return real_build(model)
+        return real_build(model, dtype)
 
     monkeypatch.setattr(decode_plan.DecodePlan, "build", staticmethod(counted_build))
     with torch.no_grad():  # new tensors in the model (load_state_dict(assign=True) does this): a new plan

@@ -122,17 +122,21 @@ def test_decode_step_by_step_equals_full_forward(dsa):
 
 
 def test_sparse_decode_reads_only_k_rows():
-    """At decode with S > k the absorbed path must read K rows through cache.gather, never all S."""
+    """At decode with S > k the absorbed path must read K rows through cache.gather, never all S. (The PyTorch
+    path: the C kernels select inside their call, tests/test_engine.py counts their reads.)"""
+    from nanoseek.model import cpu_decode
     m = model(index_topk=8)
     x = ids(m.config)
     cache = nanoseek.DenseCache(m.config, B, T)
     seen = []
     orig_gather, orig_read = cache.gather, cache.read
     cache.gather = lambda layer, idx: (seen.append(("gather", idx.shape[-1])), orig_gather(layer, idx))[1]
+    prev = cpu_decode.set_enabled(False)
     with torch.no_grad():
         m(x[:, :T - 1], cache=cache.step(T - 1))
         seen.clear()
         m(x[:, T - 1:], cache=cache.step(1))
+    cpu_decode.set_enabled(prev)
     assert seen and all(k == 8 for _, k in seen)
 
 

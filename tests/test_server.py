@@ -425,15 +425,23 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     assert metric(server, aborted) == aborts + 1
 
 
-def test_non_streaming_disconnect_aborts(server):
+def test_non_streaming_disconnect_aborts(server, monkeypatch):
     wait_idle(server)
-    before = server.state.engine.stats()["generation_tokens"]
+    engine = server.state.engine
+    step = engine.step
+
+    def slow_step():  # 200 tokens take at least a second, whatever the speed of this machine's decode
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    before = engine.stats()["generation_tokens"]
     body = {"model": "nanoseek-tiny", "prompt": "Another long tale", "max_tokens": 200, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=httpx.Timeout(60, read=0.3))
     wait_idle(server)
-    assert server.state.engine.stats()["generation_tokens"] - before < 200
+    assert engine.stats()["generation_tokens"] - before < 200
 
 
 # ---- concurrency -----------------------------------------------------------------------------------------------------

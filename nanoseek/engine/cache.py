@@ -192,11 +192,12 @@ class CacheView:
             return self.pool.kv[layer, self._span][None]
         return self._rows(self.pool.kv[layer], self.read_slots)  # [B, S, C]
 
-    def slots(self, num_layers: int):
+    def slots(self, full_layers: int, gathered: int = 0):
         """The cache as pools of rows for `decode_plan`: (kv [L, slots, C], index_k [L, slots, I] or None, write
         slots [B*T], read slots [B*S] or None with the first row's slot when one request's rows are
-        contiguous). Counts the reads of the num_layers layers the caller reads."""
-        self.rows_read += num_layers * len(self._tables) * self._S
+        contiguous). Counts the caller's reads: full_layers layers that read every row, and `gathered` rows
+        that DSA's selection reads in the others."""
+        self.rows_read += full_layers * len(self._tables) * self._S + gathered
         if self._span is not None:
             return self.pool.kv, self.pool.index_k, self.write_slots, None, self._span.start
         return self.pool.kv, self.pool.index_k, self.write_slots, self.read_slots.reshape(-1), 0

@@ -85,7 +85,7 @@ class DenseCache:
     def read_index_keys(self, layer):
         return self.index_k[layer, :, : self.length]
 
-    def slots(self, num_layers: int):
+    def slots(self, full_layers: int, gathered: int = 0):
         """The cache as pools of rows (see `CacheView.slots`): batch row b's position p is slot b * max_len + p."""
         L, B, S_max, C = self.kv.shape
         base = torch.arange(B, device=self.kv.device)[:, None] * S_max

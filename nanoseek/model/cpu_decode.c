@@ -1,28 +1,35 @@
-/* Fused bf16 CPU kernels for decode steps (a few tokens per call), built and loaded by cpu_decode.py:
- *   ns_linear_bf16        matvec for a few rows, each weight row read once for all of them
- *   ns_rmsnorm_bf16       RMSNorm
- *   ns_mla_project_bf16   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
- *   ns_mla_absorbed_bf16  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
- *   ns_ffn_block_bf16     a block's feed-forward half: norm, router, routed + shared experts, residual
- *   ns_dsa_select_bf16    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
- *   ns_decode_stack_bf16  all decoder blocks of a decode step, with the latent cache's writes and reads
+/* Fused CPU kernels for decode steps (a few tokens per call), built and loaded by cpu_decode.py, once for bf16
+ * models and once for float32 ones (-DNS_F32):
+ *   ns_linear        matvec for a few rows, each weight row read once for all of them
+ *   ns_rmsnorm       RMSNorm
+ *   ns_mla_project   MLA's projections: q (q-LoRA, norm, RoPE), the cache row (norm, RoPE), the indexer's wk
+ *   ns_mla_absorbed  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
+ *   ns_ffn_block     a block's feed-forward half: norm, router, routed + shared experts, residual
+ *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
+ *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
  * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
- * PyTorch bf16 path step by step (fp32 accumulation, bf16 wherever PyTorch rounds), so results match it up to
- * the order of fp32 sums (tests/test_cpu_decode.py).
+ * PyTorch path of the model's dtype step by step (fp32 accumulation; in bf16, a rounding wherever PyTorch
+ * rounds), so results match it up to the order of fp32 sums (tests/test_cpu_decode.py).
  *
  * Threads: OpenMP with the caller's thread count (libgomp is the one PyTorch already loaded). Compiled with
  * -ffp-contract=off so that the scalar loops round like PyTorch's separate multiplies and adds.
- * Legend: M rows of x, D input width, O output rows, N tokens, K experts per token, I expert width.
+ * Legend: M rows of x, D input width, O output rows, N tokens, K experts per token, I expert width; wt is the
+ * model's dtype (bf16 or float).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(NS_F32) && defined(__AVX512F__)
+#define NS_SIMD 1      /* the float32 build: AVX-512F dot products */
+#elif !defined(NS_F32) && defined(__AVX512BF16__) && defined(__AVX512F__)
+#define NS_SIMD 1      /* the bf16 build: AVX-512 BF16 dot products */
 #define NS_AVX512BF16 1
 #endif
 
@@ -45,50 +52,78 @@ static inline bf16 f2bf(float f) { /* round to nearest even, as PyTorch */
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
 
+/* wt: the model's dtype. RW(x) marks where PyTorch's path rounds an intermediate to it: through bf16 in the bf16
+ * build, nothing to round in the float32 one (everything else is computed in fp32 in both). */
+#ifdef NS_F32
+typedef float wt;
+static inline float w2f(wt v) { return v; }
+static inline wt f2w(float f) { return f; }
+#define RW(x) (x)
+#else
+typedef bf16 wt;
+#define w2f bf2f
+#define f2w f2bf
+#define RW rbf
+#endif
+
 /* sum_i a[i] * b[i] in fp32 */
-static inline float dot(const bf16 *a, const bf16 *b, int64_t n) {
+static inline float dot(const wt *a, const wt *b, int64_t n) {
     int64_t i = 0;
     float s = 0.f;
-#ifdef NS_AVX512BF16
+#if defined(NS_SIMD)
+    /* b streams weight rows one after another: asking 2 KB ahead keeps more of memory's latency hidden than the
+     * hardware prefetcher alone (the bf16 block stack ran 8-12% faster; 0.5 and 4 KB ahead were slower) */
+    const int64_t ahead = 2048 / sizeof(wt), step = 128 / sizeof(wt); /* two cache lines per step */
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (; i + 64 <= n; i += 64) {
-        /* b streams weight rows one after another: asking 2 KB ahead keeps more of memory's latency hidden than
-         * the hardware prefetcher alone (the block stack ran 8-12% faster; 0.5 and 4 KB ahead were slower) */
-        _mm_prefetch((const char *)(b + i + 1024), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + i + 1056), _MM_HINT_T0);
+    for (; i + step <= n; i += step) {
+        _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + i + ahead + step / 2), _MM_HINT_T0);
+#ifdef NS_F32
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+#else
         acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
         acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + i + 32),
                                 (__m512bh)_mm512_loadu_si512(b + i + 32));
+#endif
     }
-    for (; i + 32 <= n; i += 32)
+    for (; i + step / 2 <= n; i += step / 2)
+#ifdef NS_F32
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+#else
         acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+#endif
     s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #endif
-    for (; i < n; i++) s += bf2f(a[i]) * bf2f(b[i]);
+    for (; i < n; i++) s += w2f(a[i]) * w2f(b[i]);
     return s;
 }
 
-/* sum_i a[i] * b[i], a bf16, b fp32 */
-static inline float dot_bf_f(const bf16 *a, const float *b, int64_t n) {
+/* sum_i a[i] * b[i], a wt, b fp32 */
+static inline float dot_wf(const wt *a, const float *b, int64_t n) {
     int64_t i = 0;
     float s = 0.f;
-#ifdef NS_AVX512BF16
+#if defined(NS_SIMD)
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16)
+#ifdef NS_F32
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+#else
         acc = _mm512_fmadd_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(a + i))),
                               _mm512_loadu_ps(b + i), acc);
+#endif
     s = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < n; i++) s += bf2f(a[i]) * b[i];
+    for (; i < n; i++) s += w2f(a[i]) * b[i];
     return s;
 }
 
-/* y[M, O] = x[M, D] @ W[O, D]^T, bf16 in and out. Each weight row is read once for all M rows. */
-void ns_linear_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *W, int64_t O, bf16 *y, int nt) {
+/* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out. Each weight row is read once for all M rows. */
+void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t o = 0; o < O; o++) {
-        const bf16 *w = W + o * D;
-        for (int64_t m = 0; m < M; m++) y[m * O + o] = f2bf(dot(x + m * D, w, D));
+        const wt *w = W + o * D;
+        for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(dot(x + m * D, w, D));
     }
 }
 
@@ -124,41 +159,41 @@ static ns_pf pf_make(const void *a, int64_t na, const void *b, int64_t nb, int64
 }
 
 /* Row s of a query's latent rows: rows[s], or rows[ri[s]] through the cache slots ri (no gathered copy) */
-static inline const bf16 *row_at(const bf16 *rows, const int64_t *ri, int64_t s, int64_t C) {
+static inline const wt *row_at(const wt *rows, const int64_t *ri, int64_t s, int64_t C) {
     return rows + (ri ? ri[s] : s) * C;
 }
 
 /* The phases of absorbed attention for one query, each over a range of heads [h0, h1) (and of rows or columns
  * where noted), so that a thread can run them for its own heads without waiting for the others. */
-static void att_qlat(const bf16 *qm, const bf16 *w_kvb, int64_t N, int64_t P, int64_t V, int64_t R, int64_t h0,
-                     int64_t h1, bf16 *qc) { /* qc[h] = [bf16(q_nope W_UK) ; q_pe], the W_UK product in fp32 */
+static void att_qlat(const wt *qm, const wt *w_kvb, int64_t N, int64_t P, int64_t V, int64_t R, int64_t h0,
+                     int64_t h1, wt *qc) { /* qc[h] = [wt(q_nope W_UK) ; q_pe], the W_UK product in fp32 */
     const int64_t C = R + P;
     for (int64_t h = h0; h < h1; h++) {
-        const bf16 *qh = qm + h * (N + P);
+        const wt *qh = qm + h * (N + P);
         float lat[1024];
         for (int64_t r = 0; r < R; r++) lat[r] = 0.f;
         for (int64_t n = 0; n < N; n++) {
-            const float qn = bf2f(qh[n]);
-            const bf16 *w = w_kvb + (h * (N + V) + n) * R;
-            for (int64_t r = 0; r < R; r++) lat[r] += qn * bf2f(w[r]);
+            const float qn = w2f(qh[n]);
+            const wt *w = w_kvb + (h * (N + V) + n) * R;
+            for (int64_t r = 0; r < R; r++) lat[r] += qn * w2f(w[r]);
         }
-        for (int64_t r = 0; r < R; r++) qc[h * C + r] = f2bf(lat[r]);
+        for (int64_t r = 0; r < R; r++) qc[h * C + r] = f2w(lat[r]);
         for (int64_t j = 0; j < P; j++) qc[h * C + R + j] = qh[N + j];
     }
 }
 
-static void att_scores(const bf16 *qc, const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64_t S,
+static void att_scores(const wt *qc, const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S,
                        int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
                        ns_pf *pf) { /* rows [s0, s1) */
     for (int64_t s = s0; s < s1; s++) {
-        const bf16 *row = row_at(rm, ri, s, C);
+        const wt *row = row_at(rm, ri, s, C);
         pf_next(pf);
-        for (int64_t h = h0; h < h1; h++) sc[h * S + s] = mk[s] ? rbf(dot(qc + h * C, row, C)) * scale : -INFINITY;
+        for (int64_t h = h0; h < h1; h++) sc[h * S + s] = mk[s] ? RW(dot(qc + h * C, row, C)) * scale : -INFINITY;
     }
 }
 
-/* softmax over the mask, probabilities rounded to bf16 values; with pb, also as bf16 padded to S2 */
-static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int64_t h1, bf16 *pb, int64_t S2) {
+/* softmax over the mask, probabilities rounded to wt values; with pb, also as wt padded to S2 */
+static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int64_t h1, wt *pb, int64_t S2) {
     for (int64_t h = h0; h < h1; h++) {
         float *x = sc + h * S, mx = -INFINITY, sum = 0.f;
         for (int64_t s = 0; s < S; s++) mx = x[s] > mx ? x[s] : mx;
@@ -166,15 +201,15 @@ static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int
             x[s] = mk[s] ? expf(x[s] - mx) : 0.f;
             sum += x[s];
         }
-        for (int64_t s = 0; s < S; s++) x[s] = rbf(x[s] / sum);
+        for (int64_t s = 0; s < S; s++) x[s] = RW(x[s] / sum);
         if (pb)
-            for (int64_t s = 0; s < S2; s++) pb[h * S2 + s] = s < S ? f2bf(x[s]) : 0;
+            for (int64_t s = 0; s < S2; s++) pb[h * S2 + s] = s < S ? f2w(x[s]) : 0;
     }
 }
 
-/* ol[h, c0:c1] = bf16(p[h] . rows[:, c0:c1]) for heads [h0, h1), columns [c0, c1) (multiples of NS_CHUNK) */
-static void att_olat(const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C, const float *sc,
-                     const bf16 *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol,
+/* ol[h, c0:c1] = wt(p[h] . rows[:, c0:c1]) for heads [h0, h1), columns [c0, c1) (multiples of NS_CHUNK) */
+static void att_olat(const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C, const float *sc,
+                     const wt *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol,
                      ns_pf *pf) {
 #ifdef NS_AVX512BF16
     if (pb) { /* VDPBF16PS: each instruction takes two consecutive rows, interleaved column by column, against the
@@ -203,13 +238,13 @@ static void att_olat(const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64
                 for (int64_t j = 0; j < nb; j++) {
                     float tmp[16];
                     _mm512_storeu_ps(tmp, acc[j]);
-                    for (int k = 0; k < 16; k++) ol[(hb + j) * R + c + k] = rbf(tmp[k]);
+                    for (int k = 0; k < 16; k++) ol[(hb + j) * R + c + k] = RW(tmp[k]);
                 }
             }
         return;
     }
 #endif
-    (void)pb, (void)S2;
+    (void)pb, (void)S2, (void)pf;
     for (int64_t c = c0; c < c1; c += NS_CHUNK) {
         const int64_t nc = R - c < NS_CHUNK ? R - c : NS_CHUNK;
         for (int64_t h = h0; h < h1; h++) {
@@ -217,17 +252,17 @@ static void att_olat(const bf16 *rm, const int64_t *ri, const uint8_t *mk, int64
             for (int64_t s = 0; s < S; s++) {
                 const float p = sc[h * S + s];
                 if (!mk[s] || p == 0.f) continue;
-                for (int64_t j = 0; j < nc; j++) acc[j] += p * bf2f(row_at(rm, ri, s, C)[c + j]);
+                for (int64_t j = 0; j < nc; j++) acc[j] += p * w2f(row_at(rm, ri, s, C)[c + j]);
             }
-            for (int64_t j = 0; j < nc; j++) ol[h * R + c + j] = rbf(acc[j]);
+            for (int64_t j = 0; j < nc; j++) ol[h * R + c + j] = RW(acc[j]);
         }
     }
 }
 
-static void att_wuv(const bf16 *w_kvb, const float *ol, int64_t N, int64_t V, int64_t R, int64_t h0, int64_t h1,
-                    bf16 *out) { /* out[h] = bf16(W_UV[h] . o_lat[h]), out [H, V] of this query */
+static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int64_t R, int64_t h0, int64_t h1,
+                    wt *out) { /* out[h] = wt(W_UV[h] . o_lat[h]), out [H, V] of this query */
     for (int64_t h = h0; h < h1; h++)
-        for (int64_t v = 0; v < V; v++) out[h * V + v] = f2bf(dot_bf_f(w_kvb + (h * (N + V) + N + v) * R, ol + h * R, R));
+        for (int64_t v = 0; v < V; v++) out[h * V + v] = f2w(dot_wf(w_kvb + (h * (N + V) + N + v) * R, ol + h * R, R));
 }
 
 /* Absorbed MLA attention (DeepSeek-V2 §2.1.2 in its decode form) for the B*T queries of a decode call:
@@ -237,12 +272,12 @@ static void att_wuv(const bf16 *w_kvb, const float *ol, int64_t N, int64_t V, in
  * last V); rows [B, S, C] shared by a request's T queries, or [B, T, S, C] per query (DSA's selected rows) when
  * per_query; with row_idx ([B, S] or [B, T, S]) the rows are instead rows[row_idx[...]] (the cache pool read
  * through its slots, without a gathered copy); mask [B, T, S]; out [B, T, H, V].
- * Roundings as the PyTorch path (mla.py `absorbed`): q_lat, scores, probabilities and o_lat are bf16, the softmax
- * and the W_UK, W_UV products fp32 (exact products of bf16 values, so reading the bf16 weight equals PyTorch's
+ * Roundings as the PyTorch path (mla.py `absorbed`): q_lat, scores, probabilities and o_lat are wt, the softmax
+ * and the W_UK, W_UV products fp32 (exact products of wt values, so reading the wt weight equals PyTorch's
  * fp32 copy of it).
  * With w_o [Dm, H*V] given, also the output projection y [B, T, Dm] = out . W_o^T (o_proj), plus the residual
- * resid [B, T, Dm] when given (y = resid + o_proj(out), each rounded to bf16 as PyTorch).
- * Scratch: qc [H, C] bf16, sc [H, S] fp32, ol [H, R] fp32, pb [H, S + 1] bf16.
+ * resid [B, T, Dm] when given (y = resid + o_proj(out), each rounded to wt as PyTorch).
+ * Scratch: qc [H, C] wt, sc [H, S] fp32, ol [H, R] fp32, pb [H, S + 1] wt.
  *
  * Threads split the heads. While a query's rows fit a core's cache (up to NS_ROWS_SPLIT bytes) each thread runs
  * every phase for its heads alone, with no barrier until o_proj: a decode step's attention is a chain of small
@@ -250,17 +285,18 @@ static void att_wuv(const bf16 *w_kvb, const float *ol, int64_t N, int64_t V, in
  * scores by rows and o_lat by columns, so that the rows stream from memory once, not once per thread. Both
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
-void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                          const bf16 *w_kvb, int64_t R, int64_t V, const bf16 *rows, const int64_t *row_idx,
-                          int64_t S, int per_query, const uint8_t *mask, float scale, bf16 *out, bf16 *qc,
-                          float *sc, float *ol, bf16 *pb, const bf16 *w_o, int64_t Dm, const bf16 *resid,
-                          bf16 *y, int nt) {
+void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                          const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
+                          int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
+                          float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
+                          wt *y, int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
-    const int by_heads = S * C * (int64_t)sizeof(bf16) <= NS_ROWS_SPLIT;
+    const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
-    bf16 *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
+    wt *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as wt pairs */
 #else
-    bf16 *pbv = NULL;
+    wt *pbv = NULL; /* (o_lat below reads the fp32 probabilities) */
+    (void)pb;
 #endif
 #pragma omp parallel num_threads(nt)
     {
@@ -273,11 +309,12 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
          * o_lat, one per pair of rows, column chunk and block of 8 heads */
         const int64_t chunks = (R + 15) / 16, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
                                                                : S / n + S / 2 * (chunks / n + 1) * ((H + 7) / 8);
-        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * 2, w_o ? w_o + d0 * H * V : NULL,
-                           w_o ? (d1 - d0) * H * V * 2 : 0, iters);
+        const int64_t W = sizeof(wt);
+        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * W, w_o ? w_o + d0 * H * V : NULL,
+                           w_o ? (d1 - d0) * H * V * W : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
             const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
-            const bf16 *rm = row_idx ? rows : rows + rq * S * C;
+            const wt *rm = row_idx ? rows : rows + rq * S * C;
             const int64_t *ri = row_idx ? row_idx + rq * S : NULL;
             const uint8_t *mk = mask + m * S;
             att_qlat(q + m * H * (N + P), w_kvb, N, P, V, R, h0, h1, qc);
@@ -304,22 +341,22 @@ void ns_mla_absorbed_bf16(const bf16 *q, int64_t B, int64_t T, int64_t H, int64_
 #pragma omp barrier
             for (int64_t d = d0; d < d1; d++) /* the rows `pf` brought to this core */
                 for (int64_t m = 0; m < B * T; m++) {
-                    const float o = rbf(dot(out + m * H * V, w_o + d * H * V, H * V));
-                    y[m * Dm + d] = f2bf(resid ? bf2f(resid[m * Dm + d]) + o : o);
+                    const float o = RW(dot(out + m * H * V, w_o + d * H * V, H * V));
+                    y[m * Dm + d] = f2w(resid ? w2f(resid[m * Dm + d]) + o : o);
                 }
         }
     }
 }
 
-static void rmsnorm_row(const bf16 *x, int64_t D, const bf16 *w, float eps, bf16 *y) {
+static void rmsnorm_row(const wt *x, int64_t D, const wt *w, float eps, wt *y) {
     float ss = 0.f;
-    for (int64_t d = 0; d < D; d++) ss += bf2f(x[d]) * bf2f(x[d]);
+    for (int64_t d = 0; d < D; d++) ss += w2f(x[d]) * w2f(x[d]);
     const float inv = 1.f / sqrtf(ss / (float)D + eps);
-    for (int64_t d = 0; d < D; d++) y[d] = f2bf(bf2f(w[d]) * rbf(bf2f(x[d]) * inv));
+    for (int64_t d = 0; d < D; d++) y[d] = f2w(w2f(w[d]) * RW(w2f(x[d]) * inv));
 }
 
-/* RMSNorm as norm.py: y = w * bf16(x / sqrt(mean(x^2) + eps)), statistics in fp32. x, y [M, D], w [D]. */
-void ns_rmsnorm_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *w, float eps, bf16 *y) {
+/* RMSNorm as norm.py: y = w * wt(x / sqrt(mean(x^2) + eps)), statistics in fp32. x, y [M, D], w [D]. */
+void ns_rmsnorm(const wt *x, int64_t M, int64_t D, const wt *w, float eps, wt *y) {
     for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, w, eps, y + m * D);
 }
 
@@ -376,11 +413,11 @@ static void route_token(float *s, int64_t E, const float *bias, int scoring, int
 
 /* RoPE in DeepSeek's pair layout as rope.py `apply_rope_pairs`: pairs (2i, 2i + 1) of x[0, 2 half) rotated by
  * the angles cos, sin [half], in fp32, rounded once */
-static void rope_row(const bf16 *x, int64_t half, const float *cos, const float *sin, bf16 *y) {
+static void rope_row(const wt *x, int64_t half, const float *cos, const float *sin, wt *y) {
     for (int64_t i = 0; i < half; i++) {
-        const float a = bf2f(x[2 * i]), b = bf2f(x[2 * i + 1]), c = cos[i], s = sin[i];
-        y[2 * i] = f2bf(a * c + b * -s);
-        y[2 * i + 1] = f2bf(b * c + a * s);
+        const float a = w2f(x[2 * i]), b = w2f(x[2 * i + 1]), c = cos[i], s = sin[i];
+        y[2 * i] = f2w(a * c + b * -s);
+        y[2 * i + 1] = f2w(b * c + a * s);
     }
 }
 
@@ -389,15 +426,15 @@ static void rope_row(const bf16 *x, int64_t half, const float *cos, const float 
  *   with q-LoRA (qa_norm != NULL):  cq = RMSNorm(xo[:, :Oq]),  q = cq . W_qb^T;  without:  q = xo[:, :Oq];
  *   q [M, H, N+P] with its last P dims of each head rotated; rows [M, R+P] = [RMSNorm(c_kv) ; rope(k_pe)].
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
- * (LayerNorm in fp32, rounded once; the rotation of the first P dims in bf16 arithmetic, as PyTorch does it).
+ * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
  * cos, sin [M, P/2]. cq is written only with q-LoRA. */
-void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, int64_t Oq, int64_t R, int64_t P,
-                         int64_t Di, const bf16 *qa_norm, float eps_q, const bf16 *wqb, int64_t H, int64_t N,
-                         const bf16 *kv_norm, float eps_kv, const bf16 *ik_w, const bf16 *ik_b, float ik_eps,
-                         const float *cos, const float *sin, const bf16 *in_norm, float in_eps, bf16 *xn,
-                         bf16 *xo, bf16 *cq, bf16 *q, bf16 *rows, bf16 *ik, int nt) {
+void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq, int64_t R, int64_t P,
+                         int64_t Di, const wt *qa_norm, float eps_q, const wt *wqb, int64_t H, int64_t N,
+                         const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
+                         const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
+                         wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
     const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2;
-    const bf16 *xin = in_norm ? xn : x;
+    const wt *xin = in_norm ? xn : x;
 #pragma omp parallel num_threads(nt)
     {
         /* the norms work row by row, so with fewer rows than threads some threads wait meanwhile: those ask for
@@ -410,54 +447,54 @@ void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, in
         part(Q, t, nth, &q0, &q1);
         const int64_t idle = m0 == m1;
         if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
-            ns_pf pf = pf_make(wx + o0 * D, imin(idle ? 4096 : 2048, (o1 - o0) * D * 2), NULL, 0, 1);
+            ns_pf pf = pf_make(wx + o0 * D, imin(idle ? 4096 : 2048, (o1 - o0) * D * (int64_t)sizeof(wt)), NULL, 0, 1);
             pf_next(&pf);
             for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
 #pragma omp barrier
         }
         for (int64_t o = o0; o < o1; o++)
-            for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2bf(dot(xin + m * D, wx + o * D, D));
+            for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(dot(xin + m * D, wx + o * D, D));
 #pragma omp barrier
         if (qa_norm) {
-            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, (q1 - q0) * Oq * 2), NULL, 0, 1);
+            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, (q1 - q0) * Oq * (int64_t)sizeof(wt)), NULL, 0, 1);
             pf_next(&pf);
         }
         for (int64_t m = m0; m < m1; m++) {
-            const bf16 *xm = xo + m * Ow;
+            const wt *xm = xo + m * Ow;
             if (qa_norm) rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
-            else memcpy(q + m * Q, xm, Q * sizeof(bf16));
+            else memcpy(q + m * Q, xm, Q * sizeof(wt));
             rmsnorm_row(xm + Oq, R, kv_norm, eps_kv, rows + m * (R + P));
             rope_row(xm + Oq + R, half, cos + m * half, sin + m * half, rows + m * (R + P) + R);
             if (Di > 0) {
-                const bf16 *k = xm + Oq + R + P;
-                bf16 *km = ik + m * Di, tmp[1024];
+                const wt *k = xm + Oq + R + P;
+                wt *km = ik + m * Di, tmp[1024];
                 float mean = 0.f, var = 0.f;
-                for (int64_t d = 0; d < Di; d++) mean += bf2f(k[d]);
+                for (int64_t d = 0; d < Di; d++) mean += w2f(k[d]);
                 mean /= (float)Di;
-                for (int64_t d = 0; d < Di; d++) var += (bf2f(k[d]) - mean) * (bf2f(k[d]) - mean);
+                for (int64_t d = 0; d < Di; d++) var += (w2f(k[d]) - mean) * (w2f(k[d]) - mean);
                 const float inv = 1.f / sqrtf(var / (float)Di + ik_eps);
                 for (int64_t d = 0; d < Di; d++)
-                    tmp[d] = f2bf((bf2f(k[d]) - mean) * inv * bf2f(ik_w[d]) + bf2f(ik_b[d]));
-                memcpy(km, tmp, Di * sizeof(bf16));
-                for (int64_t i = 0; i < half; i++) { /* halves: (i, i + P/2), each product and sum in bf16 */
-                    const float c = rbf(cos[m * half + i]), sn = rbf(sin[m * half + i]);
-                    const float a = bf2f(tmp[i]), b = bf2f(tmp[i + half]);
-                    km[i] = f2bf(rbf(a * c) + rbf(b * -sn));
-                    km[i + half] = f2bf(rbf(b * c) + rbf(a * sn));
+                    tmp[d] = f2w((w2f(k[d]) - mean) * inv * w2f(ik_w[d]) + w2f(ik_b[d]));
+                memcpy(km, tmp, Di * sizeof(wt));
+                for (int64_t i = 0; i < half; i++) { /* halves: (i, i + P/2), each product and sum in wt */
+                    const float c = RW(cos[m * half + i]), sn = RW(sin[m * half + i]);
+                    const float a = w2f(tmp[i]), b = w2f(tmp[i + half]);
+                    km[i] = f2w(RW(a * c) + RW(b * -sn));
+                    km[i + half] = f2w(RW(b * c) + RW(a * sn));
                 }
             }
         }
 #pragma omp barrier
         if (qa_norm) {
             for (int64_t o = q0; o < q1; o++) /* the rows asked for above */
-                for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2bf(dot(cq + m * Oq, wqb + o * Oq, Oq));
+                for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2w(dot(cq + m * Oq, wqb + o * Oq, Oq));
 #pragma omp barrier
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < M * H; t++) {
-            bf16 *qh = q + t * (N + P) + N, tmp[512];
+            wt *qh = q + t * (N + P) + N, tmp[512];
             const int64_t m = t / H;
-            memcpy(tmp, qh, P * sizeof(bf16));
+            memcpy(tmp, qh, P * sizeof(wt));
             rope_row(tmp, half, cos + m * half, sin + m * half, qh);
         }
     }
@@ -467,24 +504,24 @@ void ns_mla_project_bf16(const bf16 *x, int64_t M, int64_t D, const bf16 *wx, in
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { const bf16 *gate_up, *down; int64_t I, first, count; } ns_group; /* pairs[first, first + count) */
-typedef struct { const bf16 *xn; bf16 *act; float *ys; const int64_t *pairs; int64_t NKr, K, D, I, Is; } ns_pairs;
+typedef struct { const wt *gate_up, *down; int64_t I, first, count; } ns_group; /* pairs[first, first + count) */
+typedef struct { const wt *xn; wt *act; float *ys; const int64_t *pairs; int64_t NKr, K, D, I, Is; } ns_pairs;
 
-static inline const bf16 *pair_x(const ns_pairs *c, int64_t p) {
+static inline const wt *pair_x(const ns_pairs *c, int64_t p) {
     return c->xn + (p < c->NKr ? p / c->K : p - c->NKr) * c->D;
 }
-static inline bf16 *pair_act(const ns_pairs *c, int64_t p) {
+static inline wt *pair_act(const ns_pairs *c, int64_t p) {
     return p < c->NKr ? c->act + p * c->I : c->act + c->NKr * c->I + (p - c->NKr) * c->Is;
 }
 
 static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
     for (int64_t r = r0; r < r1; r++) {
-        const bf16 *wg = g->gate_up + r * c->D, *wu = g->gate_up + (g->I + r) * c->D;
+        const wt *wg = g->gate_up + r * c->D, *wu = g->gate_up + (g->I + r) * c->D;
         for (int64_t j = 0; j < g->count; j++) {
             const int64_t p = c->pairs[g->first + j];
-            const bf16 *x = pair_x(c, p);
-            const float a = rbf(dot(x, wg, c->D)), u = rbf(dot(x, wu, c->D));
-            pair_act(c, p)[r] = f2bf(rbf(a / (1.f + expf(-a))) * u);
+            const wt *x = pair_x(c, p);
+            const float a = RW(dot(x, wg, c->D)), u = RW(dot(x, wu, c->D));
+            pair_act(c, p)[r] = f2w(RW(a / (1.f + expf(-a))) * u);
         }
     }
 }
@@ -493,25 +530,25 @@ static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t
     for (int64_t d = d0; d < d1; d++)
         for (int64_t j = 0; j < g->count; j++) {
             const int64_t p = c->pairs[g->first + j];
-            c->ys[p * c->D + d] = rbf(dot(pair_act(c, p), g->down + d * g->I, g->I));
+            c->ys[p * c->D + d] = RW(dot(pair_act(c, p), g->down + d * g->I, g->I));
         }
 }
 
 /* The feed-forward half of a decoder block for N tokens (transformer.py `Block`): out = h + FFN(RMSNorm(h)),
  * FFN = DeepSeekMoE (router + routed experts, plus the shared expert when s_gate_up is given) or, with E = 0,
  * the dense SwiGLU MLP passed as the shared one. Routed experts (moe.py `GroupedExperts`):
- *   routed[n] = bf16( sum_k gw[n, k] * y[n, k] ),  y[n, k] = down_e(silu(gate_e x[n]) * up_e x[n]),  e = idx[n, k]
+ *   routed[n] = wt( sum_k gw[n, k] * y[n, k] ),  y[n, k] = down_e(silu(gate_e x[n]) * up_e x[n]),  e = idx[n, k]
  * gate_up [E, 2I, D] (gate rows first), down [E, D, I]; the shared expert is one more expert of weight 1
  * (gate_up [2Is, D], down [D, Is]). Roundings as PyTorch: the norm, gate, up, silu(gate), their product, each
- * y, the routed and shared outputs, their sum and the residual sum are bf16.
+ * y, the routed and shared outputs, their sum and the residual sum are wt.
  * One parallel region: the norm, the router's logits, the routing and the grouping of the pairs by expert (one
- * thread), the expert groups (see below), then the weighted sums and the residual. Scratch: xn [N, D] bf16;
- * act [N, K'*I + Is] bf16 and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
+ * thread), the expert groups (see below), then the weighted sums and the residual. Scratch: xn [N, D] wt;
+ * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64. */
-void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, float eps, const float *router_w32,
+void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
                        int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
-                       int64_t K, int norm, float scaling, const bf16 *gate_up, const bf16 *down, int64_t I,
-                       const bf16 *s_gate_up, const bf16 *s_down, int64_t Is, bf16 *out, bf16 *xn, bf16 *act,
+                       int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
+                       const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
                        float *ys, float *rs, float *gw, int64_t *idx, int nt) {
     const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
     float *ys_s = ys + NKr * D;
@@ -524,7 +561,7 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
         for (int64_t n = 0; n < N; n++) rmsnorm_row(h + n * D, D, norm_w, eps, xn + n * D);
         if (Kr > 0) {
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < N * E; t++) rs[t] = dot_bf_f(xn + (t / E) * D, router_w32 + (t % E) * D, D);
+            for (int64_t t = 0; t < N * E; t++) rs[t] = dot_wf(xn + (t / E) * D, router_w32 + (t % E) * D, D);
         }
 #pragma omp single
         {
@@ -551,20 +588,19 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
-#ifdef NS_AVX512BF16
             /* the experts' streams start where the hardware has no history: ask for each one's first KB now, so
              * that their memory latencies overlap instead of stalling one after another (the block stack: median
              * 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
             for (int64_t g = 0; g < G; g++) {
-                const char *gp = (const char *)groups[g].gate_up, *up = gp + groups[g].I * D * 2;
+                const char *gp = (const char *)groups[g].gate_up;
+                const char *up = (const char *)(groups[g].gate_up + groups[g].I * D);
                 const char *dn = (const char *)groups[g].down;
                 for (int64_t b = 0; b < 1024; b += 64) {
-                    _mm_prefetch(gp + b, _MM_HINT_T1);
-                    _mm_prefetch(up + b, _MM_HINT_T1);
-                    _mm_prefetch(dn + b, _MM_HINT_T1);
+                    __builtin_prefetch(gp + b, 0, 2);
+                    __builtin_prefetch(up + b, 0, 2);
+                    __builtin_prefetch(dn + b, 0, 2);
                 }
             }
-#endif
         }
         /* the groups split by cost into one contiguous share per thread: a thread runs its whole groups, gate/up
          * then down, streaming their matrices one after another with no wait (6% more bandwidth than splitting
@@ -610,9 +646,9 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
             float r = 0.f;
             for (int64_t k = 0; k < Kr; k++) r += gw[n * K + k] * ys[(n * K + k) * D + d];
             float f;
-            if (Kr > 0 && Ns) f = rbf(bf2f(f2bf(r)) + ys_s[i]);
-            else f = Kr > 0 ? bf2f(f2bf(r)) : ys_s[i];
-            out[i] = f2bf(bf2f(h[i]) + f);
+            if (Kr > 0 && Ns) f = RW(w2f(f2w(r)) + ys_s[i]);
+            else f = Kr > 0 ? w2f(f2w(r)) : ys_s[i];
+            out[i] = f2w(w2f(h[i]) + f);
         }
     }
 }
@@ -622,7 +658,7 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
  * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
  * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
  * NULL (one request), the contiguous rows from slot span0; attention reads them in place. A DSA block whose
- * queries see more than its top-k rows selects them first (ns_dsa_select_bf16) into sel [M, topk] (slots).
+ * queries see more than its top-k rows selects them first (ns_dsa_select) into sel [M, topk] (slots).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block.
  * idx [L, M, K'] receives each MoE block's expert ids. The angles of RoPE come from tables of every position
  * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. Then the model's final norm,
@@ -630,13 +666,13 @@ void ns_ffn_block_bf16(const bf16 *h, int64_t N, int64_t D, const bf16 *norm_w, 
  * [B * n_logits, D] scratch). */
 typedef struct {
     int64_t layer;                                               /* its plane in the cache pools */
-    const bf16 *wx; int64_t q_out, R, P, Di; const bf16 *qa_norm; float qa_eps; const bf16 *wqb; int64_t H, N;
-    const bf16 *kv_norm; float kv_eps; const bf16 *ik_w, *ik_b; float ik_eps; const bf16 *in_norm; float in_eps;
-    int64_t Nk; const bf16 *kv_b; int64_t V; float scale; const bf16 *w_o; int64_t Dm;
-    const bf16 *post_w; float post_eps; const float *router_w32; int64_t E; const float *bias; int scoring, method;
-    int64_t n_group, topk_group, K; int norm; float scaling; const bf16 *gate_up, *down; int64_t I;
-    const bf16 *s_gate_up, *s_down; int64_t Is, Kp;
-    const bf16 *iwq, *iwp; int64_t Hi, topk;                     /* DSA indexer: wq_b, weights_proj; topk 0: none */
+    const wt *wx; int64_t q_out, R, P, Di; const wt *qa_norm; float qa_eps; const wt *wqb; int64_t H, N;
+    const wt *kv_norm; float kv_eps; const wt *ik_w, *ik_b; float ik_eps; const wt *in_norm; float in_eps;
+    int64_t Nk; const wt *kv_b; int64_t V; float scale; const wt *w_o; int64_t Dm;
+    const wt *post_w; float post_eps; const float *router_w32; int64_t E; const float *bias; int scoring, method;
+    int64_t n_group, topk_group, K; int norm; float scaling; const wt *gate_up, *down; int64_t I;
+    const wt *s_gate_up, *s_down; int64_t Is, Kp;
+    const wt *iwq, *iwp; int64_t Hi, topk;                     /* DSA indexer: wq_b, weights_proj; topk 0: none */
 } ns_block;
 
 static int cmp_i64(const void *a, const void *b) {
@@ -665,16 +701,16 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
     }
 }
 
-/* DSA selection for the M queries of a decode call (dsa.py `Indexer.scores` + `select`, in its bf16 roundings):
- *   iq[m, j] = rope_halves(wq_b cq[m])_j * Di^-1/2 (bf16),  iw[m, j] = bf16(weights_proj xn[m] * Hi^-1/2),
- *   score[m, s] = bf16(sum_j iw[m, j] relu(bf16(iq[m, j] . key[s])))  (-inf where mask[m, s] is 0),
+/* DSA selection for the M queries of a decode call (dsa.py `Indexer.scores` + `select`, in its wt roundings):
+ *   iq[m, j] = rope_halves(wq_b cq[m])_j * Di^-1/2 (wt),  iw[m, j] = wt(weights_proj xn[m] * Hi^-1/2),
+ *   score[m, s] = wt(sum_j iw[m, j] relu(wt(iq[m, j] . key[s])))  (-inf where mask[m, s] is 0),
  * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
  * ord [M, S] (the first K of each row), sel_mask [M, K], and the slots of their latent rows sel [M, K].
  * Keys are read through the slots (read_slots [B, S], or span0). */
-void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
-                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const bf16 *cq, const bf16 *xn,
-                        const float *cos, const float *sin, const uint8_t *mask, const bf16 *iplane,
-                        const int64_t *read_slots, int64_t span0, bf16 *iq, float *iw, float *isc, int64_t *ord,
+void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                        const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
+                        const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
                         uint8_t *sel_mask, int64_t *sel, int nt) {
     const int64_t M = B * T, half = P / 2;
     const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
@@ -683,20 +719,20 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < M * Hi * Di; o++) {
             const int64_t m = o / (Hi * Di), r = o % (Hi * Di);
-            iq[o] = f2bf(dot(cq + m * Oq, iwq + r * Oq, Oq));
+            iq[o] = f2w(dot(cq + m * Oq, iwq + r * Oq, Oq));
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < M * Hi; t++) {
             const int64_t m = t / Hi;
-            bf16 *qh = iq + t * Di;
-            for (int64_t i = 0; i < half; i++) { /* halves (i, i + P/2), each product and sum in bf16 */
-                const float c = rbf(cos[m * half + i]), sn = rbf(sin[m * half + i]);
-                const float a = bf2f(qh[i]), e = bf2f(qh[i + half]);
-                qh[i] = f2bf(rbf(a * c) + rbf(e * -sn));
-                qh[i + half] = f2bf(rbf(e * c) + rbf(a * sn));
+            wt *qh = iq + t * Di;
+            for (int64_t i = 0; i < half; i++) { /* halves (i, i + P/2), each product and sum in wt */
+                const float c = RW(cos[m * half + i]), sn = RW(sin[m * half + i]);
+                const float a = w2f(qh[i]), e = w2f(qh[i + half]);
+                qh[i] = f2w(RW(a * c) + RW(e * -sn));
+                qh[i + half] = f2w(RW(e * c) + RW(a * sn));
             }
-            for (int64_t d = 0; d < Di; d++) qh[d] = f2bf(bf2f(qh[d]) * qscale);
-            iw[t] = rbf(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
+            for (int64_t d = 0; d < Di; d++) qh[d] = f2w(w2f(qh[d]) * qscale);
+            iw[t] = RW(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
         }
 #ifdef NS_AVX512BF16
         if (Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
@@ -724,9 +760,9 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
                 }
                 float out[16];
                 _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(acc));
-                const bf16 *ob = (const bf16 *)out;
+                const wt *ob = (const wt *)out;
                 for (int64_t r = 0; r < n; r++)
-                    isc[m * S + s0 + r] = mask[m * S + s0 + r] ? bf2f(ob[r]) : -INFINITY;
+                    isc[m * S + s0 + r] = mask[m * S + s0 + r] ? w2f(ob[r]) : -INFINITY;
             }
         } else
 #endif
@@ -736,13 +772,13 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
                 const int64_t m = i / S, s = i % S;
                 if (!mask[i]) { isc[i] = -INFINITY; continue; }
                 const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
-                const bf16 *key = iplane + slot * Di;
+                const wt *key = iplane + slot * Di;
                 float acc = 0.f;
                 for (int64_t j = 0; j < Hi; j++) {
-                    const float l = rbf(dot(key, iq + (m * Hi + j) * Di, Di));
+                    const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
                     if (l > 0.f) acc += l * iw[m * Hi + j];
                 }
-                isc[i] = rbf(acc);
+                isc[i] = RW(acc);
             }
         }
 #pragma omp for schedule(static)
@@ -770,18 +806,18 @@ void ns_dsa_select_bf16(const bf16 *iwq, const bf16 *iwp, int64_t Hi, int64_t Di
     }
 }
 
-void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *x_in, int64_t B, int64_t T,
+void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
                           int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
                           const uint8_t *mask, int64_t S,
-                          bf16 *kv_pool, bf16 *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                          const int64_t *read_slots, int64_t span0, int64_t *sel, bf16 *rows, bf16 *ik, bf16 *xn,
-                          bf16 *xo, bf16 *cq, bf16 *q, bf16 *att, bf16 *qc, float *sc, float *ol, bf16 *pb,
-                          bf16 *fxn, bf16 *act, float *ys, float *rs, float *gw,
-                          bf16 *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, bf16 *h, bf16 *out,
-                          int64_t *idx, const bf16 *norm_w, float norm_eps, bf16 *hn, const bf16 *head_w,
-                          int64_t V, int64_t n_logits, bf16 *hl, bf16 *logits, int nt) {
+                          wt *kv_pool, wt *ik_pool, int64_t n_slots, const int64_t *write_slots,
+                          const int64_t *read_slots, int64_t span0, int64_t *sel, wt *rows, wt *ik, wt *xn,
+                          wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
+                          wt *fxn, wt *act, float *ys, float *rs, float *gw,
+                          wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
+                          int64_t *idx, const wt *norm_w, float norm_eps, wt *hn, const wt *head_w,
+                          int64_t V, int64_t n_logits, wt *hl, wt *logits, int nt) {
     const int64_t M = B * T, half = blocks[0].P / 2;
-    const bf16 *x = x_in;
+    const wt *x = x_in;
     float *cos = cs, *sin = cs + M * half; /* the angles of the queries' positions, from the tables */
     for (int64_t m = 0; m < M; m++) {
         memcpy(cos + m * half, cos_tab + pos[m] * half, half * sizeof(float));
@@ -790,47 +826,47 @@ void ns_decode_stack_bf16(const ns_block *blocks, int64_t n_blocks, const bf16 *
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
-        ns_mla_project_bf16(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
+        ns_mla_project(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
                             b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
                             xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
-        bf16 *plane = kv_pool + b->layer * n_slots * C;
-        for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(bf16));
+        wt *plane = kv_pool + b->layer * n_slots * C;
+        for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(wt));
         if (b->Di) {
-            bf16 *iplane = ik_pool + b->layer * n_slots * b->Di;
+            wt *iplane = ik_pool + b->layer * n_slots * b->Di;
             for (int64_t m = 0; m < M; m++)
-                memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(bf16));
+                memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(wt));
         }
         if (b->topk > 0 && S > b->topk) { /* DSA: each query attends to its top-k rows only */
-            ns_dsa_select_bf16(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin,
+            ns_dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin,
                                mask, ik_pool + b->layer * n_slots * b->Di, read_slots, span0, iq, iw, isc, ord,
                                sel_mask, sel, nt);
-            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, sel, b->topk, 1, sel_mask,
+            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, sel, b->topk, 1, sel_mask,
                                  b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
-            ns_mla_absorbed_bf16(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, read_slots ? plane : plane + span0 * C,
+            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, read_slots ? plane : plane + span0 * C,
                                  read_slots, S, 0, mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         }
-        ns_ffn_block_bf16(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
+        ns_ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
                           b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,
                           b->s_gate_up, b->s_down, b->Is, out, fxn, act, ys, rs, gw,
                           idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
         x = out;
     }
     /* the final norm (hn [M, D]) and the head over each request's last n_logits rows (logits [B, n_logits, V]) */
-    ns_rmsnorm_bf16(out, M, D, norm_w, norm_eps, hn);
+    ns_rmsnorm(out, M, D, norm_w, norm_eps, hn);
     if (head_w) {
-        const bf16 *xl = hn;
+        const wt *xl = hn;
         if (n_logits < T) {
             for (int64_t b = 0; b < B; b++)
-                memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(bf16));
+                memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(wt));
             xl = hl;
         }
-        ns_linear_bf16(xl, B * n_logits, D, head_w, V, logits, nt);
+        ns_linear(xl, B * n_logits, D, head_w, V, logits, nt);
     }
 }
 
-int ns_has_avx512bf16(void) {
-#ifdef NS_AVX512BF16
+int ns_has_simd(void) { /* whether this build has its vector dot products (else: not worth using) */
+#ifdef NS_SIMD
     return 1;
 #else
     return 0;

@@ -1,16 +1,18 @@
-"""Fused bf16 CPU decode kernels (`cpu_decode.c`): compiled once with the machine's C compiler, called via ctypes.
+"""Fused CPU decode kernels (`cpu_decode.c`): compiled with the machine's C compiler, once per model dtype (bf16,
+float32), called via ctypes.
 
 Decoding a token on a CPU is bound by reading the activated weights and by the fixed cost of each PyTorch op:
 a layer issues ~100 small ops. These kernels cover a decode step in a few calls per layer: the MLA projections
 (`mla_project`), absorbed attention (`mla_absorbed`), the feed-forward half of a block with its router and
-experts (`ffn_block`), RMSNorm and plain matvecs; `ns_decode_stack_bf16` runs all the blocks of a step in one
-call, DSA's selection past top-k included (`dsa_select`), for `decode_plan.py`. They serve bf16 inference calls
-with few rows (`MAX_ROWS`) and no autograd; everything else, and every machine where the library cannot be built
-(no compiler, not x86 with AVX-512 BF16, NANOSEEK_CPU_KERNELS=0), takes the PyTorch path, which is also the
-reference the tests compare against (`tests/test_cpu_decode.py`).
+experts (`ffn_block`), RMSNorm and plain matvecs; `ns_decode_stack` runs all the blocks of a step in one
+call, DSA's selection past top-k included (`dsa_select`), for `decode_plan.py`. They serve bf16 and float32
+inference calls with few rows (`MAX_ROWS`) and no autograd; everything else, and every machine where the library
+cannot be built (no compiler, not x86 with AVX-512 (BF16 for the bf16 build), NANOSEEK_CPU_KERNELS=0), takes the
+PyTorch path, which is also the reference the tests compare against (`tests/test_cpu_decode.py`).
 
 The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (or $NANOSEEK_CACHE), keyed on
-the source, the compiler and the CPU, written to a temporary name and renamed, so concurrent processes are safe.
+the source, the compiler, the flags and the CPU, written to a temporary name and renamed, so concurrent processes
+are safe.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ import torch
 MAX_ROWS = 16  # calls with more rows of x (prefill) keep oneDNN's GEMMs
 _SRC = Path(__file__).with_name("cpu_decode.c")
 _BF16 = torch.bfloat16
-_lib: Optional[ctypes.CDLL] = None
-_tried = False
+DTYPES = (torch.bfloat16, torch.float32)  # one build of the library each (-DNS_F32: float32)
+_libs: dict = {}  # dtype -> the loaded library, or None where it is unavailable
 _enabled = True
 _local = threading.local()
 
@@ -54,7 +56,7 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build() -> Optional[ctypes.CDLL]:
+def _build(dtype: torch.dtype = _BF16) -> Optional[ctypes.CDLL]:
     if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -62,6 +64,8 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     # no FMA contraction: the scalar loops round like PyTorch's separate multiplies and adds
     flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+    if dtype == torch.float32:
+        flags.append("-DNS_F32")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -84,52 +88,53 @@ def _build() -> Optional[ctypes.CDLL]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
-    if not lib.ns_has_avx512bf16():  # the portable loops are slower than oneDNN: not worth it
+    if not lib.ns_has_simd():  # the portable loops are slower than oneDNN: not worth it
         return None
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.ns_linear_bf16.argtypes = [p, i64, i64, p, i64, p, nt]
-    lib.ns_mla_absorbed_bf16.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, p, i64, nt, p,
-                                         ctypes.c_float, p, p, p, p, p, p, i64, p, p, nt]
-    lib.ns_mla_project_bf16.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_float, p, i64, i64, p,
-                                        ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p,
-                                        p, p, p, nt]
-    lib.ns_ffn_block_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
-                                      ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
-    lib.ns_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
-    lib.ns_dsa_select_bf16.argtypes = [p, p] + [i64] * 9 + [p] * 6 + [p, i64] + [p] * 6 + [nt]
-    lib.ns_decode_stack_bf16.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p, p, i64, p, p, i64] + [
+    lib.ns_linear.argtypes = [p, i64, i64, p, i64, p, nt]
+    lib.ns_mla_absorbed.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, p, i64, nt, p, ctypes.c_float, p, p,
+                                    p, p, p, p, i64, p, p, nt]
+    lib.ns_mla_project.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, ctypes.c_float, p, i64, i64, p,
+                                   ctypes.c_float, p, p, ctypes.c_float, p, p, p, ctypes.c_float, p, p, p, p, p, p, nt]
+    lib.ns_ffn_block.argtypes = [p, i64, i64, p, ctypes.c_float, p, i64, p, nt, nt, i64, i64, i64, nt,
+                                 ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
+    lib.ns_rmsnorm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.ns_dsa_select.argtypes = [p, p] + [i64] * 9 + [p] * 6 + [p, i64] + [p] * 6 + [nt]
+    lib.ns_decode_stack.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p, p, i64, p, p, i64] + [
         p] * 22 + [p, p, p, p, ctypes.c_float, p, p, i64, i64, p, p, nt]
     return lib
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, built on first use; None where they are unavailable."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        try:
-            _lib = _build()
-        except OSError as e:  # unwritable cache, unloadable library: fall back to PyTorch
-            warnings.warn(f"nanoseek: CPU decode kernels unavailable: {e}")
-            _lib = None
-    return _lib
+def library(dtype: torch.dtype = _BF16) -> Optional[ctypes.CDLL]:
+    """The kernels for models of this dtype (bf16 or float32), built on first use; None where they are
+    unavailable."""
+    if dtype not in _libs:
+        lib = None
+        if dtype in DTYPES:
+            try:
+                lib = _build(dtype)
+            except OSError as e:  # unwritable cache, unloadable library: fall back to PyTorch
+                warnings.warn(f"nanoseek: CPU decode kernels unavailable: {e}")
+        _libs[dtype] = lib
+    return _libs[dtype]
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a call on x (rows flattened) with these weights can take the kernels. Called for every op of a
     decode step, so it is written for speed."""
-    if x.dtype is not _BF16 or not x.is_cpu or x.numel() > MAX_ROWS * x.shape[-1]:
+    if not _enabled or not x.is_cpu or x.numel() > MAX_ROWS * x.shape[-1]:
         return False
-    if not _enabled or (_lib is None and (_tried or library() is None)):
+    lib = _libs[x.dtype] if x.dtype in _libs else library(x.dtype)
+    if lib is None:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    return kernel_weights(weights)
+    return kernel_weights(weights, x.dtype)
 
 
-def kernel_weights(weights) -> bool:
-    """Whether the kernels can read these tensors as they are: bf16, on CPU, contiguous."""
-    return all(w.dtype is _BF16 and w.is_cpu and w.is_contiguous() for w in weights)
+def kernel_weights(weights, dtype: torch.dtype = _BF16) -> bool:
+    """Whether the kernels of this dtype can read these tensors as they are: of it, on CPU, contiguous."""
+    return all(w.dtype is dtype and w.is_cpu and w.is_contiguous() for w in weights)
 
 
 def _scratch(*sizes: int) -> list[int]:
@@ -148,12 +153,12 @@ def _scratch(*sizes: int) -> list[int]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ weight[O, D]^T -> [..., O] (bf16; check `usable` first)."""
+    """x [..., D] @ weight[O, D]^T -> [..., O] (check `usable` first, as for every call below)."""
     xf = x.reshape(-1, x.shape[-1]).contiguous()
     O = weight.shape[0]
     y = torch.empty(*x.shape[:-1], O, dtype=x.dtype)
-    _lib.ns_linear_bf16(xf.data_ptr(), xf.shape[0], xf.shape[1], weight.data_ptr(), O, y.data_ptr(),
-                        torch.get_num_threads())
+    _libs[x.dtype].ns_linear(xf.data_ptr(), xf.shape[0], xf.shape[1], weight.data_ptr(), O, y.data_ptr(),
+                             torch.get_num_threads())
     return y
 
 
@@ -162,9 +167,9 @@ MAX_LATENT = 1024  # the kernel keeps one head's latent query on the stack
 
 def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tensor, mask: torch.Tensor,
                  scale: float, w_o: torch.Tensor, resid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Absorbed MLA attention and the output projection: q [B, T, H, N+P] bf16, w_kvb = kv_b_proj's weight
+    """Absorbed MLA attention and the output projection: q [B, T, H, N+P], w_kvb = kv_b_proj's weight
     [H*(N+V), R], rows [B, S, C] (shared by a request's queries) or [B, T, S, C] (per query), mask [B, T, S],
-    w_o = o_proj's weight [Dm, H*V] -> [B, T, Dm] bf16 (plus the residual resid [B, T, Dm] when given)."""
+    w_o = o_proj's weight [Dm, H*V] -> [B, T, Dm] (plus the residual resid [B, T, Dm] when given)."""
     B, T, H, _ = q.shape
     R = w_kvb.shape[1]
     N = w_kvb.shape[0] // H - V
@@ -175,20 +180,21 @@ def mla_absorbed(q: torch.Tensor, w_kvb: torch.Tensor, V: int, rows: torch.Tenso
     Dm = w_o.shape[0]
     resid = resid.contiguous() if resid is not None else None  # (kept alive in a name through the call)
     y = torch.empty(B, T, Dm, dtype=q.dtype)
-    out, qc, sc, ol, pb = _scratch(B * T * H * V * 2, H * C * 2, H * S * 4, H * R * 4, H * (S + 1) * 2)
-    _lib.ns_mla_absorbed_bf16(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), None, S,
-                              int(rows.dim() == 4), mask.data_ptr(), scale, out, qc, sc, ol, pb, w_o.data_ptr(), Dm,
-                              None if resid is None else resid.data_ptr(), y.data_ptr(),
-                              torch.get_num_threads())
+    w = q.element_size()
+    out, qc, sc, ol, pb = _scratch(B * T * H * V * w, H * C * w, H * S * 4, H * R * 4, H * (S + 1) * w)
+    _libs[q.dtype].ns_mla_absorbed(q.data_ptr(), B, T, H, N, C - R, w_kvb.data_ptr(), R, V, rows.data_ptr(), None,
+                                   S, int(rows.dim() == 4), mask.data_ptr(), scale, out, qc, sc, ol, pb,
+                                   w_o.data_ptr(), Dm, None if resid is None else resid.data_ptr(), y.data_ptr(),
+                                   torch.get_num_threads())
     return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x [..., D] bf16 with a bf16 weight [D] (norm.py's roundings)."""
+    """RMSNorm of x [..., D] with a weight [D] of its dtype (norm.py's roundings)."""
     xf = x.contiguous()
     y = torch.empty_like(xf)
-    _lib.ns_rmsnorm_bf16(xf.data_ptr(), xf.numel() // xf.shape[-1], xf.shape[-1], weight.data_ptr(), eps,
-                         y.data_ptr())
+    _libs[x.dtype].ns_rmsnorm(xf.data_ptr(), xf.numel() // xf.shape[-1], xf.shape[-1], weight.data_ptr(), eps,
+                              y.data_ptr())
     return y
 
 
@@ -204,10 +210,10 @@ def dsa_select(indexer, cq: torch.Tensor, xn: torch.Tensor, keys: torch.Tensor, 
     cq, xn, mask, cos, sin = cq.contiguous(), xn.contiguous(), mask.contiguous(), cos.contiguous(), sin.contiguous()
     keys, rows = keys.reshape(B * S, Di).contiguous(), rows.reshape(B * S, C).contiguous()
     read = torch.arange(B * S)  # request b's row s at slot b * S + s
-    iq, iw = torch.empty(B * T, Hi * Di, dtype=_BF16), torch.empty(B * T, Hi)
+    iq, iw = torch.empty(B * T, Hi * Di, dtype=cq.dtype), torch.empty(B * T, Hi)
     scores, order = torch.empty(B, T, S), torch.empty(B, T, S, dtype=torch.int64)
     sel_mask, sel = torch.empty(B, T, K, dtype=torch.bool), torch.empty(B, T, K, dtype=torch.int64)
-    library().ns_dsa_select_bf16(
+    library(cq.dtype).ns_dsa_select(
         indexer.wq_b.weight.data_ptr(), indexer.weights_proj.weight.data_ptr(), Hi, Di, P, K, B, T, D, Oq, S,
         cq.data_ptr(), xn.data_ptr(), cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), keys.data_ptr(),
         read.data_ptr(), 0, iq.data_ptr(), iw.data_ptr(), scores.data_ptr(), order.data_ptr(), sel_mask.data_ptr(),
@@ -230,25 +236,25 @@ def mla_project(x: torch.Tensor, wx: torch.Tensor, q_out: int, R: int, P: int, q
     x = x.contiguous()
     M, Ow = B * T, wx.shape[0]
     Di = Ow - q_out - R - P
-    (xo,) = _scratch(M * Ow * 2)
+    (xo,) = _scratch(M * Ow * x.element_size())
     cq = torch.empty(B, T, q_out, dtype=x.dtype) if qa_norm is not None else None
     q = torch.empty(B, T, H, N + P, dtype=x.dtype)
     rows = torch.empty(B, T, R + P, dtype=x.dtype)
     ik = torch.empty(B, T, Di, dtype=x.dtype) if Di else None
     xn = torch.empty_like(x) if in_norm is not None else x
     ik_args = (index_norm.weight.data_ptr(), index_norm.bias.data_ptr(), index_norm.eps) if Di else (None, None, 0.0)
-    _lib.ns_mla_project_bf16(x.data_ptr(), M, D, wx.data_ptr(), q_out, R, P, Di,
-                             None if qa_norm is None else qa_norm.data_ptr(), eps_q,
-                             None if wqb is None else wqb.data_ptr(), H, N, kv_norm.data_ptr(), eps_kv, *ik_args,
-                             cos.data_ptr(), sin.data_ptr(), None if in_norm is None else in_norm.data_ptr(),
-                             in_eps, xn.data_ptr(), xo, None if cq is None else cq.data_ptr(), q.data_ptr(),
-                             rows.data_ptr(), None if ik is None else ik.data_ptr(), torch.get_num_threads())
+    _libs[x.dtype].ns_mla_project(x.data_ptr(), M, D, wx.data_ptr(), q_out, R, P, Di,
+                                  None if qa_norm is None else qa_norm.data_ptr(), eps_q,
+                                  None if wqb is None else wqb.data_ptr(), H, N, kv_norm.data_ptr(), eps_kv, *ik_args,
+                                  cos.data_ptr(), sin.data_ptr(), None if in_norm is None else in_norm.data_ptr(),
+                                  in_eps, xn.data_ptr(), xo, None if cq is None else cq.data_ptr(), q.data_ptr(),
+                                  rows.data_ptr(), None if ik is None else ik.data_ptr(), torch.get_num_threads())
     return xn, q, cq, rows, ik
 
 
 def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, experts=None,
               shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """h + FFN(RMSNorm(h)) for h [B, T, D] bf16 (see the C source). router: (w32 [E, D], bias or None, scoring,
+    """h + FFN(RMSNorm(h)) for h [B, T, D] (see the C source). router: (w32 [E, D], bias or None, scoring,
     method, n_group, topk_group, K, norm, scaling) and experts: (gate_up [E, 2I, D], down [E, D, I]) for a MoE
     layer; shared: (gate_up [2Is, D], down [D, Is]), the shared expert or the dense MLP. Returns the new h and
     the expert ids [N, K] (None without a router)."""
@@ -262,7 +268,8 @@ def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, ex
     Kp = max(K, 1)
     out = torch.empty_like(h)
     idx = torch.empty(N, Kp, dtype=torch.int64)
-    xn, act, ys, rs, gw = _scratch(N * D * 2, N * (Kp * I + Is) * 2, N * (Kp + 1) * D * 4, N * 2 * max(E, 1) * 4,
+    w = h.element_size()
+    xn, act, ys, rs, gw = _scratch(N * D * w, N * (Kp * I + Is) * w, N * (Kp + 1) * D * 4, N * 2 * max(E, 1) * 4,
                                    N * Kp * 4)
     if router is not None:
         w32, bias, scoring, method, n_group, topk_group, _, norm, scaling = router
@@ -271,6 +278,6 @@ def ffn_block(h: torch.Tensor, norm_w: torch.Tensor, eps: float, router=None, ex
     else:
         r_args = (None, 0, None, 0, 0, 1, 1, 0, 0, 1.0, None, None, 0)
     s_args = (shared[0].data_ptr(), shared[1].data_ptr(), Is) if shared is not None else (None, None, 0)
-    _lib.ns_ffn_block_bf16(h.data_ptr(), N, D, norm_w.data_ptr(), eps, *r_args, *s_args, out.data_ptr(), xn, act,
-                           ys, rs, gw, idx.data_ptr(), torch.get_num_threads())
+    _libs[h.dtype].ns_ffn_block(h.data_ptr(), N, D, norm_w.data_ptr(), eps, *r_args, *s_args, out.data_ptr(), xn,
+                                act, ys, rs, gw, idx.data_ptr(), torch.get_num_threads())
     return out.view(shape), (idx if router is not None else None)

@@ -7,10 +7,10 @@ lays out its arguments in Python and writes or reads the cache with PyTorch ops:
 much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` resolves the blocks once per
 weight version of the model into an array of C structs (weight addresses, shapes, epsilons, router settings);
 a step checks one key for the model (the address and version of every weight it reads, the attention modes, and
-a count of parameter, buffer and module assignments anywhere) and makes one call, `ns_decode_stack_bf16`, which
+a count of parameter, buffer and module assignments anywhere) and makes one call, `ns_decode_stack`, which
 runs the blocks' kernels in order, does the cache's writes and reads itself, through the cache's slot view
 (`slots()`), and ends with the final norm and the head. Past DSA's top-k the call also runs the lightning indexer
-and the selection (`ns_dsa_select_bf16`): each query scores the cached index keys and attends to its top-k rows.
+and the selection (`ns_dsa_select`): each query scores the cached index keys and attends to its top-k rows.
 RoPE's angles come from the rotary module's table of every position (`RotaryEmbedding.cached`).
 
 Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path, which stays
@@ -62,9 +62,9 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     if not hasattr(cache, "slots"):
         return None
     plan = _PLANS.get(model)
-    if plan is None or plan.assignments != _assignments[0] or plan.key != plan.current_key() or \
-            plan.layers != [id(b) for b in model.layers]:
-        plan = DecodePlan.build(model)
+    if plan is None or plan.dtype is not x.dtype or plan.assignments != _assignments[0] or \
+            plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers]:
+        plan = DecodePlan.build(model, x.dtype)
         if plan is None:
             return None
         _PLANS[model] = plan
@@ -89,11 +89,11 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 class DecodePlan:
-    """A model's decoder blocks as C structs for `ns_decode_stack_bf16`, valid while `key` is current."""
+    """A model's decoder blocks as C structs for `ns_decode_stack`, valid while `key` is current."""
 
-    def __init__(self, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list, keep: list,
-                 layers: list[int], final: tuple):
-        self.sources, self.modes = sources, modes
+    def __init__(self, dtype: torch.dtype, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list,
+                 keep: list, layers: list[int], final: tuple):
+        self.dtype, self.sources, self.modes = dtype, sources, modes
         self.final = final  # (final norm's weight address, its eps, the head's weight address, vocabulary size)
         self.assignments = _assignments[0]
         self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
@@ -112,7 +112,8 @@ class DecodePlan:
         self.Kp = blocks[0]["Kp"]
         self.KI = max(self.Kp * b.get("I", 0) + b.get("Is", 0) for b in blocks)  # expert rows: routed + shared
         self.E = max(max(b.get("E", 0), 1) for b in blocks)
-        self.topk = max(b.get("topk", 0) for b in blocks)  # DSA selection scratch (0: no DSA block selects)
+        self.topks = [b.get("topk", 0) for b in blocks]  # per block, DSA's top-k where the kernel selects
+        self.topk = max(self.topks)  # DSA selection scratch (0: no DSA block selects)
         self.HiDi = max(b.get("Hi", 0) * b["Di"] for b in blocks)
         self.Hi = max(b.get("Hi", 0) for b in blocks)
 
@@ -124,7 +125,7 @@ class DecodePlan:
                 [(m.dsa_mode, m.indexer_loss_on) for m in self.modes])
 
     @staticmethod
-    def build(model) -> Optional["DecodePlan"]:
+    def build(model, dtype: torch.dtype) -> Optional["DecodePlan"]:
         sources: list[torch.Tensor] = []
         blocks, moes, keep, modes, kps = [], [], [], [], []
         for layer in model.layers:
@@ -134,7 +135,7 @@ class DecodePlan:
             # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
             src = attn._decode_sources(norm)
             w = derived(attn, "_decode_weights", src, attn._decode_build)
-            if w is None or not kernel_weights(w["check"]):
+            if w is None or not kernel_weights(w["check"], dtype):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
             Di = w["wx"].shape[0] - w["q_out"] - R - P
@@ -147,7 +148,7 @@ class DecodePlan:
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
-                if w["qa_norm"] is None or not kernel_weights([idx.wq_b.weight, idx.weights_proj.weight]):
+                if w["qa_norm"] is None or not kernel_weights([idx.wq_b.weight, idx.weights_proj.weight], dtype):
                     return None
                 b.update(iwq=_ptr(idx.wq_b.weight), iwp=_ptr(idx.weights_proj.weight), Hi=idx.n_heads,
                          topk=idx.topk)
@@ -160,7 +161,7 @@ class DecodePlan:
             if isinstance(ffn, MoE):
                 g, (gate_up, down) = ffn.gate, ffn.experts.weights()
                 w32 = g.weight_fp32()
-                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not kernel_weights([gate_up, down]):
+                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not kernel_weights([gate_up, down], dtype):
                     return None
                 E, K, I = g.E, g.K, down.shape[-1]
                 bias = g.e_score_correction_bias
@@ -177,13 +178,13 @@ class DecodePlan:
                 s = ffn  # the dense MLP runs as the "shared" expert
             if s is not None:
                 s_gate_up = s.fused_gate_up()
-                if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight]):
+                if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight], dtype):
                     return None
                 Is = s.down_proj.weight.shape[-1]
                 b.update(s_gate_up=_ptr(s_gate_up), s_down=_ptr(s.down_proj.weight), Is=Is)
                 sources += [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight]
                 keep.append(s_gate_up)
-            if not kernel_weights([post.weight]):
+            if not kernel_weights([post.weight], dtype):
                 return None
             sources.append(post.weight)
             blocks.append(b)
@@ -196,36 +197,39 @@ class DecodePlan:
             b["Kp"] = max(kps)
         # the final norm and the head
         norm, head = model.norm, model.lm_head.weight
-        if not kernel_weights([norm.weight, head]):
+        if not kernel_weights([norm.weight, head], dtype):
             return None
         sources += [norm.weight, head]
-        return DecodePlan(sources, modes, blocks, moes, keep, [id(b) for b in model.layers],
+        return DecodePlan(dtype, sources, modes, blocks, moes, keep, [id(b) for b in model.layers],
                           (norm.weight.data_ptr(), norm.eps, head.data_ptr(), head.shape[0]))
 
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
         B, T, D = x.shape
         M = B * T
-        kv_pool, ik_pool, write, read, span0 = cache.slots(len(self.moes))
         mask = cache.mask.contiguous()  # bool [B, T, S]
         S = mask.shape[-1]
+        selecting = [k for k in self.topks if 0 < k < S]  # DSA blocks that read only their top-k rows
+        kv_pool, ik_pool, write, read, span0 = cache.slots(len(self.topks) - len(selecting), M * sum(selecting))
         cos, sin = rotary.cached(S)  # fp32 [positions, P/2], every position < S
         pos = cache.positions.contiguous()
         norm_w, norm_eps, head_w, V = self.final
         nl = T if num_logits is None else min(num_logits, T)
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
+        # (w: bytes of the model's dtype; 4 and 8: fp32 and int64 buffers)
+        w = x.element_size()
         sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
         scratch = cpu_decode._scratch(
-            max(sel, 1) * 8, M * C * 2, M * max(Di, 1) * 2, M * D * 2, M * self.Ow * 2, M * self.Oq * 2,
-            M * self.Q * 2, M * self.HV * 2, H * C * 2, H * S * 4, H * self.R * 4, H * (S + 1) * 2,
-            M * D * 2, M * KI * 2, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
-            M * max(self.HiDi, 1) * 2, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
-            max(sel, 1), M * self.P * 4, M * D * 2, M * D * 2, M * D * 2)
+            max(sel, 1) * 8, M * C * w, M * max(Di, 1) * w, M * D * w, M * self.Ow * w, M * self.Oq * w,
+            M * self.Q * w, M * self.HV * w, H * C * w, H * S * 4, H * self.R * 4, H * (S + 1) * w,
+            M * D * w, M * KI * w, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
+            M * max(self.HiDi, 1) * w, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
+            max(sel, 1), M * self.P * 4, M * D * w, M * D * w, M * D * w)
         cs, h, out, hl = scratch[-4:]  # RoPE's angles, the stream after attention, after each block, head rows
         hn = torch.empty(B, T, D, dtype=x.dtype)  # the result: the normed hidden state ...
         logits = torch.empty(B, nl, V, dtype=x.dtype)  # ... and the logits of the last nl rows of each request
         idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
-        cpu_decode.library().ns_decode_stack_bf16(
+        cpu_decode.library(x.dtype).ns_decode_stack(
             self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
             pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
             write.data_ptr(), _ptr(read), span0, *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
