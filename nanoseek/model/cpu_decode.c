@@ -244,6 +244,24 @@ static void att_olat(const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t
         return;
     }
 #endif
+#if defined(NS_SIMD) && defined(NS_F32)
+    if (R % 16 == 0) { /* one FMA per row against the head's broadcast probability; heads in blocks of 8 */
+        for (int64_t c = c0; c < c1; c += 16)
+            for (int64_t hb = h0; hb < h1; hb += 8) {
+                const int64_t nb = h1 - hb < 8 ? h1 - hb : 8;
+                __m512 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+                for (int64_t s = 0; s < S; s++) { /* (masked rows have p = 0, and the cache's rows are finite) */
+                    if (s % 2 == 0) pf_next(pf);
+                    const __m512 r = _mm512_loadu_ps(row_at(rm, ri, s, C) + c);
+                    for (int64_t j = 0; j < nb; j++)
+                        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(hb + j) * S + s]), r, acc[j]);
+                }
+                for (int64_t j = 0; j < nb; j++) _mm512_storeu_ps(ol + (hb + j) * R + c, acc[j]);
+            }
+        return;
+    }
+#endif
     (void)pb, (void)S2, (void)pf;
     for (int64_t c = c0; c < c1; c += NS_CHUNK) {
         const int64_t nc = R - c < NS_CHUNK ? R - c : NS_CHUNK;
