@@ -6,8 +6,9 @@ Builds the preset with random weights, saves it in HF layout, loads it with nano
 transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
 prefill: nanoseek times the engine steps after the first token; transformers times generate(N) - generate(1)
 (best of --repeats). The memory-bandwidth bound is measured in the same run, twice: a large tensor copy
-(read + write bytes) and a large sum (read only); the achieved fraction is (activated weight bytes per token /
-bandwidth) / measured time per token, for each bandwidth, where activated weights = everything a decode token
+(read + write bytes) and a large sum (read only), each just before and just after nanoseek's timing of a dtype,
+keeping the higher; the achieved fraction is (activated weight bytes per token / bandwidth) / measured time per
+token, for each bandwidth, where activated weights = everything a decode token
 reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
 routed experts per MoE layer. For each dtype it also reports how much of a token is spent inside the fused C
 decode kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
@@ -198,7 +199,7 @@ def main() -> None:
     print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
           f"{torch.get_num_threads()}, copy bandwidth {bw:.1f} GB/s (read + write), read bandwidth "
           f"{bw_read:.1f} GB/s\n")
-    rows, notes = [], []
+    rows, notes, bws = [], [], []
     with tempfile.TemporaryDirectory() as d:
         src = nanoseek.Transformer(cfg)
         nanoseek.save_pretrained(src, d)
@@ -208,12 +209,17 @@ def main() -> None:
             elem = torch.empty((), dtype=dtype).element_size()
             ns = nanoseek.from_pretrained(d, dtype=dtype)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            bw0, bw_read0 = bandwidth_gbs(), read_bandwidth_gbs()
             r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
+            # this machine's bandwidth drifts: the bound takes the higher of the measurements just before and
+            # just after the timing (the fraction is then the lower of the two)
+            bw_d, bw_read_d = max(bw0, bandwidth_gbs()), max(bw_read0, read_bandwidth_gbs())
+            bws.append((name, bw_d, bw_read_d))
             k_s = kernel_time_per_token(ns, prompt, args.tokens, dtype)
             r_hf = hf_rate(hf, prompt, args.tokens, args.repeats)
             act = activated_bytes(ns, elem)
-            frac = act / (bw * 1e9) * r_ns
-            frac_read = act / (bw_read * 1e9) * r_ns
+            frac = act / (bw_d * 1e9) * r_ns
+            frac_read = act / (bw_read_d * 1e9) * r_ns
             hf_kv = hf_cache_bytes_per_token(hf, prompt)
             rows.append((name, r_ns, r_hf, act, frac, frac_read, latent_bytes_per_token(cfg, elem), hf_kv))
             if k_s:
@@ -232,6 +238,9 @@ def main() -> None:
     for name, r_ns, r_hf, act, frac, frac_read, _, _ in rows:
         print(f"| {name} | {r_ns:.1f} | {r_hf:.1f} | {r_ns / r_hf:.2f}x | {act / 1e6:.1f} | {frac:.0%} | "
               f"{frac_read:.0%} |")
+    for name, b, br in bws:
+        print(f"{name}: bound from copy {b:.1f} GB/s and read {br:.1f} GB/s, the higher of the measurements "
+              f"just before and after its timing")
     for n in notes:
         print(n)
     print("\nKV cache bytes per token (all layers)")
