@@ -311,7 +311,7 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
-    wt *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as wt pairs */
+    wt *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
 #else
     wt *pbv = NULL; /* (o_lat below reads the fp32 probabilities) */
     (void)pb;
