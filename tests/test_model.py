@@ -64,12 +64,17 @@ def test_explicit_training_attention_equals_flash(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(flash[1], explicit[1]))
 
 
-def test_grouped_experts_equal_loop():
+def random_experts():
     cfg = get_preset("tiny", n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     experts, router = Experts(cfg), Router(cfg)
     torch.nn.init.normal_(experts.gate_up_proj, 0, 0.1)
     torch.nn.init.normal_(experts.down_proj, 0, 0.1)
     torch.nn.init.normal_(router.weight, 0, 0.1)
+    return cfg, experts, router
+
+
+def test_grouped_experts_equal_loop():
+    cfg, experts, router = random_experts()
     x = torch.randn(100, cfg.hidden_size, requires_grad=True)
     w, idx, _ = router(x)
     experts.impl = "grouped"
@@ -89,11 +94,7 @@ def test_grouped_experts_equal_loop():
 def test_compiled_float32_grouped_experts_equal_eager():
     """torch.compile'd float32 grouped experts (their GEMMs go through `nanoseek::grouped_mm`: torch's shape
     function for the grouped GEMM takes bf16 only) compile as one graph and give eager's output and gradients."""
-    cfg = get_preset("tiny", n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
-    experts, router = Experts(cfg), Router(cfg)
-    torch.nn.init.normal_(experts.gate_up_proj, 0, 0.1)
-    torch.nn.init.normal_(experts.down_proj, 0, 0.1)
-    torch.nn.init.normal_(router.weight, 0, 0.1)
+    cfg, experts, router = random_experts()
     x = torch.randn(64, cfg.hidden_size, requires_grad=True)
     w, idx, _ = router(x)
     w, idx = w.detach(), idx.detach()
