@@ -195,10 +195,8 @@ def main() -> None:
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
-    bw, bw_read = bandwidth_gbs(), read_bandwidth_gbs()
     print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
-          f"{torch.get_num_threads()}, copy bandwidth {bw:.1f} GB/s (read + write), read bandwidth "
-          f"{bw_read:.1f} GB/s\n")
+          f"{torch.get_num_threads()}\n")
     rows, notes, bws = [], [], []
     with tempfile.TemporaryDirectory() as d:
         src = nanoseek.Transformer(cfg)

@@ -304,10 +304,10 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
 void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                          const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
-                          int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
-                          float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
-                          wt *y, int nt) {
+                     const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
+                     int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
+                     float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
+                     wt *y, int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
@@ -439,18 +439,30 @@ static void rope_row(const wt *x, int64_t half, const float *cos, const float *s
     }
 }
 
+/* RoPE in the halves layout as rope.py `apply_rope_halves` (the DSA indexer): pairs (i, i + half) of x rotated in
+ * place, each product and sum rounded to the model's dtype as PyTorch does it in that dtype */
+static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin) {
+    for (int64_t i = 0; i < half; i++) {
+        const float c = RW(cos[i]), sn = RW(sin[i]);
+        const float a = w2f(x[i]), b = w2f(x[i + half]);
+        x[i] = f2w(RW(a * c) + RW(b * -sn));
+        x[i + half] = f2w(RW(b * c) + RW(a * sn));
+    }
+}
+
 /* MLA's projections of the hidden state x [M, D] (mla.py `_project` and `_latent`), one pass over each weight,
- * after the block's input RMSNorm when in_norm is given (xn [M, D] = the normed x, written for the caller):  xo = x . [W_qa | W_kva | W_ik]^T  ([M, Oq + R + P + Di]; W_ik: the DSA indexer key, Di may be 0);
+ * after the block's input RMSNorm when in_norm is given (xn [M, D] = the normed x, written for the caller):
+ *   xo = x . [W_qa | W_kva | W_ik]^T  ([M, Oq + R + P + Di]; W_ik: the DSA indexer key, Di may be 0);
  *   with q-LoRA (qa_norm != NULL):  cq = RMSNorm(xo[:, :Oq]),  q = cq . W_qb^T;  without:  q = xo[:, :Oq];
  *   q [M, H, N+P] with its last P dims of each head rotated; rows [M, R+P] = [RMSNorm(c_kv) ; rope(k_pe)].
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
  * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
  * cos, sin [M, P/2]. cq is written only with q-LoRA. */
 void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq, int64_t R, int64_t P,
-                         int64_t Di, const wt *qa_norm, float eps_q, const wt *wqb, int64_t H, int64_t N,
-                         const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
-                         const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
-                         wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
+                    int64_t Di, const wt *qa_norm, float eps_q, const wt *wqb, int64_t H, int64_t N,
+                    const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
+                    const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
+                    wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
     const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2;
     const wt *xin = in_norm ? xn : x;
 #pragma omp parallel num_threads(nt)
@@ -474,7 +486,8 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(dot(xin + m * D, wx + o * D, D));
 #pragma omp barrier
         if (qa_norm) {
-            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, (q1 - q0) * Oq * (int64_t)sizeof(wt)), NULL, 0, 1);
+            const int64_t bytes = (q1 - q0) * Oq * (int64_t)sizeof(wt);
+            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, bytes), NULL, 0, 1);
             pf_next(&pf);
         }
         for (int64_t m = m0; m < m1; m++) {
@@ -485,21 +498,14 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
             rope_row(xm + Oq + R, half, cos + m * half, sin + m * half, rows + m * (R + P) + R);
             if (Di > 0) {
                 const wt *k = xm + Oq + R + P;
-                wt *km = ik + m * Di, tmp[1024];
+                wt *km = ik + m * Di;
                 float mean = 0.f, var = 0.f;
                 for (int64_t d = 0; d < Di; d++) mean += w2f(k[d]);
                 mean /= (float)Di;
                 for (int64_t d = 0; d < Di; d++) var += (w2f(k[d]) - mean) * (w2f(k[d]) - mean);
                 const float inv = 1.f / sqrtf(var / (float)Di + ik_eps);
-                for (int64_t d = 0; d < Di; d++)
-                    tmp[d] = f2w((w2f(k[d]) - mean) * inv * w2f(ik_w[d]) + w2f(ik_b[d]));
-                memcpy(km, tmp, Di * sizeof(wt));
-                for (int64_t i = 0; i < half; i++) { /* halves: (i, i + P/2), each product and sum in wt */
-                    const float c = RW(cos[m * half + i]), sn = RW(sin[m * half + i]);
-                    const float a = w2f(tmp[i]), b = w2f(tmp[i + half]);
-                    km[i] = f2w(RW(a * c) + RW(b * -sn));
-                    km[i + half] = f2w(RW(b * c) + RW(a * sn));
-                }
+                for (int64_t d = 0; d < Di; d++) km[d] = f2w((w2f(k[d]) - mean) * inv * w2f(ik_w[d]) + w2f(ik_b[d]));
+                rope_halves(km, half, cos + m * half, sin + m * half);
             }
         }
 #pragma omp barrier
@@ -552,6 +558,13 @@ static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t
         }
 }
 
+/* Whether group g (work [cost[g], cost[g + 1]) of C in all) straddles a boundary between the nth threads' shares */
+static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) {
+    for (int b = 1; b < nth; b++)
+        if (cost[g] < C * b / nth && C * b / nth < cost[g + 1]) return 1;
+    return 0;
+}
+
 /* The feed-forward half of a decoder block for N tokens (transformer.py `Block`): out = h + FFN(RMSNorm(h)),
  * FFN = DeepSeekMoE (router + routed experts, plus the shared expert when s_gate_up is given) or, with E = 0,
  * the dense SwiGLU MLP passed as the shared one. Routed experts (moe.py `GroupedExperts`):
@@ -564,10 +577,10 @@ static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64. */
 void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
-                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
-                       int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
-                       const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
-                       float *ys, float *rs, float *gw, int64_t *idx, int nt) {
+                  int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
+                  int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
+                  const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
+                  float *ys, float *rs, float *gw, int64_t *idx, int nt) {
     const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
     float *ys_s = ys + NKr * D;
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
@@ -628,9 +641,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
         const int64_t C = cost[G], lo = C * t / nth, hi = C * (t + 1) / nth;
         int any_split = 0;
         for (int64_t g = 0; g < G; g++) {
-            int split = 0;
-            for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
-            if (split) {
+            if (straddles(cost, g, C, nth)) {
                 int64_t r0, r1;
                 part(groups[g].I, t, nth, &r0, &r1);
                 group_gate_up(&pc, &groups[g], r0, r1);
@@ -638,9 +649,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
             }
         }
         for (int64_t g = 0; g < G; g++) {
-            int split = 0;
-            for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
-            if (!split && lo <= cost[g] && cost[g] < hi) {
+            if (!straddles(cost, g, C, nth) && lo <= cost[g] && cost[g] < hi) {
                 group_gate_up(&pc, &groups[g], 0, groups[g].I);
                 group_down(&pc, &groups[g], 0, D);
             }
@@ -648,9 +657,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
         if (any_split) {
 #pragma omp barrier
             for (int64_t g = 0; g < G; g++) {
-                int split = 0;
-                for (int b = 1; b < nth; b++) split |= cost[g] < C * b / nth && C * b / nth < cost[g + 1];
-                if (split) {
+                if (straddles(cost, g, C, nth)) {
                     int64_t d0, d1;
                     part(D, t, nth, &d0, &d1);
                     group_down(&pc, &groups[g], d0, d1);
@@ -726,10 +733,10 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
  * ord [M, S] (the first K of each row), sel_mask [M, K], and the slots of their latent rows sel [M, K].
  * Keys are read through the slots (read_slots [B, S], or span0). */
 void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
-                        int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
-                        const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
-                        const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
-                        uint8_t *sel_mask, int64_t *sel, int nt) {
+                   int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                   const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
+                   const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
+                   uint8_t *sel_mask, int64_t *sel, int nt) {
     const int64_t M = B * T, half = P / 2;
     const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
 #pragma omp parallel num_threads(nt)
@@ -743,12 +750,7 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
         for (int64_t t = 0; t < M * Hi; t++) {
             const int64_t m = t / Hi;
             wt *qh = iq + t * Di;
-            for (int64_t i = 0; i < half; i++) { /* halves (i, i + P/2), each product and sum in wt */
-                const float c = RW(cos[m * half + i]), sn = RW(sin[m * half + i]);
-                const float a = w2f(qh[i]), e = w2f(qh[i + half]);
-                qh[i] = f2w(RW(a * c) + RW(e * -sn));
-                qh[i + half] = f2w(RW(e * c) + RW(a * sn));
-            }
+            rope_halves(qh, half, cos + m * half, sin + m * half);
             for (int64_t d = 0; d < Di; d++) qh[d] = f2w(w2f(qh[d]) * qscale);
             iw[t] = RW(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
         }
@@ -825,15 +827,15 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
 }
 
 void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
-                          int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
-                          const uint8_t *mask, int64_t S,
-                          wt *kv_pool, wt *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                          const int64_t *read_slots, int64_t span0, int64_t *sel, wt *rows, wt *ik, wt *xn,
-                          wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
-                          wt *fxn, wt *act, float *ys, float *rs, float *gw,
-                          wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
-                          int64_t *idx, const wt *norm_w, float norm_eps, wt *hn, const wt *head_w,
-                          int64_t V, int64_t n_logits, wt *hl, wt *logits, int nt) {
+                     int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
+                     const uint8_t *mask, int64_t S,
+                     wt *kv_pool, wt *ik_pool, int64_t n_slots, const int64_t *write_slots,
+                     const int64_t *read_slots, int64_t span0, int64_t *sel, wt *rows, wt *ik, wt *xn,
+                     wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
+                     wt *fxn, wt *act, float *ys, float *rs, float *gw,
+                     wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
+                     int64_t *idx, const wt *norm_w, float norm_eps, wt *hn, const wt *head_w,
+                     int64_t V, int64_t n_logits, wt *hl, wt *logits, int nt) {
     const int64_t M = B * T, half = blocks[0].P / 2;
     const wt *x = x_in;
     float *cos = cs, *sin = cs + M * half; /* the angles of the queries' positions, from the tables */

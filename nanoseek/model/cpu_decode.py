@@ -56,7 +56,7 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build(dtype: torch.dtype = _BF16) -> Optional[ctypes.CDLL]:
+def _build(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -132,7 +132,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return kernel_weights(weights, x.dtype)
 
 
-def kernel_weights(weights, dtype: torch.dtype = _BF16) -> bool:
+def kernel_weights(weights, dtype: torch.dtype) -> bool:
     """Whether the kernels of this dtype can read these tensors as they are: of it, on CPU, contiguous."""
     return all(w.dtype is dtype and w.is_cpu and w.is_contiguous() for w in weights)
 

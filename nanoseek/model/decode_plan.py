@@ -161,7 +161,8 @@ class DecodePlan:
             if isinstance(ffn, MoE):
                 g, (gate_up, down) = ffn.gate, ffn.experts.weights()
                 w32 = g.weight_fp32()
-                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256 or not kernel_weights([gate_up, down], dtype):
+                if (w32 is None or gate_up.shape[0] != g.E or g.n_group > 256
+                        or not kernel_weights([gate_up, down], dtype)):
                     return None
                 E, K, I = g.E, g.K, down.shape[-1]
                 bias = g.e_score_correction_bias
