@@ -3,9 +3,12 @@
     .venv/bin/python bench/train.py                       # small preset as deepseek_v3, float32 and bfloat16
     .venv/bin/python bench/train.py --layers 4 --steps 6 --seq-len 256 --batch-size 4 --dtypes bfloat16
 
-One training step = forward + cross-entropy + backward + gradient clipping + AdamW (fused, same settings for
-both). bfloat16 = autocast with fp32 master weights for both. nanoseek's step is the one `nanoseek train` runs:
-its loss function torch.compile'd (`--no-compile`: eager); the compilation happens in the untimed first step.
+One training step = forward + cross-entropy + backward + gradient clipping + AdamW (same settings for both).
+bfloat16 = bf16 matmuls with fp32 master weights for both: transformers autocasts its fp32 weights (casting each
+weight at each use and each weight gradient back); nanoseek keeps bf16 working copies of its matmul weights and
+their fp32 masters in the optimizer (`MasterWeightAdamW`), the same arithmetic without the casts. nanoseek's step
+is the one `nanoseek train` runs: its loss function torch.compile'd (`--no-compile`: eager; the compilation happens
+in the untimed first step), its optimizer and clipping.
 The process keeps freed memory in malloc's heap as `nanoseek train` does (`keep_freed_memory`), which speeds up
 both models alike. The two models are timed in alternation (one step each, repeated) so that load from other
 processes hits both alike; the median step is reported, both in wall-clock time and in process CPU time /
@@ -20,6 +23,7 @@ FLOP/s in that dtype, both in CPU time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -29,6 +33,7 @@ import torch
 import nanoseek
 from nanoseek import metrics as M
 from nanoseek.model.transformer import cross_entropy
+from nanoseek import train as T
 from nanoseek.optim import build_adamw
 from nanoseek.train import TrainConfig, keep_freed_memory, loss_function
 
@@ -40,13 +45,13 @@ def hf_model(path: str):
     return m
 
 
-def make_step(model, opt, x, y, dtype, forward):
+def make_step(model, opt, x, y, dtype, forward, clip):
     def step() -> float:
         ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
         with ctx:
             loss = forward(model, x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip(model, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -120,9 +125,13 @@ def main() -> None:
             ns.train()
             hf = hf_model(tmp)
             impl = getattr(hf.config, "_experts_implementation_internal", None) or "?"
+            # nanoseek: what `nanoseek train` builds for this dtype on a CPU
+            masters = T.master_weights(dataclasses.replace(tc, dtype=dname), torch.device("cpu"), 1)
             steps = {
-                "nanoseek": make_step(ns, build_adamw(ns, 1e-4, 0.1), x, y, dtype, ns_forward),
-                "transformers": make_step(hf, build_adamw(hf, 1e-4, 0.1), x, y, dtype, hf_forward),
+                "nanoseek": make_step(ns, build_adamw(ns, 1e-4, 0.1, bf16_weights=masters), x, y, dtype, ns_forward,
+                                      lambda m, opt: T.clip_gradients(m, opt, 1.0)),
+                "transformers": make_step(hf, build_adamw(hf, 1e-4, 0.1), x, y, dtype, hf_forward,
+                                          lambda m, opt: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
             }
             l_ns, l_hf = steps["nanoseek"](), steps["transformers"]()
             if abs(l_ns - l_hf) > (1e-3 if dtype == torch.float32 else 5e-2):

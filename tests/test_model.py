@@ -6,6 +6,7 @@ import torch
 
 import nanoseek
 from nanoseek.config import get_preset
+from nanoseek.model import moe
 from nanoseek.model.moe import Experts, Router
 
 B, T = 2, 48
@@ -109,6 +110,30 @@ def test_compiled_float32_grouped_experts_equal_eager():
     compiled = loss_and_grads(torch.compile(experts._grouped, fullgraph=True))  # fullgraph: no graph break
     for u, v in zip(eager, compiled):
         assert (u - v).abs().max() < 1e-5
+
+
+def test_bf16_grouped_experts_pad_rows_exactly(monkeypatch):
+    """bf16 grouped GEMMs pad each expert's rows to GROUP_ALIGN with zero rows (few distinct GEMM shapes for
+    oneDNN): output and gradients are bit-identical to the unpadded layout, and the compiled step (fullgraph)
+    agrees with eager to bf16 rounding."""
+    cfg, experts, router = random_experts()
+    x = torch.randn(100, cfg.hidden_size, requires_grad=True)
+    w, idx, _ = router(x)
+    w, idx = w.detach(), idx.detach()
+    assert (idx.flatten().bincount() % moe.GROUP_ALIGN).any()  # some expert's rows do get padded
+
+    def run(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = f(x, w, idx)
+        return (y, *torch.autograd.grad(y.float().square().sum(), (experts.gate_up_proj, experts.down_proj, x)))
+
+    padded = run(experts._grouped)
+    monkeypatch.setattr(moe, "GROUP_ALIGN", 1)
+    assert all(torch.equal(a, b) for a, b in zip(padded, run(experts._grouped)))
+    monkeypatch.undo()
+    compiled = run(torch.compile(experts._grouped, fullgraph=True))
+    for a, b in zip(padded, compiled):
+        assert (a.float() - b.float()).norm() <= 1e-2 * a.float().norm()
 
 
 def test_whole_model_grouped_equals_loop():

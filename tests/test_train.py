@@ -95,8 +95,11 @@ def test_final_model_loads_in_nanoseek_and_transformers(pretrained):
         "def f(x):\n    return x"
 
 
-def test_resume_is_exact(env, tmp_path):
-    args = ["--max-steps", "6", "--save-every", "2", "--lr", "3e-3", "--eval-tokens", "0"]
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--grad-accum", "2"]], ids=["float32", "bfloat16"])
+def test_resume_is_exact(env, tmp_path, extra):
+    """float32, and bf16 training (bf16 working weights, fp32 masters in the optimizer, micro-batch gradients
+    summed in fp32): checkpoints hold the fp32 masters, so the resumed run is the same run."""
+    args = ["--max-steps", "6", "--save-every", "2", "--lr", "3e-3", "--eval-tokens", "0", *extra]
     full = run(env, tmp_path / "full", *args)
     part = run(env, tmp_path / "part", *args, "--stop-after", "3")
     assert [r["step"] for r in part] == [1, 2, 3]
@@ -111,6 +114,10 @@ def test_resume_is_exact(env, tmp_path):
     m2 = nanoseek.from_pretrained(tmp_path / "part" / "final")
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(v1, v2, atol=1e-6), k
+    from safetensors import safe_open
+    for f in [tmp_path / "full" / "final" / "model.safetensors", *(tmp_path / "part").rglob("model.safetensors")]:
+        with safe_open(str(f), "pt") as st:  # the fp32 masters, never the bf16 working copies
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}, f
 
 
 @pytest.mark.parametrize("fail_at", ["model.safetensors", "train_state.safetensors", "state.json",

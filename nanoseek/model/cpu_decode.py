@@ -10,25 +10,19 @@ inference calls with few rows (`MAX_ROWS`) and no autograd; everything else, and
 cannot be built (no compiler, not x86 with AVX-512 (BF16 for the bf16 build), NANOSEEK_CPU_KERNELS=0), takes the
 PyTorch path, which is also the reference the tests compare against (`tests/test_cpu_decode.py`).
 
-The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (or $NANOSEEK_CACHE), keyed on
-the source, the compiler, the flags and the CPU, written to a temporary name and renamed, so concurrent processes
-are safe.
+The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (`cbuild.py`).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from nanoseek.cbuild import build
 
 MAX_ROWS = 16  # calls with more rows of x (prefill) keep oneDNN's GEMMs
 _SRC = Path(__file__).with_name("cpu_decode.c")
@@ -47,47 +41,10 @@ def set_enabled(on: bool) -> bool:
     return prev
 
 
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
-
-
 def _build(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    lib = build(_SRC, ("-DNS_F32",) if dtype == torch.float32 else ())
+    if lib is None:
         return None
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return None
-    # no FMA contraction: the scalar loops round like PyTorch's separate multiplies and adds
-    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    if dtype == torch.float32:
-        flags.append("-DNS_F32")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    key = hashlib.sha256("\0".join([_SRC.read_text(), cc, version, " ".join(flags), _cpu_id()]).encode())
-    root = Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek") / "kernels"
-    path = root / f"cpu_decode-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode != 0:
-                warnings.warn(f"nanoseek: CPU decode kernels not built ({cc}): {r.stderr.strip()[-500:]}")
-                return None
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(path))
     if not lib.ns_has_simd():  # the portable loops are slower than oneDNN: not worth it
         return None
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int

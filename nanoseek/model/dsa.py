@@ -24,6 +24,10 @@ from nanoseek.model.rope import RopeTables, apply_rope_halves
 
 
 class Indexer(nn.Module):
+    # under autocast the index scores (and so the KL the indexer trains on) are computed in fp32 (`scores`):
+    # bf16 training keeps these weights fp32 (optim.py)
+    fp32_weights = ("wq_b.weight", "weights_proj.weight")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim

@@ -60,6 +60,8 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
+    fp32_weights = ("weight",)  # routing scores in fp32 (bf16 training keeps this weight fp32: optim.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.E, self.K = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -123,22 +125,43 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class _DispatchRows(torch.autograd.Function):
-    """x [N, D] -> x[order // K] [N*K, D]: each token's row once per (token, slot) pair, the pairs in `order`
-    (a permutation of the N*K pairs). Backward gathers the pairs' gradients back through the inverse permutation
-    and sums each token's K of them: autograd's scatter-add for an indexed read is several times slower on CPU,
-    and compiled (inductor) it was a third of a training step."""
+    """x [N, D] -> xs [P, D] with xs[dest[q]] = x[q // K] for each (token, slot) pair q, and zero rows elsewhere
+    (src [P]: each row's token, N for a zero row). Backward gathers the pairs' gradient rows and sums each token's
+    K of them: autograd's scatter-add for an indexed read is several times slower on CPU, and compiled (inductor)
+    it was a third of a training step."""
 
     @staticmethod
-    def forward(ctx, x, order, K):
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        ctx.save_for_backward(inv)
+    def forward(ctx, x, src, dest, K):
+        ctx.save_for_backward(dest)
         ctx.K = K
-        return x.index_select(0, order // K)
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src)
 
     @staticmethod
     def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv).view(inv.numel() // ctx.K, ctx.K, -1).sum(1), None, None
+        (dest,) = ctx.saved_tensors
+        return g.index_select(0, dest).view(dest.numel() // ctx.K, ctx.K, -1).sum(1), None, None, None
+
+
+class _CollectRows(torch.autograd.Function):
+    """y [P, D] -> y[dest] [N*K, D] for injective dest: backward writes the gradient rows back (index_copy),
+    where autograd would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, y, dest):
+        ctx.save_for_backward(dest)
+        ctx.rows = y.shape[0]
+        return y.index_select(0, dest)
+
+    @staticmethod
+    def backward(ctx, g):
+        (dest,) = ctx.saved_tensors
+        return g.new_zeros(ctx.rows, g.shape[1]).index_copy_(0, dest, g), None
+
+
+# bf16 grouped GEMMs: each expert's rows padded to a multiple of 16 (an AMX tile's height). oneDNN does the same
+# work either way, but JIT-compiles a kernel (~1 ms) for every new GEMM shape: unpadded, every expert load is a
+# new shape, and over a run they overflow its primitive cache, so recompiles never stop (~3% of a step).
+GROUP_ALIGN = 16
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -280,22 +303,34 @@ class Experts(nn.Module):
         N, K = idx.shape
         gate_up_proj, down_proj = self.weights()
         E, I = gate_up_proj.shape[0], down_proj.shape[-1]
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
-        # expert loads by scatter-add, not bincount: a fixed output shape keeps the step traceable (torch.compile)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        align = GROUP_ALIGN if dt == torch.bfloat16 else 1
+        # Rows by expert: expert e owns rows [ends[e] - padded[e], ends[e]), its pairs first (in pair order), then
+        # zero rows up to a multiple of `align`. P is a static bound (the step stays traceable); rows past
+        # ends[-1] are never read. Loads by scatter-add, not bincount: a fixed output shape, for torch.compile.
+        flat = idx.reshape(-1)  # [N*K] expert of pair q = n*K + k
+        ar = torch.arange(flat.numel(), device=flat.device)
         counts = torch.zeros(E, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)
-        xs = _DispatchRows.apply(x, order, K)  # [N*K, D]
-        if torch.is_autocast_enabled(x.device.type):
+        padded = (counts + align - 1) // align * align
+        ends = padded.cumsum(0)
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        e = flat[order]
+        rows = (ends - padded)[e] + ar - (counts.cumsum(0) - counts)[e]
+        dest = torch.empty_like(flat).scatter_(0, order, rows)  # [N*K] row of pair q
+        P = flat.numel() + E * (align - 1)
+        src = torch.full((P,), N, dtype=flat.dtype, device=flat.device).scatter_(0, dest, ar // K)
+        xs = _DispatchRows.apply(x, src, dest, K)  # [P, D]
+        if autocast:
             # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
-            dt = torch.get_autocast_dtype(x.device.type)
             xs, gate_up_proj, down_proj = xs.to(dt), gate_up_proj.to(dt), down_proj.to(dt)
+        offs = ends.to(torch.int32)
         h = _ContiguousGrad.apply(_grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
         gate, up = h.split(I, dim=-1)
         y = _ContiguousGrad.apply(_grouped_mm((F.silu(gate) * up).contiguous(), down_proj.transpose(1, 2), offs))
-        y = y * w.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros(N * K, x.shape[1], dtype=y.dtype, device=x.device).index_copy(0, order, y)
-        return out.view(N, K, -1).sum(1).to(x.dtype)
+        y = _CollectRows.apply(y, dest)  # [N*K, D], pair order
+        y = y * w.reshape(-1, 1).to(y.dtype)
+        return y.view(N, K, -1).sum(1).to(x.dtype)
 
 
 class MoE(nn.Module):

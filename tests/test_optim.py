@@ -1,0 +1,149 @@
+"""Optimizer (nanoseek.optim): MasterWeightAdamW, bf16 training with bf16 working weights and fp32 masters.
+
+It must compute what bf16 autocast over fp32 weights computes (same loss, same gradients), update like
+torch.optim.AdamW, sum micro-batch gradients in fp32, and its C kernel must give the PyTorch reference's bits.
+"""
+import copy
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import optim as O
+from nanoseek.train import TrainConfig, loss_function
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(**over):
+    """The tiny preset as V3.2 (DSA indexer) with an MTP module: every kind of weight."""
+    return nanoseek.Transformer(nanoseek.get_preset("tiny", **over)).train()
+
+
+def batch(cfg, B=2, T=32):
+    return torch.randint(0, cfg.vocab_size, (B, T)), torch.randint(0, cfg.vocab_size, (B, T))
+
+
+def grads(model, opt=None):
+    """name -> fp32 gradient, the bf16 working weights' ones taken from the optimizer."""
+    held = {p: g for p, g in opt._grads.items()} if opt is not None else {}
+    out = {}
+    for n, p in model.named_parameters():
+        g = held.get(p, p.grad)
+        if g is not None:
+            out[n] = g.float()
+    return out
+
+
+@pytest.mark.parametrize("stage", ["none", "sparse"])
+def test_bf16_working_weights_compute_what_autocast_computes(stage):
+    """Same loss and same gradients, bit for bit, as bf16 autocast over the fp32 weights: so the weights made
+    bf16 (`low_precision_params`) are exactly those autocast only uses in bf16, in every module (MLA, MoE and
+    its fp32 router, DSA's indexer with its fp32 scoring, MTP, the head)."""
+    ref = tiny()
+    if stage == "sparse":
+        from nanoseek.train import set_dsa_stage
+        set_dsa_stage(ref, stage)
+    model = copy.deepcopy(ref)
+    tc = TrainConfig(out="", mtp_weight=0.3, seq_aux_alpha=1e-3, compile=False, dsa_stage=stage)
+    opt = O.MasterWeightAdamW(model, 1e-3, 0.1)
+    low = dict(O.low_precision_params(ref))
+    assert {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16} == set(low)
+    assert any("experts" in n for n in low) and "lm_head.weight" in low
+    assert not any(k in n for n in low for k in ("embed_tokens", "mlp.gate.weight", "weights_proj", "wq_b", "norm"))
+    x, y = batch(ref.config)
+    losses = []
+    for m in (ref, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            parts = loss_function(m, tc, mtp_depth=1)(x, y)
+        parts["loss"].backward()
+        losses.append({k: v.item() for k, v in parts.items()})
+    assert losses[0] == losses[1]
+    g_ref, g_low = grads(ref), grads(model, opt)
+    assert g_ref.keys() == g_low.keys()
+    for n in g_ref:
+        assert torch.equal(g_ref[n], g_low[n]), n
+
+
+@pytest.mark.skipif(O._cpu_kernels() is None, reason="the CPU optimizer kernel cannot be built here")
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_kernel_matches_reference_bitwise(grad_dtype):
+    n = 100_003  # a tail shorter than a vector
+    w = torch.randn(n)
+    m, v = torch.randn(n) * 1e-2, torch.rand(n) * 1e-4
+    g = torch.randn(n).to(grad_dtype)
+    p = w.to(torch.bfloat16)
+    k = dict(scale=O._f32(0.7), c1=O._f32(0.1), b2=O._f32(0.95), c2=O._f32(0.05), eps=O._f32(1e-8),
+             decay=O._f32(1 - 1e-3 * 0.1), step=O._f32(1e-3 / (1 - 0.9 ** 3)), bc2_sqrt=O._f32((1 - 0.95 ** 3) ** 0.5))
+    want = [t.clone() for t in (p, w, m, v)]
+    O.adamw_master_reference(*want, g, **k)
+    lib = O._cpu_kernels()
+    lib.ns_adamw_master(p.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(),
+                        g.data_ptr() if grad_dtype == torch.bfloat16 else None,
+                        g.data_ptr() if grad_dtype == torch.float32 else None, n, *k.values(), 2)
+    for got, ref in zip((p, w, m, v), want):
+        assert torch.equal(got, ref)
+    g16 = g.to(torch.bfloat16)
+    assert lib.ns_sumsq_bf16(g16.data_ptr(), n, 2) == pytest.approx(float(g16.double().square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_updates_like_torch_adamw_with_clipping(kernels, monkeypatch):
+    """Fed the same gradients, the fp32 masters follow torch.optim.AdamW (fused) on fp32 weights, clipping
+    included; the bf16 working weights are the masters rounded."""
+    if not kernels:
+        monkeypatch.setattr(O, "_adamw_lib", [None])
+    model = tiny(num_nextn_predict_layers=0)
+    ref = copy.deepcopy(model)
+    opt = O.MasterWeightAdamW(model, 1e-2, 0.1)
+    ref_opt = O.build_adamw(ref, 1e-2, 0.1)
+    names = dict(ref.named_parameters())
+    for step in range(3):
+        for n, p in model.named_parameters():
+            g = torch.randn(p.shape) * (10.0 if step == 1 else 1e-3)  # step 1 clips
+            if p in opt.master:
+                g = g.to(torch.bfloat16)
+                p.grad = g
+                opt._take_grad(p)
+            else:
+                p.grad = g
+            names[n].grad = g.float()
+        norm = opt.clip_grad_norm_(1.0)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        assert norm == pytest.approx(float(ref_norm), rel=1e-5)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    sd = opt.full_precision_state(model)
+    mine = dict(model.named_parameters())
+    for n, p in ref.named_parameters():
+        assert sd[n].dtype == torch.float32
+        torch.testing.assert_close(sd[n], p.detach(), rtol=1e-5, atol=1e-7)
+        if mine[n] in opt.master:
+            assert torch.equal(mine[n].detach(), sd[n].to(torch.bfloat16))
+    opt.release()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_micro_batch_gradients_sum_in_fp32():
+    """Two backward passes: the held gradient is the fp32 sum of the two bf16 gradients (autograd would have
+    summed them in bf16)."""
+    model = tiny(num_nextn_predict_layers=0)
+    p = model.lm_head.weight
+    each = []
+    p.register_post_accumulate_grad_hook(lambda t: each.append(t.grad.clone()))  # runs before the optimizer's
+    opt = O.MasterWeightAdamW(model, 1e-3, 0.0)
+    tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=False)
+    f = loss_function(model, tc, mtp_depth=0)
+    for _ in range(2):
+        x, y = batch(model.config)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = f(x, y)["loss"]
+        loss.backward()
+    assert [g.dtype for g in each] == [torch.bfloat16] * 2 and not torch.equal(each[0], each[1])
+    assert p.grad is None and opt._grads[p].dtype == torch.float32
+    assert torch.equal(opt._grads[p], each[0].float() + each[1].float())
+    opt.zero_grad()
+    assert not opt._grads
