@@ -76,14 +76,24 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
     if bf16_weights:
         return MasterWeightAdamW(model, lr, weight_decay, betas, eps)
     groups = _groups(model, weight_decay)
-    named = [(None, p) for g in groups for p in g["params"]]
+    params = [p for g in groups for p in g["params"]]
     if fused is None:
-        fused = all(p.device.type in ("cpu", "cuda") for _, p in named) and not _has_dtensor(named)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) and not _has_dtensor(params)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    if fused:
+        opt.register_step_post_hook(_bump_versions)
+    return opt
 
 
-def _has_dtensor(named) -> bool:
-    return any(type(p).__name__ == "DTensor" for _, p in named)
+def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """torch's fused AdamW writes the parameters without bumping their version counters, so caches keyed on
+    them (`fused.py`: concatenated and packed weights for inference, the decode plan) went on using the old
+    weights: held-out evaluations during training measured the weights of the first evaluation."""
+    torch.autograd.graph.increment_version([p for g in opt.param_groups for p in g["params"]])
+
+
+def _has_dtensor(params) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in params)
 
 
 # ---- bf16 working weights, fp32 masters ---------------------------------------------------------------------
@@ -192,7 +202,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _state(self, p: torch.Tensor, like: torch.Tensor) -> dict:
         st = self.state[p]
         if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=like.device)  # as fused AdamW keeps it
             st["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         return st
@@ -217,6 +227,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 torch._fused_adamw_(plain, grads, [st["exp_avg"] for st in states],
                                     [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=lr,
                                     beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
+                written += plain
             for p in group["params"]:
                 g = self._grads.get(p)
                 if g is None:
@@ -237,7 +248,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     adamw_master_reference(p, w, m, v, g, **k)
                 written.append(p)
         if written:
-            torch.autograd.graph.increment_version(written)  # the bf16 copies changed in place: caches see it
+            torch.autograd.graph.increment_version(written)  # written in place, unseen by autograd: see _bump_versions
         return None
 
     def full_precision_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -317,4 +328,4 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str], tens
 
 def _step_on_device(opt: torch.optim.Optimizer) -> bool:
     d = opt.defaults
-    return bool(d.get("fused") or d.get("capturable"))
+    return bool(d.get("fused") or d.get("capturable")) or isinstance(opt, MasterWeightAdamW)

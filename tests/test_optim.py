@@ -147,3 +147,32 @@ def test_micro_batch_gradients_sum_in_fp32():
     assert torch.equal(opt._grads[p], each[0].float() + each[1].float())
     opt.zero_grad()
     assert not opt._grads
+
+
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_inference_after_a_step_uses_the_new_weights(bf16_weights):
+    """Evaluation caches derived weights (concatenated projections, packed weights) keyed on the parameters'
+    version counters; torch's fused AdamW does not bump them, so before this was fixed the held-out evaluations
+    of a training run kept measuring the weights of its first evaluation."""
+    model = tiny(num_nextn_predict_layers=0)
+    opt = O.build_adamw(model, 1e-2, 0.1, bf16_weights=bf16_weights)
+    x, _ = batch(model.config, B=2, T=24)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_weights else torch.autocast("cpu", enabled=False)
+
+    def logits(m):
+        m.eval()
+        with torch.no_grad(), ctx:
+            return m(x).logits.float()
+
+    before = logits(model)  # builds the caches
+    model.train()
+    with ctx:
+        model(x).logits.float().square().mean().backward()
+    opt.step()
+    after = logits(model)
+    fresh = tiny(num_nextn_predict_layers=0)
+    fresh.load_state_dict(opt.full_precision_state(model) if bf16_weights else model.state_dict())
+    if bf16_weights:
+        O.MasterWeightAdamW(fresh, 1e-2, 0.1)  # the same bf16 working weights
+    assert not torch.equal(before, after)
+    assert torch.equal(after, logits(fresh))
