@@ -53,8 +53,12 @@ def build(src: Path, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True,
-                               timeout=300)
+            try:
+                r = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                   timeout=300)
+            except subprocess.SubprocessError as e:  # a hung compiler: go on without the kernels
+                warnings.warn(f"nanoseek: {src.name} not built ({cc}): {e}")
+                return None
             if r.returncode != 0:
                 warnings.warn(f"nanoseek: {src.name} not built ({cc}): {r.stderr.strip()[-500:]}")
                 return None

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef __AVX512F__
 #include <immintrin.h>
 #define NS_SIMD 1
 #endif
@@ -27,16 +27,28 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* round to nearest even, denormals kept, NaN -> 0xFFFF: what torch's (vectorised) fp32 -> bf16 conversion gives,
+ * so the bf16 copy equals `w.to(torch.bfloat16)` bit for bit (the AVX-512 BF16 instruction flushes denormals) */
+#define BF16_NAN 0xffffu
+
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return BF16_NAN;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 #ifdef NS_SIMD
 static inline __m512 load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m256i to_bf16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(BF16_NAN));
+    return _mm512_cvtepi32_epi16(r);
 }
 #endif
 
@@ -91,7 +103,7 @@ void ns_adamw_master(uint16_t *p, float *w, float *m, float *v, const uint16_t *
             _mm512_storeu_ps(m + i, mi);
             _mm512_storeu_ps(v + i, vi);
             _mm512_storeu_ps(w + i, wi);
-            _mm256_storeu_si256((__m256i *)(p + i), (__m256i)_mm512_cvtneps_pbh(wi));
+            _mm256_storeu_si256((__m256i *)(p + i), to_bf16(wi));
         }
 #endif
         for (; i < end; i++) {

@@ -179,6 +179,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._grads.clear()
+        self._scale = 1.0
         super().zero_grad(set_to_none)
 
     @torch.no_grad()
@@ -196,8 +197,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if rest:
             sq += float(torch.stack(torch._foreach_norm(rest)).double().square().sum())
         norm = math.sqrt(sq)
-        if max_norm > 0:
-            self._scale = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else float("nan")
+        if max_norm > 0:  # torch's factor, NaN and all: an inf norm zeroes the finite gradients
+            coef = max_norm / (norm + 1e-6)
+            self._scale = coef if coef < 1.0 or math.isnan(coef) else 1.0
         return norm
 
     def _state(self, p: torch.Tensor, like: torch.Tensor) -> dict:
@@ -240,7 +242,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 k = dict(scale=_f32(scale), c1=_f32(1 - b1), b2=_f32(b2), c2=_f32(1 - b2), eps=_f32(eps),
                          decay=_f32(1 - lr * wd), step=_f32(lr / (1 - b1 ** t)), bc2_sqrt=_f32(math.sqrt(1 - b2 ** t)))
                 m, v = st["exp_avg"], st["exp_avg_sq"]
-                if lib is not None and all(x.is_cpu and x.is_contiguous() for x in (p, w, m, v, g)):
+                if (lib is not None and all(x.is_cpu and x.is_contiguous() and x.numel() == p.numel()
+                                            for x in (p, w, m, v, g))
+                        and p.dtype == torch.bfloat16 and w.dtype == m.dtype == v.dtype == torch.float32
+                        and g.dtype in (torch.bfloat16, torch.float32)):
                     g16 = g.data_ptr() if g.dtype == torch.bfloat16 else None
                     g32 = g.data_ptr() if g.dtype == torch.float32 else None
                     lib.ns_adamw_master(p.data_ptr(), w.data_ptr(), m.data_ptr(), v.data_ptr(), g16, g32, p.numel(),
@@ -251,6 +256,33 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if written:
             torch.autograd.graph.increment_version(written)  # written in place, unseen by autograd: see _bump_versions
         return None
+
+    def state_dict(self) -> dict:
+        """torch's layout, each bf16 weight's state also holding its fp32 master ("master")."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]  # the indices torch's state_dict uses
+        for i, p in enumerate(params):
+            if p in self.master:
+                sd["state"].setdefault(i, {})["master"] = self.master[p]
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to each parameter's dtype: show it the fp32 masters, not the bf16 copies
+        low = {p: p.data for p in self.master}
+        for p, w in self.master.items():
+            p.data = w
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for p, lo in low.items():
+                p.data = lo
+        for p, w in self.master.items():
+            saved = self.state[p].pop("master", None)
+            if saved is not None:
+                w.copy_(saved)
+                p.copy_(w)
+        torch.autograd.graph.increment_version(list(self.master))
 
     def full_precision_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """model.state_dict() with each bf16 working weight replaced by its fp32 master (what checkpoints

@@ -707,10 +707,10 @@ def train(tc: TrainConfig) -> dict:
                 last_saved = step
     finally:
         bar.close()
+        if isinstance(opt, MasterWeightAdamW):
+            opt.release()  # the model's weights are the fp32 masters again, even if the loop raised
     if last_saved != step:
         checkpoint(step)
-    if isinstance(opt, MasterWeightAdamW):
-        opt.release()  # the model's weights are the fp32 masters again
     elapsed = time.perf_counter() - t_start
     summary = {"run": str(run), "preset": tc.preset, "stage": tc.dsa_stage, "steps": step,
                "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],

@@ -72,6 +72,10 @@ def test_cpu_kernel_matches_reference_bitwise(grad_dtype):
     w = torch.randn(n)
     m, v = torch.randn(n) * 1e-2, torch.rand(n) * 1e-4
     g = torch.randn(n).to(grad_dtype)
+    # denormal weights (kept by torch's bf16 conversion) and a NaN, in the vector part and in the tail
+    for i in (0, 1, 2, n - 1):
+        w[i], m[i], g[i] = (3e-39, -2e-39, 1e-45, 5e-39)[i % 4 if i < 3 else 3], 0.0, 0.0
+    w[5] = w[n - 2] = float("nan")
     p = w.to(torch.bfloat16)
     k = dict(scale=O._f32(0.7), c1=O._f32(0.1), b2=O._f32(0.95), c2=O._f32(0.05), eps=O._f32(1e-8),
              decay=O._f32(1 - 1e-3 * 0.1), step=O._f32(1e-3 / (1 - 0.9 ** 3)), bc2_sqrt=O._f32((1 - 0.95 ** 3) ** 0.5))
@@ -82,7 +86,9 @@ def test_cpu_kernel_matches_reference_bitwise(grad_dtype):
                         g.data_ptr() if grad_dtype == torch.bfloat16 else None,
                         g.data_ptr() if grad_dtype == torch.float32 else None, n, *k.values(), 2)
     for got, ref in zip((p, w, m, v), want):
-        assert torch.equal(got, ref)
+        bits = torch.int16 if got.dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(got.view(bits), ref.view(bits))
+    assert p[0] != 0 and p[n - 1] != 0  # the denormals survived the kernel's rounding
     g16 = g.to(torch.bfloat16)
     assert lib.ns_sumsq_bf16(g16.data_ptr(), n, 2) == pytest.approx(float(g16.double().square().sum()), rel=1e-6)
 
@@ -176,3 +182,45 @@ def test_inference_after_a_step_uses_the_new_weights(bf16_weights):
         O.MasterWeightAdamW(fresh, 1e-2, 0.1)  # the same bf16 working weights
     assert not torch.equal(before, after)
     assert torch.equal(after, logits(fresh))
+
+
+def test_state_dict_round_trip_keeps_the_masters():
+    """torch's optimizer API: state_dict() then load_state_dict() into a fresh optimizer gives the same masters,
+    moments and bf16 copies, and the same next step (torch would otherwise cast the state to the bf16 dtype)."""
+    model = tiny(num_nextn_predict_layers=0)
+    twin = copy.deepcopy(model)
+    opt = O.MasterWeightAdamW(model, 1e-2, 0.1)
+    x, y = batch(model.config)
+    tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=False)
+
+    def step(m, o):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_function(m, tc, mtp_depth=0)(x, y)["loss"].backward()
+        o.clip_grad_norm_(1.0)
+        o.step()
+        o.zero_grad()
+
+    step(model, opt)
+    step(model, opt)
+    # as with any torch optimizer, the fp32 parameters come from the model's state dict; the bf16 weights' masters
+    # come from the optimizer's (the twin still has its initial values for them)
+    low = {n for n, p in model.named_parameters() if p in opt.master}
+    twin.load_state_dict({k: v for k, v in opt.full_precision_state(model).items() if k not in low}, strict=False)
+    other = O.MasterWeightAdamW(twin, 1e-2, 0.1)
+    assert not all(torch.equal(a, b) for a, b in zip(opt.master.values(), other.master.values()))
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # as torch.save + torch.load would give it
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(opt.master.values(), other.master.values()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        if not opt.state.get(p):  # never had a gradient (the DSA indexer outside its stages)
+            assert not other.state.get(q)
+            continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][k].dtype == other.state[q][k].dtype == torch.float32
+            assert torch.equal(opt.state[p][k], other.state[q][k])
+    step(model, opt)
+    step(twin, other)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
