@@ -231,6 +231,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                                     [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=lr,
                                     beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
                 written += plain
+            scalars: dict[float, dict] = {}  # by step count: one set for the whole group in practice
             for p in group["params"]:
                 g = self._grads.get(p)
                 if g is None:
@@ -239,8 +240,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 st = self._state(p, w)
                 st["step"] += 1
                 t = float(st["step"])
-                k = dict(scale=_f32(scale), c1=_f32(1 - b1), b2=_f32(b2), c2=_f32(1 - b2), eps=_f32(eps),
-                         decay=_f32(1 - lr * wd), step=_f32(lr / (1 - b1 ** t)), bc2_sqrt=_f32(math.sqrt(1 - b2 ** t)))
+                if t not in scalars:
+                    scalars[t] = dict(scale=_f32(scale), c1=_f32(1 - b1), b2=_f32(b2), c2=_f32(1 - b2),
+                                      eps=_f32(eps), decay=_f32(1 - lr * wd), step=_f32(lr / (1 - b1 ** t)),
+                                      bc2_sqrt=_f32(math.sqrt(1 - b2 ** t)))
+                k = scalars[t]
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 if (lib is not None and all(x.is_cpu and x.is_contiguous() and x.numel() == p.numel()
                                             for x in (p, w, m, v, g))
