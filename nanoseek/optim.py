@@ -86,7 +86,8 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
 
 
 def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
-    """torch's fused AdamW writes the parameters without bumping their version counters, so caches keyed on
+    """torch's fused AdamW (and MasterWeightAdamW's kernels) write the parameters without bumping their version
+    counters, so caches keyed on
     them (`fused.py`: concatenated and packed weights for inference, the decode plan) went on using the old
     weights: held-out evaluations during training measured the weights of the first evaluation."""
     torch.autograd.graph.increment_version([p for g in opt.param_groups for p in g["params"]])
@@ -142,9 +143,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     copies and the optimizer holds their fp32 master weights. Autocast over fp32 weights casts every weight to
     bf16 at every use and every weight gradient back to fp32; here the forward reads the bf16 copies directly,
     the gradients stay bf16 (the same values autocast would upcast), and one pass per tensor updates the master
-    and moments and writes the new bf16 copy: the same arithmetic, and a compiled bf16 training step of `small`
-    on a 2-core CPU takes 15-20% less time (six alternating runs: median 500 against 591 ms). Other parameters
-    (norms, embeddings, the router) stay fp32 and take torch's fused AdamW.
+    and moments and writes the new bf16 copy: the same arithmetic in less time. Other parameters (norms,
+    embeddings, the router) stay fp32 and take torch's fused AdamW.
 
     Gradients of the bf16 weights are taken from `.grad` as backward accumulates them: with several
     micro-batches per step they are summed in fp32 (DeepSeek-V3 §3.3: gradient accumulation in FP32).
@@ -160,6 +160,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # bf16 weights' gradients, out of .grad
         self._hooks = []
         self._scale = 1.0  # the clipping factor the next step applies
+        self.register_step_post_hook(_bump_versions)  # the kernels write the weights behind autograd's back
         trainable = {p for g in self.param_groups for p in g["params"]}
         for _, p in low_precision_params(model):
             if p in trainable:
@@ -216,7 +217,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             raise ValueError("MasterWeightAdamW.step takes no closure")
         scale, self._scale = self._scale, 1.0
         lib = _cpu_kernels()
-        written = []
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             plain = [p for p in group["params"] if p not in self.master and p.grad is not None]
@@ -230,7 +230,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 torch._fused_adamw_(plain, grads, [st["exp_avg"] for st in states],
                                     [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=lr,
                                     beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
-                written += plain
             scalars: dict[float, dict] = {}  # by step count: one set for the whole group in practice
             for p in group["params"]:
                 g = self._grads.get(p)
@@ -256,9 +255,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                                         *k.values(), torch.get_num_threads())
                 else:
                     adamw_master_reference(p, w, m, v, g, **k)
-                written.append(p)
-        if written:
-            torch.autograd.graph.increment_version(written)  # written in place, unseen by autograd: see _bump_versions
         return None
 
     def state_dict(self) -> dict:

@@ -26,7 +26,7 @@ def batch(cfg, B=2, T=32):
 
 def grads(model, opt=None):
     """name -> fp32 gradient, the bf16 working weights' ones taken from the optimizer."""
-    held = {p: g for p, g in opt._grads.items()} if opt is not None else {}
+    held = dict(opt._grads) if opt is not None else {}
     out = {}
     for n, p in model.named_parameters():
         g = held.get(p, p.grad)
