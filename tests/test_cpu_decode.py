@@ -78,6 +78,19 @@ def test_linear(M, D, O, dt):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("D", [1012, 100, 7])  # whole vector steps, a half step and a scalar tail; scalar only
+def test_rows_are_computed_alone(D, dt):
+    """Rows share each weight load four at a time (then three, two, one): every row still gets the bits it
+    gets alone, so a request's logits do not depend on the size of its batch."""
+    x, w = torch.randn(11, D, dtype=dt), torch.randn(37, D, dtype=dt)
+    batched = cpu_decode.linear(x, w)
+    alone = torch.cat([cpu_decode.linear(x[m:m + 1], w) for m in range(11)])
+    assert torch.equal(batched, alone)
+    for n in (2, 3, 5):
+        assert torch.equal(cpu_decode.linear(x[:n], w), batched[:n])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 def test_rms_norm(dt):
     norm = RMSNorm(40).to(dt)
     with torch.no_grad():

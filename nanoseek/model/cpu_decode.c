@@ -118,12 +118,84 @@ static inline float dot_wf(const wt *a, const float *b, int64_t n) {
     return s;
 }
 
+/* out[j] = dot(x[j], b, n) for j < k (k <= 4), the arithmetic of `dot` for each row, bit for bit (the same two
+ * accumulators over the same chunks, the same reduction and tail), so a row's result does not depend on how
+ * many others share the call. Each load of b, and its prefetch, serves the k rows, where `dot` row by row
+ * spent two loads per FMA: a 16-request `small` decode step takes 6-9% less time (float32 and bf16, the two
+ * versions alternated step by step in one process). Attention's scores keep `dot` per head: sharing the row
+ * there made a 128-head V3.2 layer 16% slower at 2K-16K rows. */
+static inline __attribute__((always_inline)) void dot_k(const wt *const *x, const int k, const wt *b, int64_t n,
+                                                         float *out) {
+    int64_t i = 0;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#if defined(NS_SIMD)
+    const int64_t ahead = 2048 / sizeof(wt), step = 128 / sizeof(wt);
+    __m512 acc0[4], acc1[4];
+    for (int j = 0; j < k; j++) acc0[j] = acc1[j] = _mm512_setzero_ps();
+    for (; i + step <= n; i += step) {
+        _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + i + ahead + step / 2), _MM_HINT_T0);
+#ifdef NS_F32
+        const __m512 b0 = _mm512_loadu_ps(b + i), b1 = _mm512_loadu_ps(b + i + 16);
+        for (int j = 0; j < k; j++) {
+            acc0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i), b0, acc0[j]);
+            acc1[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i + 16), b1, acc1[j]);
+        }
+#else
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + i), b1 = (__m512bh)_mm512_loadu_si512(b + i + 32);
+        for (int j = 0; j < k; j++) {
+            acc0[j] = _mm512_dpbf16_ps(acc0[j], (__m512bh)_mm512_loadu_si512(x[j] + i), b0);
+            acc1[j] = _mm512_dpbf16_ps(acc1[j], (__m512bh)_mm512_loadu_si512(x[j] + i + 32), b1);
+        }
+#endif
+    }
+    for (; i + step / 2 <= n; i += step / 2) {
+#ifdef NS_F32
+        const __m512 b0 = _mm512_loadu_ps(b + i);
+        for (int j = 0; j < k; j++) acc0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i), b0, acc0[j]);
+#else
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + i);
+        for (int j = 0; j < k; j++) acc0[j] = _mm512_dpbf16_ps(acc0[j], (__m512bh)_mm512_loadu_si512(x[j] + i), b0);
+#endif
+    }
+    for (int j = 0; j < k; j++) s[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
+#endif
+    for (int j = 0; j < k; j++) {
+        for (int64_t t = i; t < n; t++) s[j] += w2f(x[j][t]) * w2f(b[t]);
+        out[j] = s[j];
+    }
+}
+
+/* out[j] = dot(x[j], b, n) for j < nx, four rows at a time (see dot_k) */
+static inline __attribute__((always_inline)) void dots(const wt *const *x, int64_t nx, const wt *b, int64_t n,
+                                                        float *out) {
+    if (nx == 1) { /* one row: `dot` itself */
+        out[0] = dot(x[0], b, n);
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 4 <= nx; j += 4) dot_k(x + j, 4, b, n, out + j);
+    switch (nx - j) {
+    case 3: dot_k(x + j, 3, b, n, out + j); break;
+    case 2: dot_k(x + j, 2, b, n, out + j); break;
+    case 1: out[j] = dot(x[j], b, n); break;
+    }
+}
+
+/* x + m * ld for m < M: the row pointers `dots` takes */
+static inline void row_ptrs(const wt *x, int64_t M, int64_t ld, const wt **xs) {
+    for (int64_t m = 0; m < M; m++) xs[m] = x + m * ld;
+}
+
 /* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out. Each weight row is read once for all M rows. */
 void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
+    const wt *xs[M];
+    row_ptrs(x, M, D, xs);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t o = 0; o < O; o++) {
-        const wt *w = W + o * D;
-        for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(dot(x + m * D, w, D));
+        float r[M];
+        dots(xs, M, W + o * D, D, r);
+        for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(r[m]);
     }
 }
 
@@ -357,11 +429,16 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
         }
         if (w_o) { /* the output projection: y [B*T, Dm] = out [B*T, H*V] . W_o^T */
 #pragma omp barrier
-            for (int64_t d = d0; d < d1; d++) /* the rows `pf` brought to this core */
+            const wt *xs[B * T];
+            float r[B * T];
+            row_ptrs(out, B * T, H * V, xs);
+            for (int64_t d = d0; d < d1; d++) { /* the rows `pf` brought to this core */
+                dots(xs, B * T, w_o + d * H * V, H * V, r);
                 for (int64_t m = 0; m < B * T; m++) {
-                    const float o = RW(dot(out + m * H * V, w_o + d * H * V, H * V));
+                    const float o = RW(r[m]);
                     y[m * Dm + d] = f2w(resid ? w2f(resid[m * Dm + d]) + o : o);
                 }
+            }
         }
     }
 }
@@ -482,8 +559,13 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
             for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
 #pragma omp barrier
         }
-        for (int64_t o = o0; o < o1; o++)
-            for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(dot(xin + m * D, wx + o * D, D));
+        const wt *xs[M];
+        float r[M];
+        row_ptrs(xin, M, D, xs);
+        for (int64_t o = o0; o < o1; o++) {
+            dots(xs, M, wx + o * D, D, r);
+            for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(r[m]);
+        }
 #pragma omp barrier
         if (qa_norm) {
             const int64_t bytes = (q1 - q0) * Oq * (int64_t)sizeof(wt);
@@ -510,8 +592,11 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
         }
 #pragma omp barrier
         if (qa_norm) {
-            for (int64_t o = q0; o < q1; o++) /* the rows asked for above */
-                for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2w(dot(cq + m * Oq, wqb + o * Oq, Oq));
+            row_ptrs(cq, M, Oq, xs);
+            for (int64_t o = q0; o < q1; o++) { /* the rows asked for above */
+                dots(xs, M, wqb + o * Oq, Oq, r);
+                for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2w(r[m]);
+            }
 #pragma omp barrier
         }
 #pragma omp for schedule(static)
@@ -539,23 +624,38 @@ static inline wt *pair_act(const ns_pairs *c, int64_t p) {
 }
 
 static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
+    const int64_t n = g->count;
+    const wt *xs[n];
+    wt *acts[n];
+    float ga[n], ua[n];
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t p = c->pairs[g->first + j];
+        xs[j] = pair_x(c, p);
+        acts[j] = pair_act(c, p);
+    }
     for (int64_t r = r0; r < r1; r++) {
-        const wt *wg = g->gate_up + r * c->D, *wu = g->gate_up + (g->I + r) * c->D;
-        for (int64_t j = 0; j < g->count; j++) {
-            const int64_t p = c->pairs[g->first + j];
-            const wt *x = pair_x(c, p);
-            const float a = RW(dot(x, wg, c->D)), u = RW(dot(x, wu, c->D));
-            pair_act(c, p)[r] = f2w(RW(a / (1.f + expf(-a))) * u);
+        dots(xs, n, g->gate_up + r * c->D, c->D, ga);
+        dots(xs, n, g->gate_up + (g->I + r) * c->D, c->D, ua);
+        for (int64_t j = 0; j < n; j++) {
+            const float a = RW(ga[j]), u = RW(ua[j]);
+            acts[j][r] = f2w(RW(a / (1.f + expf(-a))) * u);
         }
     }
 }
 
 static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t d1) { /* y rows [d0, d1) */
-    for (int64_t d = d0; d < d1; d++)
-        for (int64_t j = 0; j < g->count; j++) {
-            const int64_t p = c->pairs[g->first + j];
-            c->ys[p * c->D + d] = RW(dot(pair_act(c, p), g->down + d * g->I, g->I));
-        }
+    const int64_t n = g->count;
+    const wt *acts[n];
+    float *ys[n], r[n];
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t p = c->pairs[g->first + j];
+        acts[j] = pair_act(c, p);
+        ys[j] = c->ys + p * c->D;
+    }
+    for (int64_t d = d0; d < d1; d++) {
+        dots(acts, n, g->down + d * g->I, g->I, r);
+        for (int64_t j = 0; j < n; j++) ys[j][d] = RW(r[j]);
+    }
 }
 
 /* Whether group g (work [cost[g], cost[g + 1]) of C in all) straddles a boundary between the nth threads' shares */
