@@ -18,6 +18,11 @@ from nanoseek.engine.engine import Engine, RequestOutput
 from nanoseek.engine.sampling import SamplingParams
 
 
+def _put_all(batch: list) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -46,8 +51,7 @@ class AsyncEngine:
                     self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
                 self.engine.step()  # drain the abort outputs
                 continue
-            for o in outputs:
-                self._deliver(o.request_id, o)
+            self._deliver_all([(o.request_id, o) for o in outputs])
         self._run_commands()
         for rid in list(self._queues):
             self.engine.abort(rid)
@@ -65,16 +69,26 @@ class AsyncEngine:
                 fut.set_exception(e)
 
     def _deliver(self, request_id: str, item) -> None:
-        entry = self._queues.get(request_id)
-        if entry is None:
-            return
-        loop, q = entry
-        if isinstance(item, BaseException) or item.finished:
-            self._queues.pop(request_id, None)
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list) -> None:
+        """Hand (request id, output or error) pairs to their queues: one wake-up of each event loop per step, not
+        one per request (each costs a write to the loop's self-pipe; 16 streams made it 4% of the engine
+        thread's time)."""
+        per_loop: dict = {}
+        for request_id, item in items:
+            entry = self._queues.get(request_id)
+            if entry is None:
+                continue
+            loop, q = entry
+            if isinstance(item, BaseException) or item.finished:
+                self._queues.pop(request_id, None)
+            per_loop.setdefault(loop, []).append((q, item))
+        for loop, batch in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _submit(self, request_id, prompt_ids, params, loop, q) -> None:
         self.engine.add_request(request_id, prompt_ids, params)
