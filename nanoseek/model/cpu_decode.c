@@ -189,6 +189,7 @@ static inline void row_ptrs(const wt *x, int64_t M, int64_t ld, const wt **xs) {
 
 /* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out. Each weight row is read once for all M rows. */
 void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
+    if (M <= 0) return;
     const wt *xs[M];
     row_ptrs(x, M, D, xs);
 #pragma omp parallel for schedule(static) num_threads(nt)
