@@ -419,3 +419,25 @@ def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
         monkeypatch.setattr(decode_plan, "run", lambda *a: None)
         for a, b in zip(planned, decode(m, ids, 40, [[1, 3]] * 3, True)):
             assert_steps_close(a, b)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_short_prompts_prefill_in_one_call_as_alone(dt):
+    """Prompts of at most ABSORB_MAX_QUERIES new tokens admitted together are prefilled by one call (one pass over
+    the weights), the shorter ones padded with their last token; each request still gets exactly the tokens it gets
+    alone, greedy and seeded."""
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.model.mla import ABSORB_MAX_QUERIES
+    m = kernel_model(dt)
+    prompts = [torch.randint(3, m.config.vocab_size, (n,)).tolist() for n in (3, ABSORB_MAX_QUERIES, 9, 1, 12)]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)] * 3
+    eng = Engine(m, None)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    first = {o.request_id: o.new_token_ids for o in eng.step()}
+    assert eng.counters["forward_calls"] == 1 and len(first) == len(prompts)
+    together = [o.new_token_ids for o in Engine(m, None).generate(prompts, params[:len(prompts)])]
+    alone = [Engine(m, None).generate([p], sp)[0].new_token_ids for p, sp in zip(prompts, params)]
+    assert together == alone
+    assert [first[str(i)] for i in range(len(prompts))] == [a[:1] for a in alone]

@@ -29,6 +29,8 @@ from nanoseek.engine.sampling import (SamplingParams, TokenHistory, TokenLogprob
                                       prompt_logprobs, sample, token_logprob)
 from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
 from nanoseek.engine.speculative import MTPDrafter
+from nanoseek.model.decode_plan import MAX_PLAN_ROWS
+from nanoseek.model.mla import ABSORB_MAX_QUERIES
 
 DEFAULT_CACHE_CAP = 8 << 30  # bytes: default budgets never take more than this
 
@@ -175,10 +177,29 @@ class Engine:
         if batch:
             self._decode(batch)
             outputs += self._collect(batch)
-        for req in self.scheduler.schedule_prefill():
-            self._prefill(req)
-            outputs += self._collect([req])
+        for group in self._prefill_groups(self.scheduler.schedule_prefill()):
+            self._prefill(group)
+            outputs += self._collect(group)
         return outputs
+
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """Admitted requests in prefill calls: those with a few new tokens (at most ABSORB_MAX_QUERIES, which the
+        model feeds through the absorbed path as it does decode steps) together, up to MAX_PLAN_ROWS padded rows
+        per call; the others (and any that wants prompt logprobs) one by one. A wave of short prompts (chat turns
+        with a cached prefix, benchmark clients) is then one pass over the weights instead of one each. On the
+        CPU kernels every row is computed on its own, so a request gets the same bits in a group as alone."""
+        groups, short = [], []
+        for r in admitted:
+            n = len(r.tokens) - r.num_computed
+            if n > ABSORB_MAX_QUERIES or (r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent):
+                groups.append([r])
+                continue
+            T = max([n] + [len(q.tokens) - q.num_computed for q in short])
+            if short and (len(short) + 1) * T > MAX_PLAN_ROWS:
+                groups.append(short)
+                short = []
+            short.append(r)
+        return groups + ([short] if short else [])
 
     def generate(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams], None] = None
                  ) -> list[RequestOutput]:
@@ -209,23 +230,28 @@ class Engine:
         return [final[i] for i in ids]
 
     # ---- forward passes --------------------------------------------------------------------------------
-    def _prefill(self, req: Request) -> None:
-        n0 = req.num_computed
-        todo = req.tokens[n0:]
-        want_plp = req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent
-        view = CacheView(self.pool, [req.table], [n0], [len(todo)])
-        ids = torch.tensor([todo], device=self.device)
+    def _prefill(self, reqs: list[Request]) -> None:
+        todo = [r.tokens[r.num_computed:] for r in reqs]
+        T = max(len(t) for t in todo)
+        want_plp = len(reqs) == 1 and reqs[0].params.prompt_logprobs is not None and not reqs[0].prompt_logprobs_sent
+        view = CacheView(self.pool, [r.table for r in reqs], [r.num_computed for r in reqs], [len(t) for t in todo])
+        # shorter requests padded with their last token: a padded row has the last real row's input, position and
+        # mask (CacheView), so it computes that row again and its logits are the request's next-token logits (its
+        # cache write goes to the null block)
+        ids = torch.tensor([t + t[-1:] * (T - len(t)) for t in todo], device=self.device)
         out = self.model(ids, cache=view, num_logits=None if want_plp else 1)
         out.logits = out.logits[..., : self.vocab_limit]
         self.counters["forward_calls"] += 1
-        req.num_computed = len(req.tokens)
-        if want_plp:
-            req.prompt_logprobs = prompt_logprobs(out.logits[0], req.prompt, req.params.prompt_logprobs)
-        self._accept(req, out.logits[0, -1:], None)
-        if not req.finished:
-            if self.drafter is not None:
-                self.drafter.propose([req], out.hidden, [len(todo)])
-            self._register(req)
+        for b, (req, t) in enumerate(zip(reqs, todo)):
+            req.num_computed = len(req.tokens)
+            if want_plp:
+                req.prompt_logprobs = prompt_logprobs(out.logits[0], req.prompt, req.params.prompt_logprobs)
+            self._accept(req, out.logits[b, -1:], None)
+        live = [b for b, r in enumerate(reqs) if not r.finished]
+        if live and self.drafter is not None:
+            self.drafter.propose([reqs[b] for b in live], out.hidden[live], [len(todo[b]) for b in live])
+        for b in live:
+            self._register(reqs[b])
 
     def _decode(self, batch: list[Request]) -> None:
         B = len(batch)

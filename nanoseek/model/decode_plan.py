@@ -13,11 +13,12 @@ runs the blocks' kernels in order, does the cache's writes and reads itself, thr
 and the selection (`ns_dsa_select`): each query scores the cached index keys and attends to its top-k rows.
 RoPE's angles come from the rotary module's table of every position (`RotaryEmbedding.cached`).
 
-Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path, which stays
-the reference (tests/test_cpu_decode.py compares them); past it the two select alike up to ties at the k-th
-score and bf16 ulps of the scores. The blocks run one by one wherever the plan does not apply: training, grad
-mode, fp32, more than MAX_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, or a cache without a slot
-view.
+Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path (where that
+path runs on the kernels too: calls of at most MAX_ROWS rows), which stays the reference (tests/test_cpu_decode.py
+compares them); past it the two select alike up to ties at the k-th score and bf16 ulps of the scores. The
+blocks run one by one wherever the plan does not apply: training, grad mode, more than ABSORB_MAX_QUERIES new
+tokens per request or MAX_PLAN_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, or a cache without a
+slot view.
 
 Legend: B requests, T new tokens each, M = B*T rows, S visible cache rows, D model width, H heads, L blocks.
 """
@@ -36,6 +37,10 @@ from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
 
 _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakKeyDictionary()
+# Rows (requests x new tokens, each at most ABSORB_MAX_QUERIES) of one call: a decode batch, or a group of short
+# prompts (engine.py `_prefill_groups`). The kernels compute every row on its own, so the bound only caps the
+# scratch (a few MB at `small`'s size); past it the blocks run one by one.
+MAX_PLAN_ROWS = 256
 
 # A plan holds the tensors it was built from. An assignment of a parameter, buffer or submodule anywhere
 # (load_state_dict(assign=True), a swapped layer or expert) puts other tensors in the model and bumps this
@@ -57,7 +62,9 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     """The decoder blocks, the final norm and the head on x [B, T, D] (embedded tokens of a decode call) through
     the plan of `model` (a Transformer), built or rebuilt as needed: (logits [B, T or num_logits, V], normed
     hidden [B, T, D]), or None where the plan does not apply (the caller runs the blocks)."""
-    if model.training or torch.is_grad_enabled() or x.shape[1] > ABSORB_MAX_QUERIES or not cpu_decode.usable(x):
+    B, T, _ = x.shape
+    if model.training or torch.is_grad_enabled() or T > ABSORB_MAX_QUERIES or B * T > MAX_PLAN_ROWS or \
+            not cpu_decode.usable(x[:1, :1]):
         return None
     if not hasattr(cache, "slots"):
         return None

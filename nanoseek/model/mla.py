@@ -29,7 +29,9 @@ from nanoseek.model.fused import derived, fused_linear, linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables, apply_rope_pairs
 
-ABSORB_MAX_QUERIES = 8  # "auto" path: absorbed when a cached call has at most this many new tokens
+# "auto" path: absorbed when a cached call has at most this many new tokens per request (decode steps, MTP
+# verification, short prompts after a cached prefix); longer prefills take the naive path
+ABSORB_MAX_QUERIES = 16
 
 
 def _explicit_is_faster(q: torch.Tensor, S: int) -> bool:
