@@ -41,6 +41,7 @@ _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakK
 # prompts (engine.py `_prefill_groups`). The kernels compute every row on its own, so the bound only caps the
 # scratch (a few MB at `small`'s size); past it the blocks run one by one.
 MAX_PLAN_ROWS = 256
+MAX_PLAN_SCORES = 1 << 22  # rows x visible cache rows of a call past MAX_ROWS rows (48 MB of DSA selection scratch)
 
 # A plan holds the tensors it was built from. An assignment of a parameter, buffer or submodule anywhere
 # (load_state_dict(assign=True), a swapped layer or expert) puts other tensors in the model and bumps this
@@ -68,6 +69,8 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
         return None
     if not hasattr(cache, "slots"):
         return None
+    if B * T > cpu_decode.MAX_ROWS and B * T * cache.mask.shape[-1] > MAX_PLAN_SCORES:
+        return None  # DSA's selection scratch is [rows, S]: a big group over a long context runs block by block
     plan = _PLANS.get(model)
     if plan is None or plan.dtype is not x.dtype or plan.assignments != _assignments[0] or \
             plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers]:
