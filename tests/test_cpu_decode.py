@@ -425,7 +425,7 @@ def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
 def test_short_prompts_prefill_in_one_call_as_alone(dt):
     """Prompts of at most ABSORB_MAX_QUERIES new tokens admitted together are prefilled by one call (one pass over
     the weights), the shorter ones padded with their last token; each request still gets exactly the tokens it gets
-    alone, greedy and seeded."""
+    alone, greedy and seeded, with MTP drafts from the grouped prefill too."""
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.model.mla import ABSORB_MAX_QUERIES
     m = kernel_model(dt)
@@ -439,5 +439,7 @@ def test_short_prompts_prefill_in_one_call_as_alone(dt):
     assert eng.counters["forward_calls"] == 1 and len(first) == len(prompts)
     together = [o.new_token_ids for o in Engine(m, None).generate(prompts, params[:len(prompts)])]
     alone = [Engine(m, None).generate([p], sp)[0].new_token_ids for p, sp in zip(prompts, params)]
-    assert together == alone
+    spec = [o.new_token_ids for o in Engine(m, None, speculative="mtp", num_draft=2).generate(prompts,
+                                                                                             params[:len(prompts)])]
+    assert together == alone == spec
     assert [first[str(i)] for i in range(len(prompts))] == [a[:1] for a in alone]
