@@ -6,9 +6,10 @@
         for out in engine.step(): print(out.new_text, end="")
 
 One `step()` (1) decodes every running request in ONE forward: each feeds its last token (and its MTP drafts),
-absorbed MLA over the paged latent rows ("auto" path, T <= 8; DSA layers gather only their top-k rows), then
-samples, detokenises and checks stops; (2) admits waiting requests and prefills each (naive MLA, one request per
-forward, only the tokens after its cached prefix) and samples its first token. It returns the new tokens and text
+absorbed MLA over the paged latent rows ("auto" path, T <= 16; DSA layers gather only their top-k rows), then
+samples, detokenises and checks stops; (2) admits waiting requests and prefills them, only the tokens after each
+one's cached prefix: those with at most 16 such tokens together in one forward (absorbed, like a decode step), the
+others one per forward (naive MLA); then samples their first tokens. It returns the new tokens and text
 of every request that progressed. Invariant between steps: a live request's tokens[:-1] are in the cache and its
 last token is pending.
 
