@@ -87,9 +87,9 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
 
 def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
     """torch's fused AdamW (and MasterWeightAdamW's kernels) write the parameters without bumping their version
-    counters, so caches keyed on
-    them (`fused.py`: concatenated and packed weights for inference, the decode plan) went on using the old
-    weights: held-out evaluations during training measured the weights of the first evaluation."""
+    counters, so caches keyed on them (`fused.py`: concatenated and packed weights for inference, the decode plan)
+    went on using the old weights: held-out evaluations during training measured the weights of the first
+    evaluation."""
     torch.autograd.graph.increment_version([p for g in opt.param_groups for p in g["params"]])
 
 

@@ -189,17 +189,17 @@ class Engine:
         per call; the others (and any that wants prompt logprobs) one by one. A wave of short prompts (chat turns
         with a cached prefix, benchmark clients) is then one pass over the weights instead of one each. On the
         CPU kernels every row is computed on its own, so a request gets the same bits in a group as alone."""
-        groups, short = [], []
+        groups, short, T = [], [], 0  # T: the longest prompt of `short`
         for r in admitted:
             n = len(r.tokens) - r.num_computed
             if n > ABSORB_MAX_QUERIES or (r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent):
                 groups.append([r])
                 continue
-            T = max([n] + [len(q.tokens) - q.num_computed for q in short])
-            if short and (len(short) + 1) * T > MAX_PLAN_ROWS:
+            if short and (len(short) + 1) * max(T, n) > MAX_PLAN_ROWS:
                 groups.append(short)
-                short = []
+                short, T = [], 0
             short.append(r)
+            T = max(T, n)
         return groups + ([short] if short else [])
 
     def generate(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams], None] = None

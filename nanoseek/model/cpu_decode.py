@@ -77,9 +77,15 @@ def library(dtype: torch.dtype = _BF16) -> Optional[ctypes.CDLL]:
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a call on x (rows flattened) with these weights can take the kernels. Called for every op of a
-    decode step, so it is written for speed."""
-    if not _enabled or not x.is_cpu or x.numel() > MAX_ROWS * x.shape[-1]:
+    """Whether a call on x (rows flattened) with these weights can take the kernels: at most MAX_ROWS rows, and
+    `available`. Called for every op of a decode step, so it is written for speed."""
+    return x.numel() <= MAX_ROWS * x.shape[-1] and available(x, *weights)
+
+
+def available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the kernels can take x and these weights, whatever the number of rows: on, on the CPU, built for
+    x's dtype, no autograd, the weights readable as they are."""
+    if not _enabled or not x.is_cpu:
         return False
     lib = _libs[x.dtype] if x.dtype in _libs else library(x.dtype)
     if lib is None:

@@ -65,7 +65,7 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     hidden [B, T, D]), or None where the plan does not apply (the caller runs the blocks)."""
     B, T, _ = x.shape
     if model.training or torch.is_grad_enabled() or T > ABSORB_MAX_QUERIES or B * T > MAX_PLAN_ROWS or \
-            not cpu_decode.usable(x[:1, :1]):
+            not cpu_decode.available(x):
         return None
     if not hasattr(cache, "slots"):
         return None
