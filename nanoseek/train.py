@@ -47,6 +47,7 @@ import torch
 from nanoseek import metrics as M
 from nanoseek.checkpoint import from_pretrained, save_pretrained
 from nanoseek.config import PRESETS, get_preset
+from nanoseek.model import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer, cross_entropy
@@ -302,6 +303,7 @@ def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: in
 
     if not tc.compile or world > 1:
         return fn
+    cpu_experts.library()  # built before tracing: the traced step calls it where it can (`moe.Experts`)
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
     return torch.compile(fn)

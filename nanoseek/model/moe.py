@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import cpu_decode
+from nanoseek.model import cpu_decode, cpu_experts
 from nanoseek.model.fused import derived, expert_weights, fused_linear, linear, packs
 
 
@@ -326,9 +326,14 @@ class Experts(nn.Module):
             # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
             xs, gate_up_proj, down_proj = xs.to(dt), gate_up_proj.to(dt), down_proj.to(dt)
         offs = ends.to(torch.int32)
-        h = _ContiguousGrad.apply(_grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
-        gate, up = h.split(I, dim=-1)
-        y = _ContiguousGrad.apply(_grouped_mm((F.silu(gate) * up).contiguous(), down_proj.transpose(1, 2), offs))
+        if cpu_experts.usable(xs, gate_up_proj, down_proj):
+            h = cpu_experts.expert_linear(xs, gate_up_proj, offs)
+            gate, up = h.split(I, dim=-1)
+            y = cpu_experts.expert_linear((F.silu(gate) * up).contiguous(), down_proj, offs)
+        else:
+            h = _ContiguousGrad.apply(_grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
+            gate, up = h.split(I, dim=-1)
+            y = _ContiguousGrad.apply(_grouped_mm((F.silu(gate) * up).contiguous(), down_proj.transpose(1, 2), offs))
         y = _CollectRows.apply(y, dest)  # [N*K, D], pair order
         y = y * w.reshape(-1, 1).to(y.dtype)
         return y.view(N, K, -1).sum(1).to(x.dtype)

@@ -1,0 +1,127 @@
+"""Grouped bf16 expert GEMMs for CPU training (`cpu_experts.c`), as PyTorch custom ops with their backward.
+
+`expert_linear(x, w, ends)`: rows of x grouped by expert (group g owns rows [ends[g-1], ends[g])), each group times
+its expert's weight in nn.Linear layout, `x_g @ w[g].T`; the routed experts' projections in `moe.Experts._grouped`
+(DeepSeekMoE, DeepSeek-V3 report §2.1.2). Its backward runs the two other grouped GEMMs of the step (input and
+weight gradients) in the same library. Opaque ops with shape functions, so torch.compile'd training steps call
+them as they are.
+
+Why not `torch._grouped_mm`: on CPU it makes one oneDNN call per group, each split across the threads, so at
+~150 rows an expert (`small`, 1024 tokens) the threads synchronise after every small GEMM and the weights are
+repacked per call; here each thread takes whole (expert, column block) tasks. `bench/train.py` measures the
+step; `torch._grouped_mm` stays the reference the tests compare against and the path everywhere the library
+cannot be built (no AVX-512 BF16, no compiler, NANOSEEK_CPU_KERNELS=0) or the shapes do not fit (N, K multiples
+of 16).
+"""
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanoseek.cbuild import build
+
+_SRC = Path(__file__).with_name("cpu_experts.c")
+_lib: Optional[ctypes.CDLL] = None
+_loaded = False
+_ready = False  # the library is loaded: what `usable` reads while torch.compile traces (it cannot build it)
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The kernels, built on first use; None where this machine cannot run them."""
+    global _lib, _loaded, _ready
+    if not _loaded:
+        _loaded = True
+        try:
+            lib = build(_SRC)
+        except OSError as e:  # unwritable cache, unloadable library
+            warnings.warn(f"nanoseek: CPU expert kernels unavailable: {e}")
+            lib = None
+        if lib is not None and lib.ne_available():
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            for fn in (lib.ne_fwd, lib.ne_dgrad, lib.ne_wgrad):
+                fn.argtypes = [p, p, p, i64, i64, i64, i64, p, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            _lib, _ready = lib, True
+    return _lib
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether x [M, K] and expert weights [G, N, K'] (x's K for the first) can take the kernels. Under
+    torch.compile, only if the library was loaded before (`train.loss_function` loads it)."""
+    ready = _ready if torch.compiler.is_compiling() else library() is not None
+    return (ready and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 2
+            and all(w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 3
+                    and w.shape[1] % 16 == 0 and w.shape[2] % 16 == 0 for w in weights)
+            and x.shape[1] == weights[0].shape[2])
+
+
+def _call(fn, a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, M: int, N: int, K: int, out: torch.Tensor,
+          a_shape: tuple, b_shape: tuple) -> torch.Tensor:
+    # the C code reads raw memory by these sizes: check them here
+    if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        raise ValueError(f"expert_linear: operands {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}, "
+                         f"expected bf16 {a_shape} and {b_shape}")
+    if N % 16 or K % 16:
+        raise ValueError(f"expert_linear: N={N} and K={K} must be multiples of 16")
+    a, b, ends = a.contiguous(), b.contiguous(), ends.to(torch.int32).contiguous()
+    rc = fn(a.data_ptr(), b.data_ptr(), ends.data_ptr(), ends.numel(), M, N, K, out.data_ptr(),
+            torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"expert_linear: group ends must rise from 0 to at most {M} rows")
+    return out
+
+
+@torch.library.custom_op("nanoseek::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[M, N]: rows of group g = x[rows] @ w[g].T (x [M, K] bf16, w [G, N, K] bf16, ends [G]); rows past the
+    last group are zeros."""
+    M, (G, N, K) = x.shape[0], w.shape
+    return _call(library().ne_fwd, x, w, ends, M, N, K, x.new_empty(M, N), (M, K), (G, N, K))
+
+
+@expert_linear.register_fake
+def _(x, w, ends):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::expert_linear_dgrad", mutates_args=())
+def expert_linear_dgrad(dy: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[M, K]: rows of group g = dy[rows] @ w[g] (dy [M, N])."""
+    M, (G, N, K) = dy.shape[0], w.shape
+    return _call(library().ne_dgrad, dy, w, ends, M, N, K, dy.new_empty(M, K), (M, N), (G, N, K))
+
+
+@expert_linear_dgrad.register_fake
+def _(dy, w, ends):
+    return dy.new_empty(dy.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("nanoseek::expert_linear_wgrad", mutates_args=())
+def expert_linear_wgrad(dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[G, N, K]: group g = dy[rows].T @ x[rows] (dy [M, N], x [M, K]); zeros for a group without rows."""
+    (M, N), K, G = dy.shape, x.shape[1], ends.shape[0]
+    return _call(library().ne_wgrad, dy, x, ends, M, N, K, dy.new_empty(G, N, K), (M, N), (M, K))
+
+
+@expert_linear_wgrad.register_fake
+def _(dy, x, ends):
+    return dy.new_empty(ends.shape[0], dy.shape[1], x.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, w, ends = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = expert_linear_dgrad(dy, w, ends) if ctx.needs_input_grad[0] else None
+    dw = expert_linear_wgrad(dy, x, ends) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+expert_linear.register_autograd(_backward, setup_context=_setup)
