@@ -9,8 +9,14 @@ for each concurrency level C runs C clients that each send --requests streaming 
 after the other (distinct prompts, ignore_eos, fixed max_tokens, so every request generates exactly max_tokens).
 Aggregate tokens/s = all generated tokens / the level's wall time. Client-side time to first token and
 inter-token latency are reported beside it. The levels run --repeat times in turn (1, 4, 16, 1, 4, 16, ...) and
-the table keeps each level's fastest run: on a shared machine, other load only ever slows a run down. Continuous batching is what makes 16 clients faster than one:
-the target is 16 clients >= 4x one client.
+the table keeps each level's fastest run: on a shared machine, other load only ever slows a run down. Continuous
+batching is what makes 16 clients faster than one: the target is 16 clients >= 4x one client.
+
+Decoding on a CPU is bound by reading the weights, and a MoE step reads every expert that any of its requests
+routes to. So the bench also prints the weight bytes of a decode step with 1 and with C requests (routing spread
+uniformly and independently: E(1 - (1 - k/E)^C) of the E routed experts per MoE layer) and the speed-up they allow
+at equal bandwidth, C x bytes(1) / bytes(C): the most C clients can make over one if both run at the same
+fraction of the memory bandwidth.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from pathlib import Path
 import httpx
 import torch
 
+import nanoseek
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 WORDS = ("king queen ghost fool nurse friar duke page clown witch lord lady soldier sailor porter herald "
@@ -38,7 +46,6 @@ WORDS = ("king queen ghost fool nurse friar duke page clown witch lord lady sold
 
 def build_model(out: Path, preset: str) -> Path:
     """A random model of `preset` with a byte-level BPE trained on Tiny Shakespeare (vocab = the preset's)."""
-    import nanoseek
     from nanoseek.tokenizer import train_tokenizer
     cfg = nanoseek.get_preset(preset)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +56,27 @@ def build_model(out: Path, preset: str) -> Path:
     torch.manual_seed(0)
     nanoseek.save_pretrained(nanoseek.Transformer(cfg), out)
     return out
+
+
+def step_weight_bytes(cfg, rows: int, elem: int) -> tuple[float, float]:
+    """(weight bytes a decode step with `rows` requests reads, expected distinct routed experts per MoE layer):
+    every weight once, the embedding one row per request, and the routed experts that routing spread uniformly
+    and independently would touch. MTP layers are not read by plain decoding."""
+    with torch.device("meta"):
+        model = nanoseek.Transformer(cfg)
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    distinct = E * (1 - (1 - k / E) ** rows) if E else 0.0
+    n = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if name == "embed_tokens.weight":
+            n += p.numel() if cfg.tie_word_embeddings else rows * p.shape[1]  # tied: also the whole head
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            n += p.numel() / E * distinct
+        else:
+            n += p.numel()
+    return n * elem, distinct
 
 
 def free_port() -> int:
@@ -119,6 +147,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else build_model(Path(tmp) / f"random-{args.preset}",
                                                                             args.preset)
+        cfg = nanoseek.ModelConfig.from_json(model_dir)
         port = free_port()
         cmd = [sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port), "--dtype", args.dtype,
                "--max-batch-size", str(max(levels)), "--log-level", "warning"]
@@ -160,6 +189,13 @@ def main() -> int:
     top = rows[-1]
     print(f"\n{top['clients']} clients: {top['tok_s'] / base:.2f}x one client (target >= 4x): "
           f"{'met' if top['tok_s'] >= 4 * base else 'NOT met'}")
+    elem = 2 if args.dtype == "bfloat16" else 4
+    one, _ = step_weight_bytes(cfg, 1, elem)
+    many, distinct = step_weight_bytes(cfg, top["clients"], elem)
+    print(f"weight bytes per decode step (routing spread uniformly): {one / 1e6:.1f} MB with 1 request, "
+          f"{many / 1e6:.1f} MB with {top['clients']} ({distinct:.1f} of {cfg.n_routed_experts} routed experts per "
+          f"MoE layer): at equal bandwidth {top['clients']} clients can make at most "
+          f"{top['clients'] * one / many:.2f}x one client")
     return 0
 
 

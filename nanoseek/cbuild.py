@@ -1,6 +1,6 @@
 """Build a C source of this package into a shared library with the machine's compiler, once, and load it
-(ctypes). Used by the fused CPU decode kernels (`model/cpu_decode.c`) and the CPU optimizer kernel
-(`cpu_adamw.c`).
+(ctypes). Used by the fused CPU decode kernels (`model/cpu_decode.c`), the grouped expert GEMMs of CPU training
+(`model/cpu_experts.c`) and the CPU optimizer kernel (`cpu_adamw.c`).
 
 Libraries go to ~/.cache/nanoseek/kernels (or $NANOSEEK_CACHE/kernels), named by a hash of the source, the
 compiler, the flags and the CPU; each is written to a temporary name and renamed, so concurrent processes are

@@ -10,8 +10,9 @@
  * whole (group, column block) tasks and packs what its task needs.
  *
  * Arithmetic: AVX-512 BF16 `vdpbf16ps` (a += a0*b0 + a1*b1 in fp32 over pairs of the reduction dimension, pairs in
- * order), fp32 accumulation, one round to bf16 at the end (round to nearest even), as oneDNN computes a bf16
- * GEMM on this class of CPU. Operands:
+ * order), fp32 accumulation, one round to bf16 at the end (round to nearest even): on this machine's CPU (AMD
+ * Zen 5) the results are bit-identical to `torch._grouped_mm`'s, whose oneDNN kernels sum in the same order.
+ * Operands:
  *   A: pair p of row r (two bf16 of the reduction dimension) is the 32-bit word A[r*ar + p*ap];
  *   B: packed in panels of 16 columns: panel j, pair p holds the 16 words (columns 16j..16j+15) at
  *      B[(j*P + p)*16], P = pairs of the reduction dimension ("VNNI" layout).
@@ -33,7 +34,7 @@ int ne_available(void) { return 1; }
 
 #define MR 8 /* rows per register tile */
 
-/* C[MR_ or 1 rows, 16*NV cols] = A tile @ B panels (P pairs); one bf16 store per output */
+/* C [ROWS, 16*NV] = the A tile @ NV panels of B (P pairs each); one bf16 rounding per output */
 #define TILE(NAME, ROWS, NV)                                                                                      \
     static inline __attribute__((always_inline)) void NAME(const u32 *A, long ar, long ap, const u32 *B, long P, \
                                                            bf16 *C, long ldc) {                                  \
@@ -116,7 +117,8 @@ static long split_for(long G, long panels, int nt) {
     return s < 1 ? 1 : (s > panels ? panels : s);
 }
 
-/* ends must rise from 0 to at most M: 0 if they do */
+/* ends must rise from 0 to at most M: 0 if they do. The entry points return 0, -1 for bad ends, -2 when out of
+ * memory for their packing scratch. */
 static int bad_ends(const int32_t *ends, long G, long M) {
     for (long g = 0; g < G; g++)
         if (ends[g] < (g ? ends[g - 1] : 0) || ends[g] > M) return 1;
@@ -134,6 +136,7 @@ int ne_fwd(const bf16 *x, const bf16 *W, const int32_t *ends, long G, long M, lo
     const long panels = N / 16, S = split_for(G, panels, nt), P = K / 2;
     const long used = G ? ends[G - 1] : 0;
     memset(y + used * N, 0, (size_t)(M - used) * N * sizeof(bf16));
+    int failed = 0; /* a thread's scratch allocation failed */
 #pragma omp parallel num_threads(nt)
     {
         u32 *B = aligned_alloc(64, (size_t)((panels + S - 1) / S) * P * 64);
@@ -142,13 +145,17 @@ int ne_fwd(const bf16 *x, const bf16 *W, const int32_t *ends, long G, long M, lo
             const long g = t / S, s = t % S, j0 = panels * s / S, j1 = panels * (s + 1) / S;
             long r0, r1;
             group_rows(ends, g, &r0, &r1);
+            if (!B) {
+                failed = 1;
+                continue;
+            }
             if (r1 <= r0 || j1 <= j0) continue;
             pack_t(W + g * N * K, K, j0, j1, B);
             gemm((const u32 *)(x + r0 * K), P, 1, r1 - r0, B, j1 - j0, P, y + r0 * N + j0 * 16, N);
         }
         free(B);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* dx [M, K] = per group dy_g [rows, N] @ W_g, W [G, N, K]; rows past the last group are zeros */
@@ -157,6 +164,7 @@ int ne_dgrad(const bf16 *dy, const bf16 *W, const int32_t *ends, long G, long M,
     const long panels = K / 16, S = split_for(G, panels, nt), P = N / 2;
     const long used = G ? ends[G - 1] : 0;
     memset(dx + used * K, 0, (size_t)(M - used) * K * sizeof(bf16));
+    int failed = 0; /* a thread's scratch allocation failed */
 #pragma omp parallel num_threads(nt)
     {
         u32 *B = aligned_alloc(64, (size_t)((panels + S - 1) / S) * P * 64);
@@ -165,13 +173,17 @@ int ne_dgrad(const bf16 *dy, const bf16 *W, const int32_t *ends, long G, long M,
             const long g = t / S, s = t % S, j0 = panels * s / S, j1 = panels * (s + 1) / S;
             long r0, r1;
             group_rows(ends, g, &r0, &r1);
+            if (!B) {
+                failed = 1;
+                continue;
+            }
             if (r1 <= r0 || j1 <= j0) continue;
             pack_rows(W + g * N * K, K, N, j0, j1, B);
             gemm((const u32 *)(dy + r0 * N), P, 1, r1 - r0, B, j1 - j0, P, dx + r0 * K + j0 * 16, K);
         }
         free(B);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* dW [G, N, K] = per group dy_g^T [N, rows] @ x_g [rows, K]; a group with no rows gets zeros */
@@ -185,6 +197,7 @@ int ne_wgrad(const bf16 *dy, const bf16 *x, const int32_t *ends, long G, long M,
         if (r1 - r0 > rmax) rmax = r1 - r0;
     }
     const long Pmax = (rmax + 1) / 2;
+    int failed = 0; /* a thread's scratch allocation failed */
 #pragma omp parallel num_threads(nt)
     {
         u32 *A = aligned_alloc(64, (size_t)(N / 16) * (Pmax > 0 ? Pmax : 1) * 64);
@@ -194,6 +207,10 @@ int ne_wgrad(const bf16 *dy, const bf16 *x, const int32_t *ends, long G, long M,
             const long g = t / S, s = t % S, j0 = panels * s / S, j1 = panels * (s + 1) / S;
             long r0, r1;
             group_rows(ends, g, &r0, &r1);
+            if (!A || !B) {
+                failed = 1;
+                continue;
+            }
             bf16 *out = dW + g * N * K + j0 * 16;
             if (j1 <= j0) continue;
             if (r1 <= r0) {
@@ -211,7 +228,7 @@ int ne_wgrad(const bf16 *dy, const bf16 *x, const int32_t *ends, long G, long M,
         free(A);
         free(B);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 #else /* no AVX-512 BF16: callers take PyTorch */

@@ -70,6 +70,8 @@ def _call(fn, a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, M: int, N: i
     a, b, ends = a.contiguous(), b.contiguous(), ends.to(torch.int32).contiguous()
     rc = fn(a.data_ptr(), b.data_ptr(), ends.data_ptr(), ends.numel(), M, N, K, out.data_ptr(),
             torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("expert_linear: no memory for the packing scratch")
     if rc != 0:
         raise ValueError(f"expert_linear: group ends must rise from 0 to at most {M} rows")
     return out
