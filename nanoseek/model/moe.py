@@ -9,10 +9,10 @@ Gates are renormalised when norm_topk_prob, then multiplied by routed_scaling_fa
 Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). `grouped` sorts the N·K
 (token, expert) pairs by expert and runs one grouped matmul per projection (`torch._grouped_mm`; bf16 on a CPU with
 AVX-512 BF16: the C kernels of `cpu_experts.py`); `loop` is the plain per-expert reference (`tests/test_model.py`
-checks they agree). Inference on CPU takes other routes to
-the same sums: `_pairs` for decode-sized batches (the fewest PyTorch ops) and `_active` over oneDNN-packed
-per-expert weights when weight packing is on (`fused.py`); a few bf16 tokens skip all of them: `fused_block`
-runs a block's whole feed-forward half (norm, router, experts, residual) as one C call (`cpu_decode.py`).
+checks they agree). Inference on CPU takes other routes to the same sums: `_pairs` for decode-sized batches (the
+fewest PyTorch ops) and `_active` over oneDNN-packed per-expert weights when weight packing is on (`fused.py`); a
+few bf16 tokens skip all of them: `fused_block` runs a block's whole feed-forward half (norm, router, experts,
+residual) as one C call (`cpu_decode.py`).
 
 For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
 `seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
