@@ -93,6 +93,8 @@ def test_bad_calls_raise_instead_of_reading_past_the_tensors():
         cpu_experts.expert_linear(x, w, torch.tensor([4, 11], dtype=torch.int32))  # past the 10 rows
     with pytest.raises(ValueError, match="ends"):
         cpu_experts.expert_linear(x, w, torch.tensor([6, 4], dtype=torch.int32))  # falling
+    with pytest.raises(ValueError, match="one row end per group"):
+        cpu_experts.expert_linear(x, w, torch.tensor([2, 4, 10], dtype=torch.int32))  # 3 ends for 2 experts
     with pytest.raises(ValueError, match="expected"):
         cpu_experts.expert_linear_dgrad(x, w, torch.tensor([4, 10], dtype=torch.int32))  # dy must be [M, N]
     assert not cpu_experts.usable(x.float(), w) and not cpu_experts.usable(x, torch.randn(2, 24, 32, dtype=BF))

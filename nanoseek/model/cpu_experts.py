@@ -59,16 +59,27 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and x.shape[1] == weights[0].shape[2])
 
 
-def _call(fn, a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, M: int, N: int, K: int, out: torch.Tensor,
-          a_shape: tuple, b_shape: tuple) -> torch.Tensor:
+def _kernels() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("expert_linear: the CPU expert kernels are unavailable here (see `usable`)")
+    return lib
+
+
+def _call(fn, a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, G: int, M: int, N: int, K: int,
+          out: torch.Tensor, a_shape: tuple, b_shape: tuple) -> torch.Tensor:
     # the C code reads raw memory by these sizes: check them here
+    if any(t.device.type != "cpu" for t in (a, b, ends)):
+        raise ValueError("expert_linear: CPU tensors only")
     if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         raise ValueError(f"expert_linear: operands {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}, "
                          f"expected bf16 {a_shape} and {b_shape}")
+    if ends.dim() != 1 or ends.numel() != G:
+        raise ValueError(f"expert_linear: ends must hold one row end per group ({G}), got {tuple(ends.shape)}")
     if N % 16 or K % 16:
         raise ValueError(f"expert_linear: N={N} and K={K} must be multiples of 16")
     a, b, ends = a.contiguous(), b.contiguous(), ends.to(torch.int32).contiguous()
-    rc = fn(a.data_ptr(), b.data_ptr(), ends.data_ptr(), ends.numel(), M, N, K, out.data_ptr(),
+    rc = fn(a.data_ptr(), b.data_ptr(), ends.data_ptr(), G, M, N, K, out.data_ptr(),
             torch.get_num_threads())
     if rc == -2:
         raise MemoryError("expert_linear: no memory for the packing scratch")
@@ -82,7 +93,7 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch
     """[M, N]: rows of group g = x[rows] @ w[g].T (x [M, K] bf16, w [G, N, K] bf16, ends [G]); rows past the
     last group are zeros."""
     M, (G, N, K) = x.shape[0], w.shape
-    return _call(library().ne_fwd, x, w, ends, M, N, K, x.new_empty(M, N), (M, K), (G, N, K))
+    return _call(_kernels().ne_fwd, x, w, ends, G, M, N, K, x.new_empty(M, N), (M, K), (G, N, K))
 
 
 @expert_linear.register_fake
@@ -94,7 +105,7 @@ def _(x, w, ends):
 def expert_linear_dgrad(dy: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """[M, K]: rows of group g = dy[rows] @ w[g] (dy [M, N])."""
     M, (G, N, K) = dy.shape[0], w.shape
-    return _call(library().ne_dgrad, dy, w, ends, M, N, K, dy.new_empty(M, K), (M, N), (G, N, K))
+    return _call(_kernels().ne_dgrad, dy, w, ends, G, M, N, K, dy.new_empty(M, K), (M, N), (G, N, K))
 
 
 @expert_linear_dgrad.register_fake
@@ -106,7 +117,7 @@ def _(dy, w, ends):
 def expert_linear_wgrad(dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """[G, N, K]: group g = dy[rows].T @ x[rows] (dy [M, N], x [M, K]); zeros for a group without rows."""
     (M, N), K, G = dy.shape, x.shape[1], ends.shape[0]
-    return _call(library().ne_wgrad, dy, x, ends, M, N, K, dy.new_empty(G, N, K), (M, N), (M, K))
+    return _call(_kernels().ne_wgrad, dy, x, ends, G, M, N, K, dy.new_empty(G, N, K), (M, N), (M, K))
 
 
 @expert_linear_wgrad.register_fake
