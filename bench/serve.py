@@ -58,12 +58,11 @@ def build_model(out: Path, preset: str) -> Path:
     return out
 
 
-def step_weight_bytes(cfg, rows: int, elem: int) -> tuple[float, float]:
-    """(weight bytes a decode step with `rows` requests reads, expected distinct routed experts per MoE layer):
-    every weight once, the embedding one row per request, and the routed experts that routing spread uniformly
-    and independently would touch. MTP layers are not read by plain decoding."""
-    with torch.device("meta"):
-        model = nanoseek.Transformer(cfg)
+def step_weight_bytes(model, rows: int, elem: int) -> tuple[float, float]:
+    """(weight bytes a decode step of `model` with `rows` requests reads, expected distinct routed experts per MoE
+    layer): every weight once, the embedding one row per request, and the routed experts that routing spread
+    uniformly and independently would touch. MTP layers are not read by plain decoding."""
+    cfg = model.config
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     distinct = E * (1 - (1 - k / E) ** rows) if E else 0.0
     n = 0.0
@@ -190,8 +189,10 @@ def main() -> int:
     print(f"\n{top['clients']} clients: {top['tok_s'] / base:.2f}x one client (target >= 4x): "
           f"{'met' if top['tok_s'] >= 4 * base else 'NOT met'}")
     elem = 2 if args.dtype == "bfloat16" else 4
-    one, _ = step_weight_bytes(cfg, 1, elem)
-    many, distinct = step_weight_bytes(cfg, top["clients"], elem)
+    with torch.device("meta"):  # shapes only
+        model = nanoseek.Transformer(cfg)
+    one, _ = step_weight_bytes(model, 1, elem)
+    many, distinct = step_weight_bytes(model, top["clients"], elem)
     print(f"weight bytes per decode step (routing spread uniformly): {one / 1e6:.1f} MB with 1 request, "
           f"{many / 1e6:.1f} MB with {top['clients']} ({distinct:.1f} of {cfg.n_routed_experts} routed experts per "
           f"MoE layer): at equal bandwidth {top['clients']} clients can make at most "

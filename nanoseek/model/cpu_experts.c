@@ -130,12 +130,15 @@ static inline void group_rows(const int32_t *ends, long g, long *r0, long *r1) {
     *r1 = ends[g];
 }
 
-/* y [M, N] = per group x_g [rows, K] @ W_g^T, W [G, N, K]; rows past the last group are zeros */
-int ne_fwd(const bf16 *x, const bf16 *W, const int32_t *ends, long G, long M, long N, long K, bf16 *y, int nt) {
+/* The two GEMMs of rows times their group's weight W_g [N, K]: the forward y_g = x_g W_g^T ([rows, N], reduction
+ * over K) and the input gradient dx_g = dy_g W_g ([rows, K], reduction over N). a [M, in], out [M, width]; rows
+ * past the last group are zeros. */
+static int rows_by_weight(const bf16 *a, const bf16 *W, const int32_t *ends, long G, long M, long N, long K,
+                          int dgrad, bf16 *out, int nt) {
     if (bad_ends(ends, G, M)) return -1;
-    const long panels = N / 16, S = split_for(G, panels, nt), P = K / 2;
-    const long used = G ? ends[G - 1] : 0;
-    memset(y + used * N, 0, (size_t)(M - used) * N * sizeof(bf16));
+    const long in = dgrad ? N : K, width = dgrad ? K : N, panels = width / 16, S = split_for(G, panels, nt);
+    const long P = in / 2, used = G ? ends[G - 1] : 0;
+    memset(out + used * width, 0, (size_t)(M - used) * width * sizeof(bf16));
     int failed = 0; /* a thread's scratch allocation failed */
 #pragma omp parallel num_threads(nt)
     {
@@ -146,44 +149,28 @@ int ne_fwd(const bf16 *x, const bf16 *W, const int32_t *ends, long G, long M, lo
             long r0, r1;
             group_rows(ends, g, &r0, &r1);
             if (!B) {
+#pragma omp atomic write
                 failed = 1;
                 continue;
             }
             if (r1 <= r0 || j1 <= j0) continue;
-            pack_t(W + g * N * K, K, j0, j1, B);
-            gemm((const u32 *)(x + r0 * K), P, 1, r1 - r0, B, j1 - j0, P, y + r0 * N + j0 * 16, N);
+            if (dgrad) pack_rows(W + g * N * K, K, N, j0, j1, B); /* B = W_g: pairs of its rows */
+            else pack_t(W + g * N * K, K, j0, j1, B);              /* B = W_g^T: pairs within its rows */
+            gemm((const u32 *)(a + r0 * in), P, 1, r1 - r0, B, j1 - j0, P, out + r0 * width + j0 * 16, width);
         }
         free(B);
     }
     return failed ? -2 : 0;
 }
 
-/* dx [M, K] = per group dy_g [rows, N] @ W_g, W [G, N, K]; rows past the last group are zeros */
+/* y [M, N] = per group x_g [rows, K] @ W_g^T, W [G, N, K] */
+int ne_fwd(const bf16 *x, const bf16 *W, const int32_t *ends, long G, long M, long N, long K, bf16 *y, int nt) {
+    return rows_by_weight(x, W, ends, G, M, N, K, 0, y, nt);
+}
+
+/* dx [M, K] = per group dy_g [rows, N] @ W_g, W [G, N, K] */
 int ne_dgrad(const bf16 *dy, const bf16 *W, const int32_t *ends, long G, long M, long N, long K, bf16 *dx, int nt) {
-    if (bad_ends(ends, G, M)) return -1;
-    const long panels = K / 16, S = split_for(G, panels, nt), P = N / 2;
-    const long used = G ? ends[G - 1] : 0;
-    memset(dx + used * K, 0, (size_t)(M - used) * K * sizeof(bf16));
-    int failed = 0; /* a thread's scratch allocation failed */
-#pragma omp parallel num_threads(nt)
-    {
-        u32 *B = aligned_alloc(64, (size_t)((panels + S - 1) / S) * P * 64);
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < G * S; t++) {
-            const long g = t / S, s = t % S, j0 = panels * s / S, j1 = panels * (s + 1) / S;
-            long r0, r1;
-            group_rows(ends, g, &r0, &r1);
-            if (!B) {
-                failed = 1;
-                continue;
-            }
-            if (r1 <= r0 || j1 <= j0) continue;
-            pack_rows(W + g * N * K, K, N, j0, j1, B);
-            gemm((const u32 *)(dy + r0 * N), P, 1, r1 - r0, B, j1 - j0, P, dx + r0 * K + j0 * 16, K);
-        }
-        free(B);
-    }
-    return failed ? -2 : 0;
+    return rows_by_weight(dy, W, ends, G, M, N, K, 1, dx, nt);
 }
 
 /* dW [G, N, K] = per group dy_g^T [N, rows] @ x_g [rows, K]; a group with no rows gets zeros */
@@ -208,6 +195,7 @@ int ne_wgrad(const bf16 *dy, const bf16 *x, const int32_t *ends, long G, long M,
             long r0, r1;
             group_rows(ends, g, &r0, &r1);
             if (!A || !B) {
+#pragma omp atomic write
                 failed = 1;
                 continue;
             }
