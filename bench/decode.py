@@ -57,7 +57,7 @@ def matvec_bandwidth_gbs(dtype: torch.dtype, mb: int = 256, width: int = 384, re
     """Best-of GB/s of the decode kernels' own matvec (`ns_linear`, one row of x) over a weight matrix of this
     dtype far larger than the caches: what streaming weights can reach here, for reference (None without the
     kernels)."""
-    from nanoseek.model import cpu_decode
+    from nanoseek.kernels import cpu_decode
     if cpu_decode.library(dtype) is None:
         return None
     elem = torch.empty((), dtype=dtype).element_size()
@@ -104,7 +104,7 @@ def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
 def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
     """Seconds per decoded token spent inside the C decode kernels (`nanoseek/model/cpu_decode.c`), the ctypes
     calls alone: what a step would cost with no Python or PyTorch around them. None where they do not run."""
-    from nanoseek.model import cpu_decode
+    from nanoseek.kernels import cpu_decode
     lib = cpu_decode.library(dtype)
     if lib is None:
         return None

@@ -113,15 +113,16 @@ def low_precision_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2 and id(p) not in keep_fp32]
 
 
-_ADAMW_SRC = Path(__file__).with_name("cpu_adamw.c")
+_ADAMW_SRC = Path(__file__).parent / "kernels" / "cpu_adamw.c"
 _adamw_lib: list = []  # [the loaded library or None], built on first use
 
 
 def _cpu_kernels() -> Optional[ctypes.CDLL]:
     if not _adamw_lib:
-        from nanoseek.cbuild import build
+        from nanoseek.kernels import isa
+        from nanoseek.kernels.build import build
         try:
-            lib = build(_ADAMW_SRC)
+            lib = build(_ADAMW_SRC, isa.best())
         except OSError:  # unwritable cache, unloadable library: the PyTorch reference
             lib = None
         if lib is not None:

@@ -47,7 +47,7 @@ import torch
 from nanoseek import metrics as M
 from nanoseek.checkpoint import from_pretrained, save_pretrained
 from nanoseek.config import PRESETS, get_preset
-from nanoseek.model import cpu_experts
+from nanoseek.kernels import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer, cross_entropy

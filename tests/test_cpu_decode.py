@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
-from nanoseek.model import cpu_decode
+from nanoseek.kernels import cpu_decode
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -352,7 +352,7 @@ def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
     tokens, rows gathered by slot) and the DenseCache. After a weight changes in place, or a block goes, it
     rebuilds, matching the reference again. Past DSA's top-k (32) it selects the rows in the kernel: close to the
     blocks, which select in PyTorch (with the kernel's tie rule)."""
-    from nanoseek.model import decode_plan
+    from nanoseek.kernels import decode_plan
     m = kernel_model(dt, **kw)
     L = m.config.num_hidden_layers
     ids = torch.randint(0, m.config.vocab_size, (2, 52))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoseek.config import get_preset
-from nanoseek.model import cpu_experts
+from nanoseek.kernels import cpu_experts
 from nanoseek.model.moe import Experts, Router
 
 pytestmark = pytest.mark.skipif(cpu_experts.library() is None, reason="CPU expert kernels unavailable here")

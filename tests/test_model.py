@@ -174,7 +174,7 @@ def test_decode_step_by_step_equals_full_forward(dsa):
 def test_sparse_decode_reads_only_k_rows():
     """At decode with S > k the absorbed path must read K rows through cache.gather, never all S. (The PyTorch
     path: the C kernels select inside their call, tests/test_engine.py counts their reads.)"""
-    from nanoseek.model import cpu_decode
+    from nanoseek.kernels import cpu_decode
     m = model(index_topk=8)
     x = ids(m.config)
     cache = nanoseek.DenseCache(m.config, B, T)
@@ -233,7 +233,7 @@ def test_rejects_float_input_ids():
 def test_inference_fast_paths_match_plain_paths():
     """Weight packing (oneDNN), fused projections and the decode-sized expert path against the plain paths:
     bf16 packing is bit-identical, fp32 agrees to rounding, and a weight update invalidates the caches."""
-    from nanoseek.model import fused
+    from nanoseek.kernels import fused
 
     m = model(index_topk=0, index_n_heads=0)
     x = ids(m.config)

@@ -30,7 +30,7 @@ from nanoseek.engine.sampling import (SamplingParams, TokenHistory, TokenLogprob
                                       prompt_logprobs, sample, token_logprob)
 from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
 from nanoseek.engine.speculative import MTPDrafter
-from nanoseek.model.decode_plan import MAX_PLAN_ROWS
+from nanoseek.kernels.decode_plan import MAX_PLAN_ROWS
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 
 DEFAULT_CACHE_CAP = 8 << 30  # bytes: default budgets never take more than this

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import cpu_decode
+from nanoseek.kernels import cpu_decode
 from nanoseek.model.dsa import Indexer
-from nanoseek.model.fused import derived, fused_linear, linear
+from nanoseek.kernels.fused import derived, fused_linear, linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables, apply_rope_pairs
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import cpu_decode, cpu_experts
-from nanoseek.model.fused import derived, expert_weights, fused_linear, linear, packs
+from nanoseek.kernels import cpu_decode, cpu_experts
+from nanoseek.kernels.fused import derived, expert_weights, fused_linear, linear, packs
 
 
 class MLP(nn.Module):

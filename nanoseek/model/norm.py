@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model import cpu_decode
+from nanoseek.kernels import cpu_decode
 
 
 class RMSNorm(nn.Module):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import decode_plan
-from nanoseek.model.fused import linear, packing_supported, set_packing
+from nanoseek.kernels import decode_plan
+from nanoseek.kernels.fused import linear, packing_supported, set_packing
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.mtp import MTPModule

@@ -13,10 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#define NS_SIMD 1
-#endif
+#include "simd.h"
 
 #define CHUNK 8192  /* elements per OpenMP work item */
 
@@ -28,29 +25,18 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 /* round to nearest even, denormals kept, NaN -> 0xFFFF: what torch's (vectorised) fp32 -> bf16 conversion gives,
- * so the bf16 copy equals `w.to(torch.bfloat16)` bit for bit (the AVX-512 BF16 instruction flushes denormals) */
+ * so the bf16 copy equals `w.to(torch.bfloat16)` bit for bit (the AVX-512 BF16 instruction flushes denormals).
+ * Branch-free, so the compiler vectorises the loops that call it. */
 #define BF16_NAN 0xffffu
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return BF16_NAN;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)BF16_NAN : r;
 }
 
-#ifdef NS_SIMD
-static inline __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-static inline __m256i to_bf16(__m512 x) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(BF16_NAN));
-    return _mm512_cvtepi32_epi16(r);
-}
-#endif
+const char *ns_isa(void) { return NS_SIMD_NAME; }
 
 /* sum over i of float(g[i])^2 (g bf16): fp32 within a chunk, then the chunks' sums added in order in double,
  * so the result does not depend on the number of threads */
@@ -61,15 +47,15 @@ double ns_sumsq_bf16(const uint16_t *g, int64_t n, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t k = 0; k < chunks; k++) {
         int64_t i = k * CHUNK, end = i + CHUNK < n ? i + CHUNK : n;
-        float s = 0.0f;
-#ifdef NS_SIMD
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= end; i += 16) {
-            __m512 x = load_bf16(g + i);
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(x, x));
+        /* two accumulators of NS_VW lanes: short fp32 sums (a chunk's 8192 squares in one running sum lose
+         * ~1e-5 of relative precision) */
+        vf acc0 = vf_zero(), acc1 = vf_zero();
+        for (; i + 2 * NS_VW <= end; i += 2 * NS_VW) {
+            vf x0 = vf_loadu_bf16(g + i), x1 = vf_loadu_bf16(g + i + NS_VW);
+            acc0 = vf_add(acc0, vf_mul(x0, x0));
+            acc1 = vf_add(acc1, vf_mul(x1, x1));
         }
-        s = _mm512_reduce_add_ps(acc);
-#endif
+        float s = vf_reduce_add(vf_add(acc0, acc1));
         for (; i < end; i++) {
             float x = bf16_to_f32(g[i]);
             s += x * x;
@@ -89,23 +75,20 @@ void ns_adamw_master(uint16_t *p, float *w, float *m, float *v, const uint16_t *
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t c = 0; c < n; c += CHUNK) {
         int64_t i = c, end = c + CHUNK < n ? c + CHUNK : n;
-#ifdef NS_SIMD
-        const __m512 vs = _mm512_set1_ps(scale), vc1 = _mm512_set1_ps(c1), vb2 = _mm512_set1_ps(b2),
-                     vc2 = _mm512_set1_ps(c2), vdec = _mm512_set1_ps(decay), vstep = _mm512_set1_ps(step),
-                     vbc2 = _mm512_set1_ps(bc2_sqrt), veps = _mm512_set1_ps(eps);
-        for (; i + 16 <= end; i += 16) {
-            __m512 g = _mm512_mul_ps(g16 ? load_bf16(g16 + i) : _mm512_loadu_ps(g32 + i), vs);
-            __m512 mi = _mm512_loadu_ps(m + i), vi = _mm512_loadu_ps(v + i), wi = _mm512_loadu_ps(w + i);
-            mi = _mm512_add_ps(mi, _mm512_mul_ps(vc1, _mm512_sub_ps(g, mi)));
-            vi = _mm512_add_ps(_mm512_mul_ps(vb2, vi), _mm512_mul_ps(vc2, _mm512_mul_ps(g, g)));
-            __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2), veps);
-            wi = _mm512_sub_ps(_mm512_mul_ps(wi, vdec), _mm512_mul_ps(vstep, _mm512_div_ps(mi, den)));
-            _mm512_storeu_ps(m + i, mi);
-            _mm512_storeu_ps(v + i, vi);
-            _mm512_storeu_ps(w + i, wi);
-            _mm256_storeu_si256((__m256i *)(p + i), to_bf16(wi));
+        const vf vs = vf_set1(scale), vc1 = vf_set1(c1), vb2 = vf_set1(b2), vc2 = vf_set1(c2),
+                 vdec = vf_set1(decay), vstep = vf_set1(step), vbc2 = vf_set1(bc2_sqrt), veps = vf_set1(eps);
+        for (; i + NS_VW <= end; i += NS_VW) {
+            vf g = vf_mul(g16 ? vf_loadu_bf16(g16 + i) : vf_loadu(g32 + i), vs);
+            vf mi = vf_loadu(m + i), vi = vf_loadu(v + i), wi = vf_loadu(w + i);
+            mi = vf_add(mi, vf_mul(vc1, vf_sub(g, mi)));
+            vi = vf_add(vf_mul(vb2, vi), vf_mul(vc2, vf_mul(g, g)));
+            vf den = vf_add(vf_div(vf_sqrt(vi), vbc2), veps);
+            wi = vf_sub(vf_mul(wi, vdec), vf_mul(vstep, vf_div(mi, den)));
+            vf_storeu(m + i, mi);
+            vf_storeu(v + i, vi);
+            vf_storeu(w + i, wi);
         }
-#endif
+        for (int64_t j = c; j < i; j++) p[j] = f32_to_bf16(w[j]); /* vectorised by the compiler */
         for (; i < end; i++) {
             float g = (g16 ? bf16_to_f32(g16[i]) : g32[i]) * scale;
             float mi = m[i] + c1 * (g - m[i]);

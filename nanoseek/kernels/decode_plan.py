@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
-from nanoseek.model import cpu_decode
-from nanoseek.model.cpu_decode import kernel_weights
-from nanoseek.model.fused import derived
+from nanoseek.kernels import cpu_decode
+from nanoseek.kernels.cpu_decode import kernel_weights
+from nanoseek.kernels.fused import derived
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
 

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from nanoseek.cbuild import build
+from nanoseek.kernels import isa
+from nanoseek.kernels.build import build
 
 MAX_ROWS = 16  # calls with more rows of x (prefill) keep oneDNN's GEMMs
 _SRC = Path(__file__).with_name("cpu_decode.c")
@@ -42,7 +43,8 @@ def set_enabled(on: bool) -> bool:
 
 
 def _build(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    lib = build(_SRC, ("-DNS_F32",) if dtype == torch.float32 else ())
+    lib = build(_SRC, isa.best(("avx512bf16",) if dtype == _BF16 else ("avx512bf16", "avx512")),
+                ("-DNS_F32",) if dtype == torch.float32 else ())
     if lib is None:
         return None
     if not lib.ns_has_simd():  # the portable loops are slower than oneDNN: not worth it

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from nanoseek.cbuild import build
+from nanoseek.kernels import isa
+from nanoseek.kernels.build import build
 
 _SRC = Path(__file__).with_name("cpu_experts.c")
 _lib: Optional[ctypes.CDLL] = None
@@ -36,7 +37,7 @@ def library() -> Optional[ctypes.CDLL]:
     if not _loaded:
         _loaded = True
         try:
-            lib = build(_SRC)
+            lib = build(_SRC, isa.best(("avx512bf16",)))
         except OSError as e:  # unwritable cache, unloadable library
             warnings.warn(f"nanoseek: CPU expert kernels unavailable: {e}")
             lib = None

@@ -1,0 +1,129 @@
+/* simd.h: the one vector layer under nanoseek's C kernels, so each kernel is written once and compiled per ISA
+ * (kernels/isa.py picks the flags: AVX-512 BF16, AVX-512, AVX2 + FMA, ARM64 NEON, with or without BFDOT).
+ *
+ *   vf                NS_VW fp32 lanes (16 AVX-512, 8 AVX2, 4 NEON, 1 scalar)
+ *   vf_zero/set1/loadu/storeu/add/sub/mul/div/sqrt/max/fmadd(a, b, c) = a * b + c (fused)
+ *   vf_loadu_bf16(p)  NS_VW bf16 values widened to fp32 (exact: a bf16 is the high half of an fp32)
+ *   vf_reduce_add(v)  the lanes' sum, in a fixed order per ISA
+ *   ns_prefetch(p)    a read prefetch into L1
+ *   NS_BF16_DOT       defined where the CPU has a bf16 pair dot product (AVX-512 BF16): vf_dpbf16(acc, a, b)
+ *                     adds a[2i] * b[2i] + a[2i+1] * b[2i+1] to lane i, over 2 * NS_VW bf16 values of a and b
+ *   NS_SIMD_NAME      the variant's name, for ns_isa() in each library
+ *
+ * Everything else is portable C; a scalar build (no vector ISA) is kept so that the C self-test can compare
+ * every variant with plain loops on the same inputs (tests/kernels_selftest.c).
+ */
+#ifndef NANOSEEK_SIMD_H
+#define NANOSEEK_SIMD_H
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define NS_VW 16
+#if defined(__AVX512BF16__)
+#define NS_SIMD_NAME "avx512bf16"
+#define NS_BF16_DOT 1
+#else
+#define NS_SIMD_NAME "avx512"
+#endif
+typedef __m512 vf;
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float x) { return _mm512_set1_ps(x); }
+static inline vf vf_loadu(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf_storeu(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vf_sqrt(vf a) { return _mm512_sqrt_ps(a); }
+static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_loadu_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline float vf_reduce_add(vf v) { return _mm512_reduce_add_ps(v); }
+#if defined(NS_BF16_DOT)
+static inline vf vf_dpbf16(vf acc, const uint16_t *a, const uint16_t *b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+}
+#endif
+#define ns_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NS_VW 8
+#define NS_SIMD_NAME "avx2"
+typedef __m256 vf;
+static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vf vf_set1(float x) { return _mm256_set1_ps(x); }
+static inline vf vf_loadu(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vf_storeu(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vf_sqrt(vf a) { return _mm256_sqrt_ps(a); }
+static inline vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vf_loadu_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline float vf_reduce_add(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define ns_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define NS_VW 4
+#if defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define NS_SIMD_NAME "neon-bf16"
+#else
+#define NS_SIMD_NAME "neon"
+#endif
+typedef float32x4_t vf;
+static inline vf vf_zero(void) { return vdupq_n_f32(0.f); }
+static inline vf vf_set1(float x) { return vdupq_n_f32(x); }
+static inline vf vf_loadu(const float *p) { return vld1q_f32(p); }
+static inline void vf_storeu(float *p, vf v) { vst1q_f32(p, v); }
+static inline vf vf_add(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vf_sub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vf_mul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vf_div(vf a, vf b) { return vdivq_f32(a, b); }
+static inline vf vf_sqrt(vf a) { return vsqrtq_f32(a); }
+static inline vf vf_max(vf a, vf b) { return vmaxq_f32(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vf_loadu_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline float vf_reduce_add(vf v) { return vaddvq_f32(v); }
+#define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+
+#else /* scalar: the reference build of the self-test */
+#define NS_VW 1
+#define NS_SIMD_NAME "scalar"
+typedef float vf;
+static inline vf vf_zero(void) { return 0.f; }
+static inline vf vf_set1(float x) { return x; }
+static inline vf vf_loadu(const float *p) { return *p; }
+static inline void vf_storeu(float *p, vf v) { *p = v; }
+static inline vf vf_add(vf a, vf b) { return a + b; }
+static inline vf vf_sub(vf a, vf b) { return a - b; }
+static inline vf vf_mul(vf a, vf b) { return a * b; }
+static inline vf vf_div(vf a, vf b) { return a / b; }
+static inline vf vf_sqrt(vf a) { return __builtin_sqrtf(a); }
+static inline vf vf_max(vf a, vf b) { return a > b ? a : b; }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return __builtin_fmaf(a, b, c); }
+static inline vf vf_loadu_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float vf_reduce_add(vf v) { return v; }
+#define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#endif
+
+#endif
