@@ -40,7 +40,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: bfloat16 where the device computes it natively and fast, else float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     ap.add_argument("--num-draft", type=int, default=1, help="draft tokens per step with --speculative mtp")
@@ -51,7 +52,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 def _load(args):
     from nanoseek.checkpoint import from_pretrained
     from nanoseek.tokenizer import load_tokenizer
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    from nanoseek.precision import resolve
+    dtype = resolve(args.dtype, args.device, "nanoseek")
     model = from_pretrained(args.model, dtype=dtype, device=args.device)
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, max_batch_size=1, max_model_len=args.max_model_len, speculative=args.speculative,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from nanoseek.optim import (MasterWeightAdamW, Schedule, build_adamw, load_optim
                             set_lr)
 
 DSA_STAGES = ("none", "warmup", "sparse")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from nanoseek.precision import CHOICES as DTYPE_CHOICES, DTYPES, resolve as resolve_dtype
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TrainConfig:
     schedule: str = "cosine"
     weight_decay: float = 0.1
     clip: float = 1.0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 where the device computes it natively and fast, else float32
     mtp_weight: float = 0.3  # lambda (V3: 0.3 early, 0.1 late)
     bias_update_speed: float = 1e-3  # gamma (V3: 0.001, 0 at the end)
     seq_aux_alpha: float = 1e-4  # alpha (V3: 0.0001)
@@ -129,8 +130,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"])
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
     ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0 = off)")
-    ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
-                    help="compute dtype (bfloat16 = autocast, fp32 master weights)")
+    ap.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
+                    help="compute dtype (bfloat16: bf16 compute, fp32 master weights; auto: bfloat16 where the "
+                    "device computes it natively and fast, else float32)")
     ap.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="MTP loss weight lambda")
     ap.add_argument("--bias-update-speed", type=float, default=d.bias_update_speed,
                     help="gamma of auxiliary-loss-free balancing (0 = off)")
@@ -169,7 +171,7 @@ def validate(tc: TrainConfig) -> None:
     need(tc.grad_accum >= 0 and tc.batch_tokens >= 0, "--grad-accum / --batch-tokens must be >= 0")
     need(tc.stop_after is None or 1 <= tc.stop_after <= tc.max_steps, "--stop-after must be in [1, max-steps]")
     need(tc.dsa_stage in DSA_STAGES, f"--dsa-stage must be one of {DSA_STAGES}")
-    need(tc.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}")
+    need(tc.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}")
     need(0 <= tc.heldout_fraction < 1, "--heldout-fraction must be in [0, 1)")
     need(tc.preset in PRESETS, f"unknown preset {tc.preset!r}; choose one of {', '.join(PRESETS)}")
     need(tc.mtp_weight >= 0 and tc.bias_update_speed >= 0 and tc.seq_aux_alpha >= 0,
@@ -519,6 +521,9 @@ def train(tc: TrainConfig) -> dict:
     from nanoseek.parallel import init_distributed
     dist = init_distributed(None if tc.device == "auto" else tc.device)
     device = dist.device
+    # every rank resolves alike (same device kind); only the main one says why
+    dtype = resolve_dtype(tc.dtype, device, "nanoseek train", out=sys.stderr if dist.is_main else io.StringIO())
+    tc = dataclasses.replace(tc, dtype=str(dtype).split(".")[-1])
     run = Path(tc.out)
     main = dist.is_main
     if main:

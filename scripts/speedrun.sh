@@ -2,7 +2,7 @@
 # nanoseek speedrun: a DeepSeek-V3.2-style model from nothing on a laptop CPU, in one command. Stages:
 #   1. byte-level BPE tokenizer (8192 tokens) on the default corpus (this Python's standard library source)
 #   2. pre-training of the `small` preset (MoE 40 experts top-6 + shared, MTP depth 1, ~96M total / 26M active)
-#      with aux-loss-free balancing, bf16 autocast, held-out bits per byte every EVAL_EVERY steps
+#      with aux-loss-free balancing, in the dtype the CPU runs fast (bf16 or float32), held-out bits per byte every EVAL_EVERY steps
 #   3. DSA dense warm-up: only the lightning indexers train, on rows of 512 tokens (index_topk 256)
 #   4. DSA sparse stage: everything trains with top-256 attention; held-out bits per byte; sampled completions
 #   5. report: RUN/report.md (+ each stage's own report.md, metrics.jsonl and plots)
@@ -26,7 +26,7 @@ WARM_STEPS=${WARM_STEPS:-20}        # DSA warm-up steps (rows of DSA_SEQ_LEN)
 SPARSE_STEPS=${SPARSE_STEPS:-20}    # DSA sparse-stage steps
 DSA_SEQ_LEN=${DSA_SEQ_LEN:-512}
 DSA_BATCH=${DSA_BATCH:-4}
-DTYPE=${DTYPE:-bfloat16}
+DTYPE=${DTYPE:-auto}               # auto: bfloat16 where the CPU computes it natively and fast, else float32
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv (one-time; not counted in the timings below)"

@@ -261,8 +261,13 @@ def test_two_processes_match_single_process(reference, tmp_path, ep):
     # the gathered checkpoint is layout-independent: same names and full shapes as the single-process model
     ref_sd = model.state_dict()
     assert res["model"].keys() == ref_sd.keys()
+    # AdamW's update m / sqrt(v) is about lr whatever the gradient's size, so where an element's gradients are
+    # near zero the two layouts' fp32 sums (in another order) move it by a visible fraction of lr = 3e-3: on an
+    # AVX2 CPU one element in 12,288 lands 1.7e-5 to 3.3e-5 away. Every other element must match to 1e-5.
     for k, v in ref_sd.items():
-        torch.testing.assert_close(res["model"][k], v, rtol=1e-3, atol=1e-5, msg=k)
+        torch.testing.assert_close(res["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+        off = (res["model"][k].float() - v.float()).abs() > 1e-5 + 1e-3 * v.float().abs()
+        assert off.float().mean() <= 1e-3, (k, int(off.sum()))
 
 
 def test_dsa_warmup_two_processes_match_single_process(tmp_path):

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import io
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ class ServeConfig:
     model_dir: str
     served_model_name: Optional[str] = None  # default: the model folder's name
     api_key: Optional[str] = None
-    dtype: str = "auto"  # the checkpoint's (FP8 releases: bfloat16), like vLLM's --dtype auto
+    dtype: str = "auto"  # bfloat16 where the device computes it natively and fast, else float32 (precision.py)
     device: str = "auto"  # cuda when available
     max_batch_size: int = 16
     block_size: int = 16
@@ -236,7 +237,11 @@ class _State:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model_dir)
-        dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        from nanoseek.precision import resolve
+        said = io.StringIO()  # the choice and its reason (auto), or the slow-bf16 warning: into the server's log
+        dtype = resolve(cfg.dtype, device, "nanoseek serve", out=said)
+        if said.getvalue():
+            log.info("%s", said.getvalue().strip())
         model = nanoseek.from_pretrained(cfg.model_dir, dtype=dtype, device=device).eval()
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
                         cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
@@ -934,8 +939,8 @@ def cli(cmd: str, argv: list[str]) -> int:
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
     ap.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="auto: the checkpoint's (bfloat16 for DeepSeek's releases; on CPU bf16 decode runs on the "
-                         "fused kernels)")
+                    help="auto: bfloat16 where the device computes it natively and fast (GPUs, CPUs with AVX-512 "
+                         "BF16, AMX or ARM BF16), else float32")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
