@@ -48,6 +48,7 @@ import torch
 from nanoseek import metrics as M
 from nanoseek.checkpoint import from_pretrained, save_pretrained
 from nanoseek.config import PRESETS, get_preset
+from nanoseek import kernels
 from nanoseek.kernels import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
@@ -305,7 +306,7 @@ def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: in
 
     if not tc.compile or world > 1:
         return fn
-    cpu_experts.library()  # built before tracing: the traced step calls it where it can (`moe.Experts`)
+    cpu_experts.library()  # built before tracing: the traced step calls it where it can (`FastExperts`)
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
     return torch.compile(fn)
@@ -595,6 +596,7 @@ def train(tc: TrainConfig) -> dict:
         for p in model.mtp.parameters():
             p.requires_grad_(False)
     model.to(device)
+    kernels.install(model)  # the fast paths (C expert GEMMs on CPU; weight caches and decode kernels at evaluation)
     if world > 1:
         from nanoseek.parallel import parallelize
         model = parallelize(model, dist, expert_parallel=tc.expert_parallel) or model

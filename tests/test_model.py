@@ -1,6 +1,8 @@
 """Reference paths vs fast paths inside the model, each to float32 rounding:
 naive == absorbed MLA; grouped experts == per-expert loop; DSA with k >= T == dense; cached decode == full forward.
 """
+import copy
+
 import pytest
 import torch
 
@@ -173,20 +175,17 @@ def test_decode_step_by_step_equals_full_forward(dsa):
 
 def test_sparse_decode_reads_only_k_rows():
     """At decode with S > k the absorbed path must read K rows through cache.gather, never all S. (The PyTorch
-    path: the C kernels select inside their call, tests/test_engine.py counts their reads.)"""
-    from nanoseek.kernels import cpu_decode
+    path of the plain model: the C kernels select inside their call, tests/test_engine.py counts their reads.)"""
     m = model(index_topk=8)
     x = ids(m.config)
     cache = nanoseek.DenseCache(m.config, B, T)
     seen = []
     orig_gather, orig_read = cache.gather, cache.read
     cache.gather = lambda layer, idx: (seen.append(("gather", idx.shape[-1])), orig_gather(layer, idx))[1]
-    prev = cpu_decode.set_enabled(False)
     with torch.no_grad():
         m(x[:, :T - 1], cache=cache.step(T - 1))
         seen.clear()
         m(x[:, T - 1:], cache=cache.step(1))
-    cpu_decode.set_enabled(prev)
     assert seen and all(k == 8 for _, k in seen)
 
 
@@ -231,37 +230,69 @@ def test_rejects_float_input_ids():
 
 
 def test_inference_fast_paths_match_plain_paths():
-    """Weight packing (oneDNN), fused projections and the decode-sized expert path against the plain paths:
-    bf16 packing is bit-identical, fp32 agrees to rounding, and a weight update invalidates the caches."""
-    from nanoseek.kernels import fused
+    """The fast paths `kernels.install` puts on (weight packing, fused projections, cached fp32 weights, the
+    decode-sized expert path, the CPU decode kernels where this machine has them) against the plain model: bf16
+    packing is bit-identical, fp32 agrees to rounding, and a weight update invalidates the caches."""
+    from nanoseek import kernels
+    from nanoseek.kernels import fused, modules
 
     m = model(index_topk=0, index_n_heads=0)
     x = ids(m.config)
+    fast = kernels.install(copy.deepcopy(m))
+    assert kernels.installed(fast) and not kernels.installed(m)
+    assert all(type(f) is modules.FAST.get(type(r), type(r)) for f, r in zip(fast.modules(), m.modules()))
+    assert fast.state_dict().keys() == m.state_dict().keys()
     with torch.no_grad():
         plain = m(x).logits
+        assert (fast(x).logits - plain).abs().max() < 1e-5
         with torch.enable_grad():  # grad mode: every cache is bypassed (training path)
-            ref = m(x).logits.detach()
-        assert (plain - ref).abs().max() < 1e-5
+            assert (fast(x).logits.detach() - plain).abs().max() < 1e-5
         if fused.packing_supported():
-            assert m.pack_weights_(True)
-            assert (m(x).logits - plain).abs().max() < 1e-5
-            m16 = m.to(torch.bfloat16)
-            head, h = m16.lm_head, torch.randn(3, m.config.hidden_size, dtype=torch.bfloat16)
-            assert torch.equal(fused.linear(m16, "_test", h, head.weight), head(h))  # same kernel, same bits
-            m16.pack_weights_(False)
+            assert kernels.pack_weights_(fast, True)
+            assert (fast(x).logits - plain).abs().max() < 1e-5
+            m16, f16 = copy.deepcopy(m).to(torch.bfloat16), fast.to(torch.bfloat16)
+            head, h = f16.lm_head, torch.randn(3, m.config.hidden_size, dtype=torch.bfloat16)
+            assert torch.equal(fused.linear(f16, "_test", h, head.weight), head(h))  # same kernel, same bits
             a = m16(x).logits.float()
-            m16.pack_weights_(True)  # (the expert sums then accumulate in fp32: rounding-level differences)
-            assert (m16(x).logits.float() - a).abs().mean() < 0.02 * a.abs().mean()
-            m16.pack_weights_(False)
-            m.float()
-        m(x)  # caches built ...
-        for p in m.parameters():  # ... then an in-place update (as an optimizer step): the versions move on
+            # (the expert sums then accumulate in fp32: rounding-level differences)
+            assert (f16(x).logits.float() - a).abs().mean() < 0.02 * a.abs().mean()
+            kernels.pack_weights_(fast, False)
+            fast.float()
+        fast(x)  # caches built ...
+        for p, q in zip(fast.parameters(), m.parameters()):  # ... then an in-place update (as an optimizer step)
             p.mul_(1.5)
-        with torch.enable_grad():
-            ref = m(x).logits.detach()
-        assert (m(x).logits - ref).abs().max() < 1e-5
-    experts = m.layers[1].mlp.experts
+            q.mul_(1.5)
+        assert (fast(x).logits - m(x).logits).abs().max() < 1e-5
+    experts = fast.layers[1].mlp.experts
     xs = torch.randn(2, m.config.hidden_size)
-    w, idx, _ = m.layers[1].mlp.gate(xs)
+    w, idx, _ = fast.layers[1].mlp.gate(xs)
     with torch.no_grad():
         assert (experts._pairs(xs, w, idx) - experts._loop(xs, w, idx)).abs().max() < 1e-5
+    assert type(kernels.uninstall(fast)) is type(m) and not any(type(f) in modules.REFERENCE for f in fast.modules())
+
+
+def test_model_package_is_plain_pytorch():
+    """nanoseek/model/ is the reference a reader learns from: no ctypes, no C library, no kernel package. Checked
+    on the source (every import statement) and in a fresh interpreter (what importing the model loads)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(nanoseek.__file__).parent / "model"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[0] == "ctypes" or n.startswith("nanoseek.kernels")
+                   or n.startswith("nanoseek.optim") or n in ("nanoseek.cbuild",)]
+            assert not bad, f"{path.name} imports {bad}"
+        assert "CDLL" not in path.read_text() and ".so" not in path.read_text(), path.name
+    code = ("import sys, nanoseek.model; "
+            "print(sorted(m for m in sys.modules if m == 'ctypes' or m.startswith('nanoseek.kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

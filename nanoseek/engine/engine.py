@@ -30,6 +30,7 @@ from nanoseek.engine.sampling import (SamplingParams, TokenHistory, TokenLogprob
                                       prompt_logprobs, sample, token_logprob)
 from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
 from nanoseek.engine.speculative import MTPDrafter
+from nanoseek import kernels
 from nanoseek.kernels.decode_plan import MAX_PLAN_ROWS
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 
@@ -73,15 +74,15 @@ class Engine:
         cfg = self.cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # CPU: matmuls on oneDNN-packed copies of the weights (`Transformer.pack_weights_`): bf16 prefill and
-        # decode calls the C kernels do not take (`cpu_decode.py`) ~1.7x faster per matvec, fp32 prefill ~2x per
-        # GEMM. It costs a second copy of the weights, so by default only when they take at most a quarter of
-        # the machine's RAM.
+        # The fast paths go onto the model here (`nanoseek.kernels.install`: decode kernels, weight caches). On
+        # CPU the matmuls the C kernels do not take run on oneDNN-packed copies of the weights: bf16 prefill and
+        # decode ~1.7x faster per matvec, fp32 prefill ~2x per GEMM. That costs a second copy of the weights, so
+        # by default only when they take at most a quarter of the machine's RAM.
         if pack_weights is None:
             weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             pack_weights = self.device.type == "cpu" and weight_bytes <= ram // 4
-        model.pack_weights_(pack_weights)
+        kernels.install(model, pack_weights=pack_weights)
         # MTP layers are cached only when they are used for drafting
         n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if speculative else 0)
         if cache_bytes is None:

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import cpu_decode
 from nanoseek.model.dsa import Indexer
-from nanoseek.kernels.fused import derived, fused_linear, linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables, apply_rope_pairs
 
@@ -76,27 +74,20 @@ class MLA(nn.Module):
     # ---- projections -----------------------------------------------------------------------------------
     def _project(self, x):
         """x [B, T, D] -> q [B, T, H, N+P] (rope not yet applied), c_q [B, T, q_lora] or None, the raw
-        kv_a_proj_with_mqa output [B, T, R+P], and the indexer's wk(x) [B, T, Di] (None without DSA).
-
-        All projections that read x (q_a or q, kv_a, indexer wk) run as one matmul at inference (`fused.py`)."""
+        kv_a_proj_with_mqa output [B, T, R+P], and the indexer's wk(x) [B, T, Di] (None without DSA)."""
         B, T, _ = x.shape
-        first = self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj
-        linears = [first, self.kv_a_proj_with_mqa] + ([self.indexer.wk] if self.indexer is not None else [])
-        outs = fused_linear(self, "_fused_x_proj", x, linears)
         if hasattr(self, "q_a_proj"):
-            cq = self.q_a_layernorm(outs[0])
-            q = linear(self, "_q_b", cq, self.q_b_proj.weight)
+            cq = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(cq)
         else:
-            cq, q = None, outs[0]
-        return q.view(B, T, self.n_heads, -1), cq, outs[1], outs[2] if self.indexer is not None else None
+            cq, q = None, self.q_proj(x)
+        wk_x = self.indexer.wk(x) if self.indexer is not None else None
+        return q.view(B, T, self.n_heads, -1), cq, self.kv_a_proj_with_mqa(x), wk_x
 
     def _project_rotated(self, x, rope: RopeTables, norm: Optional[RMSNorm] = None):
         """x [B, T, D] -> (x after `norm` if given, q [B, T, H, N+P] with its rope dims rotated, c_q or None, the
         new cache rows [B, T, C], the indexer's key [B, T, Di] or None): norm + `_project` + rope + `_latent` +
-        `Indexer.key`, as one fused call for a few bf16 rows on CPU (`cpu_decode.py`)."""
-        w = self._fused_weights(x, rope, norm)
-        if w is not None:
-            return self._project_fused(x, rope, norm, w)
+        `Indexer.key`."""
         if norm is not None:
             x = norm(x)
         q, cq, kv, wk_x = self._project(x)
@@ -110,17 +101,8 @@ class MLA(nn.Module):
         return torch.cat((self.kv_a_layernorm(c), apply_rope_pairs(k_pe, rope)), dim=-1)
 
     def _absorb_weights(self):
-        """W_UK [H, N, R] and W_UV [H, V, R]. Without autograd they are cached as contiguous tensors until the
-        weight changes (`fused.py`), so decode steps do not re-copy the strided slices of kv_b_proj. On CPU the
-        cached copies are fp32: these per-head matmuls are tiny, and a tiny fp32 bmm costs a third of a bf16 one
-        there (bf16 products are exact in fp32, so only the accumulation order differs)."""
-        def split(w):
-            wv = (w.float() if w.device.type == "cpu" else w).view(self.n_heads, self.N + self.V, self.R)
-            return wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous()
-
-        cached = derived(self, "_absorb_cache", [self.kv_b_proj.weight], split)
-        if cached is not None:
-            return cached
+        """W_UK [H, N, R] and W_UV [H, V, R]: views of kv_b_proj's weight (DeepSeek-V2 §2.1.2: W_UK folds into the
+        query, W_UV into the output)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.N + self.V, self.R)
         return w[:, : self.N], w[:, self.N:]
 
@@ -135,7 +117,7 @@ class MLA(nn.Module):
         B, S, _ = rows.shape
         H = self.n_heads
         c, k_pe = rows.split([self.R, self.P], dim=-1)
-        k_nope, v = linear(self, "_kv_b", c, self.kv_b_proj.weight).view(B, S, H, -1).split([self.N, self.V], -1)
+        k_nope, v = self.kv_b_proj(c).view(B, S, H, -1).split([self.N, self.V], -1)
         q = q.transpose(1, 2)  # [B, H, T, N+P]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)), -1).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -166,12 +148,8 @@ class MLA(nn.Module):
         return out[..., : self.V].transpose(1, 2), None
 
     def _absorbed_out(self, q, rows, mask):
-        """o_proj(absorbed(q, rows, mask)) [B, T, D]: one fused call for a few bf16 rows on CPU."""
-        if (cpu_decode.usable(q.flatten(2), rows, self.kv_b_proj.weight, self.o_proj.weight)
-                and self.R <= cpu_decode.MAX_LATENT):
-            return cpu_decode.mla_absorbed(q, self.kv_b_proj.weight, self.V, rows, mask, self.scale,
-                                           self.o_proj.weight)
-        return linear(self, "_o", self.absorbed(q, rows, mask).flatten(2), self.o_proj.weight)
+        """o_proj(absorbed(q, rows, mask)) [B, T, D]."""
+        return self.o_proj(self.absorbed(q, rows, mask).flatten(2))
 
     def absorbed(self, q, rows, mask):
         """Attention over latent rows. q [B, T, H, N+P] (rotated); rows [B, S, C] with mask [B, T, S], or rows
@@ -197,71 +175,11 @@ class MLA(nn.Module):
         out = torch.bmm(o_lat.to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B*T, V]
         return out.transpose(0, 1).reshape(B, T, H, self.V).to(q.dtype)
 
-    # ---- decode fast path (fused C kernels, `cpu_decode.py`) --------------------------------------------
-    def decode_block(self, h: torch.Tensor, norm: RMSNorm, rope: RopeTables, cache) -> Optional[torch.Tensor]:
-        """h + forward(norm(h)) for a decode call (a few bf16 rows on CPU, inference) in two fused C calls, the
-        projections and the attention with o_proj and the residual, with no other PyTorch op than the cache
-        write; None where it does not apply (then the caller runs `forward`): training or the indexer's loss,
-        or a DSA layer whose queries see more than top-k rows (selection runs in `_forward_sparse`)."""
-        if self.training or self.indexer_loss_on or h.shape[1] > ABSORB_MAX_QUERIES:
-            return None
-        mask = cache.mask
-        if self.indexer is not None and self.dsa_mode == "sparse" and mask.shape[-1] > self.indexer.topk:
-            return None
-        w = self._fused_weights(h, rope, norm)
-        if w is None:
-            return None
-        _, q, _, rows, index_k = self._project_fused(h, rope, norm, w)
-        cache.write(self.layer_id, rows, index_k)
-        return cpu_decode.mla_absorbed(q, w["kv_b"], self.V, cache.read(self.layer_id), mask, self.scale, w["o"],
-                                       resid=h)
-
-    def _fused_weights(self, x, rope: RopeTables, norm: Optional[RMSNorm]) -> Optional[dict]:
-        """The fused path's weights for input x (cached per weight version, `fused.py`), or None where the
-        kernels do not take this call."""
-        if not (cpu_decode.usable(x) and rope.cos.is_contiguous() and rope.sin.is_contiguous()):
-            return None
-        w = derived(self, "_decode_weights", self._decode_sources(norm), self._decode_build)
-        return w if w is not None and cpu_decode.usable(x, *w["check"]) else None
-
-    def _project_fused(self, x, rope: RopeTables, norm: Optional[RMSNorm], w: dict):
-        return cpu_decode.mla_project(
-            x, w["wx"], w["q_out"], self.R, self.P, w["qa_norm"], w["qa_eps"], w["wqb"], self.n_heads, self.N,
-            w["kv_norm"], w["kv_eps"], rope.cos, rope.sin, w["k_norm"], norm.weight if norm is not None else None,
-            norm.eps if norm is not None else 0.0)
-
-    def _decode_sources(self, norm: Optional[RMSNorm]) -> list[torch.Tensor]:
-        lora = hasattr(self, "q_a_proj")
-        first = self.q_a_proj if lora else self.q_proj
-        src = [first.weight, self.kv_a_proj_with_mqa.weight]
-        if self.indexer is not None:
-            src += [self.indexer.wk.weight, self.indexer.k_norm.weight, self.indexer.k_norm.bias]
-        if lora:
-            src += [self.q_a_layernorm.weight, self.q_b_proj.weight]
-        src += [self.kv_a_layernorm.weight, self.kv_b_proj.weight, self.o_proj.weight]
-        return src + ([norm.weight] if norm is not None else [])
-
-    def _decode_build(self, *src: torch.Tensor) -> Optional[dict]:
-        """The fused path's weights, resolved once per weight version: the projections of x concatenated, and
-        the tensors and constants of the calls (`_decode_sources` order)."""
-        lora, idx = hasattr(self, "q_a_proj"), self.indexer
-        if self.P > 512 or self.R > cpu_decode.MAX_LATENT or (idx is not None and (
-                idx.head_dim > 1024 or idx.rope_dim != self.P)):
-            return None
-        n_x = 3 if idx is not None else 2
-        rest = list(src[n_x + (2 if idx is not None else 0):])
-        qa_norm, wqb = (rest.pop(0), rest.pop(0)) if lora else (None, None)
-        kv_norm, kv_b, o = rest[:3]
-        return {"wx": torch.cat(src[:n_x]), "q_out": src[0].shape[0], "qa_norm": qa_norm,
-                "qa_eps": self.q_a_layernorm.eps if lora else 0.0, "wqb": wqb, "kv_norm": kv_norm,
-                "kv_eps": self.kv_a_layernorm.eps, "k_norm": idx.k_norm if idx is not None else None, "kv_b": kv_b,
-                "o": o, "check": list(src)}
-
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto",
                 norm: Optional[RMSNorm] = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. x is the block's input_layernorm'ed input, or its raw input with that
-        `norm` given (decode fuses it into the projections). path: auto | naive | absorbed."""
+        `norm` given (then applied before the projections). path: auto | naive | absorbed."""
         B, T, _ = x.shape
         x, q, cq, new_rows, index_k = self._project_rotated(x, rope, norm)
         if cache is not None:
@@ -282,7 +200,7 @@ class MLA(nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None].expand(B, -1, -1)
             return self._absorbed_out(q, rows, mask)
         out, _ = self.naive(q, rows, mask)
-        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
+        return self.o_proj(out.flatten(2))
 
     def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path):
         B, T, _ = x.shape
@@ -306,7 +224,7 @@ class MLA(nn.Module):
         attn_mask = mask if idx is None else self._selected_mask(mask, idx)
         out, probs = self.naive(q, rows, attn_mask, need_probs=True)
         self._indexer_kl(probs, scores, attn_mask)
-        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
+        return self.o_proj(out.flatten(2))
 
     def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path):
         """Inference-time DSA. Queries that see at most k positions attend to all of them, so the indexer
@@ -326,7 +244,7 @@ class MLA(nn.Module):
                 return self._absorbed_out(q, rows, mask)
             # without a cache the mask is plain causal: let SDPA use its causal kernel
             out = self.naive(q, rows, mask if cache is not None else None)[0]
-            return linear(self, "_o", out.flatten(2), self.o_proj.weight)
+            return self.o_proj(out.flatten(2))
         r0 = 0 if path == "absorbed" else first_over  # absorbed (decode) calls are short: score them all
         with torch.no_grad():
             scores = self.indexer.scores(x[:, r0:], cq[:, r0:], keys, rope[r0:], mask[:, r0:])
@@ -338,7 +256,7 @@ class MLA(nn.Module):
             rows = cache.read(self.layer_id)
         attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
         out = self.naive(q, rows, attn_mask, causal_rows=r0 if cache is None else 0)[0]
-        return linear(self, "_o", out.flatten(2), self.o_proj.weight)
+        return self.o_proj(out.flatten(2))
 
     @staticmethod
     def _selected_mask(mask, idx):

@@ -7,12 +7,11 @@ Routers (`Router`):
 Gates are renormalised when norm_topk_prob, then multiplied by routed_scaling_factor.
 
 Experts (`Experts`) keep all routed weights fused ([E, 2I, D] gate+up, [E, D, I] down). `grouped` sorts the N·K
-(token, expert) pairs by expert and runs one grouped matmul per projection (`torch._grouped_mm`; bf16 on a CPU with
-AVX-512 BF16: the C kernels of `cpu_experts.py`); `loop` is the plain per-expert reference (`tests/test_model.py`
-checks they agree). Inference on CPU takes other routes to the same sums: `_pairs` for decode-sized batches (the
-fewest PyTorch ops) and `_active` over oneDNN-packed per-expert weights when weight packing is on (`fused.py`); a
-few bf16 tokens skip all of them: `fused_block` runs a block's whole feed-forward half (norm, router, experts,
-residual) as one C call (`cpu_decode.py`).
+(token, expert) pairs by expert and runs one grouped matmul per projection (`torch._grouped_mm`); `loop` is the
+plain per-expert reference (`tests/test_model.py` checks they agree); `_active` visits only the experts that got
+tokens, where grouped matmuls are unavailable. The fast paths (C grouped GEMMs for CPU training, decode kernels,
+packed weights) are put on from outside by `nanoseek.kernels.install`, through the hooks `_gemm` and
+`_expert_weights`.
 
 For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
 `seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
@@ -28,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import cpu_decode, cpu_experts
-from nanoseek.kernels.fused import derived, expert_weights, fused_linear, linear, packs
 
 
 class MLP(nn.Module):
@@ -42,22 +39,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
-        return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
-
-    def fused_gate_up(self) -> Optional[torch.Tensor]:
-        """gate_proj and up_proj's weights stacked [2*hidden, dim] (cached, `fused.py`; None under autograd)."""
-        return derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
-                       lambda g, u: torch.cat((g, u)))
-
-    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
-        """h + self(norm(h)) as one C call for a few bf16 rows on CPU (`cpu_decode.py`); None otherwise."""
-        if not cpu_decode.usable(h, norm.weight, self.down_proj.weight):
-            return None
-        gate_up = self.fused_gate_up()
-        if gate_up is None:
-            return None
-        return cpu_decode.ffn_block(h, norm.weight, norm.eps, shared=(gate_up, self.down_proj.weight))[0]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -85,14 +67,13 @@ class Router(nn.Module):
             self.e_score_correction_bias = new.float() if bias.is_meta else bias.to(new.device, torch.float32)
         return self
 
-    def weight_fp32(self) -> Optional[torch.Tensor]:
-        """The weight in fp32, cached at inference (`fused.py`; None under autograd): one cast less per layer."""
-        return derived(self, "_weight_fp32", [self.weight], lambda w: w.float())
+    def weight_fp32(self) -> torch.Tensor:
+        """The weight in fp32 (routing scores are computed in fp32)."""
+        return self.weight.float()
 
     def forward(self, x: torch.Tensor):
         """x [N, D] -> gate weights [N, K] (fp32), expert ids [N, K], scores [N, E] (fp32)."""
-        w32 = self.weight_fp32()
-        logits = F.linear(x.float(), self.weight.float() if w32 is None else w32)
+        logits = F.linear(x.float(), self.weight_fp32())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:
@@ -233,14 +214,19 @@ class Experts(nn.Module):
         """x [N, D], w [N, K], idx [N, K] -> sum_k w[n,k] * expert_idx[n,k](x[n])  [N, D]."""
         if self.impl == "loop":
             return self._loop(x, w, idx)
-        if x.device.type == "cpu" and idx.numel() <= self.gate_up_proj.shape[0]:
-            return self._pairs(x, w, idx)  # CPU decode: per-op overhead dominates, issue the fewest ops
-        if packs(self, x, self.gate_up_proj):
-            return self._active(x, w, idx)  # oneDNN-packed per-expert weights beat the unpacked grouped GEMM
         if not _grouped_mm_ok(x):
             # decode-sized batches touch few experts: visit only those instead of all E groups
             return self._active(x, w, idx)
         return self._grouped(x, w, idx)
+
+    def _gemm(self, xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """xs [P, In] rows grouped by expert (group g ends at offs[g]) times weight[g]^T ([E, Out, In], nn.Linear
+        layout) -> [P, Out]."""
+        return _ContiguousGrad.apply(_grouped_mm(xs, weight.transpose(1, 2), offs))
+
+    def _expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor):
+        """Per-expert weights as two sequences and the matmul to apply them with (`_active`)."""
+        return gate_up.unbind(0), down.unbind(0), F.linear
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, D], down [E, D, I]) the paths compute with; expert parallelism (`parallel.py`)
@@ -260,29 +246,11 @@ class Experts(nn.Module):
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
         return out
 
-    def _pairs(self, x, w, idx):
-        """Decode-sized batches on CPU: one expert MLP per (token, expert) pair, no sorting or scattering, and
-        one batched matmul for the gate-weighted sum. The per-expert weight views are cached (`fused.py`), so the
-        loop issues only compute ops (grouped GEMM would walk all E groups; `_active` sorts and syncs)."""
-        N, K = idx.shape
-        gate_up_proj, down_proj = self.weights()
-        gu, dn, mm = expert_weights(self, gate_up_proj, down_proj, x)
-        I = down_proj.shape[-1]
-        ys = []
-        for n, row in enumerate(idx.tolist()):
-            xn = x[n:n + 1]  # [1, D]
-            for e in row:
-                gate, up = mm(xn, gu[e]).split(I, dim=-1)
-                ys.append(mm(F.silu(gate) * up, dn[e]))
-        y = torch.cat(ys).view(N, K, -1)  # [N, K, D]
-        # the gate-weighted sum in fp32 (w is fp32; a tiny fp32 bmm is also much cheaper than a bf16 one on CPU)
-        return torch.bmm(w[:, None].float(), y.float()).view(N, -1).to(x.dtype)
-
     def _active(self, x, w, idx):
         """Per-expert matmuls over the experts that received tokens only (tokens sorted by expert)."""
         N, K = idx.shape
         gate_up_proj, down_proj = self.weights()
-        gu, dn, mm = expert_weights(self, gate_up_proj, down_proj, x)
+        gu, dn, mm = self._expert_weights(gate_up_proj, down_proj, x)
         I = down_proj.shape[-1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
@@ -327,14 +295,8 @@ class Experts(nn.Module):
             # _grouped_mm is not on autocast's list: cast like F.linear would, or bf16 training runs it in fp32
             xs, gate_up_proj, down_proj = xs.to(dt), gate_up_proj.to(dt), down_proj.to(dt)
         offs = ends.to(torch.int32)
-        if cpu_experts.usable(xs, gate_up_proj, down_proj):
-            h = cpu_experts.expert_linear(xs, gate_up_proj, offs)
-            gate, up = h.split(I, dim=-1)
-            y = cpu_experts.expert_linear((F.silu(gate) * up).contiguous(), down_proj, offs)
-        else:
-            h = _ContiguousGrad.apply(_grouped_mm(xs, gate_up_proj.transpose(1, 2), offs))
-            gate, up = h.split(I, dim=-1)
-            y = _ContiguousGrad.apply(_grouped_mm((F.silu(gate) * up).contiguous(), down_proj.transpose(1, 2), offs))
+        gate, up = self._gemm(xs, gate_up_proj, offs).split(I, dim=-1)
+        y = self._gemm((F.silu(gate) * up).contiguous(), down_proj, offs)
         y = _CollectRows.apply(y, dest)  # [N*K, D], pair order
         y = y * w.reshape(-1, 1).to(y.dtype)
         return y.view(N, K, -1).sum(1).to(x.dtype)
@@ -368,30 +330,6 @@ class MoE(nn.Module):
         out = self.experts(flat, w, idx).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
-
-    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
-        """h + self(norm(h)) as one C call (norm, router, routed and shared experts, residual) for a few bf16
-        rows at inference on CPU (`cpu_decode.py`); None otherwise."""
-        g = self.gate
-        gate_up, down = self.experts.weights()
-        if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down):
-            return None
-        w32 = g.weight_fp32()
-        # (expert parallelism holds only this rank's experts; the kernel scores at most 256 groups)
-        if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256:
-            return None
-        shared = None
-        if self.shared_experts is not None:
-            s = self.shared_experts
-            s_gate_up = s.fused_gate_up()
-            if s_gate_up is None or not cpu_decode.usable(h, s_gate_up, s.down_proj.weight):
-                return None
-            shared = (s_gate_up, s.down_proj.weight)
-        router = (w32, g.e_score_correction_bias, g.scoring, g.method, g.n_group, g.topk_group, g.K, g.norm_topk,
-                  g.scaling)
-        out, idx = cpu_decode.ffn_block(h, norm.weight, norm.eps, router, (gate_up, down), shared)
-        self._last_idx = idx
         return out
 
     def _seq_balance_loss(self, idx, scores):

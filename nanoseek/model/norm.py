@@ -3,8 +3,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.kernels import cpu_decode
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -13,8 +11,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.usable(x, self.weight):  # a few bf16 rows at decode: one fused call
-            return cpu_decode.rms_norm(x, self.weight, self.eps)
         # HF/DeepSeek rounding: normalise in fp32, cast back to x's dtype, then scale. F.rms_norm does the first
         # two in one op (it upcasts half inputs and rounds the normalised value once; bit-identical to
         # x.float() * rsqrt(mean(x^2) + eps) cast back), which matters at decode where ops, not flops, cost.

@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import decode_plan
-from nanoseek.kernels.fused import linear, packing_supported, set_packing
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.mtp import MTPModule
@@ -45,15 +43,7 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rope, cache=None, path="auto"):
-        # decode of a few bf16 rows on CPU: each half of the block is one or two fused C calls (None elsewhere)
-        h = None
-        if cache is not None and path != "naive":
-            h = self.self_attn.decode_block(x, self.input_layernorm, rope, cache)
-        if h is None:
-            h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)
-        out = self.mlp.fused_block(h, self.post_attention_layernorm)
-        if out is not None:
-            return out
+        h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -99,7 +89,7 @@ class Transformer(nn.Module):
         return torch.arange(T, device=input_ids.device).expand(B, -1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self, "_lm_head", hidden, self.lm_head.weight)
+        return self.lm_head(hidden)
 
     def rope_for(self, positions: torch.Tensor, cache) -> RopeTables:
         """The rotation tables of a call, shared by all layers; with a cache (inference) read from the angles
@@ -112,10 +102,6 @@ class Transformer(nn.Module):
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         x = self.embed_tokens(input_ids)
-        if cache is not None and path != "naive":  # bf16 decode on the CPU kernels: blocks, norm and head in one call
-            out = decode_plan.run(self, x, cache, num_logits)
-            if out is not None:
-                return CausalLMOutput(logits=out[0], hidden=out[1])
         rope = self.rope_for(self.positions_for(input_ids, cache), cache)
         for layer in self.layers:
             x = layer(x, rope, cache, path)
@@ -136,15 +122,6 @@ class Transformer(nn.Module):
         m = self.mtp[k]
         h = m(hidden, self.embed_tokens(next_ids), rope, cache)
         return self.head(m.head_norm(h)), h
-
-    def pack_weights_(self, on: bool = True) -> bool:
-        """Inference on CPU: run the matmuls on oneDNN-packed copies of the weights (`fused.py`): bf16 matvecs
-        ~1.7x faster (bit-identical), fp32 prefill GEMMs ~2x faster (same values up to accumulation order), at
-        the cost of a second copy of the weights in memory. Returns whether packing is on (False where oneDNN
-        bf16 is unavailable)."""
-        on = on and packing_supported()
-        set_packing(self, on)
-        return on
 
     def set_expert_impl(self, impl: str) -> None:
         """'grouped' (default, fast) or 'loop' (per-expert reference)."""
