@@ -1,7 +1,8 @@
-"""The fused CPU decode kernels (`nanoseek/model/cpu_decode.c`, bf16 and float32 builds) against the PyTorch
-reference paths they replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse attention, MoE blocks with
-and without a shared expert and the dense block, one and several requests, several tokens per request as in MTP
-verification) with the kernels on and off.
+"""The fused CPU decode kernels (`nanoseek/kernels/cpu_decode.c`, bf16 and float32 builds) against the PyTorch
+reference paths they replace: each kernel alone, then whole decode steps of a model (dense and DSA-sparse
+attention, MoE blocks with and without a shared expert and the dense block, one and several requests, several
+tokens per request as in MTP verification) with the kernels on and off, on modules that `kernels.install` made
+fast (with the kernels off they run the reference paths).
 
 bf16 results can differ from the reference by the order of fp32 sums, i.e. by an ulp of a bf16 output, and such
 differences grow through layers; the tolerances say so (float32 ones are 1e-5). Skipped where the kernels are
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
-from nanoseek.kernels import cpu_decode
+from nanoseek.kernels import cpu_decode, install
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -92,7 +93,7 @@ def test_rows_are_computed_alone(D, dt):
 
 @pytest.mark.parametrize("dt", DTYPES)
 def test_rms_norm(dt):
-    norm = RMSNorm(40).to(dt)
+    norm = install(RMSNorm(40)).to(dt)
     with torch.no_grad():
         norm.weight.normal_(1, 0.2)
     x = torch.randn(2, 3, 40, dtype=dt) * 3
@@ -104,7 +105,7 @@ def randomize(module, std=0.2, dt=BF):
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.normal_(1 if "norm" in name else 0, std)
-    return module.to(dt).eval()
+    return install(module.to(dt).eval())  # the fast modules, whose paths the kernels take
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -135,7 +136,7 @@ def test_moe_block(kw, shape, dt):
     """A block's feed-forward half (norm, router, routed and shared experts, residual) in one call."""
     cfg = get_preset("tiny", **{"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
                                 **kw})
-    moe = MoE(cfg)
+    moe = install(MoE(cfg))
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.2)
@@ -174,7 +175,7 @@ def test_dense_block(dt):
 @pytest.mark.parametrize("dt", DTYPES)
 def test_absorbed_attention(per_query, S, dt):
     cfg = get_preset("tiny")
-    attn = MLA(cfg, 0)
+    attn = install(MLA(cfg, 0))
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.2)
@@ -253,7 +254,7 @@ def kernel_model(dt=BF, **kw):
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    return m.to(dt)
+    return install(m.to(dt))
 
 
 def decode(m, ids, n0, feeds, on):
