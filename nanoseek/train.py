@@ -249,8 +249,8 @@ def freeze_for_stage(model: torch.nn.Module, stage: str) -> None:
 # ---- one micro-batch -------------------------------------------------------------------------------------
 def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
                       mtp_depth: int) -> dict[str, torch.Tensor]:
-    """Forward one micro-batch x, y [B, T]; returns the loss to backpropagate ('loss') and its parts."""
-    _clear_side_losses(model)
+    """Forward one micro-batch x, y [B, T]; returns the loss to backpropagate ('loss'), its parts and the
+    expert loads of the MoE layers that ran ('expert_load' [L, E], main layers then MTP, as `moe_layers`)."""
     out = model(x)
     lm = cross_entropy(out.logits, y)
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
@@ -264,35 +264,25 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
             n = T - 1 - k
             if n <= 0:
                 break
-            logits, h = model.mtp_forward(k, h[:, :n], y[:, k:k + n])
+            logits, h = model.mtp_forward(k, h[:, :n], y[:, k:k + n], stats=out.stats)
             mtp = mtp + cross_entropy(logits, y[:, k + 1:k + 1 + n])
         mtp = mtp / mtp_depth
         parts["mtp_loss"] = mtp
         total = total + tc.mtp_weight * mtp
-    aux = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    if aux:
-        parts["balance_loss"] = torch.stack(aux).sum()
+    stats = out.stats
+    if stats.balance_losses:
+        parts["balance_loss"] = stats.balance_loss()
         total = total + parts["balance_loss"]
-    kl = [m.indexer_loss for m in dsa_layers(model) if m.indexer_loss is not None]
-    if kl:
-        parts["indexer_kl"] = torch.stack(kl).sum()
-        parts["indexer_recall"] = torch.stack([m.indexer_recall for m in dsa_layers(model)
-                                               if m.indexer_recall is not None]).mean()
+    if stats.indexer_losses:
+        parts["indexer_kl"] = stats.indexer_loss()
+        parts["indexer_recall"] = stats.indexer_recall()
         # warm-up: the frozen model only supplies the target; only the indexers' KL is optimised
         total = parts["indexer_kl"] if tc.dsa_stage == "warmup" else total + parts["indexer_kl"]
     parts["loss"] = total
-    _clear_side_losses(model)
+    load = stats.expert_load(model.config.n_routed_experts)
+    if load is not None:
+        parts["expert_load"] = load
     return parts
-
-
-def _clear_side_losses(model: Transformer) -> None:
-    """Reset the losses the blocks leave in attributes. Left there, their autograd graph would outlive the step,
-    and with it FSDP's backward hooks: a cycle through C++ that gc cannot break, keeping the model and its
-    process group alive to interpreter exit."""
-    for m in dsa_layers(model):
-        m.indexer_loss = m.indexer_recall = None
-    for m in moe_layers(model):
-        m.aux_loss = None
 
 
 def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: int = 1):
@@ -676,10 +666,10 @@ def train(tc: TrainConfig) -> dict:
                 with autocast():
                     parts = losses(x, y)
                 (parts["loss"] / accum).backward()
+                if moes:
+                    loads += parts.pop("expert_load")
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
-                for i, m in enumerate(moes):
-                    loads[i] += m.last_load
             gnorm = clip_gradients(model, opt, tc.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.model.stats import LayerStats
 
 pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="CPU decode kernels unavailable here")
 BF = torch.bfloat16
@@ -144,13 +145,14 @@ def test_moe_block(kw, shape, dt):
             moe.gate.e_score_correction_bias.normal_(0, 0.1)
     moe, norm = moe.to(dt).eval(), randomize(RMSNorm(cfg.hidden_size), dt=dt)
     h = torch.randn(*shape, cfg.hidden_size, dtype=dt)
+    sa, sb = LayerStats(), LayerStats()
     with torch.no_grad(), kernels(True):
-        a = moe.fused_block(h, norm)
-        ids_a = moe._last_idx.sort(-1).values
+        a = moe.fused_block(h, norm, sa)
+        ids_a = sa.expert_ids[0].sort(-1).values
     with torch.no_grad(), kernels(False):
         assert moe.fused_block(h, norm) is None
-        b = h + moe(norm(h))  # the per-op PyTorch path
-        ids_b = moe._last_idx.sort(-1).values
+        b = h + moe(norm(h), sb)  # the per-op PyTorch path
+        ids_b = sb.expert_ids[0].sort(-1).values
     assert torch.equal(ids_a, ids_b)  # the same experts
     close(a, b, rel=2 ** -6)
     moe.experts.impl = "loop"
@@ -257,9 +259,10 @@ def kernel_model(dt=BF, **kw):
     return install(m.to(dt))
 
 
-def decode(m, ids, n0, feeds, on):
+def decode(m, ids, n0, feeds, on, expert_ids=None):
     """Prefill ids[:, :n0] (PyTorch path), then decode calls where request b feeds feeds[c][b] tokens at call c
-    (fewer than the longest are padded). Returns the logits of the real tokens, per request."""
+    (fewer than the longest are padded). Returns the logits of the real tokens, per request; the last call's
+    expert ids (per MoE layer) go to the list `expert_ids` when given."""
     cfg = m.config
     B, L = ids.shape
     pool = BlockPool(cfg, cfg.num_hidden_layers, 8, 1 << 22, m.embed_tokens.weight.dtype, "cpu")
@@ -273,7 +276,10 @@ def decode(m, ids, n0, feeds, on):
         for k in feeds:
             T = max(k)
             feed = torch.stack([F.pad(ids[b, n[b]:n[b] + k[b]], (0, T - k[b])) for b in range(B)])
-            out = m(feed, cache=CacheView(pool, tables, n, k)).logits.float()
+            res = m(feed, cache=CacheView(pool, tables, n, k))
+            out = res.logits.float()
+            if expert_ids is not None:
+                expert_ids[:] = res.stats.expert_ids
             for b in range(B):
                 outs[b].append(out[b, :k[b]])
                 n[b] += k[b]
@@ -365,16 +371,17 @@ def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
         return y
 
     def both_paths(ids, feeds):
-        moes = [b.mlp for b in m.layers if isinstance(b.mlp, MoE)]
+        n_moe = sum(isinstance(b.mlp, MoE) for b in m.layers)
         monkeypatch.setattr(decode_plan, "run", plan_run)
+        planned_ids, reference_ids = [], []
         with counting("ns_mla_absorbed", dt) as calls, counting("ns_decode_stack", dt) as stacks:
-            planned = decode(m, ids, 20, feeds, True)
+            planned = decode(m, ids, 20, feeds, True, planned_ids)
         assert calls["n"] == 0 and stacks["n"] == len(feeds)  # one call per step runs all the blocks
-        last = [x._last_idx.clone() for x in moes]
         monkeypatch.setattr(decode_plan, "run", lambda *a: None)
-        reference = decode(m, ids, 20, feeds, True)
+        reference = decode(m, ids, 20, feeds, True, reference_ids)
         assert all(torch.equal(a, b) for a, b in zip(planned, reference))
-        assert all(torch.equal(a, x._last_idx) for a, x in zip(last, moes))
+        assert len(planned_ids) == len(reference_ids) == n_moe
+        assert all(torch.equal(a, b) for a, b in zip(planned_ids, reference_ids))
 
     both_paths(ids[:1], [[1]] * 6)
     assert runs["n"] == 6

@@ -71,10 +71,10 @@ def _train(model, opt, batches, dist: Dist, start: int = 0) -> list[dict]:
         tok = batches[step, dist.rank * share:(dist.rank + 1) * share].to(dist.device)
         out = model(tok[:, :T])
         lm = cross_entropy(out.logits, tok[:, 1:T + 1])
-        mtp_logits, _ = model.mtp_forward(0, out.hidden, tok[:, 1:T + 1])
+        mtp_logits, _ = model.mtp_forward(0, out.hidden, tok[:, 1:T + 1], stats=out.stats)
         loss = lm + MTP_WEIGHT * cross_entropy(mtp_logits, tok[:, 2:T + 2])
         if not loss.requires_grad:  # DSA warm-up: only the indexers' KL losses train
-            loss = torch.stack([m.indexer_loss for m in model.modules() if isinstance(m, MLA)]).sum()
+            loss = out.stats.indexer_loss()
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         if isinstance(gnorm, torch.distributed.tensor.DTensor):
@@ -82,7 +82,7 @@ def _train(model, opt, batches, dist: Dist, start: int = 0) -> list[dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         # auxiliary-loss-free balancing from the loads of the whole global batch
-        load = all_reduce_sum(torch.stack([m.last_load for m in moes]).float(), dist)  # [layers, E]
+        load = all_reduce_sum(out.stats.expert_load(len(moes[0].gate.weight)), dist)  # [layers, E]
         with torch.no_grad():
             for m, l in zip(moes, load):
                 m.gate.e_score_correction_bias += GAMMA * torch.sign(l.mean() - l)

@@ -214,8 +214,7 @@ def test_expert_bias_moves_toward_balance():
 
     def loads():
         with torch.no_grad():
-            model(ids)
-        return torch.stack([m.last_load.double() for m in moes])
+            return model(ids).stats.expert_load(cfg.n_routed_experts).double()
 
     from nanoseek.metrics import max_vio
     first = loads()
@@ -229,20 +228,27 @@ def test_expert_bias_moves_toward_balance():
         assert (m.gate.e_score_correction_bias[:2] < 0).all()
 
 
-def test_micro_step_leaves_no_autograd_graph_on_the_model():
-    """The blocks' side losses (sequence-wise balance, indexer KL and recall) are read and cleared within the
-    micro-step: their graph, left on the model, would keep FSDP's hooks and so the model and its process group
-    alive to interpreter exit, where gloo threads can abort the process (`nanoseek.parallel.destroy`)."""
+def test_side_losses_and_loads_come_in_the_output_not_on_the_model():
+    """The blocks' side losses (sequence-wise balance, indexer KL and recall) and expert loads come back in the
+    forward's output (`LayerStats`), main layers and MTP: nothing with an autograd graph stays on the modules,
+    where it would keep FSDP's hooks and so the model and its process group alive to interpreter exit (gloo
+    threads can then abort the process, `nanoseek.parallel.destroy`)."""
     model = nanoseek.Transformer(nanoseek.get_preset("tiny"))
     T.set_dsa_stage(model, "sparse")
     for m in T.moe_layers(model):
         m.seq_aux_alpha = 1e-3
     ids = torch.randint(0, model.config.vocab_size, (2, 50))  # 48 > index_topk: the selection is active
     parts = T.micro_step_losses(model, ids[:, :48], ids[:, 1:49], T.TrainConfig(out="-", dsa_stage="sparse"), 1)
-    assert {"balance_loss", "indexer_kl", "indexer_recall", "mtp_loss"} <= parts.keys()
+    assert {"balance_loss", "indexer_kl", "indexer_recall", "mtp_loss", "expert_load"} <= parts.keys()
+    cfg = model.config
+    moes = T.moe_layers(model)  # the main MoE layers, then MTP's
+    assert len(moes) == cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+    assert parts["expert_load"].shape == (len(moes), cfg.n_routed_experts)
+    tokens = torch.tensor([2 * 48] * (len(moes) - 1) + [2 * 47])  # MTP predicts one token fewer per row
+    assert torch.equal(parts["expert_load"].sum(-1), tokens * cfg.num_experts_per_tok)
     parts["loss"].backward()
-    assert all(m.aux_loss is None for m in T.moe_layers(model))
-    assert all(m.indexer_loss is None and m.indexer_recall is None for m in T.dsa_layers(model))
+    tensors = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    assert not [t for t in tensors if t.grad_fn is not None]
 
 
 def test_dsa_warmup_trains_only_the_indexer_and_kl_falls(env, pretrained, tmp_path):

@@ -62,7 +62,8 @@ for _register in (torch.nn.modules.module.register_module_parameter_registration
 def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     """The decoder blocks, the final norm and the head on x [B, T, D] (embedded tokens of a decode call) through
     the plan of `model` (a Transformer), built or rebuilt as needed: (logits [B, T or num_logits, V], normed
-    hidden [B, T, D]), or None where the plan does not apply (the caller runs the blocks)."""
+    hidden [B, T, D], each MoE block's expert ids [B*T, K]), or None where the plan does not apply (the caller
+    runs the blocks)."""
     B, T, _ = x.shape
     if model.training or torch.is_grad_enabled() or T > ABSORB_MAX_QUERIES or B * T > MAX_PLAN_ROWS or \
             not cpu_decode.available(x):
@@ -110,7 +111,7 @@ class DecodePlan:
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
-        self.moes = moes  # per block, its MoE module (its expert ids are set after each step) or None
+        self.moes = moes  # per block, its MoE module or None
         self.keep = keep  # the derived weights whose addresses the structs hold
         # scratch widths, the largest over the blocks
         self.C, self.P, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["P"], blocks[0]["Di"]
@@ -245,9 +246,10 @@ class DecodePlan:
             pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
             write.data_ptr(), _ptr(read), span0, *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
             hn.data_ptr(), head_w, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
+        expert_ids = []  # per MoE block, [M, K]: what `LayerStats.expert_ids` holds
         for moe, ids in zip(self.moes, idx.unbind(0)):
-            if moe is not None:  # MoE.last_load reads it; a plain attribute, set without nn.Module's lookups
+            if moe is not None:
                 K = moe.gate.K
-                moe.__dict__["_last_idx"] = ids if K == Kp else ids.view(-1)[:M * K].view(M, K)
-        return logits, hn
+                expert_ids.append(ids if K == Kp else ids.view(-1)[:M * K].view(M, K))
+        return logits, hn, expert_ids
 

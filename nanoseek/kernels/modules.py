@@ -30,6 +30,7 @@ from nanoseek.model.mla import ABSORB_MAX_QUERIES, MLA
 from nanoseek.model.moe import MLP, Experts, MoE, Router
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables
+from nanoseek.model.stats import LayerStats
 from nanoseek.model.transformer import Block, CausalLMOutput, Transformer
 
 
@@ -41,7 +42,7 @@ class FastRMSNorm(RMSNorm):
 
 
 class FastMLP(MLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: Optional[LayerStats] = None) -> torch.Tensor:
         gate, up = fused_linear(self, "_fused_gate_up", x, (self.gate_proj, self.up_proj))  # one matmul
         return linear(self, "_down", F.silu(gate) * up, self.down_proj.weight)
 
@@ -50,7 +51,7 @@ class FastMLP(MLP):
         return derived(self, "_fused_gate_up", [self.gate_proj.weight, self.up_proj.weight],
                        lambda g, u: torch.cat((g, u)))
 
-    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
+    def fused_block(self, h: torch.Tensor, norm, stats: Optional[LayerStats] = None) -> Optional[torch.Tensor]:
         """h + self(norm(h)) as one C call for a few rows on CPU (`cpu_decode.py`); None otherwise."""
         if not cpu_decode.usable(h, norm.weight, self.down_proj.weight):
             return None
@@ -104,9 +105,9 @@ class FastExperts(Experts):
 
 
 class FastMoE(MoE):
-    def fused_block(self, h: torch.Tensor, norm) -> Optional[torch.Tensor]:
+    def fused_block(self, h: torch.Tensor, norm, stats: Optional[LayerStats] = None) -> Optional[torch.Tensor]:
         """h + self(norm(h)) as one C call (norm, router, routed and shared experts, residual) for a few rows at
-        inference on CPU (`cpu_decode.py`); None otherwise."""
+        inference on CPU (`cpu_decode.py`); None otherwise. The expert ids go to `stats`, as `MoE.forward`'s."""
         g = self.gate
         gate_up, down = self.experts.weights()
         if self.training or not cpu_decode.usable(h, norm.weight, gate_up, down) or not isinstance(g, FastRouter):
@@ -125,7 +126,8 @@ class FastMoE(MoE):
         router = (w32, g.e_score_correction_bias, g.scoring, g.method, g.n_group, g.topk_group, g.K, g.norm_topk,
                   g.scaling)
         out, idx = cpu_decode.ffn_block(h, norm.weight, norm.eps, router, (gate_up, down), shared)
-        self._last_idx = idx
+        if stats is not None:
+            stats.expert_ids.append(idx)
         return out
 
 
@@ -231,18 +233,19 @@ class FastMLA(MLA):
 
 
 class FastBlock(Block):
-    def forward(self, x, rope, cache=None, path="auto"):
+    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None):
         # decode of a few rows on CPU: each half of the block is one or two fused C calls (None elsewhere)
         attn, mlp = self.self_attn, self.mlp
         h = None
         if cache is not None and path != "naive" and isinstance(attn, FastMLA):
             h = attn.decode_block(x, self.input_layernorm, rope, cache)
         if h is None:
-            h = x + attn(x, rope, cache, path, norm=self.input_layernorm)
-        out = mlp.fused_block(h, self.post_attention_layernorm) if isinstance(mlp, (FastMoE, FastMLP)) else None
+            h = x + attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats)
+        fused = isinstance(mlp, (FastMoE, FastMLP))
+        out = mlp.fused_block(h, self.post_attention_layernorm, stats) if fused else None
         if out is not None:
             return out
-        return h + mlp(self.post_attention_layernorm(h))
+        return h + mlp(self.post_attention_layernorm(h), stats)
 
 
 class FastTransformer(Transformer):
@@ -255,7 +258,7 @@ class FastTransformer(Transformer):
             # decode on the CPU kernels: blocks, final norm and head in one call (None where the plan does not apply)
             out = decode_plan.run(self, self.embed_tokens(input_ids), cache, num_logits)
             if out is not None:
-                return CausalLMOutput(logits=out[0], hidden=out[1])
+                return CausalLMOutput(logits=out[0], hidden=out[1], stats=LayerStats(expert_ids=out[2]))
         return super().forward(input_ids, cache, num_logits, path)
 
 

@@ -26,6 +26,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.dsa import Indexer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables, apply_rope_pairs
+from nanoseek.model.stats import LayerStats
 
 # "auto" path: absorbed when a cached call has at most this many new tokens per request (decode steps, MTP
 # verification, short prompts after a cached prefix); longer prefills take the naive path
@@ -65,11 +66,10 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.V, cfg.hidden_size, bias=False)
         self.indexer = Indexer(cfg) if cfg.use_dsa else None
         # DSA training switches (set by nanoseek.train): "sparse" = top-k attention (inference default),
-        # "dense" = full attention (dense warm-up stage). indexer_loss: compute the KL into self.indexer_loss.
+        # "dense" = full attention (dense warm-up stage). indexer_loss_on: report the indexer's KL loss (and its
+        # top-k recall) into the forward's LayerStats.
         self.dsa_mode = "sparse"
         self.indexer_loss_on = False
-        self.indexer_loss: Optional[torch.Tensor] = None
-        self.indexer_recall: Optional[torch.Tensor] = None
 
     # ---- projections -----------------------------------------------------------------------------------
     def _project(self, x):
@@ -177,7 +177,7 @@ class MLA(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto",
-                norm: Optional[RMSNorm] = None) -> torch.Tensor:
+                norm: Optional[RMSNorm] = None, stats: Optional[LayerStats] = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. x is the block's input_layernorm'ed input, or its raw input with that
         `norm` given (then applied before the projections). path: auto | naive | absorbed."""
         B, T, _ = x.shape
@@ -192,7 +192,7 @@ class MLA(nn.Module):
             path = "absorbed" if cache is not None and T <= ABSORB_MAX_QUERIES else "naive"
 
         if self.indexer is not None and (self.dsa_mode == "sparse" or self.indexer_loss_on):
-            return self._forward_dsa(x, cq, q, rows, mask, index_k, rope, cache, path)
+            return self._forward_dsa(x, cq, q, rows, mask, index_k, rope, cache, path, stats)
         if rows is None:
             rows = cache.read(self.layer_id)
         if path == "absorbed":
@@ -202,7 +202,7 @@ class MLA(nn.Module):
         out, _ = self.naive(q, rows, mask)
         return self.o_proj(out.flatten(2))
 
-    def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path):
+    def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path, stats):
         B, T, _ = x.shape
         S = rows.shape[1] if rows is not None else mask.shape[-1]
         if mask is None:
@@ -223,7 +223,9 @@ class MLA(nn.Module):
             rows = cache.read(self.layer_id)
         attn_mask = mask if idx is None else self._selected_mask(mask, idx)
         out, probs = self.naive(q, rows, attn_mask, need_probs=True)
-        self._indexer_kl(probs, scores, attn_mask)
+        if stats is not None:
+            stats.indexer_losses.append(self._indexer_kl(probs, scores, attn_mask))
+            stats.indexer_recalls.append(self._indexer_recall(probs, scores))
         return self.o_proj(out.flatten(2))
 
     def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path):
@@ -269,16 +271,22 @@ class MLA(nn.Module):
         flat = idx.reshape(B, T * K, 1).expand(-1, -1, rows.shape[-1])
         return torch.gather(rows, 1, flat).view(B, T, K, -1)
 
-    def _indexer_kl(self, probs, scores, attn_mask):
+    def _indexer_kl(self, probs, scores, attn_mask) -> torch.Tensor:
         """KL(main attention summed over heads, L1-normalised || softmax(index scores)) over attn_mask."""
-        target = probs.detach().sum(1)  # [B, T, S]
-        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+        target = self._attention_target(probs)
         logp = scores.masked_fill(~attn_mask, float("-inf")).log_softmax(-1)
         kl = torch.where(attn_mask & (target > 0), target * (target.clamp_min(1e-12).log() - logp),
                          torch.zeros_like(target))
-        self.indexer_loss = kl.sum(-1).mean()
-        # recall of the attention mass by the indexer's top-k (diagnostic only)
+        return kl.sum(-1).mean()
+
+    def _indexer_recall(self, probs, scores) -> torch.Tensor:
+        """The share of the attention mass on the indexer's top-k positions (a diagnostic, no gradient)."""
         with torch.no_grad():
             k = min(self.indexer.topk, scores.shape[-1])
             top = scores.topk(k, dim=-1).indices
-            self.indexer_recall = torch.gather(target, -1, top).sum(-1).mean()
+            return torch.gather(self._attention_target(probs), -1, top).sum(-1).mean()
+
+    @staticmethod
+    def _attention_target(probs) -> torch.Tensor:
+        target = probs.detach().sum(1)  # [B, T, S]
+        return target / target.sum(-1, keepdim=True).clamp_min(1e-12)

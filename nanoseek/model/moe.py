@@ -13,8 +13,8 @@ tokens, where grouped matmuls are unavailable. The fast paths (C grouped GEMMs f
 packed weights) are put on from outside by `nanoseek.kernels.install`, through the hooks `_gemm` and
 `_expert_weights`.
 
-For balancing, each MoE layer keeps the last forward's expert loads (`last_load`, [E]) and, when
-`seq_aux_alpha` > 0 in training, the sequence-wise balance loss (`aux_loss`).
+For balancing, each MoE layer reports its tokens' expert ids and, when `seq_aux_alpha` > 0 in training, the
+sequence-wise balance loss, into the forward's `LayerStats` (`stats.py`).
 
 Legend: N tokens (B·T flattened), D model width, E routed experts, K experts per token, I expert width.
 """
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.stats import LayerStats
 
 
 class MLP(nn.Module):
@@ -38,7 +39,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: Optional[LayerStats] = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -310,23 +311,15 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.seq_aux_alpha = 0.0  # set by training; > 0 computes the sequence-wise balance loss
-        self._last_idx: Optional[torch.Tensor] = None  # [N, K] expert ids of the last forward
-        self.aux_loss: Optional[torch.Tensor] = None
 
-    @property
-    def last_load(self) -> Optional[torch.Tensor]:
-        """[E] tokens routed to each expert in the last forward; counted when asked (decode steps never ask)."""
-        if self._last_idx is None:
-            return None
-        return torch.bincount(self._last_idx.reshape(-1), minlength=self.gate.E)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: Optional[LayerStats] = None) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx, scores = self.gate(flat)
-        self._last_idx = idx
-        if self.training and self.seq_aux_alpha > 0:
-            self.aux_loss = self._seq_balance_loss(idx.view(B, T, -1), scores.view(B, T, -1))
+        if stats is not None:
+            stats.expert_ids.append(idx)
+            if self.training and self.seq_aux_alpha > 0:
+                stats.balance_losses.append(self._seq_balance_loss(idx.view(B, T, -1), scores.view(B, T, -1)))
         out = self.experts(flat, w, idx).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

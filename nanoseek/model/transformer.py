@@ -13,7 +13,7 @@ Legend: B batch, T tokens, D model width, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,12 +26,14 @@ from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables, RotaryEmbedding
+from nanoseek.model.stats import LayerStats
 
 
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor  # [B, T, V] (or [B, n, V] with num_logits=n)
     hidden: torch.Tensor  # [B, T, D] after the final norm
+    stats: LayerStats = field(default_factory=LayerStats)  # expert ids, side losses (`stats.py`)
 
 
 class Block(nn.Module):
@@ -42,9 +44,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, cache=None, path="auto"):
-        h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None):
+        h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats)
+        return h + self.mlp(self.post_attention_layernorm(h), stats)
 
 
 class Transformer(nn.Module):
@@ -98,20 +100,23 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
                 path: str = "auto") -> CausalLMOutput:
-        """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given)."""
+        """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given), the final hidden
+        state and the layers' stats."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         x = self.embed_tokens(input_ids)
         rope = self.rope_for(self.positions_for(input_ids, cache), cache)
+        stats = LayerStats()
         for layer in self.layers:
-            x = layer(x, rope, cache, path)
+            x = layer(x, rope, cache, path, stats)
         h = self.norm(x)
         hl = h if num_logits is None else h[:, -num_logits:]
-        return CausalLMOutput(logits=self.head(hl), hidden=h)
+        return CausalLMOutput(logits=self.head(hl), hidden=h, stats=stats)
 
     def mtp_forward(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache=None,
-                    positions: Optional[torch.Tensor] = None):
-        """Run MTP depth k (0-based) on hidden [B, T, D] and the tokens one step ahead next_ids [B, T].
+                    positions: Optional[torch.Tensor] = None, stats: Optional[LayerStats] = None):
+        """Run MTP depth k (0-based) on hidden [B, T, D] and the tokens one step ahead next_ids [B, T]; its MoE
+        layer reports into `stats` when given (training: the main forward's).
 
         Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
         """
@@ -120,7 +125,7 @@ class Transformer(nn.Module):
         else:
             rope = self.rotary(positions)
         m = self.mtp[k]
-        h = m(hidden, self.embed_tokens(next_ids), rope, cache)
+        h = m(hidden, self.embed_tokens(next_ids), rope, cache, stats)
         return self.head(m.head_norm(h)), h
 
     def set_expert_impl(self, impl: str) -> None:
