@@ -35,6 +35,7 @@ from nanoseek import metrics as M
 from nanoseek.model.transformer import cross_entropy
 from nanoseek import train as T
 from nanoseek.optim import build_adamw
+from nanoseek import kernels
 from nanoseek.train import TrainConfig, keep_freed_memory, loss_function
 
 
@@ -122,6 +123,7 @@ def main() -> None:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dname]
             ns = nanoseek.Transformer(cfg)
             ns.load_state_dict(base.state_dict())
+            kernels.install(ns)  # as `nanoseek train` does: the C expert GEMMs where this CPU has them
             ns.train()
             hf = hf_model(tmp)
             impl = getattr(hf.config, "_experts_implementation_internal", None) or "?"

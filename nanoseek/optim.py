@@ -14,15 +14,15 @@
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from nanoseek.kernels import cpu_adamw
 
 
 @dataclass
@@ -113,27 +113,6 @@ def low_precision_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2 and id(p) not in keep_fp32]
 
 
-_ADAMW_SRC = Path(__file__).parent / "kernels" / "cpu_adamw.c"
-_adamw_lib: list = []  # [the loaded library or None], built on first use
-
-
-def _cpu_kernels() -> Optional[ctypes.CDLL]:
-    if not _adamw_lib:
-        from nanoseek.kernels import isa
-        from nanoseek.kernels.build import build
-        try:
-            lib = build(_ADAMW_SRC, isa.best())
-        except OSError:  # unwritable cache, unloadable library: the PyTorch reference
-            lib = None
-        if lib is not None:
-            p, i64, f, nt = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            lib.ns_sumsq_bf16.argtypes = [p, i64, nt]
-            lib.ns_sumsq_bf16.restype = ctypes.c_double
-            lib.ns_adamw_master.argtypes = [p, p, p, p, p, p, i64] + [f] * 8 + [nt]
-        _adamw_lib.append(lib)
-    return _adamw_lib[0]
-
-
 def _f32(x: float) -> float:
     """x rounded to fp32: the C kernel and the PyTorch reference take the same scalars."""
     return struct.unpack("f", struct.pack("f", x))[0]
@@ -188,7 +167,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global L2 norm of all gradients; if max_norm > 0, the next step scales them by
         min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does."""
-        lib = _cpu_kernels()
+        lib = cpu_adamw.library()
         sq = 0.0
         for g in self._grads.values():
             if lib is not None and g.is_cpu and g.dtype == torch.bfloat16 and g.is_contiguous():
@@ -217,7 +196,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step takes no closure")
         scale, self._scale = self._scale, 1.0
-        lib = _cpu_kernels()
+        lib = cpu_adamw.library()
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             plain = [p for p in group["params"] if p not in self.master and p.grad is not None]
