@@ -195,8 +195,11 @@ def main() -> None:
     cfg = get_preset(args.preset)
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
+    from nanoseek.kernels import cpu_decode, isa
     print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
-          f"{torch.get_num_threads()}\n")
+          f"{torch.get_num_threads()}")
+    print(f"CPU {isa.describe()}; decode kernel variant: "
+          + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(",")) + "\n")
     rows, notes, bws = [], [], []
     with tempfile.TemporaryDirectory() as d:
         src = nanoseek.Transformer(cfg)

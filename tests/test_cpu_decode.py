@@ -5,10 +5,13 @@ tokens per request as in MTP verification) with the kernels on and off, on modul
 fast (with the kernels off they run the reference paths).
 
 bf16 results can differ from the reference by the order of fp32 sums, i.e. by an ulp of a bf16 output, and such
-differences grow through layers; the tolerances say so (float32 ones are 1e-5). Skipped where the kernels are
-unavailable (not x86 with AVX-512 BF16, or no C compiler).
+differences grow through layers; the tolerances say so (float32 ones are 1e-5). Every test runs once per kernel
+variant of this architecture (`variant` below), skipped for those this CPU does not run, and all are skipped where
+the kernels are unavailable (no vector ISA of isa.py, or no C compiler). The C structs' layouts against their
+ctypes mirrors: `test_abi_*`.
 """
 import contextlib
+import ctypes
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
-from nanoseek.kernels import cpu_decode, install
+from nanoseek.kernels import abi, cpu_decode, install, isa
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -28,6 +31,26 @@ pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="CPU decode
 BF = torch.bfloat16
 DTYPES = [BF, pytest.param(torch.float32, marks=pytest.mark.skipif(
     cpu_decode.library(torch.float32) is None, reason="float32 kernels unavailable here"))]
+
+VARIANTS = [v for v in cpu_decode.VARIANTS[BF] if isa.VARIANTS[v][0] == isa.arch()]
+
+
+@pytest.fixture(autouse=True, params=VARIANTS)
+def variant(request, monkeypatch):
+    """Each test on the kernels of one variant: NANOSEEK_KERNEL_ISA caps the choice at it, and the libraries are
+    chosen again (the float32 build's variant where that build has no `variant` of its own)."""
+    v = request.param
+    if not isa.runs(v):
+        pytest.skip(f"this CPU does not run {v} code")
+    dt = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dt")
+    if dt is torch.float32 and v not in cpu_decode.VARIANTS[dt]:
+        pytest.skip(f"the float32 build has no {v} variant: its test with the next variant down covers it")
+    monkeypatch.setenv("NANOSEEK_KERNEL_ISA", v)
+    cpu_decode.reset()
+    assert cpu_decode.variant(BF) == v, f"the {v} kernels were not built"
+    cpu_decode.library(torch.float32)  # (loaded, as at import: the kernel wrappers read the loaded libraries)
+    yield v
+    cpu_decode.reset()
 
 
 @contextlib.contextmanager
@@ -451,3 +474,42 @@ def test_short_prompts_prefill_in_one_call_as_alone(dt):
                                                                                              params[:len(prompts)])]
     assert together == alone == spec
     assert [first[str(i)] for i in range(len(prompts))] == [a[:1] for a in alone]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_abi_matches_the_ctypes_mirrors(dt):
+    """Each library reports the layout of the structs it takes by pointer (ns_abi), field by field, and the ctypes
+    mirrors have it (the load checks it too)."""
+    lib = cpu_decode.library(dt)
+    c, mirrors = abi.layouts(lib), cpu_decode.mirrors()
+    assert set(c) == set(mirrors) == {"ns_block"}
+    size, fields = c["ns_block"]
+    assert [f for f, *_ in fields] == [f for f, *_ in mirrors["ns_block"]._fields_]
+    assert all(o + n <= p for (_, o, n), (_, p, _) in zip(fields, fields[1:])) and fields[-1][1] + fields[-1][2] <= size
+    assert c["ns_block"] == abi.mirror_layout(mirrors["ns_block"])
+    abi.check(lib, mirrors, "test")
+
+
+def test_abi_mismatch_is_refused(monkeypatch):
+    """A mirror that differs from the C struct is refused with an error naming the difference: a field retyped
+    (same offsets, another size), two fields swapped (same layout, other names), one missing; and a library is not
+    loaded with such a mirror."""
+    lib = cpu_decode.library(BF)
+    fields = list(cpu_decode.mirrors()["ns_block"]._fields_)
+    names = [f for f, _ in fields]
+    i, j = names.index("R"), names.index("P")
+    swapped = list(fields)
+    swapped[i], swapped[j] = fields[j], fields[i]
+    retyped = [(f, ctypes.c_double if f == "qa_eps" else t) for f, t in fields]
+    for fs, match in [(retyped, "field qa_eps at offset 56 [(]8 bytes[)], in C at 56 [(]4 bytes[)]"),
+                      (swapped, "fields"), (fields[:-1], "fields")]:
+        bad = type("BadBlock", (ctypes.Structure,), {"_fields_": fs})
+        with pytest.raises(abi.AbiMismatch, match=match):
+            abi.check(lib, {"ns_block": bad}, "test")
+    with pytest.raises(abi.AbiMismatch, match="no ctypes mirror"):
+        abi.check(lib, {}, "test")
+    monkeypatch.setattr(cpu_decode, "mirrors", lambda: {"ns_block": bad})  # (the one missing a field)
+    monkeypatch.setattr(cpu_decode, "_built", {})  # load it anew (the real dict comes back after the test)
+    cpu_decode.reset()
+    with pytest.raises(abi.AbiMismatch, match=r"cpu_decode\.c .*BadBlock"):
+        cpu_decode.library(BF)

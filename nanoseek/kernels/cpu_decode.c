@@ -15,22 +15,24 @@
  *
  * Threads: OpenMP with the caller's thread count (libgomp is the one PyTorch already loaded). Compiled with
  * -ffp-contract=off so that the scalar loops round like PyTorch's separate multiplies and adds.
+ * Vectors: one source for every variant of isa.py (AVX-512 BF16, AVX-512, AVX2, NEON with or without BF16, and a
+ * scalar build for the C self-test, tests/kernels_selftest.c), over simd.h. The bf16 dot products run VDPBF16PS
+ * where the CPU has it and two FMAs over the widened pairs elsewhere (simd.h `vf_dot2`). The bf16 build on AVX-512
+ * BF16 keeps two kernels written for it (attention's o_lat over pairs of rows, the DSA indexer over 16 keys at a
+ * time: NS_AVX512BF16); the other builds run their simd.h forms. ns_isa() names the variant; ns_abi() describes
+ * the structs Python passes by pointer, which cpu_decode.py checks against its ctypes mirrors at load.
  * Legend: M rows of x, D input width, O output rows, N tokens, K experts per token, I expert width; wt is the
  * model's dtype (bf16 or float).
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-#if defined(NS_F32) && defined(__AVX512F__)
-#define NS_SIMD 1      /* the float32 build: AVX-512F dot products */
-#elif !defined(NS_F32) && defined(__AVX512BF16__) && defined(__AVX512F__)
-#define NS_SIMD 1      /* the bf16 build: AVX-512 BF16 dot products */
-#define NS_AVX512BF16 1
+#include "simd.h"
+#if !defined(NS_F32) && defined(NS_BF16_DOT) && defined(__AVX512BF16__)
+#define NS_AVX512BF16 1 /* the bf16 build on AVX-512 BF16: its own o_lat and DSA indexer kernels */
 #endif
 
 typedef uint16_t bf16;
@@ -53,48 +55,68 @@ static inline bf16 f2bf(float f) { /* round to nearest even, as PyTorch */
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
 
 /* wt: the model's dtype. RW(x) marks where PyTorch's path rounds an intermediate to it: through bf16 in the bf16
- * build, nothing to round in the float32 one (everything else is computed in fp32 in both). */
+ * build, nothing to round in the float32 one (everything else is computed in fp32 in both).
+ * vw: NS_VWT values of wt loaded for one multiply-add step of the dot products, vw_madd(acc, a, b): lane i of acc
+ * += the products of its values of a and b (fp32: one FMA; bf16: a pair, simd.h `vf_dot2`); vf_loadu_w: NS_VW
+ * values of wt as fp32. */
 #ifdef NS_F32
 typedef float wt;
 static inline float w2f(wt v) { return v; }
 static inline wt f2w(float f) { return f; }
 #define RW(x) (x)
+typedef vf vw;
+#define NS_VWT NS_VW
+static inline vw vw_loadu(const wt *p) { return vf_loadu(p); }
+static inline vf vw_madd(vf acc, vw a, vw b) { return vf_fmadd(a, b, acc); }
+static inline vf vf_loadu_w(const wt *p) { return vf_loadu(p); }
 #else
 typedef bf16 wt;
 #define w2f bf2f
 #define f2w f2bf
 #define RW rbf
+typedef vbf2 vw;
+#define NS_VWT (2 * NS_VW)
+static inline vw vw_loadu(const wt *p) { return vbf2_loadu(p); }
+static inline vf vw_madd(vf acc, vw a, vw b) { return vf_dot2(acc, a, b); }
+static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
 #endif
+
+/* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator
+ * (op % NS_DOT_ACC), a prefetch 2 KB ahead per line (b streams weight rows one after another: asking 2 KB ahead
+ * keeps more of memory's latency hidden than the hardware prefetcher alone; on AVX-512 the bf16 block stack ran
+ * 8-12% faster, and 0.5 and 4 KB ahead were slower); then whole vector ops into the first accumulator, the
+ * accumulators' sum reduced, and a scalar tail. dot_k shares each load of b among up to four rows, so its
+ * 4 x NS_DOT_ACC accumulators must stay in registers. AVX-512 and AVX2 keep one accumulator per line (on AVX-512
+ * the arithmetic these kernels had before simd.h): on Zen 3 (AVX2, one thread, rows of 384 in L2) four rows ran
+ * 1.2x (bf16) to 1.7x (fp32) faster than with four accumulators (four rows of them spill AVX2's 16 registers;
+ * two rows per call read b twice), while one row alone ran ~15% slower (in cache only: rows streamed from memory
+ * are bound by its bandwidth). NEON's narrower vectors take four accumulators: 4 x 4 of its 32 registers. */
+#define NS_STEP (128 / (int64_t)sizeof(wt))
+#define NS_AHEAD (2048 / (int64_t)sizeof(wt))
+#define NS_OPS (NS_STEP / NS_VWT) /* vector ops per step */
+#define NS_DOT_ACC (NS_VW >= 8 ? 2 : 4)
+
+static inline float acc_sum(const vf *acc) {
+    vf t = acc[0];
+    for (int j = 1; j < NS_DOT_ACC; j++) t = vf_add(t, acc[j]);
+    return vf_reduce_add(t);
+}
 
 /* sum_i a[i] * b[i] in fp32 */
 static inline float dot(const wt *a, const wt *b, int64_t n) {
     int64_t i = 0;
-    float s = 0.f;
-#if defined(NS_SIMD)
-    /* b streams weight rows one after another: asking 2 KB ahead keeps more of memory's latency hidden than the
-     * hardware prefetcher alone (the bf16 block stack ran 8-12% faster; 0.5 and 4 KB ahead were slower) */
-    const int64_t ahead = 2048 / sizeof(wt), step = 128 / sizeof(wt); /* two cache lines per step */
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (; i + step <= n; i += step) {
-        _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + i + ahead + step / 2), _MM_HINT_T0);
-#ifdef NS_F32
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-#else
-        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + i + 32),
-                                (__m512bh)_mm512_loadu_si512(b + i + 32));
-#endif
+    vf acc[NS_DOT_ACC];
+    for (int j = 0; j < NS_DOT_ACC; j++) acc[j] = vf_zero();
+    for (; i + NS_STEP <= n; i += NS_STEP) {
+        ns_prefetch(b + i + NS_AHEAD);
+        ns_prefetch(b + i + NS_AHEAD + NS_STEP / 2);
+        for (int v = 0; v < NS_OPS; v++) {
+            const int64_t o = i + v * NS_VWT;
+            acc[v % NS_DOT_ACC] = vw_madd(acc[v % NS_DOT_ACC], vw_loadu(a + o), vw_loadu(b + o));
+        }
     }
-    for (; i + step / 2 <= n; i += step / 2)
-#ifdef NS_F32
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-#else
-        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-#endif
-    s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#endif
+    for (; i + NS_VWT <= n; i += NS_VWT) acc[0] = vw_madd(acc[0], vw_loadu(a + i), vw_loadu(b + i));
+    float s = acc_sum(acc);
     for (; i < n; i++) s += w2f(a[i]) * w2f(b[i]);
     return s;
 }
@@ -102,67 +124,42 @@ static inline float dot(const wt *a, const wt *b, int64_t n) {
 /* sum_i a[i] * b[i], a wt, b fp32 */
 static inline float dot_wf(const wt *a, const float *b, int64_t n) {
     int64_t i = 0;
-    float s = 0.f;
-#if defined(NS_SIMD)
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16)
-#ifdef NS_F32
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-#else
-        acc = _mm512_fmadd_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(a + i))),
-                              _mm512_loadu_ps(b + i), acc);
-#endif
-    s = _mm512_reduce_add_ps(acc);
-#endif
+    vf acc = vf_zero();
+    for (; i + NS_VW <= n; i += NS_VW) acc = vf_fmadd(vf_loadu_w(a + i), vf_loadu(b + i), acc);
+    float s = vf_reduce_add(acc);
     for (; i < n; i++) s += w2f(a[i]) * b[i];
     return s;
 }
 
-/* out[j] = dot(x[j], b, n) for j < k (k <= 4), the arithmetic of `dot` for each row, bit for bit (the same two
- * accumulators over the same chunks, the same reduction and tail), so a row's result does not depend on how
+/* out[j] = dot(x[j], b, n) for j < k (k <= 4), the arithmetic of `dot` for each row, bit for bit (the
+ * same accumulators over the same chunks, the same reduction and tail), so a row's result does not depend on how
  * many others share the call. Each load of b, and its prefetch, serves the k rows, where `dot` row by row
- * spent two loads per FMA: a 16-request `small` decode step takes 6-9% less time (float32 and bf16, the two
- * versions alternated step by step in one process). Attention's scores keep `dot` per head: sharing the row
- * there made a 128-head V3.2 layer 16% slower at 2K-16K rows. */
+ * spent two loads per FMA: on AVX-512 a 16-request `small` decode step takes 6-9% less time (float32 and bf16,
+ * the two versions alternated step by step in one process). Attention's scores keep `dot` per head: sharing the
+ * row there made a 128-head V3.2 layer 16% slower at 2K-16K rows. */
 static inline __attribute__((always_inline)) void dot_k(const wt *const *x, const int k, const wt *b, int64_t n,
                                                          float *out) {
     int64_t i = 0;
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(NS_SIMD)
-    const int64_t ahead = 2048 / sizeof(wt), step = 128 / sizeof(wt);
-    __m512 acc0[4], acc1[4];
-    for (int j = 0; j < k; j++) acc0[j] = acc1[j] = _mm512_setzero_ps();
-    for (; i + step <= n; i += step) {
-        _mm_prefetch((const char *)(b + i + ahead), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + i + ahead + step / 2), _MM_HINT_T0);
-#ifdef NS_F32
-        const __m512 b0 = _mm512_loadu_ps(b + i), b1 = _mm512_loadu_ps(b + i + 16);
-        for (int j = 0; j < k; j++) {
-            acc0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i), b0, acc0[j]);
-            acc1[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i + 16), b1, acc1[j]);
+    vf acc[4][NS_DOT_ACC];
+    for (int j = 0; j < k; j++)
+        for (int u = 0; u < NS_DOT_ACC; u++) acc[j][u] = vf_zero();
+    for (; i + NS_STEP <= n; i += NS_STEP) {
+        ns_prefetch(b + i + NS_AHEAD);
+        ns_prefetch(b + i + NS_AHEAD + NS_STEP / 2);
+        for (int v = 0; v < NS_OPS; v++) {
+            const vw bv = vw_loadu(b + i + v * NS_VWT);
+            for (int j = 0; j < k; j++)
+                acc[j][v % NS_DOT_ACC] = vw_madd(acc[j][v % NS_DOT_ACC], vw_loadu(x[j] + i + v * NS_VWT), bv);
         }
-#else
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + i), b1 = (__m512bh)_mm512_loadu_si512(b + i + 32);
-        for (int j = 0; j < k; j++) {
-            acc0[j] = _mm512_dpbf16_ps(acc0[j], (__m512bh)_mm512_loadu_si512(x[j] + i), b0);
-            acc1[j] = _mm512_dpbf16_ps(acc1[j], (__m512bh)_mm512_loadu_si512(x[j] + i + 32), b1);
-        }
-#endif
     }
-    for (; i + step / 2 <= n; i += step / 2) {
-#ifdef NS_F32
-        const __m512 b0 = _mm512_loadu_ps(b + i);
-        for (int j = 0; j < k; j++) acc0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x[j] + i), b0, acc0[j]);
-#else
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + i);
-        for (int j = 0; j < k; j++) acc0[j] = _mm512_dpbf16_ps(acc0[j], (__m512bh)_mm512_loadu_si512(x[j] + i), b0);
-#endif
+    for (; i + NS_VWT <= n; i += NS_VWT) {
+        const vw bv = vw_loadu(b + i);
+        for (int j = 0; j < k; j++) acc[j][0] = vw_madd(acc[j][0], vw_loadu(x[j] + i), bv);
     }
-    for (int j = 0; j < k; j++) s[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
-#endif
     for (int j = 0; j < k; j++) {
-        for (int64_t t = i; t < n; t++) s[j] += w2f(x[j][t]) * w2f(b[t]);
-        out[j] = s[j];
+        float s = acc_sum(acc[j]);
+        for (int64_t t = i; t < n; t++) s += w2f(x[j][t]) * w2f(b[t]);
+        out[j] = s;
     }
 }
 
@@ -317,24 +314,26 @@ static void att_olat(const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t
         return;
     }
 #endif
-#if defined(NS_SIMD) && defined(NS_F32)
-    if (R % 16 == 0) { /* one FMA per row against the head's broadcast probability; heads in blocks of 8 */
-        for (int64_t c = c0; c < c1; c += 16)
+    if (R % NS_VW == 0) { /* one FMA per row against the head's broadcast probability (fp32, a wt value in the bf16
+                           * build: its products with a row are exact), heads in blocks of 8 accumulators */
+        for (int64_t c = c0; c < c1; c += NS_VW)
             for (int64_t hb = h0; hb < h1; hb += 8) {
                 const int64_t nb = h1 - hb < 8 ? h1 - hb : 8;
-                __m512 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+                vf acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = vf_zero();
                 for (int64_t s = 0; s < S; s++) { /* (masked rows have p = 0, and the cache's rows are finite) */
                     if (s % 2 == 0) pf_next(pf);
-                    const __m512 r = _mm512_loadu_ps(row_at(rm, ri, s, C) + c);
-                    for (int64_t j = 0; j < nb; j++)
-                        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(hb + j) * S + s]), r, acc[j]);
+                    const vf r = vf_loadu_w(row_at(rm, ri, s, C) + c);
+                    for (int64_t j = 0; j < nb; j++) acc[j] = vf_fmadd(vf_set1(sc[(hb + j) * S + s]), r, acc[j]);
                 }
-                for (int64_t j = 0; j < nb; j++) _mm512_storeu_ps(ol + (hb + j) * R + c, acc[j]);
+                for (int64_t j = 0; j < nb; j++) {
+                    float tmp[NS_VW];
+                    vf_storeu(tmp, acc[j]);
+                    for (int k = 0; k < NS_VW; k++) ol[(hb + j) * R + c + k] = RW(tmp[k]);
+                }
             }
         return;
     }
-#endif
     (void)pb, (void)S2, (void)pf;
     for (int64_t c = c0; c < c1; c += NS_CHUNK) {
         const int64_t nc = R - c < NS_CHUNK ? R - c : NS_CHUNK;
@@ -397,8 +396,8 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
         part(Dm, t, n, &d0, &d1);
         /* while the scores and o_lat compute, this thread's W_UV heads and o_proj rows come in: spread over the
          * loop iterations of both (one query's worth; later queries find them cached): scores, one per row;
-         * o_lat, one per pair of rows, column chunk and block of 8 heads */
-        const int64_t chunks = (R + 15) / 16, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
+         * o_lat, one per pair of rows, vector of columns and block of 8 heads */
+        const int64_t chunks = (R + NS_VW - 1) / NS_VW, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
                                                                : S / n + S / 2 * (chunks / n + 1) * ((H + 7) / 8);
         const int64_t W = sizeof(wt);
         ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * W, w_o ? w_o + d0 * H * V : NULL,
@@ -790,16 +789,22 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. Then the model's final norm,
  * hn [M, D], and with head_w [V, D] the logits [B, n_logits, V] of each request's last n_logits rows (hl
  * [B * n_logits, D] scratch). */
-typedef struct {
-    int64_t layer;                                               /* its plane in the cache pools */
-    const wt *wx; int64_t q_out, R, P, Di; const wt *qa_norm; float qa_eps; const wt *wqb; int64_t H, N;
-    const wt *kv_norm; float kv_eps; const wt *ik_w, *ik_b; float ik_eps; const wt *in_norm; float in_eps;
-    int64_t Nk; const wt *kv_b; int64_t V; float scale; const wt *w_o; int64_t Dm;
-    const wt *post_w; float post_eps; const float *router_w32; int64_t E; const float *bias; int scoring, method;
-    int64_t n_group, topk_group, K; int norm; float scaling; const wt *gate_up, *down; int64_t I;
-    const wt *s_gate_up, *s_down; int64_t Is, Kp;
-    const wt *iwq, *iwp; int64_t Hi, topk;                     /* DSA indexer: wq_b, weights_proj; topk 0: none */
-} ns_block;
+/* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
+ * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
+ * topk 0: none). */
+#define NS_BLOCK_FIELDS(F)                                                                                         \
+    F(int64_t, layer)                                                                                              \
+    F(const wt *, wx) F(int64_t, q_out) F(int64_t, R) F(int64_t, P) F(int64_t, Di) F(const wt *, qa_norm)          \
+    F(float, qa_eps) F(const wt *, wqb) F(int64_t, H) F(int64_t, N) F(const wt *, kv_norm) F(float, kv_eps)        \
+    F(const wt *, ik_w) F(const wt *, ik_b) F(float, ik_eps) F(const wt *, in_norm) F(float, in_eps)               \
+    F(int64_t, Nk) F(const wt *, kv_b) F(int64_t, V) F(float, scale) F(const wt *, w_o) F(int64_t, Dm)             \
+    F(const wt *, post_w) F(float, post_eps) F(const float *, router_w32) F(int64_t, E) F(const float *, bias)      \
+    F(int, scoring) F(int, method) F(int64_t, n_group) F(int64_t, topk_group) F(int64_t, K) F(int, norm)           \
+    F(float, scaling) F(const wt *, gate_up) F(const wt *, down) F(int64_t, I) F(const wt *, s_gate_up)            \
+    F(const wt *, s_down) F(int64_t, Is) F(int64_t, Kp)                                                            \
+    F(const wt *, iwq) F(const wt *, iwp) F(int64_t, Hi) F(int64_t, topk)
+#define NS_DECLARE(type, name) type name;
+typedef struct { NS_BLOCK_FIELDS(NS_DECLARE) } ns_block;
 
 static int cmp_i64(const void *a, const void *b) {
     const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -986,10 +991,20 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
     }
 }
 
-int ns_has_simd(void) { /* whether this build has its vector dot products (else: not worth using) */
-#ifdef NS_SIMD
-    return 1;
-#else
-    return 0;
-#endif
+const char *ns_isa(void) { return NS_SIMD_NAME; } /* the variant this library was built for */
+
+/* The layout of the structs Python passes by pointer, for the check of its ctypes mirrors at load (kernels/abi.py).
+ * ns_abi_fields(which): "struct field field ..." (which 0: ns_block), NULL past the last struct;
+ * ns_abi(which, out, n): out = [sizeof, then each field's offset and size] (at most n values), returns how many
+ * values that is (-1 past the last struct). */
+#define NS_NAME(type, name) " " #name
+#define NS_LAYOUT(type, name) if (k + 2 <= n) { out[k] = offsetof(ns_block, name); out[k + 1] = sizeof(type); } k += 2;
+const char *ns_abi_fields(int which) { return which == 0 ? "ns_block" NS_BLOCK_FIELDS(NS_NAME) : NULL; }
+
+int64_t ns_abi(int which, int64_t *out, int64_t n) {
+    if (which != 0) return -1;
+    int64_t k = 1;
+    if (n >= 1) out[0] = sizeof(ns_block);
+    NS_BLOCK_FIELDS(NS_LAYOUT)
+    return k;
 }

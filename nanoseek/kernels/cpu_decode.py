@@ -7,10 +7,13 @@ a layer issues ~100 small ops. These kernels cover a decode step in a few calls 
 experts (`ffn_block`), RMSNorm and plain matvecs; `ns_decode_stack` runs all the blocks of a step in one
 call, DSA's selection past top-k included (`dsa_select`), for `decode_plan.py`. They serve bf16 and float32
 inference calls with few rows (`MAX_ROWS`) and no autograd; everything else, and every machine where the library
-cannot be built (no compiler, not x86 with AVX-512 (BF16 for the bf16 build), NANOSEEK_CPU_KERNELS=0), takes the
-PyTorch path, which is also the reference the tests compare against (`tests/test_cpu_decode.py`).
+cannot be built (no C compiler, no vector ISA of `isa.py`, NANOSEEK_CPU_KERNELS=0), takes the PyTorch path, which
+is also the reference the tests compare against (`tests/test_cpu_decode.py`).
 
-The library is built with `-O3 -march=native -fopenmp` into ~/.cache/nanoseek (`cbuild.py`).
+One C source, compiled per kernel variant (`isa.py`, `build.py`) into ~/.cache/nanoseek; each dtype loads the best
+variant this CPU runs among `VARIANTS[dtype]` (NANOSEEK_KERNEL_ISA caps it), and `variant(dtype)` says which.
+On load the library's name for its variant (`ns_isa`) must be the one asked for, and its structs' layouts must
+match the ctypes mirrors (`abi.py`): a mismatch raises rather than run on misread arguments.
 """
 from __future__ import annotations
 
@@ -22,14 +25,21 @@ from typing import Optional
 
 import torch
 
-from nanoseek.kernels import isa
+from nanoseek.kernels import abi, isa
 from nanoseek.kernels.build import build
 
 MAX_ROWS = 16  # calls with more rows of x (prefill) keep oneDNN's GEMMs
 _SRC = Path(__file__).with_name("cpu_decode.c")
 _BF16 = torch.bfloat16
 DTYPES = (torch.bfloat16, torch.float32)  # one build of the library each (-DNS_F32: float32)
-_libs: dict = {}  # dtype -> the loaded library, or None where it is unavailable
+# The variants each build may load, best first. The bf16 build runs VDPBF16PS on AVX-512 BF16 and FMAs over the
+# widened bf16 pairs elsewhere; the float32 build has no bf16 arithmetic, so AVX-512 BF16 machines run its avx512
+# variant. (The scalar build, below every variant, serves the C self-test only: slower than PyTorch's kernels.)
+VARIANTS = {torch.bfloat16: ("avx512bf16", "avx512", "avx2", "neon-bf16", "neon"),
+            torch.float32: ("avx512", "avx2", "neon")}
+_libs: dict = {}  # dtype -> the library every call of that dtype uses (the best variant), or None where unavailable
+_variants: dict = {}  # dtype -> the variant of _libs[dtype], or None
+_built: dict = {}  # (dtype, variant) -> its library, or None where it cannot be built or run here
 _enabled = True
 _local = threading.local()
 
@@ -42,13 +52,22 @@ def set_enabled(on: bool) -> bool:
     return prev
 
 
-def _build(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
-    lib = build(_SRC, isa.best(("avx512bf16",) if dtype == _BF16 else ("avx512bf16", "avx512")),
-                ("-DNS_F32",) if dtype == torch.float32 else ())
+def mirrors() -> dict[str, type[ctypes.Structure]]:
+    """The ctypes mirrors of the C structs the library takes by pointer (C name -> Structure)."""
+    from nanoseek.kernels.decode_plan import _Block  # (here: decode_plan imports this module)
+    return {"ns_block": _Block}
+
+
+def _build(dtype: torch.dtype, variant: str) -> Optional[ctypes.CDLL]:
+    lib = build(_SRC, variant, ("-DNS_F32",) if dtype == torch.float32 else ())
     if lib is None:
         return None
-    if not lib.ns_has_simd():  # the portable loops are slower than oneDNN: not worth it
-        return None
+    what = f"{_SRC.name} ({variant}, {str(dtype).removeprefix('torch.')})"
+    lib.ns_isa.restype = ctypes.c_char_p
+    got = lib.ns_isa().decode()
+    if got != variant:  # the flags of isa.py did not give the vector code simd.h expects of them
+        raise RuntimeError(f"nanoseek: {what} was compiled for {variant} but its vector code is {got}")
+    abi.check(lib, mirrors(), what)
     i64, p, nt = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.ns_linear.argtypes = [p, i64, i64, p, i64, p, nt]
     lib.ns_mla_absorbed.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, p, p, i64, nt, p, ctypes.c_float, p, p,
@@ -64,18 +83,41 @@ def _build(dtype: torch.dtype) -> Optional[ctypes.CDLL]:
     return lib
 
 
-def library(dtype: torch.dtype = _BF16) -> Optional[ctypes.CDLL]:
+def library(dtype: torch.dtype = _BF16, variant: Optional[str] = None) -> Optional[ctypes.CDLL]:
     """The kernels for models of this dtype (bf16 or float32), built on first use; None where they are
-    unavailable."""
-    if dtype not in _libs:
+    unavailable. Without `variant`, the best of VARIANTS[dtype] this CPU runs (the library every call uses);
+    with it, that variant's library (None where this CPU cannot run it), for tests and benches. Raises where a
+    library does not match its Python side (`abi.AbiMismatch`)."""
+    if variant is None:
+        if dtype not in _libs:
+            best = isa.best(VARIANTS[dtype]) if dtype in VARIANTS else None
+            lib = library(dtype, best) if best is not None else None
+            _libs[dtype], _variants[dtype] = lib, best if lib is not None else None
+        return _libs[dtype]
+    if variant not in isa.VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r} (isa.VARIANTS: {', '.join(isa.VARIANTS)})")
+    if (dtype, variant) not in _built:
         lib = None
-        if dtype in DTYPES:
+        if variant in VARIANTS.get(dtype, ()):
             try:
-                lib = _build(dtype)
+                lib = _build(dtype, variant)
             except OSError as e:  # unwritable cache, unloadable library: fall back to PyTorch
                 warnings.warn(f"nanoseek: CPU decode kernels unavailable: {e}")
-        _libs[dtype] = lib
-    return _libs[dtype]
+        _built[dtype, variant] = lib
+    return _built[dtype, variant]
+
+
+def variant(dtype: torch.dtype = _BF16) -> Optional[str]:
+    """The variant of the library the calls of this dtype use (loading it if needed), or None without one."""
+    library(dtype)
+    return _variants.get(dtype)
+
+
+def reset() -> None:
+    """Forget which library each dtype uses, so that the next call chooses again (after NANOSEEK_KERNEL_ISA
+    changes: the tests run every variant in turn). Built libraries stay loaded for reuse."""
+    _libs.clear()
+    _variants.clear()
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -126,4 +126,43 @@ static inline float vf_reduce_add(vf v) { return v; }
 #define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
 #endif
 
+/* ---- bf16 pair dot products on every ISA (for cpu_decode.c) ------------------------------------------------
+ *   vbf2               2 * NS_VW bf16 values as vf_dot2 takes them: vbf2_loadu(p)
+ *   vf_dot2(acc, a, b) lane i += a[2i+1] * b[2i+1], then += a[2i] * b[2i]
+ * With NS_BF16_DOT that is VDPBF16PS itself. Elsewhere two FMAs over the pairs widened in place: a pair of bf16
+ * in a 32-bit lane holds the odd one in its high half (an fp32 once the low half is cleared) and the even one in
+ * its low half (an fp32 once shifted up), so no lane crosses and no widening shuffle is needed. The odd product
+ * goes first, as in VDPBF16PS's documented operation; a product of two bf16 values is exact in fp32, so each FMA
+ * rounds once, as each of its accumulations does (VDPBF16PS also flushes denormals, these FMAs do not). */
+#if defined(NS_BF16_DOT)
+typedef __m512bh vbf2;
+static inline vbf2 vbf2_loadu(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline vf vf_dot2(vf acc, vbf2 a, vbf2 b) { return _mm512_dpbf16_ps(acc, a, b); }
+#else
+typedef struct { vf odd, even; } vbf2;
+#if NS_VW == 16
+static inline vbf2 vbf2_loadu(const uint16_t *p) {
+    const __m512i u = _mm512_loadu_si512(p);
+    return (vbf2){_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u))),
+                  _mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+}
+#elif NS_VW == 8
+static inline vbf2 vbf2_loadu(const uint16_t *p) {
+    const __m256i u = _mm256_loadu_si256((const __m256i *)p);
+    return (vbf2){_mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u))),
+                  _mm256_castsi256_ps(_mm256_slli_epi32(u, 16))};
+}
+#elif NS_VW == 4
+static inline vbf2 vbf2_loadu(const uint16_t *p) {
+    const uint32x4_t u = vreinterpretq_u32_u16(vld1q_u16(p));
+    return (vbf2){vreinterpretq_f32_u32(vandq_u32(u, vdupq_n_u32(0xffff0000u))),
+                  vreinterpretq_f32_u32(vshlq_n_u32(u, 16))};
+}
+#else
+static inline vbf2 vbf2_loadu(const uint16_t *p) { return (vbf2){vf_loadu_bf16(p + 1), vf_loadu_bf16(p)}; }
+#endif
+static inline vf vf_dot2(vf acc, vbf2 a, vbf2 b) { return vf_fmadd(a.even, b.even, vf_fmadd(a.odd, b.odd, acc)); }
+#endif
+/* ---- end of the block for cpu_decode.c ---------------------------------------------------------------------- */
+
 #endif
