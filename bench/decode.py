@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 import nanoseek
+from nanoseek import precision
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 
@@ -186,8 +187,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="auto",
+                    help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
     args = ap.parse_args()
+    args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM

@@ -20,6 +20,7 @@ import time
 import torch
 
 import nanoseek
+from nanoseek import precision
 from nanoseek import kernels
 from nanoseek.config import get_preset
 
@@ -40,9 +41,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="auto",
+                    help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="forward"))
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

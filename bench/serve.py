@@ -37,6 +37,7 @@ import httpx
 import torch
 
 import nanoseek
+from nanoseek import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -134,13 +135,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default=None, help="a model folder (default: build a random --preset model)")
     ap.add_argument("--preset", default="small", choices=["tiny", "small"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: the dtype `nanoseek serve --dtype auto` picks on this CPU")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each level; the fastest is kept")
     ap.add_argument("--speculative", choices=["mtp"], default=None)
     args = ap.parse_args()
+    args.dtype = precision.dtype_names(args.dtype, what="serve")[0]
     levels = [int(x) for x in args.levels.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:

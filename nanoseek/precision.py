@@ -113,3 +113,15 @@ def resolve(name: Optional[str], device: torch.device | str = "cpu", what: str =
                   f"bf16 matmuls measured {slow:.1f}x slower than float32 here (--dtype auto picks float32)",
                   file=out)
     return dtype
+
+
+def dtype_names(spec: str, device: torch.device | str = "cpu", what: str = "bench") -> list[str]:
+    """A bench's `--dtypes`: "auto" (the default) -> the one dtype `auto` picks here (said in one line),
+    "all" -> float32 and bfloat16, else a comma-separated list of names."""
+    if spec == "auto":
+        return [str(resolve("auto", device, what)).split(".")[-1]]
+    names = list(DTYPES) if spec == "all" else spec.split(",")
+    bad = [n for n in names if n not in DTYPES]
+    if bad:
+        raise ValueError(f"unknown dtype(s) {bad}: use auto, all or names from {list(DTYPES)}")
+    return names
