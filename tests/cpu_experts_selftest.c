@@ -1,7 +1,8 @@
-/* Self-test of cpu_experts.c for a cross-compiled variant (tests/test_cpu_experts_cross.py runs it under qemu):
- * the three grouped GEMMs, float32 and bf16, on random operands with empty and odd-sized groups, against plain
- * double-precision loops. Build: <cc> <variant flags> -fopenmp -I nanoseek/kernels this.c
- * nanoseek/kernels/cpu_experts.c; prints one line per check and exits 1 if any is off. */
+/* Self-test of cpu_experts.c for a variant this CPU cannot run (tests/test_cpu_experts_cross.py runs it under
+ * qemu, or with SIMDe's emulated AVX-512): the three grouped GEMMs, float32 and bf16, on random operands with
+ * empty and odd-sized groups, against plain double-precision loops; bf16 ties round to even.
+ * Build: <cc> <variant flags> -fopenmp -I nanoseek/kernels this.c nanoseek/kernels/cpu_experts.c -lm
+ * It prints one line per check and exits 1 if any is off. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
