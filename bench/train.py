@@ -32,6 +32,7 @@ import torch
 
 import nanoseek
 from nanoseek import metrics as M
+from nanoseek.kernels import cpu_experts
 from nanoseek.model.transformer import cross_entropy
 from nanoseek import train as T
 from nanoseek.optim import build_adamw
@@ -98,7 +99,8 @@ def main() -> None:
     tokens = a.batch_size * a.seq_len
     print(f"config: {a.preset} as deepseek_v3, {cfg.num_hidden_layers} layers, {n['total'] / 1e6:.1f}M params "
           f"({n['active'] / 1e6:.1f}M active, {n_flops / 1e6:.1f}M in matmuls), batch {a.batch_size}x{a.seq_len} "
-          f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, nanoseek's expert GEMMs: "
+          f"{'cpu_experts ' + cpu_experts.variant() if cpu_experts.variant() else 'torch._grouped_mm'}")
     x = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     y = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=a.compile)
