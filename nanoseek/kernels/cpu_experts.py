@@ -9,10 +9,12 @@ them as they are.
 
 Why not `torch._grouped_mm`: on CPU it makes one oneDNN call per group, each split across the threads, so at
 ~150 rows an expert (`small`, 1024 tokens) the threads synchronise after every small GEMM and the weights are
-repacked per call; here each thread takes whole (expert, column block) tasks. Per core the two are on a par; on
-this 2-core AVX2 machine the float32 GEMMs of `small`'s experts take ~13% less time than `_grouped_mm`'s with the
-machine quiet, and a fraction of it when other processes load the cores (`_grouped_mm`'s per-group meetings wait
-for a descheduled thread). `bench/train.py` measures the step.
+repacked per call (and the float32 `_grouped_mm` path spent ~120 ms of a ~1.7 s `small` step in copies,
+`bench/train.py --profile`, gone with the kernels); here each thread takes whole (expert, column block) tasks. Per core the two are on a par. On a
+2-core AVX2 Zen 3, the float32 GEMMs of `small`'s experts (the three, both projections, 6144 rows over 40
+experts, alternated with `_grouped_mm` in one process) took 78-83 ms against `_grouped_mm`'s 96-105 ms with the
+machine quiet, and a fraction of its time with other processes on the cores (its per-group meetings wait for a
+descheduled thread). `bench/train.py` measures the step.
 
 The library is built for the best variant this CPU runs (`isa.best()`; NANOSEEK_KERNEL_ISA caps it), and every
 variant has both dtypes: bf16 through the AVX-512 BF16 dot product (bit-identical to `_grouped_mm` on Zen 5) or,
