@@ -32,10 +32,11 @@ import torch
 
 import nanoseek
 from nanoseek import metrics as M
+from nanoseek.kernels import cpu_experts
 from nanoseek.model.transformer import cross_entropy
 from nanoseek import train as T
 from nanoseek.optim import build_adamw
-from nanoseek import kernels
+from nanoseek import kernels, precision
 from nanoseek.train import TrainConfig, keep_freed_memory, loss_function
 
 
@@ -80,12 +81,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model and dtype")
     ap.add_argument("--warmup-steps", type=int, default=2)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="auto",
+                    help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="nanoseek's step eagerly")
     ap.add_argument("--profile", action="store_true",
                     help="also print where one nanoseek step spends its time (torch.profiler, by op)")
     a = ap.parse_args()
+    a.dtypes = ",".join(precision.dtype_names(a.dtypes, what="train"))
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
@@ -99,7 +102,8 @@ def main() -> None:
     tokens = a.batch_size * a.seq_len
     print(f"config: {a.preset} as deepseek_v3, {cfg.num_hidden_layers} layers, {n['total'] / 1e6:.1f}M params "
           f"({n['active'] / 1e6:.1f}M active, {n_flops / 1e6:.1f}M in matmuls), batch {a.batch_size}x{a.seq_len} "
-          f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, nanoseek's expert GEMMs: "
+          f"{'cpu_experts ' + cpu_experts.variant() if cpu_experts.variant() else 'torch._grouped_mm'}")
     x = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     y = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=a.compile)

@@ -81,7 +81,7 @@ class FastExperts(Experts):
         return expert_weights(self, gate_up, down, x)
 
     def _gemm(self, xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        if cpu_experts.usable(xs, weight):
+        if cpu_experts.routed(xs, weight):
             return cpu_experts.expert_linear(xs, weight, offs)
         return super()._gemm(xs, weight, offs)
 

@@ -9,6 +9,7 @@
  *   NS_BF16_DOT       defined where the CPU has a bf16 pair dot product (AVX-512 BF16): vf_dpbf16(acc, a, b)
  *                     adds a[2i] * b[2i] + a[2i+1] * b[2i+1] to lane i, over 2 * NS_VW bf16 values of a and b
  *   NS_SIMD_NAME      the variant's name, for ns_isa() in each library
+ *   vf_transpose, vf_storeu_bf16: in the block added for cpu_experts.c, at the end
  *
  * Everything else is portable C; a scalar build (no vector ISA) is kept so that the C self-test can compare
  * every variant with plain loops on the same inputs (tests/kernels_selftest.c).
@@ -164,5 +165,88 @@ static inline vbf2 vbf2_loadu(const uint16_t *p) { return (vbf2){vf_loadu_bf16(p
 static inline vf vf_dot2(vf acc, vbf2 a, vbf2 b) { return vf_fmadd(a.even, b.even, vf_fmadd(a.odd, b.odd, acc)); }
 #endif
 /* ---- end of the block for cpu_decode.c ---------------------------------------------------------------------- */
+
+/* ---- Added for cpu_experts.c (its float32 GEMMs and the bf16 path without a bf16 dot product) ----
+ *   vf_transpose(r)       r[0..NS_VW) as the rows of an NS_VW x NS_VW block, transposed in place
+ *   vf_storeu_bf16(p, v)  the NS_VW lanes rounded to bf16 (to nearest, ties to even; a NaN stores 0x7fc0, as
+ *                         PyTorch's float -> bfloat16 conversion does)
+ */
+#if NS_VW == 16
+static inline void vf_transpose(vf r[16]) {
+    vf t[16], u[16];
+    for (int k = 0; k < 8; k++) { /* rows 2k, 2k+1 interleaved per 128-bit lane */
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; k++) { /* u[4k + c]: rows 4k..4k+3 of columns c, c+4, c+8, c+12 (one per lane) */
+        u[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) { /* gather lane L of u[c], u[4+c], u[8+c], u[12+c]: column c + 4L */
+        const vf v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const vf w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+        r[c + 4] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+        r[c + 12] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+}
+static inline void vf_storeu_bf16(uint16_t *p, vf v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+#elif NS_VW == 8
+static inline void vf_transpose(vf r[8]) {
+    __m256 t[8], s[8];
+    for (int k = 0; k < 4; k++) {
+        t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; k++) { /* s[4k + c]: rows 4k..4k+3 of column c (low half) and c+4 (high half) */
+        s[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        s[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        s[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        s[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
+        r[c + 4] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
+    }
+}
+static inline void vf_storeu_bf16(uint16_t *p, vf v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#elif NS_VW == 4
+static inline void vf_transpose(vf r[4]) {
+    const float32x4x2_t ab = vtrnq_f32(r[0], r[1]), cd = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(ab.val[0]), vget_high_f32(cd.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(ab.val[1]), vget_high_f32(cd.val[1]));
+}
+static inline void vf_storeu_bf16(uint16_t *p, vf v) {
+    const uint32x4_t u = vreinterpretq_u32_f32(v);
+    const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+    const uint16x4_t r = vshrn_n_u32(vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7fff))), 16);
+    vst1_u16(p, vbsl_u16(vmovn_u32(vceqq_f32(v, v)), r, vdup_n_u16(0x7fc0)));
+}
+#else
+static inline void vf_transpose(vf r[1]) { (void)r; }
+static inline void vf_storeu_bf16(uint16_t *p, vf v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    *p = v != v ? 0x7fc0 : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+#endif
+/* ---- end of the cpu_experts.c additions ---- */
 
 #endif
