@@ -11,7 +11,7 @@ keeping the higher; the achieved fraction is (activated weight bytes per token /
 token, for each bandwidth, where activated weights = everything a decode token
 reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
 routed experts per MoE layer. For each dtype it also reports how much of a token is spent inside the fused C
-decode kernels (`nanoseek/model/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
+decode kernels (`nanoseek/kernels/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
 a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 """
@@ -103,7 +103,7 @@ def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
 
 
 def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
-    """Seconds per decoded token spent inside the C decode kernels (`nanoseek/model/cpu_decode.c`), the ctypes
+    """Seconds per decoded token spent inside the C decode kernels (`nanoseek/kernels/cpu_decode.c`), the ctypes
     calls alone: what a step would cost with no Python or PyTorch around them. None where they do not run."""
     from nanoseek.kernels import cpu_decode
     lib = cpu_decode.library(dtype)

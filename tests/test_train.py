@@ -287,8 +287,9 @@ def test_bad_arguments_fail_clearly(env, tmp_path, capsys):
 @pytest.mark.slow
 def test_compiled_training_matches_eager(env, tmp_path):
     """The default (torch.compile'd) training step computes the same losses as the eager one, and the same expert
-    loads (the balancing bias update reads them). In float32, so the grouped GEMMs compile through
-    `nanoseek::grouped_mm`; the attention is the written-out one (rows of 64)."""
+    loads (the balancing bias update reads them). In float32, so the grouped GEMMs compile as opaque custom ops
+    (the C expert kernels' where `cpu_experts.F32_ROUTED` has this CPU's variant, else `nanoseek::grouped_mm`);
+    the attention is the written-out one (rows of 64)."""
     args = ["--max-steps", "4", "--lr", "3e-3", "--eval-tokens", "0", "--layers", "2"]
     eager = run(env, tmp_path / "eager", *args)
     argv = [a for a in BASE if a != "--no-compile"]
