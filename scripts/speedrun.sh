@@ -7,8 +7,9 @@
 #   4. DSA sparse stage: everything trains with top-256 attention; held-out bits per byte; sampled completions
 #   5. report: RUN/report.md (+ each stage's own report.md, metrics.jsonl and plots)
 #
-# Cost (measured 2026-12-02 on a 2-core AMD EPYC, 2 threads): 9 min 09 s wall, 13 CPU-minutes (user), with a
-# cold torch.compile cache; held-out 1.64 bits/byte after pre-training, 1.665 after the DSA stages (rows of 512).
+# Cost (2 cores, 2 threads, cold torch.compile cache; README "Train"): AMD EPYC Zen 3 with AVX2 (float32, picked by
+# --dtype auto) 26 min 42 s wall, held-out 1.632 bits/byte after pre-training and 1.644 after the DSA stages
+# (2026-12-03); AMD EPYC Zen 5 with AVX-512 BF16 (bfloat16) 9 min 09 s, 1.64 and 1.665 (2026-12-02).
 #
 # Usage: bash scripts/speedrun.sh            (everything below can be overridden from the environment)
 #        DATA=~/my_texts bash scripts/speedrun.sh     to train on your own text instead (files or folders)
