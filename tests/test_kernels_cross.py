@@ -93,3 +93,32 @@ def test_compiles_for_x86_variants_not_run_here(variant, dtype, tmp_path):
     if cc is None:
         pytest.skip("no C compiler for x86-64")
     compile_selftest(cc, variant, dtype, tmp_path / "selftest.o", "x86_64", only=True)
+
+
+SIMDE = Path(__file__).with_name("simde")  # an <immintrin.h> over SIMDe's emulated intrinsics
+SIMDE_FLAGS = {"avx512": ("-D__AVX512F__", "-D__AVX512BW__"),
+               "avx512bf16": ("-D__AVX512F__", "-D__AVX512BW__", "-D__AVX512BF16__")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(DEFINES))
+@pytest.mark.parametrize("variant", list(SIMDE_FLAGS))
+def test_selftest_avx512_emulated(variant, dtype, tmp_path):
+    """The AVX-512 variants' vector code run where the CPU lacks AVX-512: AVX-512's feature macros without its
+    instructions, so simd.h and cpu_decode.c take their AVX-512 (BF16) branches while SIMDe computes each
+    intrinsic in portable C (VDPBF16PS included). The float32 build has no avx512bf16 variant."""
+    if isa.runs(variant):
+        pytest.skip(f"this CPU runs {variant}: test_selftest_native runs it")
+    if variant == "avx512bf16" and dtype == "float32":
+        pytest.skip("the float32 build runs the avx512 variant on AVX-512 BF16 CPUs")
+    cc = build.compiler()
+    if isa.arch() != "x86_64" or cc is None:
+        pytest.skip("needs an x86-64 host with a C compiler")
+    if not Path("/usr/include/simde/x86/avx512.h").exists():
+        pytest.skip("SIMDe headers not installed (Debian: libsimde-dev)")
+    exe = tmp_path / "selftest"
+    r = subprocess.run([cc, "-O1", "-fopenmp", "-ffp-contract=off", *SIMDE_FLAGS[variant], "-DSIMDE_NO_NATIVE",
+                        *DEFINES[dtype], f"-I{SIMDE}", f"-I{build.HERE}", str(SELFTEST), "-o", str(exe), "-lm"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_selftest([str(exe)], variant)
