@@ -9,12 +9,8 @@ them as they are.
 
 Why not `torch._grouped_mm`: on CPU it makes one oneDNN call per group, each split across the threads, so at
 ~150 rows an expert (`small`, 1024 tokens) the threads synchronise after every small GEMM and the weights are
-repacked per call (and the float32 `_grouped_mm` path spent ~120 ms of a ~1.7 s `small` step in copies,
-`bench/train.py --profile`, gone with the kernels); here each thread takes whole (expert, column block) tasks. Per core the two are on a par. On a
-2-core AVX2 Zen 3, the float32 GEMMs of `small`'s experts (the three, both projections, 6144 rows over 40
-experts, alternated with `_grouped_mm` in one process) took 78-83 ms against `_grouped_mm`'s 96-105 ms with the
-machine quiet, and a fraction of its time with other processes on the cores (its per-group meetings wait for a
-descheduled thread). `bench/train.py` measures the step.
+repacked per call (and its float32 path copies its operands); here each thread takes whole (expert, column block)
+tasks, so the threads meet once per GEMM. Per core the two are on a par; `bench/train.py` measures the step.
 
 The library is built for the best variant this CPU runs (`isa.best()`; NANOSEEK_KERNEL_ISA caps it), and every
 variant has both dtypes: bf16 through the AVX-512 BF16 dot product (bit-identical to `_grouped_mm` on Zen 5) or,
@@ -37,10 +33,9 @@ from nanoseek.kernels.build import build
 _SRC = Path(__file__).with_name("cpu_experts.c")
 _DTYPES = (torch.bfloat16, torch.float32)
 # Where training routes float32 expert GEMMs through these kernels: only the variants measured faster than
-# torch._grouped_mm (oneDNN) on the training bench's shapes. AVX2 (Zen 3): a step's six GEMMs in 78-83 ms against
-# 96-105 ms. The other variants' float32 kernels are tested (tests/test_cpu_experts*.py) but not yet timed on
-# their hardware, so float32 keeps _grouped_mm there. bf16 always takes the kernels: without a bf16 dot product
-# _grouped_mm emulates bf16 (AVX2: 154-171 against 18-21 ms for the gate/up forward).
+# torch._grouped_mm (oneDNN) on the training bench's shapes (figures in the issue notes). The other variants'
+# float32 kernels are tested (tests/test_cpu_experts*.py) but not yet timed on their hardware, so float32 keeps
+# _grouped_mm there. bf16 always takes the kernels: without a bf16 dot product _grouped_mm emulates bf16.
 F32_ROUTED = ("avx2",)
 
 
