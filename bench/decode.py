@@ -1,6 +1,7 @@
-"""Decode speed at batch 1: nanoseek's engine vs transformers `generate`, same weights, one run.
+"""Decode speed at batch 1: nanoseek's engine vs transformers `generate` or llama.cpp, same weights, one run.
 
     python bench/decode.py [--preset small] [--prompt 64] [--tokens 64] [--threads N]
+    python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2]     # or --peer all
 
 Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
 transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
@@ -14,16 +15,25 @@ routed experts per MoE layer. For each dtype it also reports how much of a token
 decode kernels (`nanoseek/kernels/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
 a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
+
+`--peer llamacpp` times llama.cpp's `llama-bench` instead (`bench/llamacpp.py`: the source of a pinned
+llama-cpp-python sdist, fetched with pip and built once; the model converted by llama.cpp's own
+convert_hf_to_gguf.py, f32 for float32 and bf16 for bfloat16), with nanoseek at the same thread counts right
+before it, one thread count at a time: llama-bench decodes --tokens - 1 tokens after a --prompt-token context
+(`-d`), the positions of nanoseek's timed steps, best of --repeats on both sides. Where llama.cpp cannot be
+fetched, built, fed or run, one line says why and the rest of the bench runs.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+import llamacpp
 import nanoseek
 from nanoseek import precision
 from nanoseek.config import get_preset
@@ -180,31 +190,11 @@ def full_kv_bytes_per_token(cfg, elem: int) -> int:
     return cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * elem
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--dtypes", default="auto",
-                    help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
-    args = ap.parse_args()
-    args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
-    cfg = get_preset(args.preset)
-    torch.manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
-    from nanoseek.kernels import cpu_decode, isa
-    print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"CPU {isa.describe()}; decode kernel variant: "
-          + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(",")) + "\n")
+def transformers_comparison(args, cfg, prompt) -> None:
     rows, notes, bws = [], [], []
     with tempfile.TemporaryDirectory() as d:
+        from transformers import AutoModelForCausalLM
+
         src = nanoseek.Transformer(cfg)
         nanoseek.save_pretrained(src, d)
         del src
@@ -256,6 +246,94 @@ def main() -> None:
     big = get_preset("deepseek-v3.2")
     print(f"| deepseek-v3.2 | bfloat16 | {latent_bytes_per_token(big, 2):,} | (not instantiated) | "
           f"{full_kv_bytes_per_token(big, 2):,} |")
+
+
+def llamacpp_comparison(args, cfg, prompt) -> None:
+    """nanoseek against llama-bench on the same weights, per dtype and thread count; a line saying why where
+    llama.cpp cannot run here."""
+    try:
+        src, binary = llamacpp.prepare()
+    except llamacpp.Unavailable as e:
+        print(f"llama.cpp peer skipped: {e}")
+        return
+    if cfg.use_dsa:
+        # llama.cpp's deepseek32 graph rotates the indexer's heads with Hadamard matrices of 64 and up and aborts on
+        # narrower heads, which every preset small enough to bench has (small: 32). Up to index_topk past tokens
+        # DSA attends to every token, so without its indexer the preset computes the same attention there; both
+        # sides run that model.
+        dense = args.prompt + args.tokens <= cfg.index_topk
+        print(f"llama.cpp: both sides run {args.preset} as deepseek_v3, without the DSA indexer (llama.cpp's "
+              f"deepseek32 needs indexer heads of 64 or more, {args.preset}'s are {cfg.index_head_dim}); "
+              + (f"within {cfg.index_topk} tokens DSA attends to every token anyway" if dense else
+                 f"past {cfg.index_topk} tokens this is dense attention where DSA would select"))
+        cfg = cfg.replace(model_type="deepseek_v3", index_topk=0, index_n_heads=0)
+    cfg = cfg.replace(num_nextn_predict_layers=0)  # decode runs no MTP; the converter drops it anyway
+    threads = [int(t) for t in args.peer_threads.split(",")]
+    prev_threads = torch.get_num_threads()
+    rows, info = [], None
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
+        llamacpp.add_tokenizer(d, cfg.vocab_size)
+        for name in args.dtypes.split(","):
+            try:
+                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", name)
+                ns = nanoseek.from_pretrained(d, dtype=getattr(torch, name))
+                # one thread count at a time, the two engines back to back, so that load from other processes
+                # meets both alike
+                for t in threads:
+                    torch.set_num_threads(t)
+                    r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
+                    # llama-bench decodes after -d tokens of context, as nanoseek's timed steps follow the prompt
+                    # and the first token: the same positions, prompt .. prompt + tokens - 2
+                    res = llamacpp.run_bench(binary, gguf, t, depth=len(prompt), n_gen=args.tokens - 1,
+                                             repeats=args.repeats)
+                    rows.append((name, t, r_ns, llamacpp.rates(res)[t]))
+                    info = res[0]
+                del ns
+                gguf.unlink()
+            except llamacpp.Unavailable as e:
+                print(f"llama.cpp peer skipped for {name}: {e}")
+            finally:
+                torch.set_num_threads(prev_threads)
+    if not rows:
+        return
+    print(f"\nDecode at batch 1 against llama.cpp ({args.preset}, {args.prompt}-token context, {args.tokens - 1} "
+          f"timed tokens, best of {args.repeats}; ratio = nanoseek / llama.cpp)")
+    print(llamacpp.format_table(rows))
+    print(llamacpp.describe(info))
+    if "bfloat16" in args.dtypes and not precision.native_bf16_cpu():
+        print("bfloat16: this CPU has no native bf16 arithmetic; both widen bf16 weights to fp32 in software")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtypes", default="auto",
+                    help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
+    ap.add_argument("--peer", choices=("transformers", "llamacpp", "all"), default="transformers",
+                    help="what nanoseek is timed against (all: transformers, then llama.cpp)")
+    ap.add_argument("--peer-threads", default="1,2", help="thread counts of the llama.cpp comparison")
+    args = ap.parse_args()
+    args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
+    from nanoseek.kernels import cpu_decode, isa
+    print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"CPU {isa.describe()}; decode kernel variant: "
+          + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(",")) + "\n")
+    if args.peer in ("transformers", "all"):
+        transformers_comparison(args, cfg, prompt)
+    if args.peer in ("llamacpp", "all"):
+        llamacpp_comparison(args, cfg, prompt)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""llama.cpp as the decode-speed peer of `bench/decode.py --peer llamacpp`: its source, `llama-bench` built from it,
+the bench's model converted by llama.cpp's own converter, and llama-bench's decode rates.
+
+The source comes from the llama-cpp-python sdist on PyPI (pinned below; its vendor/llama.cpp is the whole llama.cpp
+tree, converter and gguf-py included), fetched with pip and unpacked once into ~/.cache/nanoseek/llamacpp/<version>
+(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` alone is built with cmake, once, and reused. Every step
+that cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
+`Unavailable` with a one-line reason, which the bench prints before going on without llama.cpp.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+# llama-cpp-python 0.3.36 vendors llama.cpp 0c1e570 (2026-10-01): its deepseek2 architecture runs MLA with the
+# absorbed (latent) cache, as nanoseek's decode does
+VERSION = "0.3.36"
+# Release build for this CPU's instruction set (-march=native), llama-bench alone, nothing that needs a network
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_APP=OFF")
+OUTTYPES = {"float32": "f32", "bfloat16": "bf16"}  # torch dtype name -> the converter's --outtype
+_HERE = Path(__file__).resolve().parent
+
+
+class Unavailable(RuntimeError):
+    """llama.cpp cannot be fetched, built, fed or run here; the message says why, in one line."""
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek")
+    return base / "llamacpp" / VERSION
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def fetch_source(root: Path) -> Path:
+    """The llama.cpp tree of the pinned llama-cpp-python sdist, downloaded with pip and unpacked under root once.
+    The whole sdist is kept: vendor/llama.cpp's git metadata lives in its top folder, and the build reads the
+    commit from it."""
+    sdist = root / f"llama_cpp_python-{VERSION}"
+    src = sdist / "vendor" / "llama.cpp"
+    if (src / "convert_hf_to_gguf.py").is_file():
+        return src
+    print(f"llama.cpp: downloading the llama-cpp-python {VERSION} source with pip (once) ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                              f"llama-cpp-python=={VERSION}", "-d", tmp], capture_output=True, text=True, errors="replace")
+        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if got.returncode or not archives:
+            raise Unavailable(f"pip download llama-cpp-python=={VERSION} failed: {_last_line(got.stderr)}")
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        if not (Path(tmp) / sdist.name / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
+            raise Unavailable(f"llama-cpp-python {VERSION}'s sdist has no vendor/llama.cpp")
+        shutil.rmtree(sdist, ignore_errors=True)  # a partial tree left by an interrupted earlier run
+        os.replace(Path(tmp) / sdist.name, sdist)
+    return src
+
+
+def build_bench(src: Path, root: Path) -> Path:
+    """`llama-bench` built from src under root/build, once (a log of the build goes to root/build.log)."""
+    binary = root / "build" / "bin" / "llama-bench"
+    if binary.is_file():
+        return binary
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise Unavailable("no cmake on PATH to build llama-bench")
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++")):
+        raise Unavailable("no C++ compiler on PATH to build llama-bench")
+    print(f"llama.cpp: building llama-bench (once; about 10 minutes on 2 cores), log {root / 'build.log'} ...",
+          flush=True)
+    with open(root / "build.log", "w") as log:
+        for cmd in ([cmake, "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS],
+                    [cmake, "--build", str(root / "build"), "--target", "llama-bench", "-j", str(os.cpu_count() or 1)]):
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise Unavailable(f"building llama-bench failed (see {root / 'build.log'})")
+    if not binary.is_file():
+        raise Unavailable(f"the llama-bench build made no {binary}")
+    return binary
+
+
+def prepare() -> tuple[Path, Path]:
+    """(llama.cpp source tree, llama-bench binary), fetched and built on first use."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Unavailable(f"cannot create {root}: {e}") from None
+    src = fetch_source(root)
+    return src, build_bench(src, root)
+
+
+def add_tokenizer(hf_dir: str | Path, vocab_size: int) -> None:
+    """Save a small nanoseek tokenizer into a model folder that has none (the bench's random-weight model): the
+    converter writes the vocabulary into the GGUF. Byte-level BPE trained on 2 MB of the default corpus (about a
+    second); ids past what it learns are padding to the converter."""
+    from nanoseek import data, tokenizer
+    docs = (doc for f in data.default_corpus() for doc in data.read_documents(f))
+    tokenizer.train_from_documents(docs, vocab_size, max_chars=2_000_000).save(hf_dir)
+
+
+def convert(src: Path, hf_dir: str | Path, out: Path, dtype_name: str) -> Path:
+    """The HF folder as a GGUF of this dtype, by llama.cpp's converter (through `llamacpp_convert.py`, which names
+    the pre-tokenizer of nanoseek's tokenizers)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(_HERE.parent), os.environ.get("PYTHONPATH")) if p))  # nanoseek, for its split regex
+    got = subprocess.run([sys.executable, str(_HERE / "llamacpp_convert.py"), str(src), str(hf_dir),
+                          "--outfile", str(out), "--outtype", OUTTYPES[dtype_name]],
+                         capture_output=True, text=True, errors="replace", env=env)
+    if got.returncode or not out.is_file():
+        raise Unavailable(f"converting to a {OUTTYPES[dtype_name]} GGUF failed: {_last_line(got.stderr)}")
+    return out
+
+
+def run_bench(binary: Path, gguf: Path, threads: int, depth: int, n_gen: int, repeats: int) -> list[dict]:
+    """llama-bench's JSON results for decoding n_gen tokens one at a time after `depth` tokens of context (-d: a
+    prefill outside the timing; -p 0: no prompt test), best of `repeats` after its own warm-up run."""
+    cmd = [str(binary), "-m", str(gguf), "-p", "0", "-n", str(n_gen), "-d", str(depth), "-t", str(threads),
+           "-r", str(repeats), "-o", "json"]
+    got = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if got.returncode:
+        raise Unavailable(f"llama-bench failed ({got.returncode}): {_last_line(got.stderr)}")
+    return json.loads(got.stdout)
+
+
+def rates(results: list[dict]) -> dict[int, float]:
+    """Decode tokens/s of llama-bench's generation tests, by thread count: the best of the repetitions (as the
+    bench takes nanoseek's best)."""
+    return {r["n_threads"]: max(r["samples_ts"]) for r in results if r["n_gen"] > 0 and r["n_prompt"] == 0}
+
+
+def describe(result: dict) -> str:
+    """Which llama.cpp ran, and how, from one llama-bench result."""
+    return (f"llama.cpp {result['build_commit']} (build {result['build_number']}, vendored by llama-cpp-python "
+            f"{VERSION}), {result['backends']} backend, model {result['model_type']}, KV cache "
+            f"{result['type_k']}/{result['type_v']}, flash attention {('auto', 'off', 'on')[result['flash_attn'] + 1]}"
+            f"; llama-bench built with cmake {' '.join(CMAKE_FLAGS)}")
+
+
+def format_table(rows: list[tuple[str, int, float, float]]) -> str:
+    """Markdown table of (dtype, threads, nanoseek tok/s, llama.cpp tok/s) rows; ratio = nanoseek / llama.cpp."""
+    lines = ["| dtype | threads | nanoseek tok/s | llama.cpp tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {t} | {r_ns:.1f} | {r_ll:.1f} | {r_ns / r_ll:.2f}x |" for name, t, r_ns, r_ll in rows]
+    return "\n".join(lines)

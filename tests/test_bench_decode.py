@@ -1,0 +1,81 @@
+"""bench/decode.py's llama.cpp peer, the parts that need no network and no build: llama-bench's JSON into rates, the
+skip lines where llama.cpp cannot be had, the table, and the pre-tokenizer check of the converter wrapper."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import decode  # noqa: E402
+import llamacpp  # noqa: E402
+import llamacpp_convert  # noqa: E402
+
+from nanoseek import tokenizer  # noqa: E402
+from nanoseek.config import get_preset  # noqa: E402
+
+
+def bench_result(n_threads, samples_ts, n_prompt=0, n_gen=63):
+    """One llama-bench JSON result, with the fields of llama.cpp 0c1e570 this module reads."""
+    return {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
+            "model_type": "deepseek2 ?B all F32", "n_threads": n_threads, "type_k": "f16", "type_v": "f16",
+            "flash_attn": -1, "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": 64,
+            "avg_ts": sum(samples_ts) / len(samples_ts), "samples_ts": samples_ts}
+
+
+def test_rates_take_the_best_generation_sample_per_thread_count():
+    text = json.dumps([bench_result(1, [103.937, 141.282]), bench_result(2, [7.49386, 49.9392]),
+                       bench_result(2, [900.0], n_prompt=512, n_gen=0)])  # a prompt test: not decode
+    assert llamacpp.rates(json.loads(text)) == {1: 141.282, 2: 49.9392}
+
+
+def test_describe_names_the_build():
+    line = llamacpp.describe(bench_result(1, [100.0]))
+    assert line.startswith(f"llama.cpp 0c1e570 (build 1, vendored by llama-cpp-python {llamacpp.VERSION})")
+    assert "KV cache f16/f16, flash attention auto" in line and "-DGGML_NATIVE=ON" in line
+
+
+def test_format_table():
+    assert llamacpp.format_table([("float32", 1, 150.0, 120.0), ("float32", 2, 250.0, 200.0)]) == (
+        "| dtype | threads | nanoseek tok/s | llama.cpp tok/s | ratio |\n"
+        "|---|---:|---:|---:|---:|\n"
+        "| float32 | 1 | 150.0 | 120.0 | 1.25x |\n"
+        "| float32 | 2 | 250.0 | 200.0 | 1.25x |")
+
+
+def test_failed_pip_download_is_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+
+    def pip(cmd, **kw):
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for llama-cpp-python")
+    monkeypatch.setattr(llamacpp.subprocess, "run", pip)
+    with pytest.raises(llamacpp.Unavailable, match=r"pip download llama-cpp-python==.* failed: ERROR: No matching"):
+        llamacpp.prepare()
+
+
+def test_no_cmake_is_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setattr(llamacpp.shutil, "which", lambda name: None)
+    with pytest.raises(llamacpp.Unavailable, match="no cmake"):
+        llamacpp.build_bench(tmp_path / "src", tmp_path)
+
+
+def test_bench_prints_one_line_and_goes_on_without_llamacpp(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path))
+
+    def offline(root):
+        raise llamacpp.Unavailable("pip download llama-cpp-python==0.3.36 failed: no network")
+    monkeypatch.setattr(llamacpp, "fetch_source", offline)
+    args = argparse.Namespace(preset="tiny", prompt=8, tokens=8, repeats=1, dtypes="float32", peer_threads="1,2")
+    decode.llamacpp_comparison(args, get_preset("tiny"), list(range(3, 11)))
+    out = capsys.readouterr().out
+    assert out == "llama.cpp peer skipped: pip download llama-cpp-python==0.3.36 failed: no network\n"
+
+
+def test_converter_wrapper_recognises_nanoseek_split():
+    spec = json.loads(tokenizer.new_backend().to_str())
+    assert llamacpp_convert.split_regex(spec) == tokenizer.SPLIT_PATTERN
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}  # GPT-2's own
+    assert llamacpp_convert.split_regex(spec) is None
