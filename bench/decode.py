@@ -302,7 +302,7 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
     print(llamacpp.format_table(rows))
     print(llamacpp.describe(info))
     if "bfloat16" in args.dtypes and not precision.native_bf16_cpu():
-        print("bfloat16: this CPU has no native bf16 arithmetic; both widen bf16 weights to fp32 in software")
+        print("bfloat16: this CPU has no native bf16 arithmetic; both widen the bf16 weights to fp32 for fp32 FMAs")
 
 
 def main() -> None:

@@ -144,7 +144,7 @@ def rates(results: list[dict]) -> dict[int, float]:
 def describe(result: dict) -> str:
     """Which llama.cpp ran, and how, from one llama-bench result."""
     return (f"llama.cpp {result['build_commit']} (build {result['build_number']}, vendored by llama-cpp-python "
-            f"{VERSION}), {result['backends']} backend, model {result['model_type']}, KV cache "
+            f"{VERSION}), {result['backends']} backend, KV cache "
             f"{result['type_k']}/{result['type_v']}, flash attention {('auto', 'off', 'on')[result['flash_attn'] + 1]}"
             f"; llama-bench built with cmake {' '.join(CMAKE_FLAGS)}")
 

@@ -20,7 +20,7 @@ from nanoseek.config import get_preset  # noqa: E402
 def bench_result(n_threads, samples_ts, n_prompt=0, n_gen=63):
     """One llama-bench JSON result, with the fields of llama.cpp 0c1e570 this module reads."""
     return {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
-            "model_type": "deepseek2 ?B all F32", "n_threads": n_threads, "type_k": "f16", "type_v": "f16",
+            "n_threads": n_threads, "type_k": "f16", "type_v": "f16",
             "flash_attn": -1, "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": 64,
             "avg_ts": sum(samples_ts) / len(samples_ts), "samples_ts": samples_ts}
 
