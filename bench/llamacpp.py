@@ -54,7 +54,8 @@ def fetch_source(root: Path) -> Path:
     print(f"llama.cpp: downloading the llama-cpp-python {VERSION} source with pip (once) ...", flush=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                              f"llama-cpp-python=={VERSION}", "-d", tmp], capture_output=True, text=True, errors="replace")
+                              f"llama-cpp-python=={VERSION}", "-d", tmp],
+                             capture_output=True, text=True, errors="replace")
         archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if got.returncode or not archives:
             raise Unavailable(f"pip download llama-cpp-python=={VERSION} failed: {_last_line(got.stderr)}")
