@@ -7,7 +7,7 @@ One training step = forward + cross-entropy + backward + gradient clipping + Ada
 bfloat16 = bf16 matmuls with fp32 master weights for both: transformers autocasts its fp32 weights (casting each
 weight at each use and each weight gradient back); nanoseek keeps bf16 working copies of its matmul weights and
 their fp32 masters in the optimizer (`MasterWeightAdamW`), the same arithmetic without the casts. nanoseek's step
-is the one `nanoseek train` runs: its loss function torch.compile'd (`--no-compile`: eager; the compilation happens
+is the one `nanoseek train` runs: its blocks torch.compile'd (`--no-compile`: eager; the compilation happens
 in the untimed first step), its optimizer and clipping.
 The process keeps freed memory in malloc's heap as `nanoseek train` does (`keep_freed_memory`), which speeds up
 both models alike. The two models are timed in alternation (one step each, repeated) so that load from other

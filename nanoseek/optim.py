@@ -1,7 +1,9 @@
-"""AdamW with DeepSeek-style parameter groups, the learning-rate schedules, and optimizer state <-> safetensors.
+"""The optimizers (AdamW with DeepSeek-style parameter groups, Muon + AdamW), the learning-rate schedules, and
+optimizer state <-> safetensors.
 
 - Groups: weight decay on matrices (linear weights, fused expert weights, the router), none on vectors (norms,
-  biases) and embeddings, as in DeepSeek-V3 §4.2 / nanoGPT.
+  biases) and embeddings, as in DeepSeek-V3 §4.2 / nanoGPT. With Muon (`muon.py`; Moonlight's recipe), a third
+  group of the blocks' matrices takes Muon's update at the same lr and weight decay (`MuonAdamW`).
 - Schedules (V3 §4.2 uses warmup + constant + cosine decay; MiniCPM's WSD is the same idea with a short final
   decay): `cosine` = linear warm-up then cosine to min_lr; `wsd` = warm-up, stable at lr, then a linear decay to
   min_lr over the last `decay_fraction` of the steps.
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from nanoseek import muon as _muon
 from nanoseek.kernels import cpu_adamw
 
 
@@ -59,14 +62,28 @@ def _decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and "embed_tokens" not in name
 
 
-def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_experts: bool = False):
+    """(groups, blocks): AdamW's decayed and undecayed parameters; with `muon`, first a group of `kind` 'muon'
+    (the others 'adamw') of the matrices Muon takes (`muon.matrices`; the routed experts only with
+    `muon_experts`), blocks giving each one's matrix blocks."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("no trainable parameters")
-    decay = [p for n, p in named if _decays(n, p)]
-    other = [p for n, p in named if not _decays(n, p)]
+    blocks: dict[nn.Parameter, list[tuple[int, int]]] = {}
+    if muon:
+        for n, p in named:
+            if type(p).__name__ == "DTensor":
+                raise ValueError("--optimizer muon runs single-process (Newton-Schulz needs whole matrices)")
+            b = _muon.matrices(n, p)
+            if b is not None and (p.dim() == 2 or muon_experts):
+                blocks[p] = b
+    decay = [p for n, p in named if p not in blocks and _decays(n, p)]
+    other = [p for n, p in named if p not in blocks and not _decays(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    if muon:
+        groups = [{"params": list(blocks), "weight_decay": weight_decay, "kind": "muon"},
+                  *({**g, "kind": "adamw"} for g in groups)]
+    return [g for g in groups if g["params"]], blocks
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
@@ -75,7 +92,7 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
     bf16_weights: `MasterWeightAdamW`, which turns the model's matmul weights into bf16 working copies."""
     if bf16_weights:
         return MasterWeightAdamW(model, lr, weight_decay, betas, eps)
-    groups = _groups(model, weight_decay)
+    groups, _ = _groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not _has_dtensor(params)
@@ -95,6 +112,46 @@ def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
 
 def _has_dtensor(params) -> bool:
     return any(type(p).__name__ == "DTensor" for p in params)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the hidden matrices, AdamW on the rest (`muon.py`), over fp32 weights. Groups carry
+    `kind` ('muon' or 'adamw'); lr, weight_decay and the schedule apply to both. (bf16 working weights with fp32
+    masters: `MasterWeightAdamW(..., muon=True)`.)"""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, momentum: float = _muon.MOMENTUM,
+                 betas=(0.9, 0.95), eps: float = 1e-8, experts: bool = False, ns_steps: int = 5):
+        groups, self.blocks = _groups(model, weight_decay, muon=True, muon_experts=experts)
+        super().__init__(groups, dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, ns_steps=ns_steps))
+        self.register_step_post_hook(_bump_versions)  # fused AdamW writes behind autograd's back
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["kind"] == "muon":
+                _muon.muon_update(group, [(p, p.grad, p) for p in params], self.state, self.blocks)
+                continue
+            states = []
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                states.append(st)
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            b1, b2 = group["betas"]
+            torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                                beta1=b1, beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"],
+                                maximize=False)
+        return None
 
 
 # ---- bf16 working weights, fp32 masters ---------------------------------------------------------------------
@@ -131,11 +188,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     `clip_grad_norm_` replaces torch.nn.utils.clip_grad_norm_ (its scaling happens inside the update).
     The state (exp_avg, exp_avg_sq, step per parameter) has torch.optim.AdamW's layout, so checkpoints move
     between the two; the checkpointed weights are the masters (`full_precision_state`). `release()` puts the
-    fp32 masters back into the model (end of training)."""
+    fp32 masters back into the model (end of training). muon=True: the groups and updates of `MuonAdamW`, Muon
+    updating the masters."""
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
-        super().__init__(_groups(model, weight_decay), dict(lr=lr, betas=tuple(betas), eps=eps,
-                                                             weight_decay=weight_decay))
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 muon: bool = False, muon_experts: bool = False, momentum: float = _muon.MOMENTUM,
+                 ns_steps: int = 5):
+        groups, self.blocks = _groups(model, weight_decay, muon, muon_experts)
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, ns_steps=ns_steps))
         self.master: dict[nn.Parameter, torch.Tensor] = {}
         self._grads: dict[nn.Parameter, torch.Tensor] = {}  # bf16 weights' gradients, out of .grad
         self._hooks = []
@@ -198,6 +259,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         scale, self._scale = self._scale, 1.0
         lib = cpu_adamw.library()
         for group in self.param_groups:
+            if group.get("kind") == "muon":
+                items = []
+                for p in group["params"]:
+                    g = self._grads.get(p, p.grad)
+                    if g is not None:
+                        items.append((p, g * scale if scale != 1.0 else g, self.master.get(p, p)))
+                _muon.muon_update(group, items, self.state, self.blocks)
+                for p, _, w in items:
+                    if w is not p:
+                        p.copy_(w)
+                continue
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             plain = [p for p in group["params"] if p not in self.master and p.grad is not None]
             if plain:
@@ -329,7 +401,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str], tens
                 g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
         for p in g["params"]:
             state = {}
-            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
                 t = tensors.get(f"{names[id(p)]}/{key}")
                 if t is not None:
                     # `step` stays where torch keeps it (CPU float unless capturable/fused on CUDA)

@@ -8,7 +8,8 @@ its own share). Per step:
 - loss = LM cross-entropy + lambda/D sum_k CE(MTP depth k)                   (DeepSeek-V3 §2.2)
         + sequence-wise balance loss alpha sum_i f_i P_i                      (V3 §2.1.2, optional)
         (+ sum over layers of the indexer KL in the DSA sparse stage)        (V3.2-Exp §2.1)
-- AdamW, warm-up then cosine or warmup-stable-decay, gradient clipping, bf16 autocast with fp32 master weights;
+- AdamW (or Muon on the blocks' matrices: --optimizer muon), warm-up then cosine or warmup-stable-decay, gradient
+  clipping, bf16 with fp32 master weights;
 - auxiliary-loss-free balancing (V3 §2.1.2): after the optimizer step, each noaux_tc router's bias moves by
   b_i += gamma * sign(mean load - load_i), loads counted over the whole global batch (all-reduced over ranks).
 DSA stages on a dense or DSA checkpoint (--init): `warmup` freezes everything but the lightning indexers and
@@ -47,14 +48,15 @@ import torch
 
 from nanoseek import metrics as M
 from nanoseek.checkpoint import from_pretrained, save_pretrained
+from nanoseek.compile import compile_blocks
 from nanoseek.config import PRESETS, get_preset
 from nanoseek import kernels
 from nanoseek.kernels import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer, cross_entropy
-from nanoseek.optim import (MasterWeightAdamW, Schedule, build_adamw, load_optimizer_state, optimizer_state_tensors,
-                            set_lr)
+from nanoseek.optim import (MasterWeightAdamW, MuonAdamW, Schedule, build_adamw, load_optimizer_state,
+                            optimizer_state_tensors, set_lr)
 
 DSA_STAGES = ("none", "warmup", "sparse")
 from nanoseek.precision import CHOICES as DTYPE_CHOICES, DTYPES, resolve as resolve_dtype
@@ -81,6 +83,8 @@ class TrainConfig:
     warmup: Optional[int] = None  # default min(100, max_steps // 10)
     schedule: str = "cosine"
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest: nanoseek/muon.py)
+    muon_experts: bool = False  # muon: the routed experts' matrices too (costly at small batches)
     clip: float = 1.0
     dtype: str = "auto"  # auto: bfloat16 where the device computes it natively and fast, else float32
     mtp_weight: float = 0.3  # lambda (V3: 0.3 early, 0.1 late)
@@ -101,7 +105,7 @@ class TrainConfig:
     samples: int = 0  # sampled completions in the report
     sample_tokens: int = 48
     progress: bool = True
-    compile: bool = True  # torch.compile the forward + losses (single process; eager if compiling fails)
+    compile: bool = True  # torch.compile the blocks (single process; eager if compiling fails)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -130,6 +134,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(100, max_steps/10))")
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"])
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "muon"],
+                    help="muon: Muon on the blocks' matrices with Moonlight's AdamW-matched update size, AdamW on "
+                    "embeddings, head, norms and routers (one process)")
+    ap.add_argument("--muon-experts", action="store_true", help="muon: the routed experts' matrices too")
     ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0 = off)")
     ap.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
                     help="compute dtype (bfloat16: bf16 compute, fp32 master weights; auto: bfloat16 where the "
@@ -156,7 +164,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="run the training step eagerly (default: torch.compile it when single-process)")
+                    help="run the training step eagerly (default: torch.compile its blocks when single-process)")
     a = ap.parse_args(argv)
     tc = TrainConfig(**{k: v for k, v in vars(a).items()})
     validate(tc)
@@ -173,6 +181,8 @@ def validate(tc: TrainConfig) -> None:
     need(tc.stop_after is None or 1 <= tc.stop_after <= tc.max_steps, "--stop-after must be in [1, max-steps]")
     need(tc.dsa_stage in DSA_STAGES, f"--dsa-stage must be one of {DSA_STAGES}")
     need(tc.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}")
+    need(tc.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon")
+    need(not tc.muon_experts or tc.optimizer == "muon", "--muon-experts needs --optimizer muon")
     need(0 <= tc.heldout_fraction < 1, "--heldout-fraction must be in [0, 1)")
     need(tc.preset in PRESETS, f"unknown preset {tc.preset!r}; choose one of {', '.join(PRESETS)}")
     need(tc.mtp_weight >= 0 and tc.bias_update_speed >= 0 and tc.seq_aux_alpha >= 0,
@@ -286,20 +296,20 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
 
 
 def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: int = 1):
-    """(x, y) -> micro_step_losses(...): torch.compile'd when tc.compile and single-process (FSDP2 and expert
-    parallelism run eagerly). Compiling fuses the elementwise work around the GEMMs (norms, RoPE, SwiGLU, the
-    routers, the bf16 casts, the loss): ~10% more tokens/s on this CPU for `small` in bf16 (bench/train.py:
-    1,733 vs 1,580), for one compilation of ~40 s per run. Should compiling fail (no C++ compiler, say), the
-    step runs eagerly with a warning."""
+    """(x, y) -> micro_step_losses(...), with the blocks torch.compile'd when tc.compile and single-process (FSDP2
+    and expert parallelism run eagerly). Compiling fuses the elementwise work around the GEMMs (norms, RoPE,
+    SwiGLU, the routers, the casts); it compiles one graph per kind of block rather than the whole step
+    (`nanoseek.compile`), so the cold first step costs one dense, one MoE and one MTP block, not every layer.
+    Should compiling fail (no C++ compiler, say), the step runs eagerly with a warning."""
     def fn(x, y):
         return micro_step_losses(model, x, y, tc, mtp_depth)
 
-    if not tc.compile or world > 1:
-        return fn
-    cpu_experts.library()  # built before tracing: the traced step calls it where it can (`FastExperts`)
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
-    return torch.compile(fn)
+    if tc.compile and world == 1:
+        cpu_experts.library()  # built before tracing: the traced step calls it where it can (`FastExperts`)
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True  # fall back to eager instead of failing the run
+        compile_blocks(model)
+    return fn
 
 
 def keep_freed_memory() -> bool:
@@ -596,7 +606,13 @@ def train(tc: TrainConfig) -> dict:
 
     # -- optimizer, schedule -------------------------------------------------------------------------------
     dtype = DTYPES[tc.dtype]
-    opt = build_adamw(model, tc.lr, tc.weight_decay, bf16_weights=master_weights(tc, device, world))
+    muon = tc.optimizer == "muon"
+    if master_weights(tc, device, world):
+        opt = MasterWeightAdamW(model, tc.lr, tc.weight_decay, muon=muon, muon_experts=tc.muon_experts)
+    elif muon:
+        opt = MuonAdamW(model, tc.lr, tc.weight_decay, experts=tc.muon_experts)
+    else:
+        opt = build_adamw(model, tc.lr, tc.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.max_steps // 10)
     sched = Schedule(tc.lr, tc.min_lr if tc.min_lr is not None else tc.lr / 10, warmup, tc.max_steps, tc.schedule)

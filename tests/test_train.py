@@ -95,7 +95,9 @@ def test_final_model_loads_in_nanoseek_and_transformers(pretrained):
         "def f(x):\n    return x"
 
 
-@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--grad-accum", "2"]], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("extra", [[], ["--dtype", "bfloat16", "--grad-accum", "2"], ["--optimizer", "muon"],
+                                   ["--optimizer", "muon", "--muon-experts", "--dtype", "bfloat16"]],
+                         ids=["float32", "bfloat16", "muon", "muon-experts-bfloat16"])
 def test_resume_is_exact(env, tmp_path, extra):
     """float32, and bf16 training (bf16 working weights, fp32 masters in the optimizer, micro-batch gradients
     summed in fp32): checkpoints hold the fp32 masters, so the resumed run is the same run."""

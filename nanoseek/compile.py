@@ -1,0 +1,60 @@
+"""Regional torch.compile for training: one compiled graph per kind of transformer block, shared by every block of
+that kind (as torchtitan's `apply_compile` and PyTorch's regional-compilation recipe do).
+
+Compiling the whole training step traces every layer into one graph, so inductor generates, and the C++ compiler
+builds, the same kernels once per layer: a cold first step of minutes on a 2-core CPU. A block is the unit that
+repeats: compiled as a function of (block, inputs), with the block's parameters as graph inputs, its graph and
+kernels are reused by every block of the same structure (the dense block, the MoE blocks, the MTP block at its
+one-token-shorter length). Embedding, final norm, head and losses stay eager: they run once per step.
+
+Two things would make every block a new compilation and are kept outside the compiled region: the
+`LayerStats` lists (a guard on their length) and the `RopeTables` memo (a guard on its keys). The region returns
+its own stats lists and builds its rope tables from the plain tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nanoseek.model.rope import RopeTables
+from nanoseek.model.stats import LayerStats
+from nanoseek.model.transformer import Transformer
+
+_STATS = ("expert_ids", "balance_losses", "indexer_losses", "indexer_recalls")
+
+
+def _block_region(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  pair_swap: torch.Tensor, half_swap: torch.Tensor):
+    """One block's training forward as a pure function: (hidden [B, T, D], the four stats lists)."""
+    stats = LayerStats()
+    h = type(block).forward(block, x, RopeTables(cos, sin, pair_swap, half_swap), None, "auto", stats)
+    return (h,) + tuple(getattr(stats, f) for f in _STATS)
+
+
+def _regional_forward(block: nn.Module, region: Callable):
+    reference = type(block).forward
+
+    def forward(x, rope, cache=None, path="auto", stats=None):
+        # inference (a cache, no stats, or no autograd: evaluation) keeps the eager path and its own fast paths
+        if cache is not None or stats is None or not torch.is_grad_enabled():
+            return reference(block, x, rope, cache, path, stats)
+        h, *lists = region(block, x, rope.cos, rope.sin, rope.pair_swap, rope.half_swap)
+        for name, items in zip(_STATS, lists):
+            getattr(stats, name).extend(items)
+        return h
+    return forward
+
+
+def compile_blocks(model: Transformer) -> int:
+    """Compile the training forward of every block of `model` (main layers and MTP) regionally, in place;
+    returns the number of blocks. Shapes stay static: each (block kind, length) is one graph."""
+    import torch._dynamo
+    # one entry per block kind and sequence length, with room for the stages' recompiles (e.g. a freeze change)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    region = torch.compile(_block_region, dynamic=False)
+    blocks = list(model.layers) + [m.block for m in model.mtp]
+    for b in blocks:
+        b.forward = _regional_forward(b, region)
+    return len(blocks)
