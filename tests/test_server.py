@@ -368,6 +368,19 @@ def test_errors_have_openai_shape_and_status(server):
     assert r.status_code == 400
     r = httpx.get(server.url + "/v2/nothing", headers=h)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # JSON types as declared, never coerced: strings or booleans for numbers and flags, booleans for token ids
+    lax = [("/v1/chat/completions", {"messages": msgs, "stream": "yes"}, "stream"),
+           ("/v1/chat/completions", {"messages": msgs, "max_tokens": "5"}, "max_tokens"),
+           ("/v1/chat/completions", {"messages": msgs, "max_tokens": True}, "max_tokens"),
+           ("/v1/completions", {"prompt": [True, False], "max_tokens": 1}, "prompt"),
+           ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": False}, "logprobs"),
+           ("/detokenize", {"tokens": [False]}, "tokens")]
+    for path, body, field in lax:
+        r = httpx.post(server.url + path, json={"model": "nanoseek-tiny", **body}, headers=h)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (path, body, r.text)
+    r = httpx.post(server.url + "/v1/chat/completions", headers=h,  # an int where a float is declared is fine
+                   json={"model": "nanoseek-tiny", "messages": msgs, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
     # the server is still healthy after all of that
     assert httpx.get(server.url + "/health").status_code == 200
 

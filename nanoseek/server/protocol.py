@@ -19,7 +19,9 @@ MAX_STOP = 16
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: JSON types as the OpenAI API declares them ("stream": "yes", "max_tokens": "5" or true, a prompt of
+    # booleans are 400s, not coerced); ints still pass where a float is declared
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 # ---- requests -------------------------------------------------------------------------------------------------
