@@ -385,6 +385,24 @@ def test_errors_have_openai_shape_and_status(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_key_spaces_empty_key_host_header_and_model_path(random_dir):
+    """A key's surrounding spaces are dropped; an empty key means no key (never a key a bare 'Bearer' passes);
+    a keyless loopback server refuses a Host that is not the loopback (DNS rebinding); /v1/models does not show
+    the model's path."""
+    with ServerThread(ServeConfig(str(random_dir), api_key=f"  {KEY} ")) as srv:
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer"}).status_code == 401
+    with ServerThread(ServeConfig(str(random_dir), api_key=" ", trusted_hosts=["127.0.0.1", "localhost"])) as srv:
+        srv.wait_ready()
+        r = httpx.get(srv.url + "/v1/models")
+        assert r.status_code == 200 and str(random_dir) not in r.text
+        assert {m["root"] for m in r.json()["data"]} == {"nanoseek-tiny"}
+        assert httpx.get(srv.url + "/v1/models", headers={"Host": "attacker.example"}).status_code == 400
+        port = srv.url.rsplit(":", 1)[1]
+        assert httpx.get(srv.url + "/health", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
 def test_queue_full_is_429_and_disconnects_free_blocks(scripted):
     """max_batch_size=2, max_waiting=1: two streams run, one waits, the next request is refused with 429.
     Dropping the connections aborts all three requests and frees every block."""

@@ -53,13 +53,15 @@ from nanoseek.server.metrics import ServerMetrics
 log = logging.getLogger("nanoseek.server")
 STATIC_DIR = Path(__file__).parent / "static"
 THINKING_SUFFIXES = ("-thinking", "reasoner")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
 class ServeConfig:
     model_dir: str
     served_model_name: Optional[str] = None  # default: the model folder's name
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # surrounding spaces dropped; empty or blank = no key
+    trusted_hosts: Optional[list[str]] = None  # Host header names accepted (None: any); see `serve`
     dtype: str = "auto"  # bfloat16 where the device computes it natively and fast, else float32 (precision.py)
     device: str = "auto"  # cuda when available
     max_batch_size: int = 16
@@ -475,6 +477,12 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
                   description="OpenAI-compatible API for DeepSeek-class models")
     app.state.nanoseek = state
     app.add_middleware(_CountRequests, metrics=state.metrics)
+    if cfg.trusted_hosts is not None:
+        # a keyless server on the loopback answers only requests addressed to the loopback: a web page that makes
+        # its own name resolve to 127.0.0.1 (DNS rebinding) sends its own name as the Host and gets a 400
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.trusted_hosts)
+    api_key = (cfg.api_key or "").strip() or None
     errors = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse},
               429: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
 
@@ -512,10 +520,10 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
 
     async def auth(request: Request) -> None:
-        if cfg.api_key is None:
+        if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -539,7 +547,7 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
     async def models():
         names = [state.name, state.name + "-thinking"]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": state.created,
-                                            "owned_by": "nanoseek", "root": str(cfg.model_dir),
+                                            "owned_by": "nanoseek", "root": state.name,  # not the path
                                             "max_model_len": state.max_model_len} for n in names]}
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=errors)
@@ -962,14 +970,20 @@ def cli(cmd: str, argv: list[str]) -> int:
         if v < (0 if name == "--port" else 1) or (name == "--port" and v > 65535):
             print(f"nanoseek serve: invalid {name} {v}", file=sys.stderr)
             return 2
-    cfg = ServeConfig(model_dir=str(model_dir), served_model_name=args.served_model_name, api_key=args.api_key,
+    api_key = (args.api_key or "").strip() or None
+    if args.api_key is not None and api_key is None:
+        print("nanoseek serve: the API key given (--api-key or NANOSEEK_API_KEY) is empty: no key is required",
+              file=sys.stderr)
+    loopback = args.host in LOOPBACK
+    cfg = ServeConfig(model_dir=str(model_dir), served_model_name=args.served_model_name, api_key=api_key,
+                      trusted_hosts=list(LOOPBACK) + ["[::1]"] if loopback and api_key is None else None,
                       dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
                       max_model_len=args.max_model_len, max_waiting=args.max_waiting,
                       speculative=args.speculative, num_draft=args.num_draft)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+    if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     failed = threading.Event()
     server: Optional[uvicorn.Server] = None
