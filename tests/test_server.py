@@ -344,6 +344,8 @@ def test_errors_have_openai_shape_and_status(server):
     assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/v1/models").status_code == 401  # no key at all
     assert httpx.get(server.url + "/tokenizer_info").status_code == 200  # open, as in vLLM (lm-eval probes it)
+    assert httpx.get(server.url + "/openapi.json").status_code == 401  # the schema behind the key, no docs pages
+    assert httpx.get(server.url + "/docs").status_code == httpx.get(server.url + "/redoc").status_code == 404
     with pytest.raises(openai.NotFoundError) as e:
         good.chat.completions.create(model="gpt-4o", messages=msgs)
     assert e.value.body["type"] == "not_found_error" and e.value.body["param"] == "model"
@@ -597,7 +599,11 @@ def test_openapi_fuzz_finds_no_server_errors(random_dir, tmp_path):
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
     with ServerThread(ServeConfig(str(random_dir), api_key=KEY, max_model_len=64)) as srv:
         srv.wait_ready()
-        cmd = [str(exe), "run", srv.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "10",
+        schema = httpx.get(srv.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+        assert schema.status_code == 200
+        (tmp_path / "openapi.json").write_text(schema.text)
+        cmd = [str(exe), "run", str(tmp_path / "openapi.json"), "--url", srv.url, "--checks", "not_a_server_error",
+               "--max-examples", "10",
                "--header", f"Authorization: Bearer {KEY}", "--seed", "1", "--request-timeout", "60", "--workers", "1",
                "--suppress-health-check", "all", "--generation-database", "none", "--no-color"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -473,8 +473,11 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
             loader.cancel()
             await state.shutdown()
 
+    api_key = (cfg.api_key or "").strip() or None
+    # with a key, the schema is served behind it (below) and the browsable docs are off (a browser sends no key)
+    docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible API for DeepSeek-class models")
+                  description="OpenAI-compatible API for DeepSeek-class models", **docs)
     app.state.nanoseek = state
     app.add_middleware(_CountRequests, metrics=state.metrics)
     if cfg.trusted_hosts is not None:
@@ -482,7 +485,6 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         # its own name resolve to 127.0.0.1 (DNS rebinding) sends its own name as the Host and gets a 400
         from starlette.middleware.trustedhost import TrustedHostMiddleware
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.trusted_hosts)
-    api_key = (cfg.api_key or "").strip() or None
     errors = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse},
               429: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}}
 
@@ -530,6 +532,10 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
     # the key guards /v1/* (as vLLM does): the tokenizer endpoints stay open, which is where lm-eval's remote
     # tokenizer looks without credentials
     protected = [Depends(auth)]
+    if api_key is not None:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
+        async def openapi_schema():
+            return JSONResponse(app.openapi())
 
     # ---- service endpoints ----------------------------------------------------------------------------------
     @app.get("/health", responses={503: {"model": P.ErrorResponse}})
