@@ -552,12 +552,13 @@ def _free_port() -> int:
 
 def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
     """`nanoseek serve --speculative mtp` in a subprocess: same greedy text as plain decoding, acceptance rate
-    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0."""
+    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0. Its environment sets an empty API key, which
+    means no key (and says so); bound to the loopback without a key, it refuses a foreign Host header."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(random_dir), "--port", str(port),
                              "--speculative", "mtp", "--num-draft", "2", "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "NANOSEEK_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
     try:
         t_end = time.monotonic() + 120
@@ -569,6 +570,7 @@ def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < t_end, proc.stdout.read() if proc.poll() else ""
             time.sleep(0.1)
+        assert httpx.get(url + "/health", headers={"Host": "rebound.example"}).status_code == 400
         kw = dict(model="nanoseek-tiny", prompt="My kingdom for", max_tokens=20, temperature=0)
         spec = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(**kw)
         plain = client(server).completions.create(**kw)
@@ -587,6 +589,7 @@ def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
             proc.wait()
     out = proc.stdout.read()
     assert "Traceback" not in out, out
+    assert "API key given (--api-key or NANOSEEK_API_KEY) is empty" in out, out
 
 
 # ---- fuzzing the OpenAPI schema --------------------------------------------------------------------------------------

@@ -949,6 +949,9 @@ def cli(cmd: str, argv: list[str]) -> int:
     ap.add_argument("model_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--allowed-hosts", help="comma-separated Host header names to answer, '*' for any (default: the "
+                    "loopback names when bound to the loopback without a key, against DNS rebinding; else any); "
+                    "e.g. the name a reverse proxy forwards")
     ap.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
     ap.add_argument("--served-model-name", default=None, help="model name clients use (default: folder name)")
@@ -981,8 +984,13 @@ def cli(cmd: str, argv: list[str]) -> int:
         print("nanoseek serve: the API key given (--api-key or NANOSEEK_API_KEY) is empty: no key is required",
               file=sys.stderr)
     loopback = args.host in LOOPBACK
+    if args.allowed_hosts is not None:
+        hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+        trusted = None if "*" in hosts else hosts
+    else:
+        trusted = list(LOOPBACK) + ["[::1]"] if loopback and api_key is None else None
     cfg = ServeConfig(model_dir=str(model_dir), served_model_name=args.served_model_name, api_key=api_key,
-                      trusted_hosts=list(LOOPBACK) + ["[::1]"] if loopback and api_key is None else None,
+                      trusted_hosts=trusted,
                       dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
