@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,26 @@ def collect_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     if not out:
         raise ValueError(f"no text files found in {[str(p) for p in paths]} (suffixes: {sorted(TEXT_SUFFIXES)})")
     return out
+
+
+def text_problem(path: str | Path) -> Optional[str]:
+    """Why a file is not UTF-8 text, or None: the offset of its first undecodable byte, or of a NUL byte (binary
+    data can decode as UTF-8)."""
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+    nul = raw.find(b"\x00")
+    return None if nul < 0 else f"binary data (a NUL byte at {nul})"
+
+
+def check_text(files: Sequence[str | Path], strict: bool = False) -> list[str]:
+    """One line per file that is not UTF-8 text ('FILE: why'). strict: raise ValueError with them instead."""
+    bad = [f"{f}: {why}" for f in files if (why := text_problem(f)) is not None]
+    if bad and strict:
+        raise ValueError("not UTF-8 text (--strict-data): " + "; ".join(bad))
+    return bad
 
 
 def read_documents(path: str | Path) -> Iterator[str]:
@@ -295,13 +316,19 @@ class Datasets:
 
 
 def prepare(paths: Optional[Sequence[str | Path]], tokenizer, cache_dir: Optional[str | Path] = None,
-            heldout_fraction: float = 0.02, is_main: bool = True, barrier=None) -> Datasets:
+            heldout_fraction: float = 0.02, is_main: bool = True, barrier=None, strict: bool = False) -> Datasets:
     """Train and held-out token files for files/folders, or for the default corpus when `paths` is empty.
 
-    Under torchrun, pass is_main (rank 0 tokenises) and a barrier callable (the others wait, then open the
-    cache); the key makes every rank find the same files.
+    Files that are not UTF-8 text get a warning on stderr each (their undecodable bytes become U+FFFD), or with
+    `strict` a ValueError naming them. Under torchrun, pass is_main (rank 0 tokenises) and a barrier callable (the
+    others wait, then open the cache); the key makes every rank find the same files.
     """
     files = collect_files(paths) if paths else default_corpus()
+    if paths:
+        for line in check_text(files, strict):
+            if is_main:
+                print(f"warning: {line}; its undecodable bytes become U+FFFD (--strict-data refuses such files)",
+                      file=sys.stderr)
     train, held = split_files(files, heldout_fraction)
     if heldout_fraction == 0.0:
         jobs = [(files, None)]

@@ -66,6 +66,7 @@ from nanoseek.precision import CHOICES as DTYPE_CHOICES, DTYPES, resolve as reso
 class TrainConfig:
     out: str
     data: list[str] = field(default_factory=list)  # files / folders; empty = the default corpus
+    strict_data: bool = False  # refuse files that are not UTF-8 text (default: warn and decode with U+FFFD)
     preset: str = "tiny"
     init: Optional[str] = None  # HF-layout folder to start from (DSA stages, fine-tuning)
     tokenizer: Optional[str] = None  # HF tokenizer folder; None = train one into out/tokenizer
@@ -115,6 +116,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", nargs="*", default=[], help="text/markdown/source/JSONL files or folders "
                     "(default: this Python's standard library source)")
+    ap.add_argument("--strict-data", action="store_true",
+                    help="refuse data files that are not UTF-8 text (default: a warning each)")
     ap.add_argument("--out", required=True, help="run folder")
     ap.add_argument("--preset", default=d.preset, choices=list(PRESETS))
     ap.add_argument("--init", help="start from this Hugging Face model folder (e.g. for --dsa-stage)")
@@ -551,8 +554,8 @@ def train(tc: TrainConfig) -> dict:
     # -- tokenizer and data --------------------------------------------------------------------------------
     from nanoseek import data as D
     tok = _tokenizer(tc, run, dist)
-    data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction,
-                     is_main=main, barrier=lambda: _barrier(dist))
+    data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
+                     barrier=lambda: _barrier(dist), strict=tc.strict_data)
     world, rank = dist.world_size, dist.rank
     accum = _grad_accum(tc, world)
     loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size, rank, world, tc.seed)

@@ -11,7 +11,7 @@ import torch
 
 from nanoseek import chat
 from nanoseek.data import (PackedLoader, TokenFile, cache_tokens, collect_files, default_corpus, heldout_batches,
-                           prepare, read_documents, split_corpus, split_files)
+                           prepare, read_documents, split_corpus, split_files, text_problem)
 from nanoseek.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,21 @@ def test_token_cache(corpus, tok, stream, tmp_path):
     extra.write_text("alpha beta gamma")
     assert cache_tokens([extra], tok, tmp_path).path != first.path
     assert TokenFile.open(first.path).tokens.tolist() == [tok.bos_id] + tok.encode("alpha beta")
+
+
+def test_files_that_are_not_text_warn_or_are_refused(tok, tmp_path, capsys):
+    good, latin1, binary = tmp_path / "good.txt", tmp_path / "latin1.txt", tmp_path / "blob.txt"
+    good.write_text("plain text, été\n" * 50)
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    binary.write_bytes(b"ok\x00\x01\x02" * 50)
+    assert text_problem(good) is None
+    assert "byte 3" in text_problem(latin1) and "NUL byte at 2" in text_problem(binary)
+    prepare([good, latin1, binary], tok, tmp_path / "cache", heldout_fraction=0.0)
+    err = capsys.readouterr().err
+    assert f"{latin1}: not valid UTF-8" in err and f"{binary}: binary data" in err and str(good) not in err
+    with pytest.raises(ValueError, match="strict-data.*latin1.txt.*blob.txt"):
+        prepare([good, latin1, binary], tok, tmp_path / "cache", heldout_fraction=0.0, strict=True)
+    prepare([good], tok, tmp_path / "cache", heldout_fraction=0.0, strict=True)
 
 
 def test_prepare_splits_one_file_inside_its_text(tok, tmp_path):

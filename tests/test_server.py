@@ -388,14 +388,19 @@ def test_errors_have_openai_shape_and_status(server):
 
 
 def test_key_spaces_empty_key_host_header_and_model_path(random_dir):
-    """A key's surrounding spaces are dropped; an empty key means no key (never a key a bare 'Bearer' passes);
-    a keyless loopback server refuses a Host that is not the loopback (DNS rebinding); /v1/models does not show
-    the model's path."""
+    """A key's surrounding spaces are dropped; an empty key is refused (never a key a bare 'Bearer' passes); a
+    keyless loopback server refuses a Host that is not the loopback (DNS rebinding); /v1/models does not show the
+    model's path."""
     with ServerThread(ServeConfig(str(random_dir), api_key=f"  {KEY} ")) as srv:
         srv.wait_ready()
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer"}).status_code == 401
-    with ServerThread(ServeConfig(str(random_dir), api_key=" ", trusted_hosts=["127.0.0.1", "localhost"])) as srv:
+    with pytest.raises(ValueError, match="API key is empty"):
+        ServerThread(ServeConfig(str(random_dir), api_key=" "))
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "serve", str(random_dir)], capture_output=True, text=True,
+                       env={**os.environ, "NANOSEEK_API_KEY": ""}, timeout=120)
+    assert r.returncode == 2 and "API key (--api-key or NANOSEEK_API_KEY) is empty" in r.stderr, r.stderr
+    with ServerThread(ServeConfig(str(random_dir), trusted_hosts=["127.0.0.1", "localhost"])) as srv:
         srv.wait_ready()
         r = httpx.get(srv.url + "/v1/models")
         assert r.status_code == 200 and str(random_dir) not in r.text
@@ -552,13 +557,14 @@ def _free_port() -> int:
 
 def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
     """`nanoseek serve --speculative mtp` in a subprocess: same greedy text as plain decoding, acceptance rate
-    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0. Its environment sets an empty API key, which
-    means no key (and says so); bound to the loopback without a key, it refuses a foreign Host header."""
+    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0. Bound to the loopback without a key, it
+    refuses a foreign Host header."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(random_dir), "--port", str(port),
                              "--speculative", "mtp", "--num-draft", "2", "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "NANOSEEK_API_KEY": ""})
+                            env={k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1"}.items()
+                                 if k != "NANOSEEK_API_KEY"})
     url = f"http://127.0.0.1:{port}"
     try:
         t_end = time.monotonic() + 120
@@ -589,7 +595,6 @@ def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
             proc.wait()
     out = proc.stdout.read()
     assert "Traceback" not in out, out
-    assert "API key given (--api-key or NANOSEEK_API_KEY) is empty" in out, out
 
 
 # ---- fuzzing the OpenAPI schema --------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServeConfig:
     model_dir: str
     served_model_name: Optional[str] = None  # default: the model folder's name
-    api_key: Optional[str] = None  # surrounding spaces dropped; empty or blank = no key
+    api_key: Optional[str] = None  # compared after dropping surrounding spaces; a blank one is refused
     trusted_hosts: Optional[list[str]] = None  # Host header names accepted (None: any); see `serve`
     dtype: str = "auto"  # bfloat16 where the device computes it natively and fast, else float32 (precision.py)
     device: str = "auto"  # cuda when available
@@ -473,7 +473,9 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
             loader.cancel()
             await state.shutdown()
 
-    api_key = (cfg.api_key or "").strip() or None
+    api_key = None if cfg.api_key is None else cfg.api_key.strip()
+    if api_key == "":
+        raise ValueError("the API key is empty: give a key, or none for a server without one")
     # with a key, the schema is served behind it (below) and the browsable docs are off (a browser sends no key)
     docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
@@ -979,10 +981,11 @@ def cli(cmd: str, argv: list[str]) -> int:
         if v < (0 if name == "--port" else 1) or (name == "--port" and v > 65535):
             print(f"nanoseek serve: invalid {name} {v}", file=sys.stderr)
             return 2
-    api_key = (args.api_key or "").strip() or None
-    if args.api_key is not None and api_key is None:
-        print("nanoseek serve: the API key given (--api-key or NANOSEEK_API_KEY) is empty: no key is required",
-              file=sys.stderr)
+    api_key = None if args.api_key is None else args.api_key.strip()
+    if api_key == "":  # never a server that a bare 'Bearer' passes, nor a silent fallback to none
+        print("nanoseek serve: the API key (--api-key or NANOSEEK_API_KEY) is empty; give a key, or unset it to serve "
+              "without one", file=sys.stderr)
+        return 2
     loopback = args.host in LOOPBACK
     if args.allowed_hosts is not None:
         hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
