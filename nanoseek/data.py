@@ -327,8 +327,8 @@ def prepare(paths: Optional[Sequence[str | Path]], tokenizer, cache_dir: Optiona
     if paths:
         for line in check_text(files, strict):
             if is_main:
-                print(f"warning: {line}; its undecodable bytes become U+FFFD (--strict-data refuses such files)",
-                      file=sys.stderr)
+                print(f"warning: {line}; read as text anyway, undecodable bytes as U+FFFD (--strict-data refuses "
+                      "such files)", file=sys.stderr)
     train, held = split_files(files, heldout_fraction)
     if heldout_fraction == 0.0:
         jobs = [(files, None)]
