@@ -47,9 +47,9 @@ def _regional_forward(block: nn.Module, region: Callable):
     return forward
 
 
-def compile_blocks(model: Transformer) -> int:
-    """Compile the training forward of every block of `model` (main layers and MTP) regionally, in place;
-    returns the number of blocks. Shapes stay static: each (block kind, length) is one graph."""
+def compile_blocks(model: Transformer) -> None:
+    """Compile the training forward of every block of `model` (main layers and MTP) regionally, in place.
+    Shapes stay static: each (block kind, length) is one graph."""
     import torch._dynamo
     # one entry per block kind and sequence length, with room for the stages' recompiles (e.g. a freeze change)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
@@ -57,4 +57,3 @@ def compile_blocks(model: Transformer) -> int:
     blocks = list(model.layers) + [m.block for m in model.mtp]
     for b in blocks:
         b.forward = _regional_forward(b, region)
-    return len(blocks)

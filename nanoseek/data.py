@@ -24,7 +24,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,10 +76,7 @@ def collect_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def text_problem(path: str | Path) -> Optional[str]:
-    """Why a file is not UTF-8 text, or None: the offset of its first undecodable byte, or of a NUL byte (binary
-    data can decode as UTF-8)."""
-    raw = Path(path).read_bytes()
+def _text_problem(raw: bytes) -> Optional[str]:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -88,22 +85,24 @@ def text_problem(path: str | Path) -> Optional[str]:
     return None if nul < 0 else f"binary data (a NUL byte at {nul})"
 
 
-def check_text(files: Sequence[str | Path], strict: bool = False) -> list[str]:
-    """One line per file that is not UTF-8 text ('FILE: why'). strict: raise ValueError with them instead."""
-    bad = [f"{f}: {why}" for f in files if (why := text_problem(f)) is not None]
-    if bad and strict:
-        raise ValueError("not UTF-8 text (--strict-data): " + "; ".join(bad))
-    return bad
+def text_problem(path: str | Path) -> Optional[str]:
+    """Why a file is not UTF-8 text, or None: the offset of its first undecodable byte, or of a NUL byte (binary
+    data can decode as UTF-8)."""
+    return _text_problem(Path(path).read_bytes())
 
 
-def read_documents(path: str | Path) -> Iterator[str]:
+def read_documents(path: str | Path, on_problem: Optional[Callable[[str], None]] = None) -> Iterator[str]:
     """The documents of one file: the whole file for text, one per line for JSONL.
 
     A JSONL line needs a string `text` field, or chat `messages` (rendered with nanoseek.chat, V3.2 style,
-    without the BOS that the token cache adds). Undecodable bytes become U+FFFD rather than failing a corpus.
+    without the BOS that the token cache adds). Undecodable bytes become U+FFFD rather than failing a corpus;
+    on_problem, if given, first hears 'FILE: why' of a file that is not UTF-8 text (`text_problem`).
     """
     path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    raw = path.read_bytes()
+    if on_problem is not None and (why := _text_problem(raw)) is not None:
+        on_problem(f"{path}: {why}")
+    text = raw.decode("utf-8", errors="replace")
     if path.suffix.lower() != ".jsonl":
         if text.strip():
             yield text
@@ -241,9 +240,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek")) / "tokens"
 
 
+def _warn_not_text(line: str) -> None:
+    print(f"warning: {line}; read as text anyway, undecodable bytes as U+FFFD (--strict-data refuses such files)",
+          file=sys.stderr)
+
+
 def cache_tokens(files: Sequence[str | Path], tokenizer, cache_dir: Optional[str | Path] = None,
-                 part: Optional[tuple[str, float]] = None, batch_chars: int = 1 << 22) -> TokenFile:
+                 part: Optional[tuple[str, float]] = None, batch_chars: int = 1 << 22,
+                 check_text: Optional[str] = None) -> TokenFile:
     """Tokenise the documents of `files` once into a memory-mapped stream; later calls reuse it.
+    check_text: "warn" (on stderr, as each is read) or "strict" (one ValueError naming them all, nothing cached)
+    for the files that are not UTF-8 text.
 
     The cache key hashes every file's path, size and mtime, the tokenizer.json content and `part`.
     part=("train" | "heldout", fraction) keeps one side of `split_text` over all the documents.
@@ -255,7 +262,9 @@ def cache_tokens(files: Sequence[str | Path], tokenizer, cache_dir: Optional[str
     stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     if part is not None and (part[0] not in ("train", "heldout") or not 0.0 < part[1] < 1.0):
         raise ValueError(f"part must be ('train' | 'heldout', fraction in (0, 1)), got {part}")
-    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "files": stats, "part": part}).encode()
+    # a strict build reads every file again, even where a lenient one cached the same files
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "files": stats, "part": part,
+                                     **({"strict": True} if check_text == "strict" else {})}).encode()
                          + tokenizer.to_str().encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -263,12 +272,15 @@ def cache_tokens(files: Sequence[str | Path], tokenizer, cache_dir: Optional[str
     if out.is_file() and out.with_suffix(".json").is_file():
         return TokenFile.open(out)
 
+    refused: list[str] = []
+    on_problem = {None: None, "warn": _warn_not_text, "strict": refused.append}[check_text]
+
     def documents() -> Iterator[str]:
         if part is None:
             for f in files:
-                yield from read_documents(f)
+                yield from read_documents(f, on_problem)
         else:
-            train, held = split_text([d for f in files for d in read_documents(f)], part[1])
+            train, held = split_text([d for f in files for d in read_documents(f, on_problem)], part[1])
             yield from (train if part[0] == "train" else held)
 
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
@@ -295,6 +307,9 @@ def cache_tokens(files: Sequence[str | Path], tokenizer, cache_dir: Optional[str
                 flush()
                 size = 0
         flush()
+    if refused:
+        tmp.unlink()
+        raise ValueError("not UTF-8 text (--strict-data): " + "; ".join(refused))
     os.replace(tmp, out)
     lengths = tokenizer.token_byte_lengths()
     lengths[tokenizer.bos_id] = 0
@@ -319,16 +334,12 @@ def prepare(paths: Optional[Sequence[str | Path]], tokenizer, cache_dir: Optiona
             heldout_fraction: float = 0.02, is_main: bool = True, barrier=None, strict: bool = False) -> Datasets:
     """Train and held-out token files for files/folders, or for the default corpus when `paths` is empty.
 
-    Files that are not UTF-8 text get a warning on stderr each (their undecodable bytes become U+FFFD), or with
-    `strict` a ValueError naming them. Under torchrun, pass is_main (rank 0 tokenises) and a barrier callable (the
+    Given files that are not UTF-8 text get a warning on stderr each as they are tokenised (their undecodable
+    bytes become U+FFFD), or with `strict` one ValueError naming them. Under torchrun, pass is_main (rank 0 tokenises) and a barrier callable (the
     others wait, then open the cache); the key makes every rank find the same files.
     """
     files = collect_files(paths) if paths else default_corpus()
-    if paths:
-        for line in check_text(files, strict):
-            if is_main:
-                print(f"warning: {line}; read as text anyway, undecodable bytes as U+FFFD (--strict-data refuses "
-                      "such files)", file=sys.stderr)
+    check = None if not paths else "strict" if strict else "warn"  # the default corpus is the product's own
     train, held = split_files(files, heldout_fraction)
     if heldout_fraction == 0.0:
         jobs = [(files, None)]
@@ -338,7 +349,7 @@ def prepare(paths: Optional[Sequence[str | Path]], tokenizer, cache_dir: Optiona
         jobs = [(files, ("train", heldout_fraction)), (files, ("heldout", heldout_fraction))]
     if not is_main and barrier is not None:
         barrier()  # wait for rank 0 to write the cache
-    out = [cache_tokens(f, tokenizer, cache_dir, part) for f, part in jobs]
+    out = [cache_tokens(f, tokenizer, cache_dir, part, check_text=check) for f, part in jobs]
     if is_main and barrier is not None:
         barrier()
     return Datasets(out[0], out[1] if len(out) > 1 else None)

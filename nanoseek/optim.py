@@ -135,23 +135,28 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue
             if group["kind"] == "muon":
                 _muon.muon_update(group, [(p, p.grad, p) for p in params], self.state, self.blocks)
-                continue
-            states = []
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                states.append(st)
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            b1, b2 = group["betas"]
-            torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                                [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
-                                beta1=b1, beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"],
-                                maximize=False)
+            else:
+                _fused_adamw_step(self.state, group, params)
         return None
+
+
+def _fused_adamw_step(state: dict, group: dict, params: list) -> None:
+    """torch's fused AdamW over `params` (gradients in .grad) with the group's hyper-parameters, the state in
+    torch.optim.AdamW's layout (a fp32 `step` tensor beside the moments, as the fused kernel keeps it)."""
+    states = []
+    for p in params:
+        st = state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states.append(st)
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1)
+    b1, b2 = group["betas"]
+    torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                        [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"], beta1=b1,
+                        beta2=b2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 # ---- bf16 working weights, fp32 masters ---------------------------------------------------------------------
@@ -273,15 +278,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             plain = [p for p in group["params"] if p not in self.master and p.grad is not None]
             if plain:
-                grads = [p.grad for p in plain]
                 if scale != 1.0:
-                    torch._foreach_mul_(grads, scale)
-                states = [self._state(p, p) for p in plain]
-                steps = [st["step"] for st in states]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(plain, grads, [st["exp_avg"] for st in states],
-                                    [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=lr,
-                                    beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False)
+                    torch._foreach_mul_([p.grad for p in plain], scale)
+                _fused_adamw_step(self.state, group, plain)
             scalars: dict[float, dict] = {}  # by step count: one set for the whole group in practice
             for p in group["params"]:
                 g = self._grads.get(p)

@@ -26,3 +26,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def simde_cc() -> str:
+    """The C compiler for building AVX-512 kernel code over SIMDe's portable intrinsics (tests/simde), on an
+    x86-64 host; skips where there is none or SIMDe's headers are missing."""
+    from nanoseek.kernels import build, isa
+    cc = build.compiler()
+    if isa.arch() != "x86_64" or cc is None:
+        pytest.skip("needs an x86-64 host with a C compiler")
+    if not Path("/usr/include/simde/x86/avx512.h").exists():
+        pytest.skip("SIMDe headers not installed (Debian: libsimde-dev)")
+    return cc
