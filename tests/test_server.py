@@ -87,7 +87,9 @@ def scripted_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(random_dir):
-    with ServerThread(ServeConfig(str(random_dir), api_key=KEY, max_model_len=256)) as srv:
+    # float32 whatever the CPU: the logprob tests compare with the plain model's forward to 1e-4 (the `scripted`
+    # server keeps --dtype auto, bfloat16 on a CPU with native bf16)
+    with ServerThread(ServeConfig(str(random_dir), api_key=KEY, max_model_len=256, dtype="float32")) as srv:
         # /health is 503 until the background load completes, then 200
         t_end = time.monotonic() + 120
         while (r := httpx.get(srv.url + "/health")).status_code != 200:
