@@ -44,7 +44,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--max-steps", type=int, default=d.max_steps)
     ap.add_argument("--stop-after", type=int, help="stop after this step (schedule still spans --max-steps)")
     ap.add_argument("--new-rows-steps", type=int,
-                    help="first steps that train only the new tokens' rows (default: a tenth of --max-steps when the tokenizer adds tokens)")
+                    help="first steps that train only the new tokens' rows (default: a tenth of --max-steps when "
+                    "the tokenizer adds tokens)")
     ap.add_argument("--replay", nargs="+", default=[], help="base-domain text mixed into every batch")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="share of each batch's rows from --replay")
     ap.add_argument("--base-eval", nargs="+", default=[],
