@@ -1,6 +1,6 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | tokenizer | generate | chat | serve | convert | info
+    nanoseek train | adapt | tokenizer | generate | chat | serve | convert | info | eval
 """
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import sys
 
 COMMANDS = {
     "train": ("nanoseek.train", "train a model (pre-training, DSA stages); runs under torchrun too"),
-    "tokenizer": ("nanoseek.tokenizer", "train or inspect a byte-level BPE tokenizer"),
+    "adapt": ("nanoseek.adapt", "continued pre-training on a new language (extended vocabulary, replay)"),
+    "tokenizer": ("nanoseek.tokenizer", "train, extend or inspect a byte-level BPE tokenizer"),
     "generate": ("nanoseek.generate", "complete one prompt from a model folder"),
     "chat": ("nanoseek.generate", "interactive streaming chat in the terminal"),
     "serve": ("nanoseek.server.api", "OpenAI-compatible HTTP server with a chat page"),
     "convert": ("nanoseek.checkpoint", "re-save a checkpoint (e.g. FP8 -> bf16) in HF layout"),
     "info": ("nanoseek.checkpoint", "print a model folder's config and parameter counts"),
+    "eval": ("nanoseek.evaluate", "bits per byte, tokens per word and per byte of a model on text files"),
 }
 
 

@@ -1,7 +1,8 @@
 """What a training run shows: live progress, metrics.jsonl, MFU, expert-load balance, plots and report.md.
 
 - metrics.jsonl: one JSON object per optimizer step (step, loss, lm/mtp/balance/indexer losses, lr, grad norm,
-  tokens/s, MFU, memory, per-MoE-layer MaxVio and bias norm; eval_loss / eval_bpb on evaluation steps).
+  tokens/s, MFU, memory, per-MoE-layer MaxVio and bias norm; eval_loss / eval_bpb on evaluation steps, and
+  eval_base_loss / eval_base_bpb when adapting: the base domain's held-out text).
 - MFU counts 6 x activated parameters x tokens/s (forward 2N + backward 4N FLOPs per token; attention's T^2
   term left out, as in PaLM's "6N" model FLOPs), over the peak of the device in the training dtype:
   CUDA from a table of datasheet dense peaks, CPU MEASURED at start-up with a large matmul (best of a few runs),
@@ -185,6 +186,10 @@ def plot_run(out_dir: Path, records: list[dict]) -> list[str]:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in ev], [r["eval_bpb"] for r in ev], "s--", color="tab:red",
                  label="held-out bits/byte")
+        base = [r for r in ev if r.get("eval_base_bpb") is not None]
+        if base:
+            ax2.plot([r["step"] for r in base], [r["eval_base_bpb"] for r in base], "^:", color="tab:purple",
+                     label="base-domain bits/byte")
         ax2.set_ylabel("bits per byte")
         ax2.legend(loc="upper center")
     ax.set_xlabel("step")
@@ -240,11 +245,15 @@ def write_report(out_dir: Path, summary: dict, records: list[dict], plots: list[
                   f"{last.get('loss', float('nan')):.4f} (step {last['step']})."]
         ev = [r for r in records if r.get("eval_bpb") is not None]
         if ev:
+            base = any(r.get("eval_base_bpb") is not None for r in ev)  # adapting: the base domain beside
             lines.append("")
-            lines.append("| step | held-out loss | bits/byte |")
-            lines.append("|---|---|---|")
+            lines.append("| step | held-out loss | bits/byte |" + (" base-domain bits/byte |" if base else ""))
+            lines.append("|---|---|---|" + ("---|" if base else ""))
             for r in ev:
-                lines.append(f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_bpb']:.4f} |")
+                row = f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_bpb']:.4f} |"
+                if base:
+                    row += f" {r['eval_base_bpb']:.4f} |" if r.get("eval_base_bpb") is not None else " |"
+                lines.append(row)
         kl = [r for r in records if r.get("indexer_kl") is not None]
         if kl:
             lines += ["", f"DSA indexer KL {kl[0]['indexer_kl']:.4f} -> {kl[-1]['indexer_kl']:.4f}, "

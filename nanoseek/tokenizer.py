@@ -14,6 +14,7 @@ a streaming reasoning parser still sees </think>, as with DeepSeek's own tokeniz
 nanoseek.chat), which transformers' AutoTokenizer loads; `load_tokenizer` reads any HF tokenizer.json.
 
     nanoseek tokenizer train [--data PATH ...] --vocab-size N --out DIR
+    nanoseek tokenizer extend BASE_DIR --data TEXT --add N --out DIR [--base-data PATH]   (nanoseek.vocab)
     nanoseek tokenizer encode --tokenizer DIR "text"
 """
 from __future__ import annotations
@@ -342,6 +343,14 @@ def cli(cmd: str, argv: list[str]) -> int:
     tr.add_argument("--heldout-fraction", type=float, default=0.02, help="share of files kept for the report")
     tr.add_argument("--max-chars", type=int, default=None, help="cap on training characters")
     tr.add_argument("--chat-style", choices=chat.STYLES, default="v3.2")
+    ex = sub.add_parser("extend", help="append N tokens learnt on a new language's text; existing ids unchanged")
+    ex.add_argument("base", help="folder of the tokenizer to extend (tokenizer.json)")
+    ex.add_argument("--data", nargs="+", required=True, help="files or folders of the new language's text")
+    ex.add_argument("--add", type=int, required=True, help="number of tokens (BPE merges) to learn")
+    ex.add_argument("--out", required=True, help="folder for the extended tokenizer.json + tokenizer_config.json")
+    ex.add_argument("--base-data", nargs="+", help="text of the base domain, for the before/after report")
+    ex.add_argument("--heldout-fraction", type=float, default=0.05,
+                    help="share of the new text kept out of learning, for the report")
     for name, help_ in (("encode", "print the ids and tokens of a text"), ("decode", "print the text of ids")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json or the file itself")
@@ -365,6 +374,8 @@ def cli(cmd: str, argv: list[str]) -> int:
                 rep = compression_report(tok, documents=held_docs)
                 print(f"held-out ({where}): {rep['bytes']:,} bytes, {rep['tokens']:,} tokens; "
                       f"tokens per byte {rep['tokens_per_byte']:.4f}, tokens per word {rep['tokens_per_word']:.4f}")
+        elif args.action == "extend":
+            _extend(args)
         elif args.action == "encode":
             tok = load_tokenizer(args.tokenizer)
             ids = tok.encode(" ".join(args.inputs), add_bos=args.bos)
@@ -381,3 +392,29 @@ def cli(cmd: str, argv: list[str]) -> int:
         print(f"error: {e}")
         return 2
     return 0
+
+
+def _extend(args: argparse.Namespace) -> None:
+    """`nanoseek tokenizer extend`: learn, save, and print tokens per word / byte before and after."""
+    from nanoseek import vocab
+    base = load_tokenizer(args.base)
+    files = data.collect_files(args.data)
+    train_docs, held_docs = data.split_corpus(files, args.heldout_fraction)
+    t0 = time.time()
+    ext = vocab.extend_tokenizer(base, train_docs, args.add)
+    ext.save(args.out)
+    added = ext.vocab_size - base.vocab_size
+    note = "" if added == args.add else f" (asked {args.add}: no other pair occurs twice)"
+    print(f"added {added} tokens{note} in {time.time() - t0:.1f}s: ids {base.vocab_size}..{ext.vocab_size - 1}, "
+          f"vocab {ext.vocab_size}, saved to {args.out}")
+    sets = [("new language, held out", list(held_docs))]
+    if args.base_data:
+        sets.append(("base domain", [d for f in data.collect_files(args.base_data) for d in data.read_documents(f)]))
+    print(f"{'text':24s} {'bytes':>10s} {'tokens/word':>22s} {'tokens/byte':>22s}")
+    for name, docs in sets:
+        if not docs:
+            print(f"{name:24s} (no text: raise --heldout-fraction or give more files)")
+            continue
+        a, b = compression_report(base, documents=docs), compression_report(ext, documents=docs)
+        print(f"{name:24s} {a['bytes']:>10,d} {a['tokens_per_word']:>9.4f} -> {b['tokens_per_word']:<9.4f} "
+              f"{a['tokens_per_byte']:>9.4f} -> {b['tokens_per_byte']:<9.4f}")

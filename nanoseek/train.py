@@ -16,6 +16,9 @@ DSA stages on a dense or DSA checkpoint (--init): `warmup` freezes everything bu
 trains them on KL(head-summed main attention || softmax(index scores)) with dense attention; `sparse` trains
 everything with top-k attention, the indexer on its detached input and KL over the selected set. `none`
 (pre-training) runs dense attention and leaves the indexer alone.
+Adapting a model to a new language (`nanoseek adapt`): a --tokenizer that extends the --init model's resizes the
+model (`vocab.py`); --new-rows-steps first trains only the new tokens' rows; --replay mixes base-domain rows into
+every batch, and its held-out part (or --base-eval) is evaluated beside the held-out set.
 
 Checkpoints (every --save-every steps and at the end) are folders run/checkpoints/step_N written as
 safetensors + JSON into a temporary folder, fsync'ed, renamed, then published by atomically replacing
@@ -57,6 +60,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer, cross_entropy
 from nanoseek.optim import (MasterWeightAdamW, MuonAdamW, Schedule, build_adamw, load_optimizer_state,
                             optimizer_state_tensors, set_lr)
+from nanoseek.vocab import NewRowsOnly, extend_model
 
 DSA_STAGES = ("none", "warmup", "sparse")
 from nanoseek.precision import CHOICES as DTYPE_CHOICES, DTYPES, resolve as resolve_dtype
@@ -103,6 +107,12 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     log_every: int = 10
+    # adapting to a new language (`nanoseek adapt`, nanoseek/adapt.py)
+    replay: list[str] = field(default_factory=list)  # base-domain files mixed into every batch against forgetting
+    replay_ratio: float = 0.0  # share of each micro-batch's rows taken from `replay`
+    base_eval: list[str] = field(default_factory=list)  # base-domain text evaluated beside the held-out set
+    #   (default: the held-out part of `replay`)
+    new_rows_steps: int = 0  # first steps train only the rows of the tokens a --tokenizer adds to --init's
     samples: int = 0  # sampled completions in the report
     sample_tokens: int = 48
     progress: bool = True
@@ -196,25 +206,43 @@ def validate(tc: TrainConfig) -> None:
         need(Path(tc.init).is_dir(), f"--init {tc.init}: not a directory")
     if tc.tokenizer is not None:
         need(Path(tc.tokenizer).exists(), f"--tokenizer {tc.tokenizer}: not found")
-    for p in tc.data:
-        need(Path(p).exists(), f"--data {p}: not found")
+    need(0 <= tc.replay_ratio < 1, "--replay-ratio must be in [0, 1)")
+    need(bool(tc.replay) == (tc.replay_ratio > 0), "--replay and --replay-ratio go together")
+    if tc.replay:
+        rows = replay_rows(tc)
+        need(1 <= rows < tc.batch_size, f"--replay-ratio {tc.replay_ratio} of --batch-size {tc.batch_size} rows "
+             f"gives {rows} replay rows; it must leave at least one row of each kind")
+    need(0 <= tc.new_rows_steps <= tc.max_steps, "--new-rows-steps must be in [0, max-steps]")
+    need(tc.new_rows_steps == 0 or tc.init is not None, "--new-rows-steps needs --init (the model to extend)")
+    for flag, paths in (("--data", tc.data), ("--replay", tc.replay), ("--base-eval", tc.base_eval)):
+        for p in paths:
+            need(Path(p).exists(), f"{flag} {p}: not found")
+
+
+def replay_rows(tc: TrainConfig) -> int:
+    """Rows of each micro-batch read from the replay data (the rest from --data)."""
+    return round(tc.replay_ratio * tc.batch_size) if tc.replay else 0
 
 
 def cli(cmd: str, argv: list[str]) -> int:
+    return run_command("nanoseek train", parse_args, argv)
+
+
+def run_command(prog: str, parse, argv: list[str]) -> int:
+    """Parse argv into a TrainConfig with `parse` and train: the shared body of `nanoseek train` and `adapt`."""
     try:
-        tc = parse_args(argv)
+        tc = parse(argv)
     except ValueError as e:
-        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     from nanoseek.parallel import destroy
     try:
         train(tc)
     except (ValueError, FileNotFoundError) as e:
-        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"nanoseek train: interrupted; `--resume` continues from the last checkpoint in {tc.out}",
-              file=sys.stderr)
+        print(f"{prog}: interrupted; `--resume` continues from the last checkpoint in {tc.out}", file=sys.stderr)
         return 130
     finally:
         destroy()  # under torchrun: leave the group once train()'s sharded model is gone (see destroy)
@@ -540,8 +568,10 @@ def train(tc: TrainConfig) -> dict:
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
         prev = saved[2]["train_config"]
-        for k in ("dsa_stage", "seq_len", "preset", "layers", "index_topk"):  # batch: the loader checks
-            if prev.get(k) != getattr(tc, k):
+        default = TrainConfig(out="")
+        for k in ("dsa_stage", "seq_len", "preset", "layers", "index_topk", "replay_ratio",
+                  "new_rows_steps"):  # batch: the loader checks
+            if prev.get(k, getattr(default, k)) != getattr(tc, k):
                 raise ValueError(f"--resume: {k} was {prev.get(k)!r} in {resume_from}, now {getattr(tc, k)!r}")
     elif tc.dsa_stage != "none" and tc.init is None:
         raise ValueError("--dsa-stage warmup|sparse needs --init DIR (no checkpoint to resume from)")
@@ -558,16 +588,28 @@ def train(tc: TrainConfig) -> dict:
                      barrier=lambda: _barrier(dist), strict=tc.strict_data)
     world, rank = dist.world_size, dist.rank
     accum = _grad_accum(tc, world)
-    loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size, rank, world, tc.seed)
+    n_replay = replay_rows(tc)
+    loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size - n_replay, rank, world, tc.seed)
+    replay_loader, base_heldout = None, None
+    if tc.replay:
+        replay = D.prepare(tc.replay, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
+                           barrier=lambda: _barrier(dist), strict=tc.strict_data)
+        replay_loader = D.PackedLoader(replay.train, tc.seq_len, n_replay, rank, world, tc.seed + 1)
+        base_heldout = replay.heldout
+    if tc.base_eval:
+        base_heldout = D.prepare(tc.base_eval, tok, tc.cache_dir, heldout_fraction=0.0, is_main=main,
+                                 barrier=lambda: _barrier(dist), strict=tc.strict_data).train
     step_tokens = world * accum * tc.batch_size * tc.seq_len
 
     # -- model ---------------------------------------------------------------------------------------------
+    new_rows: Optional[range] = None  # ids of the tokens --tokenizer adds to the --init model's
     if tc.init is not None and saved is None:
         model = from_pretrained(tc.init, dtype=torch.float32, device="cpu")
+        new_rows = _extend_vocabulary(model, tok, tc.init, main)
         cfg = model.config
         if cfg.vocab_size < tok.vocab_size:
             raise ValueError(f"--init model has {cfg.vocab_size} vocabulary rows, the tokenizer "
-                             f"{tok.vocab_size}")
+                             f"{tok.vocab_size} (to extend the model, put its own tokenizer in {tc.init})")
         if tc.index_topk is not None:
             for m in dsa_layers(model):
                 m.indexer.topk = tc.index_topk
@@ -576,6 +618,8 @@ def train(tc: TrainConfig) -> dict:
         if saved is not None:
             from nanoseek.config import ModelConfig
             cfg = ModelConfig.from_hf(saved[2]["model_config"])
+            if saved[2].get("new_rows"):
+                new_rows = range(*saved[2]["new_rows"])
         else:
             over = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
             if tc.layers is not None:
@@ -585,6 +629,11 @@ def train(tc: TrainConfig) -> dict:
                 over["index_topk"] = tc.index_topk
             cfg = get_preset(tc.preset, **over)
         model = Transformer(cfg)
+    if tc.new_rows_steps and new_rows is None:
+        raise ValueError("--new-rows-steps: the tokenizer adds no tokens to the --init model's")
+    if tc.new_rows_steps and dist.world_size > 1:
+        raise ValueError("--new-rows-steps runs in one process (its gradient mask is not sharded); "
+                         "under torchrun pass --new-rows-steps 0")
     if tc.dsa_stage != "none" and not cfg.use_dsa:
         raise ValueError(f"--dsa-stage {tc.dsa_stage}: the model has no DSA indexer (model_type "
                          f"{cfg.model_type}, index_topk {cfg.index_topk})")
@@ -617,6 +666,8 @@ def train(tc: TrainConfig) -> dict:
     else:
         opt = build_adamw(model, tc.lr, tc.weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
+    only_new = NewRowsOnly(model, new_rows) if tc.new_rows_steps else None
+    group_decay = [g["weight_decay"] for g in opt.param_groups]
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.max_steps // 10)
     sched = Schedule(tc.lr, tc.min_lr if tc.min_lr is not None else tc.lr / 10, warmup, tc.max_steps, tc.schedule)
     start = 0
@@ -625,6 +676,8 @@ def train(tc: TrainConfig) -> dict:
         _load_optim(model, opt, names, {k: v for k, v in tstate.items() if not k.startswith("rng/")},
                     js["optimizer"], dist)
         loader.load_state_dict(js["loader"])  # global position: valid for any number of ranks
+        if replay_loader is not None:
+            replay_loader.load_state_dict(js["replay_loader"])
         set_rng_state(tstate, js["rng"])
         start = js["step"]
     if device.type == "cpu":
@@ -651,8 +704,8 @@ def train(tc: TrainConfig) -> dict:
     bar = M.Progress(tc.max_steps, start, enabled=main and tc.progress, every=tc.log_every,
                      desc=f"train[{tc.dsa_stage}]" if tc.dsa_stage != "none" else "train")
 
-    def eval_batches():
-        return D.heldout_batches(data.heldout, tc.seq_len, tc.batch_size, tc.eval_tokens, rank, world, device)
+    def eval_batches(token_file):
+        return D.heldout_batches(token_file, tc.seq_len, tc.batch_size, tc.eval_tokens, rank, world, device)
 
     def checkpoint(step: int) -> None:
         sd = opt.full_precision_state(model) if isinstance(opt, MasterWeightAdamW) else _full_state(model, dist)
@@ -662,6 +715,8 @@ def train(tc: TrainConfig) -> dict:
         rt, rj = rng_state()
         state = {"step": step, "tokens": step * step_tokens, "optimizer": ometa, "loader": loader.state_dict(),
                  "rng": rj, "lr": sched(step - 1), "model_config": cfg.to_hf(),
+                 "replay_loader": replay_loader.state_dict() if replay_loader is not None else None,
+                 "new_rows": [new_rows.start, new_rows.stop] if new_rows is not None else None,
                  "train_config": dataclasses.asdict(tc),
                  "expert_bias_norms": [float(m.gate.e_score_correction_bias.norm())
                                        for m in moes if m.gate.e_score_correction_bias is not None]}
@@ -677,10 +732,22 @@ def train(tc: TrainConfig) -> dict:
             t0 = time.perf_counter()
             lr = sched(step - 1)
             set_lr(opt, lr)
+            new_rows_stage = step <= tc.new_rows_steps
+            if only_new is not None:
+                if new_rows_stage:
+                    only_new.on()
+                else:
+                    only_new.off()
+                # zero gradients leave the other rows as they are, but decoupled weight decay would not
+                for g, wd in zip(opt.param_groups, group_decay):
+                    g["weight_decay"] = 0.0 if new_rows_stage else wd
             sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro-batches, kept on the device
             loads = torch.zeros(len(moes), cfg.n_routed_experts, dtype=torch.float64, device=device)
             for _ in range(accum):
                 x, y = loader.next()
+                if replay_loader is not None:
+                    xr, yr = replay_loader.next()
+                    x, y = torch.cat((x, xr)), torch.cat((y, yr))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast():
                     parts = losses(x, y)
@@ -697,7 +764,7 @@ def train(tc: TrainConfig) -> dict:
             means = {k: float(v) / (accum * world) for k, v in zip(keys, red)}
             if moes:
                 loads = _all_reduce_sum(loads, dist)  # expert loads over the whole global batch
-                if tc.dsa_stage != "warmup":
+                if tc.dsa_stage != "warmup" and not new_rows_stage:  # the routers are frozen then
                     update_expert_bias(moes, loads, tc.bias_update_speed)
                 loads = loads.cpu()
             dt = time.perf_counter() - t0
@@ -709,8 +776,12 @@ def train(tc: TrainConfig) -> dict:
                 rec["maxvio"] = [M.max_vio(l) for l in loads]
                 rec["bias_norm"] = [float(m.gate.e_score_correction_bias.norm())
                                     if m.gate.e_score_correction_bias is not None else 0.0 for m in moes]
-            if tc.eval_tokens and data.heldout is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
-                rec.update(evaluate(model, eval_batches(), autocast, dist, tc.dsa_stage))
+            if tc.eval_tokens and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
+                if data.heldout is not None:
+                    rec.update(evaluate(model, eval_batches(data.heldout), autocast, dist, tc.dsa_stage))
+                if base_heldout is not None:
+                    base = evaluate(model, eval_batches(base_heldout), autocast, dist, tc.dsa_stage)
+                    rec.update({k.replace("eval_", "eval_base_"): v for k, v in base.items()})
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"loss is {means['loss']} at step {step}; lower --lr or check the data")
             log.log(rec)
@@ -719,7 +790,8 @@ def train(tc: TrainConfig) -> dict:
                 info += f" | KL {means['indexer_kl']:.4f}"
             bar.update(step, info)
             if "eval_bpb" in rec:
-                bar.print(f"step {step}: held-out loss {rec['eval_loss']:.4f}, {rec['eval_bpb']:.4f} bits/byte")
+                base = f"; base domain {rec['eval_base_bpb']:.4f} bits/byte" if "eval_base_bpb" in rec else ""
+                bar.print(f"step {step}: held-out loss {rec['eval_loss']:.4f}, {rec['eval_bpb']:.4f} bits/byte{base}")
             if tc.save_every and step % tc.save_every == 0:
                 checkpoint(step)
                 last_saved = step
@@ -816,6 +888,24 @@ def _tokenizer(tc: TrainConfig, run: Path, dist):
     return TK.load_tokenizer(tdir)
 
 
+def _extend_vocabulary(model: Transformer, tok, init: str, main: bool) -> Optional[range]:
+    """When `tok` extends the tokenizer saved with the --init model, resize the model to it (`vocab.py`);
+    returns the new tokens' ids, or None when it adds none."""
+    from nanoseek import tokenizer as TK
+    if not (Path(init) / "tokenizer.json").exists():
+        return None
+    base = TK.load_tokenizer(init)
+    if tok.vocab_size <= base.vocab_size:
+        return None
+    rows_before = model.config.vocab_size
+    new = extend_model(model, base, tok)
+    if main:
+        print(f"nanoseek train: extended the vocabulary: {len(new)} new tokens (ids {new.start}..{new.stop - 1}), "
+              f"embedding and head {rows_before} -> {model.config.vocab_size} rows, new rows initialised as the "
+              f"mean of their base pieces' rows", file=sys.stderr)
+    return new
+
+
 def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, rec: dict, peak_src: str) -> None:
     """Final HF-layout model + tokenizer, plots, samples and report.md (main process)."""
     sd = _full_state(model, dist)
@@ -843,6 +933,8 @@ def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, re
     ev = [r for r in records if r.get("eval_bpb") is not None]
     if ev:
         summary.update({"heldout_loss": ev[-1]["eval_loss"], "heldout_bits_per_byte": ev[-1]["eval_bpb"]})
+        if ev[-1].get("eval_base_bpb") is not None:
+            summary["base_domain_bits_per_byte"] = ev[-1]["eval_base_bpb"]
     summary["final_model"] = str(final)
     report = M.write_report(run, summary, records, plots, samples)
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
