@@ -1,6 +1,6 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | tokenizer | generate | chat | serve | convert | info
+    nanoseek train | sft | tokenizer | generate | chat | serve | convert | info
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "train": ("nanoseek.train", "train a model (pre-training, DSA stages); runs under torchrun too"),
+    "sft": ("nanoseek.sft", "supervised fine-tuning on chat conversations (JSONL, TRL's format)"),
     "tokenizer": ("nanoseek.tokenizer", "train or inspect a byte-level BPE tokenizer"),
     "generate": ("nanoseek.generate", "complete one prompt from a model folder"),
     "chat": ("nanoseek.generate", "interactive streaming chat in the terminal"),
