@@ -11,7 +11,9 @@ models were trained to read it (shared reference, "Tokenizer and chat encoding")
                tool calls in DeepSeek V3.2's DSML markup, tool results in <function_results>.
 
 `chat_template(style)` is the same encoding as a Jinja template (for tokenizer_config.json, so that
-transformers' `apply_chat_template` renders byte-identical text); tests/test_chat.py holds them equal.
+transformers' `apply_chat_template` renders byte-identical text); tests/test_chat.py holds them equal. Its
+`{% generation %}` blocks enclose exactly what `render_segments` marks as the assistant's, so transformers'
+`return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`) gives `chat_loss_mask`'s mask (tests/test_sft.py).
 
 Decisions beyond DeepSeek's own encoders, shared by both renderings:
   - every system message is hoisted right after BOS, joined by a blank line (V3/V3.1 templates);
@@ -223,12 +225,31 @@ def render_segments(messages: list[dict], add_generation_prompt: bool = True, th
     written_by_assistant marks what the model itself produced (reasoning, answer, tool calls and the closing
     end-of-sentence): the tokens a supervised chat loss trains on.
     """
+    return _merged([(t, kind != "prompt") for t, kind in _pieces(messages, add_generation_prompt, thinking, style,
+                                                                tools)])
+
+
+def _merged(pieces: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Adjacent pieces of the same kind joined into one; empty ones dropped."""
+    merged: list[tuple[str, Any]] = []
+    for t, a in pieces:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0] + t, a)
+        elif t:
+            merged.append((t, a))
+    return merged
+
+
+def _pieces(messages: list[dict], add_generation_prompt: bool, thinking: bool, style: str,
+            tools: Optional[list]) -> list[tuple[str, str]]:
+    """The encoded conversation as (text, kind) pieces, kind "prompt", "reasoning" (the assistant's thinking) or
+    "answer" (the rest of what the assistant wrote, from the </think> that closes its reasoning on)."""
     system, rest, tools = _normalize(messages, style, thinking, tools)
     head = BOS + system
     if tools:
         head += "\n\n" + _TOOLS_PROMPT.format(dsml=DSML) + "\n".join(
             _to_json(t["function"] if "function" in t else t) for t in tools) + "\n</functions>\n"
-    segs: list[tuple[str, bool]] = [(head, False)]
+    segs: list[tuple[str, str]] = [(head, "prompt")]
     last_user = max((i for i, m in enumerate(rest) if m.role == "user"), default=-1)
     n = len(rest)
     if style == "v3.2":
@@ -237,48 +258,44 @@ def render_segments(messages: list[dict], add_generation_prompt: bool = True, th
             cue = i < n - 1 or add_generation_prompt  # open the assistant's reply after this message?
             open_tag = THINK if thinking and i >= last_user else END_THINK
             if m.role == "user":
-                segs.append((USER + m.content + (ASSISTANT + open_tag if cue else ""), False))
+                segs.append((USER + m.content + (ASSISTANT + open_tag if cue else ""), "prompt"))
             elif m.role == "tool":
                 order += 1
                 text = ("\n\n<function_results>" if order == 1 else "") + f"\n<result>{m.content}</result>"
                 if order == calls_made:
                     text += "\n</function_results>" + ("\n\n" + open_tag if cue else "")
-                segs.append((text, False))
+                segs.append((text, "prompt"))
             else:
                 calls_made, order = len(m.tool_calls), 0
                 keep_reasoning = thinking and i > last_user  # earlier turns drop their reasoning
+                if keep_reasoning:
+                    segs.append((m.reasoning, "reasoning"))
                 if m.prefix:
-                    text = m.reasoning + (END_THINK + m.content if m.content else "") if keep_reasoning else m.content
-                    segs.append((text, True))
+                    text = (END_THINK + m.content if m.content else "") if keep_reasoning else m.content
+                    segs.append((text, "answer"))
                 else:
-                    text = (m.reasoning + END_THINK if keep_reasoning else "") + m.content
-                    segs.append((text + (_dsml_calls(m.tool_calls) if m.tool_calls else "") + EOS, True))
+                    text = (END_THINK if keep_reasoning else "") + m.content
+                    segs.append((text + (_dsml_calls(m.tool_calls) if m.tool_calls else "") + EOS, "answer"))
     else:
         in_tools = False  # inside a <｜tool▁outputs▁begin｜> group
         for m in rest:
             if m.role == "tool":
                 segs.append(((TOOL_OUTPUTS_BEGIN if not in_tools else "") + TOOL_OUTPUT_BEGIN + m.content
-                             + TOOL_OUTPUT_END, False))
+                             + TOOL_OUTPUT_END, "prompt"))
                 in_tools = True
                 continue
             if m.role == "user":
-                segs.append(((TOOL_OUTPUTS_END if in_tools else "") + USER + m.content, False))
+                segs.append(((TOOL_OUTPUTS_END if in_tools else "") + USER + m.content, "prompt"))
             else:  # after tool outputs the reply continues without a new <｜Assistant｜> (V3 template)
-                segs.append((TOOL_OUTPUTS_END if in_tools else ASSISTANT, False))
+                segs.append((TOOL_OUTPUTS_END if in_tools else ASSISTANT, "prompt"))
                 closing = "" if m.prefix else (_v3_calls(m.tool_calls) if m.tool_calls else "") + EOS
-                segs.append((m.content + closing, True))
+                segs.append((m.content + closing, "answer"))
             in_tools = False
         if in_tools:
-            segs.append((TOOL_OUTPUTS_END, False))
+            segs.append((TOOL_OUTPUTS_END, "prompt"))
         elif add_generation_prompt and rest[-1].role == "user":
-            segs.append((ASSISTANT, False))
-    merged: list[tuple[str, bool]] = []  # adjacent pieces of the same side become one
-    for t, a in segs:
-        if merged and merged[-1][1] == a:
-            merged[-1] = (merged[-1][0] + t, a)
-        elif t:
-            merged.append((t, a))
-    return merged
+            segs.append((ASSISTANT, "prompt"))
+    return segs
 
 
 def encode_messages(messages: list[dict], add_generation_prompt: bool = True, thinking: bool = False,
@@ -288,18 +305,20 @@ def encode_messages(messages: list[dict], add_generation_prompt: bool = True, th
 
 
 def chat_loss_mask(messages: list[dict], tokenizer, thinking: bool = False, style: str = "v3.2",
-                   tools: Optional[list] = None) -> tuple[list[int], list[int]]:
-    """Token ids of a finished conversation and a 0/1 mask that is 1 on the assistant's own tokens.
+                   tools: Optional[list] = None, train_reasoning: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of a finished conversation and a 0/1 mask that is 1 on the assistant's own tokens (without its
+    reasoning when not train_reasoning: the answer is then learnt given the reasoning, from </think> on).
 
-    Pieces are tokenised one by one; each prompt/answer boundary falls on an added token (<｜Assistant｜>,
-    </think>, <think>, end-of-sentence, <｜tool▁outputs▁end｜>), which tokenisation never merges across, so
-    the ids equal those of the whole text.
+    Pieces are tokenised one by one; each prompt/reasoning/answer boundary falls on an added token
+    (<｜Assistant｜>, </think>, <think>, end-of-sentence, <｜tool▁outputs▁end｜>), which tokenisation never merges
+    across, so the ids equal those of the whole text.
     """
+    trained = ("reasoning", "answer") if train_reasoning else ("answer",)
     ids, mask = [], []
-    for text, by_assistant in render_segments(messages, False, thinking, style, tools):
+    for text, kind in _merged(_pieces(messages, False, thinking, style, tools)):
         piece = tokenizer.encode(text)
         ids += piece
-        mask += [int(by_assistant)] * len(piece)
+        mask += [int(kind in trained)] * len(piece)
     return ids, mask
 
 
@@ -425,6 +444,7 @@ _JINJA_V32 = _JINJA_COMMON + r"""
     {%- else -%}{%- set r = '' -%}{%- endif -%}
     {%- set keep = think and i > ns.last_user -%}
     {%- set c = text(m['content']) -%}
+    {%- generation -%}
     {%- if m['prefix'] is defined and m['prefix'] -%}
       {%- if keep -%}{{- r -}}{%- if c -%}{{- '</think>' + c -}}{%- endif -%}{%- else -%}{{- c -}}{%- endif -%}
     {%- else -%}
@@ -448,6 +468,7 @@ _JINJA_V32 = _JINJA_COMMON + r"""
       {%- endif -%}
       {{- '<｜end▁of▁sentence｜>' -}}
     {%- endif -%}
+    {%- endgeneration -%}
   {%- else -%}
     {{- raise_exception('unknown role ' + m['role']) -}}
   {%- endif -%}
@@ -465,6 +486,7 @@ _JINJA_V3 = _JINJA_COMMON + r"""
       {{- ('<｜tool▁outputs▁end｜>' if ns.in_tools else '') + '<｜User｜>' + text(m['content']) -}}
     {%- elif m['role'] == 'assistant' -%}
       {{- '<｜tool▁outputs▁end｜>' if ns.in_tools else '<｜Assistant｜>' -}}
+      {%- generation -%}
       {{- text(m['content']) -}}
       {%- if not (m['prefix'] is defined and m['prefix']) -%}
         {%- if m['tool_calls'] is defined and m['tool_calls'] -%}
@@ -479,6 +501,7 @@ _JINJA_V3 = _JINJA_COMMON + r"""
         {%- endif -%}
         {{- '<｜end▁of▁sentence｜>' -}}
       {%- endif -%}
+      {%- endgeneration -%}
     {%- else -%}
       {{- raise_exception('unknown role ' + m['role']) -}}
     {%- endif -%}

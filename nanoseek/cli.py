@@ -1,6 +1,6 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | adapt | tokenizer | generate | chat | serve | convert | info | eval
+    nanoseek train | adapt | sft | tokenizer | generate | chat | serve | convert | info | eval
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": ("nanoseek.train", "train a model (pre-training, DSA stages); runs under torchrun too"),
     "adapt": ("nanoseek.adapt", "continued pre-training on a new language (extended vocabulary, replay)"),
+    "sft": ("nanoseek.sft", "supervised fine-tuning on chat conversations (JSONL, TRL's format)"),
     "tokenizer": ("nanoseek.tokenizer", "train, extend or inspect a byte-level BPE tokenizer"),
     "generate": ("nanoseek.generate", "complete one prompt from a model folder"),
     "chat": ("nanoseek.generate", "interactive streaming chat in the terminal"),

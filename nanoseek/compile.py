@@ -13,7 +13,7 @@ its own stats lists and builds its rope tables from the plain tensors.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -26,21 +26,21 @@ _STATS = ("expert_ids", "balance_losses", "indexer_losses", "indexer_recalls")
 
 
 def _block_region(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  pair_swap: torch.Tensor, half_swap: torch.Tensor):
+                  pair_swap: torch.Tensor, half_swap: torch.Tensor, mask: Optional[torch.Tensor]):
     """One block's training forward as a pure function: (hidden [B, T, D], the four stats lists)."""
     stats = LayerStats()
-    h = type(block).forward(block, x, RopeTables(cos, sin, pair_swap, half_swap), None, "auto", stats)
+    h = type(block).forward(block, x, RopeTables(cos, sin, pair_swap, half_swap), None, "auto", stats, mask)
     return (h,) + tuple(getattr(stats, f) for f in _STATS)
 
 
 def _regional_forward(block: nn.Module, region: Callable):
     reference = type(block).forward
 
-    def forward(x, rope, cache=None, path="auto", stats=None):
+    def forward(x, rope, cache=None, path="auto", stats=None, mask=None):
         # inference (a cache, no stats, or no autograd: evaluation) keeps the eager path and its own fast paths
         if cache is not None or stats is None or not torch.is_grad_enabled():
-            return reference(block, x, rope, cache, path, stats)
-        h, *lists = region(block, x, rope.cos, rope.sin, rope.pair_swap, rope.half_swap)
+            return reference(block, x, rope, cache, path, stats, mask)
+        h, *lists = region(block, x, rope.cos, rope.sin, rope.pair_swap, rope.half_swap, mask)
         for name, items in zip(_STATS, lists):
             getattr(stats, name).extend(items)
         return h

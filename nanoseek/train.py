@@ -117,6 +117,8 @@ class TrainConfig:
     sample_tokens: int = 48
     progress: bool = True
     compile: bool = True  # torch.compile the blocks (single process; eager if compiling fails)
+    task: str = "pretrain"  # pretrain (text files) | sft (chat conversations, nanoseek/sft.py)
+    thinking: str = "train"  # sft: what to do with the assistant's reasoning (nanoseek/sft.py)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -193,6 +195,7 @@ def validate(tc: TrainConfig) -> None:
     need(tc.grad_accum >= 0 and tc.batch_tokens >= 0, "--grad-accum / --batch-tokens must be >= 0")
     need(tc.stop_after is None or 1 <= tc.stop_after <= tc.max_steps, "--stop-after must be in [1, max-steps]")
     need(tc.dsa_stage in DSA_STAGES, f"--dsa-stage must be one of {DSA_STAGES}")
+    need(tc.task in ("pretrain", "sft"), "task must be pretrain or sft")
     need(tc.dtype in DTYPE_CHOICES, f"--dtype must be one of {DTYPE_CHOICES}")
     need(tc.optimizer in ("adamw", "muon"), "--optimizer must be adamw or muon")
     need(not tc.muon_experts or tc.optimizer == "muon", "--muon-experts needs --optimizer muon")
@@ -235,6 +238,11 @@ def run_command(prog: str, parse, argv: list[str]) -> int:
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    return run(tc, prog)
+
+
+def run(tc: TrainConfig, prog: str = "nanoseek train") -> int:
+    """train(tc) as a command: errors and interrupts become messages and exit codes."""
     from nanoseek.parallel import destroy
     try:
         train(tc)
@@ -288,16 +296,17 @@ def freeze_for_stage(model: torch.nn.Module, stage: str) -> None:
 
 
 # ---- one micro-batch -------------------------------------------------------------------------------------
-def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
-                      mtp_depth: int) -> dict[str, torch.Tensor]:
-    """Forward one micro-batch x, y [B, T]; returns the loss to backpropagate ('loss'), its parts and the
-    expert loads of the MoE layers that ran ('expert_load' [L, E], main layers then MTP, as `moe_layers`)."""
-    out = model(x)
+def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, mtp_depth: int,
+                      segment_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Forward one micro-batch x, y [B, T] (y = -100 where nothing is trained), with segment_ids [B, T] for rows
+    that pack several documents (SFT); returns the loss to backpropagate ('loss'), its parts and the expert
+    loads of the MoE layers that ran ('expert_load' [L, E], main layers then MTP, as `moe_layers`)."""
+    out = model(x, segment_ids=segment_ids)
     lm = cross_entropy(out.logits, y)
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
     total = lm
     if mtp_depth:
-        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= y[:, i+k]) -> predicts y[:, i+k+1]
+        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= x[:, i+k+1]) -> predicts y[:, i+k+1]
         T = x.shape[1]
         h = out.hidden
         mtp = lm.new_zeros(())
@@ -305,8 +314,16 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
             n = T - 1 - k
             if n <= 0:
                 break
-            logits, h = model.mtp_forward(k, h[:, :n], y[:, k:k + n], stats=out.stats)
-            mtp = mtp + cross_entropy(logits, y[:, k + 1:k + 1 + n])
+            seg = None if segment_ids is None else segment_ids[:, :n]
+            logits, h = model.mtp_forward(k, h[:, :n], x[:, k + 1:k + 1 + n], stats=out.stats, segment_ids=seg)
+            target = y[:, k + 1:k + 1 + n]
+            if seg is None:
+                mtp = mtp + cross_entropy(logits, target)
+            else:  # a target in another document than position i's is not predicted (it may leave none)
+                target = target.masked_fill(segment_ids[:, k + 1:k + 1 + n] != seg, -100)
+                nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                                         reduction="sum")
+                mtp = mtp + nats / (target != -100).sum().clamp_min(1)
         mtp = mtp / mtp_depth
         parts["mtp_loss"] = mtp
         total = total + tc.mtp_weight * mtp
@@ -332,8 +349,8 @@ def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: in
     SwiGLU, the routers, the casts); it compiles one graph per kind of block rather than the whole step
     (`nanoseek.compile`), so the cold first step costs one dense, one MoE and one MTP block, not every layer.
     Should compiling fail (no C++ compiler, say), the step runs eagerly with a warning."""
-    def fn(x, y):
-        return micro_step_losses(model, x, y, tc, mtp_depth)
+    def fn(x, y, segment_ids=None):
+        return micro_step_losses(model, x, y, tc, mtp_depth, segment_ids)
 
     if tc.compile and world == 1:
         cpu_experts.library()  # built before tracing: the traced step calls it where it can (`FastExperts`)
@@ -486,19 +503,20 @@ def _full_state(model, dist) -> dict:
 # ---- evaluation and sampling -------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
-    """Held-out LM loss (nats/token) and bits per byte over `batches` of (x, y, n_bytes)."""
+    """Held-out LM loss (nats per trained token) and bits per byte over `batches` of (x, y, n_bytes) or, for
+    packed documents, (x, y, n_bytes, segment ids); y = -100 is not a target."""
     was_training = model.training
     model.eval()
     set_dsa_stage(model, stage, training=False)
     nats = torch.zeros((), dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     nbytes = torch.zeros((), dtype=torch.float64)
-    for x, y, b in batches:
+    for x, y, b, *seg in batches:
         with autocast():
-            logits = model(x).logits
+            logits = model(x, segment_ids=seg[0] if seg else None).logits
         nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                                   reduction="sum").double().cpu()
-        tokens += y.numel()
+        tokens += (y != -100).sum().double().cpu()
         nbytes += b
     sums = _all_reduce_sum(torch.stack([nats, tokens, nbytes]).to(dist.device), dist).cpu()
     set_dsa_stage(model, stage, training=True)
@@ -584,21 +602,32 @@ def train(tc: TrainConfig) -> dict:
     # -- tokenizer and data --------------------------------------------------------------------------------
     from nanoseek import data as D
     tok = _tokenizer(tc, run, dist)
-    data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
-                     barrier=lambda: _barrier(dist), strict=tc.strict_data)
     world, rank = dist.world_size, dist.rank
-    accum = _grad_accum(tc, world)
-    n_replay = replay_rows(tc)
-    loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size - n_replay, rank, world, tc.seed)
+    task_summary: dict = {}
     replay_loader, base_heldout = None, None
-    if tc.replay:
-        replay = D.prepare(tc.replay, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
-                           barrier=lambda: _barrier(dist), strict=tc.strict_data)
-        replay_loader = D.PackedLoader(replay.train, tc.seq_len, n_replay, rank, world, tc.seed + 1)
-        base_heldout = replay.heldout
-    if tc.base_eval:
-        base_heldout = D.prepare(tc.base_eval, tok, tc.cache_dir, heldout_fraction=0.0, is_main=main,
-                                 barrier=lambda: _barrier(dist), strict=tc.strict_data).train
+
+    def heldout(token_file):
+        return lambda: D.heldout_batches(token_file, tc.seq_len, tc.batch_size, tc.eval_tokens, rank, world, device)
+
+    if tc.task == "sft":  # packed chat conversations, loss on the assistant's tokens (nanoseek/sft.py)
+        from nanoseek import sft
+        loader, eval_batches, task_summary = sft.loaders(tc, tok, rank, world, device, is_main=main)
+    else:
+        data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
+                         barrier=lambda: _barrier(dist), strict=tc.strict_data)
+        n_replay = replay_rows(tc)
+        loader = D.PackedLoader(data.train, tc.seq_len, tc.batch_size - n_replay, rank, world, tc.seed)
+        eval_batches = None if data.heldout is None else heldout(data.heldout)
+        if tc.replay:
+            replay = D.prepare(tc.replay, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
+                               barrier=lambda: _barrier(dist), strict=tc.strict_data)
+            replay_loader = D.PackedLoader(replay.train, tc.seq_len, n_replay, rank, world, tc.seed + 1)
+            base_heldout = replay.heldout
+        if tc.base_eval:
+            base_heldout = D.prepare(tc.base_eval, tok, tc.cache_dir, heldout_fraction=0.0, is_main=main,
+                                     barrier=lambda: _barrier(dist), strict=tc.strict_data).train
+    eval_base = None if base_heldout is None else heldout(base_heldout)
+    accum = _grad_accum(tc, world)
     step_tokens = world * accum * tc.batch_size * tc.seq_len
 
     # -- model ---------------------------------------------------------------------------------------------
@@ -704,9 +733,6 @@ def train(tc: TrainConfig) -> dict:
     bar = M.Progress(tc.max_steps, start, enabled=main and tc.progress, every=tc.log_every,
                      desc=f"train[{tc.dsa_stage}]" if tc.dsa_stage != "none" else "train")
 
-    def eval_batches(token_file):
-        return D.heldout_batches(token_file, tc.seq_len, tc.batch_size, tc.eval_tokens, rank, world, device)
-
     def checkpoint(step: int) -> None:
         sd = opt.full_precision_state(model) if isinstance(opt, MasterWeightAdamW) else _full_state(model, dist)
         ot, ometa = optimizer_state_tensors(opt, names) if world == 1 else _full_optim(model, opt, dist)
@@ -744,13 +770,13 @@ def train(tc: TrainConfig) -> dict:
             sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro-batches, kept on the device
             loads = torch.zeros(len(moes), cfg.n_routed_experts, dtype=torch.float64, device=device)
             for _ in range(accum):
-                x, y = loader.next()
+                x, y, *seg = loader.next()  # seg: packed documents (sft)
                 if replay_loader is not None:
                     xr, yr = replay_loader.next()
                     x, y = torch.cat((x, xr)), torch.cat((y, yr))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y, *seg = (t.to(device, non_blocking=True) for t in (x, y, *seg))
                 with autocast():
-                    parts = losses(x, y)
+                    parts = losses(x, y, *seg)
                 (parts["loss"] / accum).backward()
                 if moes:
                     loads += parts.pop("expert_load")
@@ -777,10 +803,10 @@ def train(tc: TrainConfig) -> dict:
                 rec["bias_norm"] = [float(m.gate.e_score_correction_bias.norm())
                                     if m.gate.e_score_correction_bias is not None else 0.0 for m in moes]
             if tc.eval_tokens and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
-                if data.heldout is not None:
-                    rec.update(evaluate(model, eval_batches(data.heldout), autocast, dist, tc.dsa_stage))
-                if base_heldout is not None:
-                    base = evaluate(model, eval_batches(base_heldout), autocast, dist, tc.dsa_stage)
+                if eval_batches is not None:
+                    rec.update(evaluate(model, eval_batches(), autocast, dist, tc.dsa_stage))
+                if eval_base is not None:
+                    base = evaluate(model, eval_base(), autocast, dist, tc.dsa_stage)
                     rec.update({k.replace("eval_", "eval_base_"): v for k, v in base.items()})
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"loss is {means['loss']} at step {step}; lower --lr or check the data")
@@ -804,7 +830,7 @@ def train(tc: TrainConfig) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {"run": str(run), "preset": tc.preset, "stage": tc.dsa_stage, "steps": step,
                "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
-               "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed}
+               "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed, **task_summary}
     if step == tc.max_steps:
         _finish(model, tok, tc, run, dist, log, summary, rec, peak_src)
     elif main:

@@ -233,14 +233,15 @@ class FastMLA(MLA):
 
 
 class FastBlock(Block):
-    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None):
+    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None,
+                mask: Optional[torch.Tensor] = None):
         # decode of a few rows on CPU: each half of the block is one or two fused C calls (None elsewhere)
         attn, mlp = self.self_attn, self.mlp
         h = None
         if cache is not None and path != "naive" and isinstance(attn, FastMLA):
             h = attn.decode_block(x, self.input_layernorm, rope, cache)
         if h is None:
-            h = x + attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats)
+            h = x + attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats, mask=mask)
         fused = isinstance(mlp, (FastMoE, FastMLP))
         out = mlp.fused_block(h, self.post_attention_layernorm, stats) if fused else None
         if out is not None:
@@ -253,13 +254,13 @@ class FastTransformer(Transformer):
         return linear(self, "_lm_head", hidden, self.lm_head.weight)
 
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
-                path: str = "auto") -> CausalLMOutput:
+                path: str = "auto", segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         if cache is not None and path != "naive" and input_ids.dtype in (torch.int32, torch.int64):
             # decode on the CPU kernels: blocks, final norm and head in one call (None where the plan does not apply)
             out = decode_plan.run(self, self.embed_tokens(input_ids), cache, num_logits)
             if out is not None:
                 return CausalLMOutput(logits=out[0], hidden=out[1], stats=LayerStats(expert_ids=out[2]))
-        return super().forward(input_ids, cache, num_logits, path)
+        return super().forward(input_ids, cache, num_logits, path, segment_ids)
 
 
 # each reference class and its fast version; install() swaps exact classes only, so a subclass with its own

@@ -122,7 +122,7 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)), -1).transpose(1, 2)
         v = v.transpose(1, 2)
         causal = mask is None
-        explicit = need_probs or (causal and _explicit_is_faster(q, S))
+        explicit = need_probs or _explicit_is_faster(q, S)
         if causal and explicit:
             T = q.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
@@ -177,9 +177,11 @@ class MLA(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, rope: RopeTables, cache=None, path: str = "auto",
-                norm: Optional[RMSNorm] = None, stats: Optional[LayerStats] = None) -> torch.Tensor:
+                norm: Optional[RMSNorm] = None, stats: Optional[LayerStats] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. x is the block's input_layernorm'ed input, or its raw input with that
-        `norm` given (then applied before the projections). path: auto | naive | absorbed."""
+        `norm` given (then applied before the projections). path: auto | naive | absorbed. mask [B, T, T] bool:
+        the keys each query sees in a row of packed documents (no cache; None = causal)."""
         B, T, _ = x.shape
         x, q, cq, new_rows, index_k = self._project_rotated(x, rope, norm)
         if cache is not None:
@@ -187,7 +189,7 @@ class MLA(nn.Module):
             # rows are read below only where needed: DSA decode gathers its K rows itself (O(K), not O(S))
             rows, mask = None, cache.mask
         else:
-            rows, mask = new_rows, None
+            rows = new_rows
         if path == "auto":
             path = "absorbed" if cache is not None and T <= ABSORB_MAX_QUERIES else "naive"
 
@@ -205,11 +207,12 @@ class MLA(nn.Module):
     def _forward_dsa(self, x, cq, q, rows, mask, index_k, rope, cache, path, stats):
         B, T, _ = x.shape
         S = rows.shape[1] if rows is not None else mask.shape[-1]
-        if mask is None:
+        plain = mask is None  # plain causal self-attention (no cache, no packed documents)
+        if plain:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None].expand(B, -1, -1)
         keys = cache.read_index_keys(self.layer_id) if cache is not None else index_k
         if not self.indexer_loss_on:
-            return self._forward_sparse(x, cq, q, rows, mask, keys, rope, cache, path)
+            return self._forward_sparse(x, cq, q, rows, mask, keys, rope, cache, path, plain)
         # Training with the indexer's KL loss (V3.2-Exp §2.1): explicit attention, since the KL needs its
         # probabilities. Sparse stage: the indexer learns only from its KL, so its inputs are cut from the graph.
         if self.dsa_mode == "sparse":
@@ -228,13 +231,14 @@ class MLA(nn.Module):
             stats.indexer_recalls.append(self._indexer_recall(probs, scores))
         return self.o_proj(out.flatten(2))
 
-    def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path):
+    def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path, plain):
         """Inference-time DSA. Queries that see at most k positions attend to all of them, so the indexer
-        scores and selects only from the first query that sees more (rows r0: of this call)."""
+        scores and selects only from the first query that sees more (rows r0: of this call). plain: the mask is
+        plain causal (no cache, no packed documents)."""
         B, T, _ = x.shape
         k = self.indexer.topk
         first_over = None  # the first query that sees more than k rows
-        if cache is None:  # plain causal self-attention: query t sees t + 1 rows
+        if cache is None:  # query t sees at most t + 1 rows (exactly that many unless documents are packed)
             first_over = k if T > k else None
         elif mask.shape[-1] > k:  # (no query sees more than S rows: S <= k says "dense" without a host sync)
             over = (mask.sum(-1) > k).any(0).nonzero()  # visible rows grow with t inside a call (causal)
@@ -244,8 +248,8 @@ class MLA(nn.Module):
                 rows = cache.read(self.layer_id)
             if path == "absorbed":
                 return self._absorbed_out(q, rows, mask)
-            # without a cache the mask is plain causal: let SDPA use its causal kernel
-            out = self.naive(q, rows, mask if cache is not None else None)[0]
+            # a plain causal mask: let SDPA use its causal kernel
+            out = self.naive(q, rows, None if plain else mask)[0]
             return self.o_proj(out.flatten(2))
         r0 = 0 if path == "absorbed" else first_over  # absorbed (decode) calls are short: score them all
         with torch.no_grad():
@@ -257,7 +261,7 @@ class MLA(nn.Module):
         if rows is None:
             rows = cache.read(self.layer_id)
         attn_mask = torch.cat((mask[:, :r0], self._selected_mask(mask[:, r0:], idx)), dim=1)
-        out = self.naive(q, rows, attn_mask, causal_rows=r0 if cache is None else 0)[0]
+        out = self.naive(q, rows, attn_mask, causal_rows=r0 if plain else 0)[0]
         return self.o_proj(out.flatten(2))
 
     @staticmethod

@@ -28,9 +28,11 @@ class MTPModule(nn.Module):
         self.block = block
         self.head_norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
 
-    def forward(self, h: torch.Tensor, emb_next: torch.Tensor, rope, cache=None, stats=None) -> torch.Tensor:
-        """h [B, T, D] previous depth's hidden, emb_next [B, T, D] embeddings of the shifted tokens.
+    def forward(self, h: torch.Tensor, emb_next: torch.Tensor, rope, cache=None, stats=None,
+                mask=None) -> torch.Tensor:
+        """h [B, T, D] previous depth's hidden, emb_next [B, T, D] embeddings of the shifted tokens, mask
+        [B, T, T] the block's attention mask for packed rows (None: causal).
 
         Returns this depth's hidden state [B, T, D] (before head_norm; feed it to the next depth)."""
         x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h)), dim=-1))
-        return self.block(x, rope, cache, stats=stats)
+        return self.block(x, rope, cache, stats=stats, mask=mask)

@@ -3,7 +3,9 @@ output head, and the MTP modules.
 
 `Transformer(cfg)(input_ids)` returns a `CausalLMOutput` with `.logits` [B, T, vocab] and `.hidden` [B, T, D]
 (the final-normed hidden state, which the MTP modules consume). Pass `cache=` (a `LatentCache`) to run prefill or
-decode steps against an external latent KV cache; positions and masks come from the cache.
+decode steps against an external latent KV cache; positions and masks come from the cache. Pass `segment_ids=`
+[B, T] to run rows that pack several documents (SFT): each run of equal ids is one document, attention is causal
+inside it and blocked across (a block-diagonal mask), and RoPE positions restart at 0 with each run.
 
 Parameter names follow Hugging Face's `model.` hierarchy minus the `model.` prefix (see `checkpoint.py`), so
 the weights of a real checkpoint map 1:1 except for routed experts, which are stored fused here.
@@ -44,9 +46,23 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None):
-        h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats)
+    def forward(self, x, rope, cache=None, path="auto", stats: Optional[LayerStats] = None,
+                mask: Optional[torch.Tensor] = None):
+        h = x + self.self_attn(x, rope, cache, path, norm=self.input_layernorm, stats=stats, mask=mask)
         return h + self.mlp(self.post_attention_layernorm(h), stats)
+
+
+def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows: segment_ids [B, T] -> (positions [B, T] restarting at 0 with each run of equal ids, the
+    attention mask [B, T, T]: key s visible to query t iff s <= t in the same run). Runs, not id values, delimit
+    documents, so a repeated id further on is still a new document."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, 0).cummax(-1).values  # [B, T] where each token's run begins
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return idx - first, (first[:, :, None] == first[:, None, :]) & causal
 
 
 class Transformer(nn.Module):
@@ -99,33 +115,45 @@ class Transformer(nn.Module):
         return self.rotary(positions) if cache is None else self.rotary.lookup(positions, cache.mask.shape[-1])
 
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
-                path: str = "auto") -> CausalLMOutput:
+                path: str = "auto", segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids [B, T] -> logits [B, T, V] (only the last num_logits positions if given), the final hidden
-        state and the layers' stats."""
+        state and the layers' stats. segment_ids [B, T]: packed documents (`segment_layout`; no cache)."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         x = self.embed_tokens(input_ids)
-        rope = self.rope_for(self.positions_for(input_ids, cache), cache)
+        mask = None
+        if segment_ids is None:
+            positions = self.positions_for(input_ids, cache)
+        elif cache is not None:
+            raise ValueError("segment_ids (packed documents) run without a cache")
+        else:
+            positions, mask = segment_layout(segment_ids)
+        rope = self.rope_for(positions, cache)
         stats = LayerStats()
         for layer in self.layers:
-            x = layer(x, rope, cache, path, stats)
+            x = layer(x, rope, cache, path, stats, mask)
         h = self.norm(x)
         hl = h if num_logits is None else h[:, -num_logits:]
         return CausalLMOutput(logits=self.head(hl), hidden=h, stats=stats)
 
     def mtp_forward(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache=None,
-                    positions: Optional[torch.Tensor] = None, stats: Optional[LayerStats] = None):
+                    positions: Optional[torch.Tensor] = None, stats: Optional[LayerStats] = None,
+                    segment_ids: Optional[torch.Tensor] = None):
         """Run MTP depth k (0-based) on hidden [B, T, D] and the tokens one step ahead next_ids [B, T]; its MoE
-        layer reports into `stats` when given (training: the main forward's).
+        layer reports into `stats` when given (training: the main forward's). segment_ids [B, T]: those of
+        `hidden`'s positions in a packed row (its attention and positions, as in `forward`).
 
         Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
         """
+        mask = None
+        if segment_ids is not None:
+            positions, mask = segment_layout(segment_ids)
         if positions is None:
             rope = self.rope_for(self.positions_for(next_ids, cache), cache)
         else:
             rope = self.rotary(positions)
         m = self.mtp[k]
-        h = m(hidden, self.embed_tokens(next_ids), rope, cache, stats)
+        h = m(hidden, self.embed_tokens(next_ids), rope, cache, stats, mask)
         return self.head(m.head_norm(h)), h
 
     def set_expert_impl(self, impl: str) -> None:
