@@ -1,6 +1,6 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | tokenizer | generate | chat | serve | convert | info
+    nanoseek train | tokenizer | generate | chat | serve | lora | convert | info
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("nanoseek.generate", "complete one prompt from a model folder"),
     "chat": ("nanoseek.generate", "interactive streaming chat in the terminal"),
     "serve": ("nanoseek.server.api", "OpenAI-compatible HTTP server with a chat page"),
+    "lora": ("nanoseek.lora", "merge a LoRA adapter (PEFT format) into its base model"),
     "convert": ("nanoseek.checkpoint", "re-save a checkpoint (e.g. FP8 -> bf16) in HF layout"),
     "info": ("nanoseek.checkpoint", "print a model folder's config and parameter counts"),
 }
