@@ -145,3 +145,61 @@ def test_adapter_config_is_peft_readable(tmp_path):
     assert cfg.r == 2 and list(cfg.target_modules) == ["o_proj"]
     assert set(cfg.target_parameters) == {"up_proj.weight", "experts.gate_up_proj", "experts.down_proj"}
     assert lora.config_from_peft(js) == model.lora_config
+
+
+@pytest.fixture(scope="module")
+def lora_env(tmp_path_factory):
+    """A small corpus, a 400-token tokenizer and a random tiny base model (with that tokenizer) to adapt."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    from nanoseek.tokenizer import load_tokenizer, train_tokenizer
+    root = tmp_path_factory.mktemp("lora")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for f in ("textwrap.py", "shlex.py", "fnmatch.py", "bisect.py"):
+        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / f, corpus / f)
+    train_tokenizer([corpus], 400, root / "tok")
+    tok = load_tokenizer(root / "tok")
+    base = base_model(tiny_cfg(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    nanoseek.save_pretrained(base, root / "base")
+    tok.save(root / "base")
+    return root
+
+
+def train_lora(env, out, *args) -> list[dict]:
+    from nanoseek import train as T
+    argv = ["--data", str(env / "corpus"), "--init", str(env / "base"), "--cache-dir", str(env / "cache"),
+            "--out", str(out), "--seq-len", "32", "--batch-size", "2", "--no-progress", "--no-compile",
+            "--eval-tokens", "0", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", *args]
+    assert T.cli("train", argv) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_training_resumes_exactly(lora_env, tmp_path, dtype, one_thread):
+    """Checkpoints hold the adapters and their AdamW moments: stop-and-resume is the same run; final/ is a
+    PEFT adapter of the frozen base."""
+    from safetensors.torch import load_file
+    args = ["--max-steps", "4", "--save-every", "2", "--dtype", dtype]
+    full = train_lora(lora_env, tmp_path / "full", *args)
+    part = train_lora(lora_env, tmp_path / "part", *args, "--stop-after", "3")
+    assert [r["step"] for r in part] == [1, 2, 3]
+    resumed = train_lora(lora_env, tmp_path / "part", *args, "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        for k in ("loss", "lm_loss", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
+    final = tmp_path / "full" / "final"
+    assert {p.name for p in final.iterdir()} >= {lora.CONFIG_FILE, lora.WEIGHTS_FILE, "tokenizer.json"}
+    w1, w2 = load_file(str(final / lora.WEIGHTS_FILE)), load_file(str(tmp_path / "part" / "final" / lora.WEIGHTS_FILE))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(k.endswith("lora_B.weight") and w1[k].abs().max() > 0 for k in w1)  # the adapters trained
+    base = nanoseek.from_pretrained(lora_env / "base")
+    ckpt = load_file(str(next((tmp_path / "full" / "checkpoints").glob("step_*")) / "model.safetensors"))
+    assert ckpt.keys() == w1.keys()  # checkpoints hold the adapters only: the base stays where it is
+    adapted = lora.load_adapter(nanoseek.from_pretrained(lora_env / "base"), final)
+    ids = torch.randint(0, base.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (adapted(ids).logits - base(ids).logits).abs().max() > 1e-4
