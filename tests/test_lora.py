@@ -203,3 +203,26 @@ def test_lora_training_resumes_exactly(lora_env, tmp_path, dtype, one_thread):
     ids = torch.randint(0, base.config.vocab_size, (1, 16))
     with torch.no_grad():
         assert (adapted(ids).logits - base(ids).logits).abs().max() > 1e-4
+
+
+def test_serve_lora_serves_the_merged_adapter(lora_env, tmp_path):
+    """`serve BASE --lora NAME=PATH`: the model is called NAME and its prompt logprobs are the adapted model's."""
+    openai = pytest.importorskip("openai")
+    from nanoseek.server.api import ServeConfig, ServerThread
+    model = lora.apply_lora(nanoseek.from_pretrained(lora_env / "base"), rank=2, alpha=4)
+    randomize_adapters(model, std=0.2)
+    lora.save_adapter(model, tmp_path / "adapter", str(lora_env / "base"))
+    ids = [model.config.bos_token_id, *torch.randint(3, model.config.vocab_size, (11,)).tolist()]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = [ref[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    with torch.no_grad():
+        plain = nanoseek.from_pretrained(lora_env / "base")(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert max(abs(plain[t, ids[t + 1]].item() - w) for t, w in enumerate(want)) > 1e-3  # the adapter matters
+    cfg = ServeConfig(str(lora_env / "base"), dtype="float32", lora=("my-adapter", str(tmp_path / "adapter")))
+    with ServerThread(cfg) as srv:
+        srv.wait_ready()
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["my-adapter", "my-adapter-thinking"]
+        r = c.completions.create(model="my-adapter", prompt=ids, max_tokens=0, logprobs=1, echo=True)
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
