@@ -1,6 +1,6 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | adapt | sft | tokenizer | generate | chat | serve | convert | info | eval
+    nanoseek train | adapt | sft | tokenizer | generate | chat | serve | lora | convert | info | eval
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("nanoseek.generate", "complete one prompt from a model folder"),
     "chat": ("nanoseek.generate", "interactive streaming chat in the terminal"),
     "serve": ("nanoseek.server.api", "OpenAI-compatible HTTP server with a chat page"),
+    "lora": ("nanoseek.lora", "merge a LoRA adapter (PEFT format) into its base model"),
     "convert": ("nanoseek.checkpoint", "re-save a checkpoint (e.g. FP8 -> bf16) in HF layout"),
     "info": ("nanoseek.checkpoint", "print a model folder's config and parameter counts"),
     "eval": ("nanoseek.evaluate", "bits per byte, tokens per word and per byte of a model on text files"),

@@ -27,6 +27,10 @@ run/checkpoints/latest.json: a kill at any moment leaves the previous checkpoint
 and the torch / numpy / python RNG states, so `--resume` continues bit-exactly. The final model goes to
 run/final in Hugging Face layout with the tokenizer.
 
+LoRA (--lora-rank R with --init MODEL; `nanoseek/lora.py`): the base stays frozen in the run's dtype, only the fp32
+adapters train (AdamW, autocast), checkpoints hold the adapters, and run/final is the adapter in PEFT's format
+(merge it with `nanoseek lora merge`, or serve it with `nanoseek serve MODEL --lora NAME=run/final`).
+
 Legend: B micro-batch rows, T tokens per row, V vocabulary, E routed experts, D MTP depth.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ from nanoseek.checkpoint import from_pretrained, save_pretrained
 from nanoseek.compile import compile_blocks
 from nanoseek.config import PRESETS, get_preset
 from nanoseek import kernels
+from nanoseek import lora
 from nanoseek.kernels import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
@@ -119,6 +124,11 @@ class TrainConfig:
     compile: bool = True  # torch.compile the blocks (single process; eager if compiling fails)
     task: str = "pretrain"  # pretrain (text files) | sft (chat conversations, nanoseek/sft.py)
     thinking: str = "train"  # sft: what to do with the assistant's reasoning (nanoseek/sft.py)
+    lora_rank: int = 0  # > 0: train a LoRA adapter on the frozen --init model (`lora.py`)
+    lora_alpha: float = 8.0  # scale alpha / rank (PEFT's default alpha)
+    lora_targets: str = ",".join(lora.TARGETS)  # comma-separated `lora.TARGETS`
+    lora_dropout: float = 0.0
+    lora_rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilised LoRA)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -180,6 +190,12 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the training step eagerly (default: torch.compile its blocks when single-process)")
+    g = ap.add_argument_group("LoRA (with --init)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="train a LoRA adapter of this rank (0 = off)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scale alpha / rank")
+    g.add_argument("--lora-targets", default=d.lora_targets, help=f"comma-separated, of {', '.join(lora.TARGETS)}")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="attention targets only (as PEFT)")
+    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(rank)")
     a = ap.parse_args(argv)
     tc = TrainConfig(**{k: v for k, v in vars(a).items()})
     validate(tc)
@@ -220,11 +236,25 @@ def validate(tc: TrainConfig) -> None:
     for flag, paths in (("--data", tc.data), ("--replay", tc.replay), ("--base-eval", tc.base_eval)):
         for p in paths:
             need(Path(p).exists(), f"{flag} {p}: not found")
+    need(tc.lora_rank >= 0, "--lora-rank must be >= 0")
+    if tc.lora_rank:
+        need(tc.init is not None, "--lora-rank trains an adapter on a base model: give --init MODEL")
+        need(tc.optimizer == "adamw" and tc.dsa_stage == "none" and not tc.expert_parallel,
+             "--lora-rank trains with --optimizer adamw, --dsa-stage none and no --expert-parallel")
+        _lora_config(tc).validate()
+    # an adapter run keeps every base row frozen; the new rows' stage is a run of its own before it
+    need(not (tc.lora_rank and tc.new_rows_steps), "--lora-rank with --new-rows-steps: train the new rows first "
+         "(adapt --lora-rank 0 --max-steps K), then the adapter with --init on that run's final/")
 
 
 def replay_rows(tc: TrainConfig) -> int:
     """Rows of each micro-batch read from the replay data (the rest from --data)."""
     return round(tc.replay_ratio * tc.batch_size) if tc.replay else 0
+
+
+def _lora_config(tc: TrainConfig) -> lora.LoraConfig:
+    return lora.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(t.strip() for t in tc.lora_targets.split(",")),
+                           tc.lora_dropout, tc.lora_rslora)
 
 
 def cli(cmd: str, argv: list[str]) -> int:
@@ -591,6 +621,10 @@ def train(tc: TrainConfig) -> dict:
                   "new_rows_steps"):  # batch: the loader checks
             if prev.get(k, getattr(default, k)) != getattr(tc, k):
                 raise ValueError(f"--resume: {k} was {prev.get(k)!r} in {resume_from}, now {getattr(tc, k)!r}")
+        if tc.lora_rank or prev.get("lora_rank"):  # the adapter resumes on the same base
+            for k in ("init", "lora_rank", "lora_alpha", "lora_targets", "lora_rslora"):
+                if prev.get(k) != getattr(tc, k):
+                    raise ValueError(f"--resume: {k} was {prev.get(k)!r} in {resume_from}, now {getattr(tc, k)!r}")
     elif tc.dsa_stage != "none" and tc.init is None:
         raise ValueError("--dsa-stage warmup|sparse needs --init DIR (no checkpoint to resume from)")
     torch.manual_seed(tc.seed)
@@ -632,7 +666,7 @@ def train(tc: TrainConfig) -> dict:
 
     # -- model ---------------------------------------------------------------------------------------------
     new_rows: Optional[range] = None  # ids of the tokens --tokenizer adds to the --init model's
-    if tc.init is not None and saved is None:
+    if tc.init is not None and (saved is None or tc.lora_rank):
         model = from_pretrained(tc.init, dtype=torch.float32, device="cpu")
         new_rows = _extend_vocabulary(model, tok, tc.init, main)
         cfg = model.config
@@ -666,7 +700,7 @@ def train(tc: TrainConfig) -> dict:
     if tc.dsa_stage != "none" and not cfg.use_dsa:
         raise ValueError(f"--dsa-stage {tc.dsa_stage}: the model has no DSA indexer (model_type "
                          f"{cfg.model_type}, index_topk {cfg.index_topk})")
-    if saved is not None:
+    if saved is not None and not tc.lora_rank:
         _load_full_state_plain(model, saved[0])
     model.train()
     for m in moe_layers(model):
@@ -678,6 +712,13 @@ def train(tc: TrainConfig) -> dict:
             p.requires_grad_(False)
     model.to(device)
     kernels.install(model)  # the fast paths (C expert GEMMs on CPU; weight caches and decode kernels at evaluation)
+    if tc.lora_rank:
+        if world > 1:
+            raise ValueError("--lora-rank trains in one process")
+        model.to(DTYPES[tc.dtype])  # the frozen base in the run's dtype; the adapters are made (fp32) after
+        lora.apply_lora(model, **dataclasses.asdict(_lora_config(tc)))  # (takes the fast paths off: lora.py)
+        if saved is not None:
+            lora.load_adapter_state(model, saved[0])
     if world > 1:
         from nanoseek.parallel import parallelize
         model = parallelize(model, dist, expert_parallel=tc.expert_parallel) or model
@@ -734,7 +775,12 @@ def train(tc: TrainConfig) -> dict:
                      desc=f"train[{tc.dsa_stage}]" if tc.dsa_stage != "none" else "train")
 
     def checkpoint(step: int) -> None:
-        sd = opt.full_precision_state(model) if isinstance(opt, MasterWeightAdamW) else _full_state(model, dist)
+        if tc.lora_rank:
+            sd = lora.adapter_state_dict(model)
+        elif isinstance(opt, MasterWeightAdamW):
+            sd = opt.full_precision_state(model)
+        else:
+            sd = _full_state(model, dist)
         ot, ometa = optimizer_state_tensors(opt, names) if world == 1 else _full_optim(model, opt, dist)
         if not main:
             return
@@ -790,7 +836,9 @@ def train(tc: TrainConfig) -> dict:
             means = {k: float(v) / (accum * world) for k, v in zip(keys, red)}
             if moes:
                 loads = _all_reduce_sum(loads, dist)  # expert loads over the whole global batch
-                if tc.dsa_stage != "warmup" and not new_rows_stage:  # the routers are frozen then
+                # (new-rows stage: the routers are frozen; LoRA: the balancing biases belong to the frozen base,
+                # which an adapter cannot carry)
+                if tc.dsa_stage != "warmup" and not new_rows_stage and not tc.lora_rank:
                     update_expert_bias(moes, loads, tc.bias_update_speed)
                 loads = loads.cpu()
             dt = time.perf_counter() - t0
@@ -851,8 +899,9 @@ def _load_full_state_plain(model: Transformer, sd: dict) -> None:
 def master_weights(tc: TrainConfig, device: torch.device, world: int) -> bool:
     """Whether bf16 training keeps bf16 working weights with fp32 masters in the optimizer (`MasterWeightAdamW`)
     instead of autocasting fp32 weights: on CPU in one process, where the casts cost a fifth of a step (on CUDA
-    they are cheap next to the GEMMs; FSDP2 has its own mixed-precision policy)."""
-    return DTYPES[tc.dtype] == torch.bfloat16 and device.type == "cpu" and world == 1
+    they are cheap next to the GEMMs; FSDP2 has its own mixed-precision policy). Not with LoRA: its base is
+    already in bf16 and frozen, its few adapters stay fp32 under autocast."""
+    return DTYPES[tc.dtype] == torch.bfloat16 and device.type == "cpu" and world == 1 and not tc.lora_rank
 
 
 def clip_gradients(model, opt, max_norm: float) -> float:
@@ -938,17 +987,22 @@ def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, re
     if not dist.is_main:
         return
     final = run / "final"
-    if dist.world_size > 1:  # save the gathered full weights through an unsharded copy
-        plain = Transformer(model.config)
-        _load_full_state_plain(plain, sd)
-        model = plain
-    save_pretrained(model, final)
+    if tc.lora_rank:  # the adapter in PEFT's format, for the --init model
+        lora.save_adapter(model, final, str(Path(tc.init).resolve()))
+    else:
+        if dist.world_size > 1:  # save the gathered full weights through an unsharded copy
+            plain = Transformer(model.config)
+            _load_full_state_plain(plain, sd)
+            model = plain
+        save_pretrained(model, final)
     tok.save(final)
     records = log.records
     plots = M.plot_run(run, records)
     samples = []
     if tc.samples:
-        m = from_pretrained(final, dtype=torch.float32)
+        m = from_pretrained(tc.init if tc.lora_rank else final, dtype=torch.float32)
+        if tc.lora_rank:  # cached decoding reads kv_b_proj's weight directly: sample from the merged model
+            m = lora.merge_lora(lora.load_adapter(m, final))
         for i, p in enumerate(SAMPLE_PROMPTS[: tc.samples]):
             samples.append((p, sample(m, tok, p, tc.sample_tokens, seed=tc.seed + i)))
     last = records[-1] if records else rec
@@ -964,8 +1018,11 @@ def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, re
     summary["final_model"] = str(final)
     report = M.write_report(run, summary, records, plots, samples)
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"nanoseek train: done in {summary['wall_time_s']:.0f}s; model in {final}, report {report}",
-          file=sys.stderr)
+    print(f"nanoseek train: done in {summary['wall_time_s']:.0f}s; {'adapter' if tc.lora_rank else 'model'} in "
+          f"{final}, report {report}", file=sys.stderr)
+    if tc.lora_rank:
+        print(f"nanoseek train: merge it with `nanoseek lora merge --base {tc.init} --adapter {final} --out DIR`, or "
+              f"serve it with `nanoseek serve {tc.init} --lora NAME={final}`", file=sys.stderr)
 
 
 def _median(xs):

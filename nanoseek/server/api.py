@@ -71,6 +71,7 @@ class ServeConfig:
     max_waiting: int = 64
     speculative: Optional[str] = None  # "mtp"
     num_draft: int = 1
+    lora: Optional[tuple[str, str]] = None  # (name, adapter folder): serve model_dir + this adapter, merged at load
 
 
 class APIError(Exception):
@@ -217,7 +218,7 @@ class _State:
         self.cfg = cfg
         self.on_fatal = on_fatal
         self.model_cfg = ModelConfig.from_json(Path(cfg.model_dir))
-        self.name = cfg.served_model_name or Path(cfg.model_dir).resolve().name
+        self.name = cfg.lora[0] if cfg.lora else cfg.served_model_name or Path(cfg.model_dir).resolve().name
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         self.created = int(time.time())
@@ -245,6 +246,10 @@ class _State:
         if said.getvalue():
             log.info("%s", said.getvalue().strip())
         model = nanoseek.from_pretrained(cfg.model_dir, dtype=dtype, device=device).eval()
+        if cfg.lora:  # merged: the engine's fast and cached paths read the weights directly (lora.py)
+            from nanoseek.lora import load_adapter, merge_lora
+            merge_lora(load_adapter(model, cfg.lora[1]))
+            log.info("merged LoRA adapter %s, served as %r", cfg.lora[1], cfg.lora[0])
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
                         cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
                         speculative=cfg.speculative, num_draft=cfg.num_draft)
@@ -968,6 +973,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     ap.add_argument("--max-waiting", type=int, default=64, help="queued requests before 503")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     ap.add_argument("--num-draft", type=int, default=1, help="MTP draft tokens per step")
+    ap.add_argument("--lora", metavar="NAME=PATH", help="serve model_dir with this LoRA adapter (PEFT format) merged "
+                    "in, under the model name NAME")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = ap.parse_args(argv)
 
@@ -981,6 +988,17 @@ def cli(cmd: str, argv: list[str]) -> int:
         if v < (0 if name == "--port" else 1) or (name == "--port" and v > 65535):
             print(f"nanoseek serve: invalid {name} {v}", file=sys.stderr)
             return 2
+    lora = None
+    if args.lora is not None:
+        name, _, adapter = args.lora.partition("=")
+        if not name.strip() or not (Path(adapter) / "adapter_config.json").is_file():
+            print(f"nanoseek serve: --lora {args.lora}: give NAME=PATH, PATH an adapter folder (adapter_config.json)",
+                  file=sys.stderr)
+            return 2
+        if args.served_model_name is not None:
+            print("nanoseek serve: --lora NAME=PATH names the model; drop --served-model-name", file=sys.stderr)
+            return 2
+        lora = (name.strip(), adapter)
     api_key = None if args.api_key is None else args.api_key.strip()
     if api_key == "":  # never a server that a bare 'Bearer' passes, nor a silent fallback to none
         print("nanoseek serve: the API key (--api-key or NANOSEEK_API_KEY) is empty; give a key, or unset it to serve "
@@ -998,7 +1016,7 @@ def cli(cmd: str, argv: list[str]) -> int:
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
                       max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-                      speculative=args.speculative, num_draft=args.num_draft)
+                      speculative=args.speculative, num_draft=args.num_draft, lora=lora)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
