@@ -39,3 +39,21 @@ def simde_cc() -> str:
     if not Path("/usr/include/simde/x86/avx512.h").exists():
         pytest.skip("SIMDe headers not installed (Debian: libsimde-dev)")
     return cc
+
+
+def assert_resumes_exactly(run, full_dir: Path, part_dir: Path, *args: str, stop: int = 3, steps: int = 6) -> None:
+    """A run stopped after `stop` steps and resumed gives the losses, gradient norms and final weights of the same
+    run done in one go. run(out_dir, *args) trains and returns metrics.jsonl's records."""
+    import nanoseek
+    full = run(full_dir, *args)
+    part = run(part_dir, *args, "--stop-after", str(stop))
+    assert [r["step"] for r in part] == list(range(1, stop + 1))
+    resumed = run(part_dir, *args, "--resume")
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for a, b in zip(full, resumed):
+        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
+    m1 = nanoseek.from_pretrained(full_dir / "final").state_dict()
+    m2 = nanoseek.from_pretrained(part_dir / "final").state_dict()
+    for k, v in m1.items():
+        assert torch.allclose(v, m2[k], atol=1e-6), k

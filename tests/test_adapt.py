@@ -17,6 +17,7 @@ from nanoseek import adapt, vocab as V
 from nanoseek.config import get_preset
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import train_tokenizer
+from conftest import assert_resumes_exactly
 from test_vocab import new_docs
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -100,18 +101,7 @@ def test_adapt_resumes_exactly(env, tmp_path):
     """Across the switch from the new-rows stage to full training, with replay rows in every batch."""
     args = ["--max-steps", "6", "--new-rows-steps", "2", "--save-every", "2", "--eval-tokens", "0",
             "--replay", str(env["base_text"]), "--replay-ratio", "0.25"]
-    full = run(env, tmp_path / "full", *args)
-    part = run(env, tmp_path / "part", *args, "--stop-after", "3")
-    assert [r["step"] for r in part] == [1, 2, 3]
-    resumed = run(env, tmp_path / "part", *args, "--resume")
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(full, resumed):
-        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-            assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
-    m1 = nanoseek.from_pretrained(tmp_path / "full" / "final").state_dict()
-    m2 = nanoseek.from_pretrained(tmp_path / "part" / "final").state_dict()
-    for k, v in m1.items():
-        assert torch.allclose(v, m2[k], atol=1e-6), k
+    assert_resumes_exactly(lambda out, *a: run(env, out, *a), tmp_path / "full", tmp_path / "part", *args)
 
 
 def test_bad_adapt_arguments_fail_clearly(env, tmp_path, capsys):

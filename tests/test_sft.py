@@ -15,6 +15,7 @@ from nanoseek import chat, sft
 from nanoseek import train as T
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.tokenizer import train_tokenizer
+from conftest import assert_resumes_exactly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,18 +198,7 @@ def test_sft_learns_and_reports_the_heldout_assistant_loss(env, tmp_path):
 
 def test_sft_resume_is_exact(env, tmp_path):
     args = ["--max-steps", "6", "--save-every", "2", "--eval-tokens", "0"]
-    full = run(env, tmp_path / "full", *args)
-    part = run(env, tmp_path / "part", *args, "--stop-after", "3")
-    assert [r["step"] for r in part] == [1, 2, 3]
-    resumed = run(env, tmp_path / "part", *args, "--resume")
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(full, resumed):
-        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-            assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
-    m1 = nanoseek.from_pretrained(tmp_path / "full" / "final")
-    m2 = nanoseek.from_pretrained(tmp_path / "part" / "final")
-    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.allclose(v1, v2, atol=1e-6), k
+    assert_resumes_exactly(lambda out, *a: run(env, out, *a), tmp_path / "full", tmp_path / "part", *args)
     # other data under the same run folder is refused, not silently continued
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(env["data"].read_text().splitlines()[:40]) + "\n")
