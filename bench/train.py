@@ -73,6 +73,13 @@ def cpu_peak(dtype: torch.dtype, threads: int, n: int = 1024, reps: int = 5) -> 
     return 2 * n ** 3 / best, "matmul peak in CPU time"
 
 
+def experts_path(dtype: torch.dtype) -> str:
+    """What nanoseek's training step runs the routed experts' grouped GEMMs on, in this dtype."""
+    v = cpu_experts.variant()
+    routed = v is not None and (dtype == torch.bfloat16 or v in cpu_experts.F32_ROUTED)
+    return f"cpu_experts {v}" if routed else "torch._grouped_mm"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -103,7 +110,7 @@ def main() -> None:
     print(f"config: {a.preset} as deepseek_v3, {cfg.num_hidden_layers} layers, {n['total'] / 1e6:.1f}M params "
           f"({n['active'] / 1e6:.1f}M active, {n_flops / 1e6:.1f}M in matmuls), batch {a.batch_size}x{a.seq_len} "
           f"= {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, nanoseek's expert GEMMs: "
-          f"{'cpu_experts ' + cpu_experts.variant() if cpu_experts.variant() else 'torch._grouped_mm'}")
+          f"{experts_path(torch.bfloat16)} (bfloat16), {experts_path(torch.float32)} (float32)")
     x = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     y = torch.randint(0, cfg.vocab_size, (a.batch_size, a.seq_len))
     tc = TrainConfig(out="", mtp_weight=0.0, seq_aux_alpha=0.0, compile=a.compile)

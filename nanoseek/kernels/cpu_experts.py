@@ -33,10 +33,10 @@ from nanoseek.kernels.build import build
 _SRC = Path(__file__).with_name("cpu_experts.c")
 _DTYPES = (torch.bfloat16, torch.float32)
 # Where training routes float32 expert GEMMs through these kernels: only the variants measured faster than
-# torch._grouped_mm (oneDNN) on the training bench's shapes (figures in the issue notes). The other variants'
-# float32 kernels are tested (tests/test_cpu_experts*.py) but not yet timed on their hardware, so float32 keeps
-# _grouped_mm there. bf16 always takes the kernels: without a bf16 dot product _grouped_mm emulates bf16.
-F32_ROUTED = ("avx2",)
+# torch._grouped_mm (oneDNN) on the training bench's shapes (figures in the issue notes: AVX2 Zen 3, AVX-512 Zen 4).
+# The neon variants' float32 kernels are tested (tests/test_cpu_experts*.py) but not yet timed on ARM hardware, so
+# float32 keeps _grouped_mm there. bf16 always takes the kernels: without a bf16 dot product _grouped_mm emulates bf16.
+F32_ROUTED = ("avx2", "avx512", "avx512bf16")  # (avx512bf16: its float32 kernels are the avx512 ones)
 
 
 def routed(x: torch.Tensor, *weights: torch.Tensor) -> bool:
