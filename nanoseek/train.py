@@ -669,6 +669,10 @@ def train(tc: TrainConfig) -> dict:
     if tc.init is not None and (saved is None or tc.lora_rank):
         model = from_pretrained(tc.init, dtype=torch.float32, device="cpu")
         new_rows = _extend_vocabulary(model, tok, tc.init, main)
+        if new_rows is not None and tc.lora_rank:
+            # a PEFT adapter holds no embedding or head rows, so the new tokens would stay at their initial rows
+            raise ValueError("--lora-rank with a tokenizer that adds tokens to the --init model: an adapter cannot "
+                             "carry new vocabulary rows; run `nanoseek adapt` first, then LoRA on its final/")
         cfg = model.config
         if cfg.vocab_size < tok.vocab_size:
             raise ValueError(f"--init model has {cfg.vocab_size} vocabulary rows, the tokenizer "

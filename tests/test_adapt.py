@@ -113,3 +113,9 @@ def test_bad_adapt_arguments_fail_clearly(env, tmp_path, capsys):
                                str(env["new_text"]), "--out", str(tmp_path / "x"), "--new-rows-steps", "1",
                                "--max-steps", "2", *ARGS, "--cache-dir", str(env["cache"])]) == 1
     assert "adds no tokens" in capsys.readouterr().err
+    # an adapter cannot carry the extended tokenizer's new rows: LoRA on an extended vocabulary is refused
+    from nanoseek import train as T
+    assert T.cli("train", ["--init", str(env["model"]), "--tokenizer", str(env["ext"]), "--data",
+                           str(env["new_text"]), "--out", str(tmp_path / "lora"), "--lora-rank", "4",
+                           "--max-steps", "2", *ARGS, "--cache-dir", str(env["cache"])]) == 1
+    assert "an adapter cannot carry new vocabulary rows" in capsys.readouterr().err
