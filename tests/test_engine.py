@@ -224,6 +224,52 @@ def test_preemption_with_speculation():
         assert o.new_token_ids == alone(m, p, greedy(24)).new_token_ids
 
 
+class _Script:
+    """A TokenConstraint that allows one token at each step: the scripted sequence, then anything."""
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab, self.i, self.seen = list(script), vocab, 0, []
+
+    def allowed(self):
+        if self.i >= len(self.script):
+            return None
+        mask = torch.zeros(self.vocab, dtype=torch.bool)
+        mask[self.script[self.i]] = True
+        return mask
+
+    def accept(self, token):
+        self.seen.append(token)
+        self.i += 1
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_constraint_forces_tokens_then_frees_them(spec):
+    """Each sequence gets its own constraint state (n choices, speculative drafts, sampling or greedy); after the
+    script the request continues as it would unconstrained from there."""
+    m = damped_model()
+    V = m.config.vocab_size
+    p = prompts(1)[0]
+    script = [7, 500, 7, 9, 1000]
+    states = []
+
+    def make():
+        states.append(_Script(script, V))
+        return states[-1]
+
+    kw = dict(speculative="mtp", num_draft=2) if spec else {}
+    for params in (greedy(12, constraint=make), SamplingParams(max_tokens=12, temperature=1.0, seed=3,
+                                                               constraint=make)):
+        out = alone(m, p, params, **kw)
+        assert out.new_token_ids[:5] == script
+        assert states[-1].seen == out.new_token_ids  # told of every emitted token, drafts included once
+        free = alone(m, p + script, SamplingParams(**{**vars(params), "constraint": None, "max_tokens": 7}))
+        if params.greedy:
+            assert out.new_token_ids[5:] == free.new_token_ids
+    e = Engine(m, None, cache_bytes=4 << 20, **kw)
+    outs = e.generate([p, p], greedy(8, constraint=make))
+    assert all(o.new_token_ids[:5] == script for o in outs) and states[-1] is not states[-2]
+
+
 def test_queue_bound_counts_only_requests_beyond_the_free_batch_slots():
     """Requests submitted between two steps wait in the queue until the step admits them: the bound applies to
     the ones the batch will not take."""

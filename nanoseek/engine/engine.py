@@ -143,7 +143,8 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         history = TokenHistory(prompt, V, self.device) if params.needs_history else None
-        req = Request(request_id, prompt, params, max_tokens, gen, history)
+        req = Request(request_id, prompt, params, max_tokens, gen, history,
+                      constraint=params.constraint() if params.constraint is not None else None)
         self.scheduler.add(req)  # raises EngineFull
         self.requests[request_id] = req
         self.counters["prompt_tokens"] += len(prompt)
@@ -292,7 +293,8 @@ class Engine:
     # ---- sampling and stopping -------------------------------------------------------------------------
     def _plain_greedy(self, r: Request) -> bool:
         p = r.params
-        return p.greedy and r.history is None and p.logprobs is None and r.num_generated >= p.min_tokens
+        return (p.greedy and r.history is None and p.logprobs is None and r.num_generated >= p.min_tokens
+                and r.constraint is None)
 
     def _accept(self, req: Request, logits: torch.Tensor, drafts: Optional[list[int]],
                 greedy: Optional[list[int]] = None) -> int:
@@ -308,7 +310,8 @@ class Engine:
                 banned = []
                 if req.num_generated < p.min_tokens:
                     banned = p.stop_token_ids + ([] if self.eos_id is None else [self.eos_id])
-                tok = sample(process_logits(raw, p, req.history, banned), p, req.generator)
+                allowed = req.constraint.allowed() if req.constraint is not None else None
+                tok = sample(process_logits(raw, p, req.history, banned, allowed), p, req.generator)
                 lp = token_logprob(raw.log_softmax(-1), tok, p.logprobs) if p.logprobs is not None else None
             self._append(req, tok, lp)
             if req.finished or j >= len(drafts) or tok != drafts[j]:
@@ -319,6 +322,8 @@ class Engine:
         p = req.params
         req.tokens.append(tok)
         req.new_tokens.append(tok)
+        if req.constraint is not None:
+            req.constraint.accept(tok)
         if lp is not None:
             req.new_logprobs.append(lp)
         if req.history is not None:

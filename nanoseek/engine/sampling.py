@@ -12,11 +12,25 @@ Legend: V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
 MAX_LOGPROBS = 20
+
+
+class TokenConstraint(Protocol):
+    """A per-request, stateful restriction of the next token (grammar-constrained decoding, forced text).
+
+    The engine asks `allowed()` before each sampled token and reports the token it emitted with `accept()`.
+    Speculative drafts need nothing special: every position is sampled under the mask of the state reached by
+    the tokens accepted before it, and the first rejected draft ends the step."""
+
+    def allowed(self) -> Optional[torch.Tensor]:
+        """bool [V'] (V' <= V; ids past V' are disallowed) of the tokens that may come next; None: any token."""
+
+    def accept(self, token: int) -> None:
+        """The engine emitted `token` (whether or not `allowed` restricted it)."""
 
 
 @dataclass
@@ -37,6 +51,8 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: off; N >= 0: chosen token's logprob + top N
     prompt_logprobs: Optional[int] = None  # None: off; N >= 0: logprob of each prompt token + top N
     skip_special_tokens: bool = True
+    # called once per sequence (each of n choices gets its own state): None = unconstrained
+    constraint: Optional[Callable[[], TokenConstraint]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,9 +115,15 @@ class TokenHistory:
 
 
 def process_logits(logits: torch.Tensor, p: SamplingParams, history: Optional[TokenHistory],
-                   banned: list[int]) -> torch.Tensor:
-    """logits [V] fp32 -> processed logits [V] (penalties, bans, temperature, truncation; -inf = excluded)."""
+                   banned: list[int], allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits [V] fp32 -> processed logits [V] (penalties, bans, constraint mask `allowed` bool [V'], temperature,
+    truncation; -inf = excluded)."""
     x = logits.clone()
+    if allowed is not None:
+        keep = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+        n = min(allowed.shape[-1], keep.shape[-1])
+        keep[:n] = allowed[:n].to(x.device)
+        x = x.masked_fill(~keep, float("-inf"))
     if history is not None:
         if p.repetition_penalty != 1:
             pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from nanoseek.engine.cache import BlockPool
-from nanoseek.engine.sampling import SamplingParams, TokenHistory, TokenLogprob
+from nanoseek.engine.sampling import SamplingParams, TokenConstraint, TokenHistory, TokenLogprob
 
 
 class EngineFull(RuntimeError):
@@ -37,6 +37,7 @@ class Request:
     max_tokens: int  # params.max_tokens resolved against max_model_len
     generator: Optional[torch.Generator] = None
     history: Optional[TokenHistory] = None
+    constraint: Optional[TokenConstraint] = None  # this sequence's state of params.constraint
     arrival: int = field(default_factory=lambda: next(_arrivals))
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_computed: int = 0  # cache rows holding valid entries (tokens[:num_computed] have been fed)
