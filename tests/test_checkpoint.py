@@ -50,6 +50,15 @@ def test_round_trip_with_mtp(tmp_path):
     same_logits(m, back, tol=0)
 
 
+def test_methods_as_transformers_users_type_them(tmp_path):
+    m = random_model()
+    m.save_pretrained(tmp_path, dtype=torch.bfloat16, max_shard_bytes=200_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    back = nanoseek.Transformer.from_pretrained(tmp_path, dtype="float32")
+    assert isinstance(back, nanoseek.Transformer) and back.lm_head.weight.dtype == torch.float32
+    same_logits(back, nanoseek.from_pretrained(tmp_path, dtype=torch.float32), tol=0)
+
+
 def test_sharded_round_trip_and_bf16(tmp_path):
     m = random_model()
     nanoseek.save_pretrained(m, tmp_path, dtype=torch.bfloat16, max_shard_bytes=200_000)

@@ -389,6 +389,52 @@ def test_errors_have_openai_shape_and_status(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_unimplemented_fields_are_refused_by_name_and_the_allow_list_is_ignored(server):
+    """No silent drops: a field the server does not implement is OpenAI's 400 naming it, at the top level and in a
+    message; protocol.IGNORED_FIELDS (and the output-only fields a client echoes back in messages) pass."""
+    c = client(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    for kw in (dict(functions=[{"name": "f", "parameters": {}}]), dict(best_of=2), dict(frobnicate=1),
+               dict(messages=[{"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}}])):
+        body = {"model": "nanoseek-tiny", "messages": msgs, "max_tokens": 1, **kw}
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**{k: v for k, v in body.items() if k in ("model", "messages", "max_tokens")},
+                                      extra_body={k: v for k, v in kw.items() if k != "messages"})
+        if "messages" not in kw:
+            name = next(iter(kw))
+            assert e.value.body["code"] == "unknown_parameter" and e.value.body["param"] == name
+            assert f"Unrecognized request argument supplied: {name}" in e.value.body["message"]
+        h = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter", r.text
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"prompt": "x", "max_tokens": 1, "best_of": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    ok = c.chat.completions.create(
+        model="nanoseek-tiny", max_tokens=2, user="u-1", metadata={"team": "a"}, store=False,
+        messages=[{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "yo", "refusal": None, "annotations": [], "audio": None},
+                  {"role": "user", "content": "and?"}],
+        extra_body={"service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "s"})
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_logit_bias(server):
+    c = client(server)
+    tokenize = lambda text: httpx.post(server.url + "/tokenize",  # noqa: E731
+                                       json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    a, b = tokenize("e")[0], tokenize("q")[0]
+    kw = dict(model="nanoseek-tiny", prompt="Good morrow", max_tokens=4, temperature=0)
+    assert c.completions.create(logit_bias={str(a): 100}, **kw).choices[0].text == "eeee"
+    assert c.completions.create(logit_bias={str(a): -100, str(b): 100}, **kw).choices[0].text == "qqqq"
+    kw["temperature"] = 1.0  # sampled: the boosted token dominates, the banned one never comes
+    assert c.completions.create(logit_bias={str(b): 100}, seed=3, **kw).choices[0].text == "qqqq"
+    for bad in ({"x": 1}, {"5": 101}, {str(10 ** 6): 1}):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(logit_bias=bad, **kw)
+        assert e.value.body["param"] == "logit_bias"
+
+
 def test_key_spaces_empty_key_host_header_and_model_path(random_dir):
     """A key's surrounding spaces are dropped; an empty key is refused (never a key a bare 'Bearer' passes); a
     keyless loopback server refuses a Host that is not the loopback (DNS rebinding); /v1/models does not show the

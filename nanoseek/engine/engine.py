@@ -293,8 +293,7 @@ class Engine:
     # ---- sampling and stopping -------------------------------------------------------------------------
     def _plain_greedy(self, r: Request) -> bool:
         p = r.params
-        return (p.greedy and r.history is None and p.logprobs is None and r.num_generated >= p.min_tokens
-                and r.constraint is None)
+        return p.greedy and p.plain and p.logprobs is None and r.num_generated >= p.min_tokens
 
     def _accept(self, req: Request, logits: torch.Tensor, drafts: Optional[list[int]],
                 greedy: Optional[list[int]] = None) -> int:

@@ -2,7 +2,8 @@
 
 Order of processing for one request's next-token logits (fp32):
   repetition penalty (prompt and output tokens; CTRL, Keskar et al. 2019: divide positive logits, multiply
-  negative ones) -> presence / frequency penalties (output tokens, OpenAI's formula) -> min_tokens (EOS and stop
+  negative ones) -> presence / frequency penalties (output tokens, OpenAI's formula) -> logit_bias (added) ->
+  constraint mask -> min_tokens (EOS and stop
   token ids banned) -> greedy argmax when temperature == 0, else temperature -> top_k -> top_p -> min_p -> draw
   with the request's own torch.Generator, so a seed gives the same text whatever else is in the batch.
 Logprobs are those of the model's raw distribution (log_softmax of the logits before any processing).
@@ -11,6 +12,7 @@ Legend: V vocabulary.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
@@ -51,6 +53,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: off; N >= 0: chosen token's logprob + top N
     prompt_logprobs: Optional[int] = None  # None: off; N >= 0: logprob of each prompt token + top N
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     # called once per sequence (each of n choices gets its own state): None = unconstrained
     constraint: Optional[Callable[[], TokenConstraint]] = None
 
@@ -84,6 +87,8 @@ class SamplingParams:
             need(v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS),
                  f"{name} must be between 0 and {MAX_LOGPROBS}, got {v!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(all(isinstance(t, int) and t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()),
+             "logit_bias maps token ids to finite numbers")
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +97,11 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain(self) -> bool:
+        """True when the logits go to the sampler unprocessed but for temperature and truncation."""
+        return not self.needs_history and not self.logit_bias and self.constraint is None
 
 
 @dataclass
@@ -129,6 +139,10 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, history: Optional[To
             pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
             x = torch.where(history.seen, pen, x)
         x = x - p.frequency_penalty * history.counts - p.presence_penalty * (history.counts > 0).float()
+    if p.logit_bias:
+        ids = [t for t in p.logit_bias if t < x.shape[-1]]
+        x[torch.tensor(ids, device=x.device, dtype=torch.long)] += torch.tensor(
+            [p.logit_bias[t] for t in ids], device=x.device, dtype=x.dtype)
     if banned:
         x[torch.tensor(banned, device=x.device)] = float("-inf")
     if p.greedy:

@@ -165,6 +165,19 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # What transformers users type; the work is nanoseek/checkpoint.py's (imported here, not at the top: it
+    # imports this file).
+    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 5 * 1024 ** 3) -> None:
+        """Write a Hugging Face folder (config.json + safetensors in HF names): `nanoseek.save_pretrained`."""
+        from nanoseek.checkpoint import save_pretrained
+        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", strict_mtp: bool = False) -> "Transformer":
+        """Load a Hugging Face DeepSeek folder: `nanoseek.from_pretrained`."""
+        from nanoseek.checkpoint import from_pretrained
+        return from_pretrained(path, dtype=dtype, device=device, strict_mtp=strict_mtp)
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy in fp32. logits [B, T, V], targets [B, T]."""

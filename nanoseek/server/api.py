@@ -370,6 +370,13 @@ class _State:
             raise APIError(400, f"at most {P.MAX_STOP} stop sequences are supported", param="stop")
         stop_ids = list(req.stop_token_ids or [])
         self.check_ids(stop_ids, "stop_token_ids")
+        bias = {}
+        for k, v in (req.logit_bias or {}).items():
+            if not k.isdigit() or not -100 <= v <= 100:
+                raise APIError(400, f"logit_bias maps token ids to numbers in [-100, 100]; got {k!r}: {v!r}",
+                               param="logit_bias")
+            bias[int(k)] = float(v)
+        self.check_ids(list(bias), "logit_bias")
         if req.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})",
                            param="min_tokens")
@@ -385,7 +392,7 @@ class _State:
                 min_p=req.min_p, seed=seed, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, stop=stops,
                 stop_token_ids=stop_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                prompt_logprobs=prompt_logprobs, logit_bias=bias)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -509,6 +516,10 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
                             code="invalid_json").response()
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
+        if first.get("type") == "extra_forbidden":  # OpenAI's words for a parameter it does not know
+            return APIError(400, f"Unrecognized request argument supplied: {param} (nanoseek does not implement "
+                                 f"it; see the README's list of accepted fields)", param=param,
+                            code="unknown_parameter").response()
         msg = f"{param}: {first.get('msg')}" if param else f"the body must be a JSON object ({first.get('msg')})"
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"

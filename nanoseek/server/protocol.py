@@ -4,8 +4,10 @@ The shapes follow the de-facto API that OpenAI clients, vLLM, SGLang and DeepSee
 (see shared/reference/serving-api.md): /v1/chat/completions, /v1/completions (legacy, with echo and integer
 logprobs for lm-evaluation-harness), /v1/models, /tokenize, /detokenize, errors as {"error": {...}}.
 Widely supported sampling extras (top_k, min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos) are
-accepted; unknown fields are ignored, as every OpenAI-compatible server does. Bounds are enforced here so that
-bad values become a 400 before anything reaches the engine.
+accepted. A field the server does not implement is a 400 that names it (OpenAI's "Unrecognized request argument
+supplied"), never silently dropped: a client that sends `tools` or `logit_bias` must learn that they were not
+honoured. The exception is IGNORED_FIELDS below, declared on the bodies and documented in the README. Bounds are
+enforced here so that bad values become a 400 before anything reaches the engine.
 """
 from __future__ import annotations
 
@@ -18,10 +20,18 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 
 
+# Accepted and ignored, because ignoring them changes no output: end-user ids and tags for the caller's own
+# bookkeeping (user, metadata, safety_identifier), OpenAI's storage / routing / prompt-cache hints (store,
+# service_tier, prompt_cache_key: this server keeps nothing and caches prefixes by itself).
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+# In messages: output-only fields a client sends back when it appends the previous response message as is.
+IGNORED_MESSAGE_FIELDS = ("refusal", "annotations", "audio", "function_call")
+
+
 class _Body(BaseModel):
     # strict: JSON types as the OpenAI API declares them ("stream": "yes", "max_tokens": "5" or true, a prompt of
-    # booleans are 400s, not coerced); ints still pass where a float is declared
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    # booleans are 400s, not coerced); ints still pass where a float is declared. extra="forbid": see above.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ---- requests -------------------------------------------------------------------------------------------------
@@ -50,6 +60,11 @@ class ChatMessage(_Body):
     prefix: bool = False
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+    # IGNORED_MESSAGE_FIELDS
+    refusal: Optional[str] = None
+    annotations: Optional[list[Any]] = None
+    audio: Optional[dict[str, Any]] = None
+    function_call: Optional[dict[str, Any]] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -72,7 +87,15 @@ class SamplingRequest(_Body):
     seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # token id (as a JSON object key) -> added to that token's logit; -100 bans it, 100 all but forces it
+    logit_bias: Optional[dict[str, float]] = None
+    # IGNORED_FIELDS
     user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
     # extras of vLLM / SGLang / llama.cpp
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     min_p: float = Field(0.0, ge=0.0, le=1.0)
