@@ -10,7 +10,8 @@ trainer's own):
    pieces' rows (`vocab.extend_model`);
 2. the first --new-rows-steps steps train only those new embedding and head rows, everything else frozen, so the
    new tokens catch up with the model before it moves (default: a tenth of the steps);
-3. then everything trains, at the same schedule;
+3. then everything trains, at the same schedule (with --lora-rank, a LoRA adapter and the new rows train instead,
+   the base frozen; DIR/final/ is then the adapter in PEFT's format with the new rows and the tokenizer);
 4. --replay mixes that share of each batch's rows from base-domain text, which limits forgetting; the report shows
    held-out bits per byte of the new language and of the base domain (the replay data's held-out part, or
    --base-eval) at every evaluation.
@@ -22,7 +23,7 @@ import argparse
 from pathlib import Path
 
 from nanoseek.precision import CHOICES as DTYPE_CHOICES
-from nanoseek.train import TrainConfig, run_command, validate
+from nanoseek.train import TrainConfig, add_lora_arguments, run_command, validate
 
 
 def _default_new_rows_steps(init: str, tokenizer: str, max_steps: int) -> int:
@@ -72,6 +73,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the training step eagerly (default: torch.compile its blocks when single-process)")
+    add_lora_arguments(ap)
     a = vars(ap.parse_args(argv))
     if a["new_rows_steps"] is None:
         a["new_rows_steps"] = _default_new_rows_steps(a["init"], a["tokenizer"], a["max_steps"])

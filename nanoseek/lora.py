@@ -9,7 +9,11 @@ frozen; the adapters are fp32 whatever the base dtype (PEFT does the same), and 
 - `LoraLinear` (a class swap of nn.Linear: the base weight keeps its name) adds s B(A(dropout(x))) to the output,
   PEFT's lora.Linear;
 - `LoraExperts` (a class swap of `Experts`) gives each routed expert its own A and B and returns W + s B_e A_e from
-  `Experts.weights()`, the seam every expert path computes with: the per-expert delta weights, PEFT's ParamWrapper.
+  `Experts.weights()`, the seam every expert path computes with: the per-expert delta weights, PEFT's ParamWrapper;
+- `TokenRows` (class swaps of the embedding and the head) trains a copy of some tokens' rows that replaces them in
+  the forward, PEFT's TrainableTokens (`trainable_token_indices`): how an adapter carries the rows of tokens that
+  `nanoseek adapt` adds to the vocabulary. The base the adapter applies to must have those rows: PEFT users call
+  `model.resize_token_embeddings(len(tokenizer))` with the adapter's tokenizer first, `load_adapter` grows ours.
 
 Unmerged, the adapters act through those forwards. Code that reads a target's `.weight` directly does not see
 them: the fast paths (`nanoseek.kernels`), which `apply_lora` therefore takes off the model, and MLA's absorbed
@@ -24,6 +28,7 @@ PEFT's format (`save_adapter`, `load_adapter`): adapter_config.json + adapter_mo
 - the routed experts through `target_parameters` "experts.gate_up_proj" ([E, 2I, D]) and "experts.down_proj"
   ([E, D, I]). PEFT wraps gate_up_proj first, so its factors sit under `experts.base_layer.` and down_proj's under
   `experts.`; A is [E r, in] (expert e's rows e r .. e r + r), B is [out, r E] with expert e's column k at k E + e.
+Trainable token rows are saved whole (fp32) under `<module>.token_adapter.trainable_tokens_delta` [n, D].
 PEFT cannot apply dropout to adapted parameters (x cannot be factored out of the delta weight), so
 `lora_dropout` > 0 is refused unless only attention projections are targeted.
 
@@ -66,8 +71,10 @@ class LoraConfig:
     targets: tuple[str, ...]
     dropout: float = 0.0
     rslora: bool = False
+    token_rows: tuple[int, ...] = ()  # ids whose embedding and head rows train too (new vocabulary)
 
     def __post_init__(self):
+        object.__setattr__(self, "token_rows", tuple(sorted(set(int(i) for i in self.token_rows))))
         # one order whatever the order given (TARGETS', unknown names last for `validate` to name)
         known = [t for t in TARGETS if t in self.targets]
         object.__setattr__(self, "targets", tuple(known + sorted(set(self.targets) - set(TARGETS))))
@@ -84,6 +91,8 @@ class LoraConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if any(i < 0 for i in self.token_rows):
+            raise ValueError("LoRA token rows must be token ids (>= 0)")
         if self.dropout and not set(self.targets) <= set(ATTENTION):
             raise ValueError("LoRA dropout works on the attention projections only: PEFT adapts the MLPs and "
                              "experts as parameters, where it cannot apply dropout")
@@ -155,14 +164,67 @@ class LoraExperts(Experts):
         self.__class__ = Experts
 
 
+class TokenRows:
+    """Mixin of the class swaps below: `token_rows` [n, D] fp32 (trained) replace rows `token_ids` of the weight."""
+
+    weight: nn.Parameter
+    token_ids: torch.Tensor
+    token_rows: nn.Parameter
+
+    @classmethod
+    def wrap(cls, mod: nn.Module, ids: tuple[int, ...]) -> None:
+        if ids[-1] >= mod.weight.shape[0]:
+            raise ValueError(f"LoRA token row {ids[-1]} is past the model's {mod.weight.shape[0]} vocabulary rows")
+        mod.__class__ = cls
+        mod.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long, device=mod.weight.device),
+                            persistent=False)
+        mod.token_rows = nn.Parameter(mod.weight.detach()[mod.token_ids].float().clone())
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.token_ids, self.token_rows.to(self.weight.dtype))
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.weight.index_copy_(0, self.token_ids, self.token_rows.to(self.weight.dtype))
+
+    def unwrap(self) -> None:
+        del self.token_rows, self.token_ids
+        self.__class__ = self.plain
+
+
+class TokenRowsEmbedding(TokenRows, nn.Embedding):
+    plain = nn.Embedding
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.merged_weight())
+
+
+class TokenRowsLinear(TokenRows, nn.Linear):
+    plain = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.merged_weight(), self.bias)
+
+
+def _token_modules(model: Transformer) -> dict[str, TokenRows]:
+    """PEFT's module name -> our module, for the token-row modules the model has."""
+    return {n: m for n, m in (("embed_tokens", model.embed_tokens), ("lm_head", model.lm_head))
+            if isinstance(m, TokenRows)}
+
+
+def _token_key(name: str) -> str:
+    return PREFIX + ("model." if name == "embed_tokens" else "") + name + ".token_adapter.trainable_tokens_delta"
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear | LoraExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExperts))}
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0,
-               rslora: bool = False) -> Transformer:
-    """Put fresh adapters on the targeted modules of the decoder layers, in place; everything else is frozen."""
-    cfg = LoraConfig(rank, float(alpha), tuple(targets), dropout, rslora)
+               rslora: bool = False, token_rows=()) -> Transformer:
+    """Put fresh adapters on the targeted modules of the decoder layers (and trainable copies of the `token_rows`
+    rows on the embedding and the head), in place; everything else is frozen."""
+    cfg = LoraConfig(rank, float(alpha), tuple(targets), dropout, rslora, tuple(token_rows))
     cfg.validate()
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters (merge_lora them first)")
@@ -179,6 +241,11 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets=TARGETS, dro
             LoraExperts.wrap(m, rank, cfg.scale)
     if not lora_modules(model):
         raise ValueError(f"no module of this model matches the LoRA targets {', '.join(cfg.targets)}")
+    if cfg.token_rows:
+        if model.lm_head.weight is model.embed_tokens.weight:
+            raise ValueError("LoRA token rows on a model with a tied embedding and head are not supported")
+        TokenRowsEmbedding.wrap(model.embed_tokens, cfg.token_rows)
+        TokenRowsLinear.wrap(model.lm_head, cfg.token_rows)
     model.lora_config = cfg
     return model
 
@@ -191,6 +258,9 @@ def merge_lora(model: Transformer) -> Transformer:
                 w = getattr(m, pname)
                 delta = B @ A if A.dim() == 2 else torch.bmm(B, A)
                 w.copy_((w.float() + delta * m.scale).to(w.dtype))
+            m.unwrap()
+        for m in _token_modules(model).values():
+            m.merge()
             m.unwrap()
     if hasattr(model, "lora_config"):
         del model.lora_config
@@ -228,18 +298,20 @@ def _from_peft(t: torch.Tensor, layout: str, like: torch.Tensor) -> torch.Tensor
     return t
 
 
-def adapter_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The adapters' factors under PEFT's keys and layouts (fp32, detached)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        for key, (t, layout) in _peft_tensors(name, m, model.config).items():
-            out[key] = _to_peft(t.detach(), layout).float().contiguous()
+def _adapter_tensors(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
+    out = {k: v for name, m in lora_modules(model).items() for k, v in _peft_tensors(name, m, model.config).items()}
+    out.update({_token_key(name): (m.token_rows, "plain") for name, m in _token_modules(model).items()})
     return out
+
+
+def adapter_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapters' factors (and token rows) under PEFT's keys and layouts (fp32, detached)."""
+    return {k: _to_peft(t.detach(), layout).float().contiguous() for k, (t, layout) in _adapter_tensors(model).items()}
 
 
 def load_adapter_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Copy `adapter_state_dict`-keyed factors into the model's adapters; every key must match both ways."""
-    expected = {k: v for name, m in lora_modules(model).items() for k, v in _peft_tensors(name, m, model.config).items()}
+    expected = _adapter_tensors(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -256,10 +328,12 @@ def peft_config(cfg: LoraConfig, base_model_name_or_path: Optional[str]) -> dict
     modules = [t for t in ATTENTION if t in cfg.targets]
     params = [f"{t}.weight" for t in MLP if t in cfg.targets]
     params += list(EXPERT_PARAMETERS) if "experts" in cfg.targets else []
+    rows = list(cfg.token_rows)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
             "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
             "target_modules": modules, "target_parameters": params or None, "bias": "none",
-            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "trainable_token_indices": {"embed_tokens": rows, "lm_head": rows} if rows else None}
 
 
 def config_from_peft(js: dict) -> LoraConfig:
@@ -286,8 +360,13 @@ def config_from_peft(js: dict) -> LoraConfig:
             if leaf == p or leaf not in MLP:
                 raise ValueError(f"adapter_config.json: target parameter {p!r} is not supported")
             targets.append(leaf)
+    rows = js.get("trainable_token_indices") or {}
+    if rows and (not isinstance(rows, dict) or set(rows) != {"embed_tokens", "lm_head"}
+                 or sorted(rows["embed_tokens"]) != sorted(rows["lm_head"])):
+        raise ValueError("adapter_config.json: trainable_token_indices must give the same ids for embed_tokens and "
+                         "lm_head (the form nanoseek writes)")
     cfg = LoraConfig(int(js["r"]), float(js["lora_alpha"]), tuple(targets), float(js.get("lora_dropout") or 0.0),
-                     bool(js.get("use_rslora")))
+                     bool(js.get("use_rslora")), tuple(rows.get("embed_tokens", ())))
     cfg.validate()
     return cfg
 
@@ -310,6 +389,13 @@ def load_adapter(model: Transformer, path: str | os.PathLike) -> Transformer:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ValueError(f"{path}: not a LoRA adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = config_from_peft(json.loads((path / CONFIG_FILE).read_text()))
+    if cfg.token_rows:  # rows of tokens the base lacks (its vocabulary extended): as many as the adapter's tokenizer
+        from nanoseek.vocab import resize_rows
+        rows = cfg.token_rows[-1] + 1
+        if (path / "tokenizer.json").is_file():
+            from nanoseek.tokenizer import load_tokenizer
+            rows = max(rows, load_tokenizer(path).vocab_size)
+        resize_rows(model, rows)
     apply_lora(model, **asdict(cfg))
     load_adapter_state(model, load_file(str(path / WEIGHTS_FILE)))
     return model

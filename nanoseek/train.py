@@ -190,16 +190,24 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the training step eagerly (default: torch.compile its blocks when single-process)")
-    g = ap.add_argument_group("LoRA (with --init)")
-    g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="train a LoRA adapter of this rank (0 = off)")
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scale alpha / rank")
-    g.add_argument("--lora-targets", default=d.lora_targets, help=f"comma-separated, of {', '.join(lora.TARGETS)}")
-    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="attention targets only (as PEFT)")
-    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(rank)")
+    add_lora_arguments(ap)
     a = ap.parse_args(argv)
     tc = TrainConfig(**{k: v for k, v in vars(a).items()})
     validate(tc)
     return tc
+
+
+def add_lora_arguments(ap: argparse.ArgumentParser) -> None:
+    """The --lora-* options (train, adapt, sft)."""
+    d = TrainConfig(out="")
+    g = ap.add_argument_group("LoRA (with --init)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="train a LoRA adapter of this rank (0 = off); the rows of tokens a --tokenizer adds to the "
+                   "--init model train with it and are saved in it (PEFT's trainable tokens)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scale alpha / rank")
+    g.add_argument("--lora-targets", default=d.lora_targets, help=f"comma-separated, of {', '.join(lora.TARGETS)}")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="attention targets only (as PEFT)")
+    g.add_argument("--lora-rslora", action="store_true", help="scale alpha / sqrt(rank)")
 
 
 def validate(tc: TrainConfig) -> None:
@@ -242,9 +250,6 @@ def validate(tc: TrainConfig) -> None:
         need(tc.optimizer == "adamw" and tc.dsa_stage == "none" and not tc.expert_parallel,
              "--lora-rank trains with --optimizer adamw, --dsa-stage none and no --expert-parallel")
         _lora_config(tc).validate()
-    # an adapter run keeps every base row frozen; the new rows' stage is a run of its own before it
-    need(not (tc.lora_rank and tc.new_rows_steps), "--lora-rank with --new-rows-steps: train the new rows first "
-         "(adapt --lora-rank 0 --max-steps K), then the adapter with --init on that run's final/")
 
 
 def replay_rows(tc: TrainConfig) -> int:
@@ -669,10 +674,6 @@ def train(tc: TrainConfig) -> dict:
     if tc.init is not None and (saved is None or tc.lora_rank):
         model = from_pretrained(tc.init, dtype=torch.float32, device="cpu")
         new_rows = _extend_vocabulary(model, tok, tc.init, main)
-        if new_rows is not None and tc.lora_rank:
-            # a PEFT adapter holds no embedding or head rows, so the new tokens would stay at their initial rows
-            raise ValueError("--lora-rank with a tokenizer that adds tokens to the --init model: an adapter cannot "
-                             "carry new vocabulary rows; run `nanoseek adapt` first, then LoRA on its final/")
         cfg = model.config
         if cfg.vocab_size < tok.vocab_size:
             raise ValueError(f"--init model has {cfg.vocab_size} vocabulary rows, the tokenizer "
@@ -720,7 +721,10 @@ def train(tc: TrainConfig) -> dict:
         if world > 1:
             raise ValueError("--lora-rank trains in one process")
         model.to(DTYPES[tc.dtype])  # the frozen base in the run's dtype; the adapters are made (fp32) after
-        lora.apply_lora(model, **dataclasses.asdict(_lora_config(tc)))  # (takes the fast paths off: lora.py)
+        # the new tokens' embedding and head rows train with the adapter and are saved in it (PEFT's trainable
+        # tokens), since the base model has no such rows
+        lcfg = dataclasses.replace(_lora_config(tc), token_rows=tuple(new_rows or ()))
+        lora.apply_lora(model, **dataclasses.asdict(lcfg))  # (takes the fast paths off: lora.py)
         if saved is not None:
             lora.load_adapter_state(model, saved[0])
     if world > 1:

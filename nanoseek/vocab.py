@@ -180,28 +180,32 @@ def extend_model(model: Transformer, base: Tokenizer, extended: Tokenizer) -> ra
         raise ValueError(f"the model has {cfg.vocab_size} vocabulary rows, fewer than its tokenizer's "
                          f"{base.vocab_size} tokens")
     new = range(base.vocab_size, extended.vocab_size)
-    rows = max(cfg.vocab_size, extended.vocab_size)
     table = extended._table()
     pieces = [base.encode_bytes(table[i]) for i in new]
-    emb_old = model.embed_tokens.weight
-    tied = model.lm_head.weight is emb_old
-    weights = [emb_old] if tied else [emb_old, model.lm_head.weight]
-    resized = []
-    for w in weights:  # [V, D] each
-        out = torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device)
-        out[:w.shape[0]] = w
+    resize_rows(model, max(cfg.vocab_size, extended.vocab_size))
+    for w in {id(w): w for w in (model.embed_tokens.weight, model.lm_head.weight)}.values():  # [V, D], tied once
         for i, ids in zip(new, pieces):
-            out[i] = w[ids].double().mean(0).to(w.dtype)
-        resized.append(out)
-    model.embed_tokens = nn.Embedding(rows, cfg.hidden_size, device=emb_old.device, dtype=emb_old.dtype)
-    model.embed_tokens.weight.copy_(resized[0])
-    model.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False, device=emb_old.device, dtype=emb_old.dtype)
-    if tied:
+            w[i] = w[ids].double().mean(0).to(w.dtype)
+    return new
+
+
+@torch.no_grad()
+def resize_rows(model: Transformer, rows: int) -> None:
+    """Grow the embedding and the output head (tied or not) to `rows` rows, in place: the old rows kept bit for
+    bit, the added ones zero. The MTP modules share both, so they follow."""
+    cfg = model.config
+    if rows <= cfg.vocab_size:
+        return
+    emb, head = model.embed_tokens.weight, model.lm_head.weight
+    dev, dt = emb.device, emb.dtype
+    model.embed_tokens = nn.Embedding(rows, cfg.hidden_size, device=dev, dtype=dt)
+    model.embed_tokens.weight.zero_()[:emb.shape[0]] = emb
+    model.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False, device=dev, dtype=dt)
+    if head is emb:
         model.lm_head.weight = model.embed_tokens.weight
     else:
-        model.lm_head.weight.copy_(resized[1])
+        model.lm_head.weight.zero_()[:head.shape[0]] = head
     model.config = cfg.replace(vocab_size=rows)
-    return new
 
 
 class NewRowsOnly:
@@ -223,7 +227,9 @@ class NewRowsOnly:
             return
         self.active = True
         m = self.model
-        keep = {id(m.embed_tokens.weight), id(m.lm_head.weight)}
+        # the full rows, or with LoRA the adapter's copies of the new rows (`lora.TokenRows`: nothing to mask)
+        keep = {id(p) for mod in (m.embed_tokens, m.lm_head)
+                for p in (mod.weight, getattr(mod, "token_rows", None)) if p is not None}
         for p in self.trainable:
             p.requires_grad_(id(p) in keep)
         for p in {id(p): p for p in (m.embed_tokens.weight, m.lm_head.weight)}.values():

@@ -53,7 +53,12 @@ def assert_resumes_exactly(run, full_dir: Path, part_dir: Path, *args: str, stop
     for a, b in zip(full, resumed):
         for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
-    m1 = nanoseek.from_pretrained(full_dir / "final").state_dict()
-    m2 = nanoseek.from_pretrained(part_dir / "final").state_dict()
+    def weights(final: Path) -> dict:  # a model, or a LoRA adapter (PEFT's file)
+        if (final / "adapter_model.safetensors").is_file():
+            from safetensors.torch import load_file
+            return load_file(final / "adapter_model.safetensors")
+        return nanoseek.from_pretrained(final).state_dict()
+    m1, m2 = weights(full_dir / "final"), weights(part_dir / "final")
+    assert m1.keys() == m2.keys()
     for k, v in m1.items():
         assert torch.allclose(v, m2[k], atol=1e-6), k

@@ -113,9 +113,43 @@ def test_bad_adapt_arguments_fail_clearly(env, tmp_path, capsys):
                                str(env["new_text"]), "--out", str(tmp_path / "x"), "--new-rows-steps", "1",
                                "--max-steps", "2", *ARGS, "--cache-dir", str(env["cache"])]) == 1
     assert "adds no tokens" in capsys.readouterr().err
-    # an adapter cannot carry the extended tokenizer's new rows: LoRA on an extended vocabulary is refused
-    from nanoseek import train as T
-    assert T.cli("train", ["--init", str(env["model"]), "--tokenizer", str(env["ext"]), "--data",
-                           str(env["new_text"]), "--out", str(tmp_path / "lora"), "--lora-rank", "4",
-                           "--max-steps", "2", *ARGS, "--cache-dir", str(env["cache"])]) == 1
-    assert "an adapter cannot carry new vocabulary rows" in capsys.readouterr().err
+
+
+def test_lora_adapt_carries_the_new_rows_in_the_adapter(env, tmp_path):
+    """adapt --lora-rank: the base frozen, the new tokens' rows trained with the adapter and saved in it as PEFT's
+    trainable tokens; `lora merge` gives the extended model, and PEFT on transformers' base (resized to the
+    adapter's tokenizer, as PEFT users do) gives the same logits."""
+    from nanoseek import lora
+    from nanoseek.cli import main
+    out = tmp_path / "lora"
+    run(env, out, "--max-steps", "4", "--new-rows-steps", "2", "--eval-tokens", "0", "--lora-rank", "4")
+    final = out / "final"
+    js = json.loads((final / "adapter_config.json").read_text())
+    lo, hi = env["base_vocab"], env["base_vocab"] + 40
+    assert js["trainable_token_indices"] == {"embed_tokens": list(range(lo, hi)), "lm_head": list(range(lo, hi))}
+    model = lora.load_adapter(nanoseek.from_pretrained(env["model"]), final)
+    assert model.config.vocab_size == hi
+    base = nanoseek.from_pretrained(env["model"]).state_dict()
+    init = _initial_rows(env, "embed_tokens.weight")
+    assert torch.equal(model.embed_tokens.weight[:lo], base["embed_tokens.weight"])  # the base untouched
+    assert not torch.equal(model.embed_tokens.token_rows.detach(), init)  # the new rows trained
+    assert main(["lora", "merge", "--base", str(env["model"]), "--adapter", str(final),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = nanoseek.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, hi, (2, 24))
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert (merged(ids).logits - ours).abs().max() <= 1e-5
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)
+    hf.resize_token_embeddings(transformers.AutoTokenizer.from_pretrained(final).vocab_size)
+    pm = peft.PeftModel.from_pretrained(hf, final).eval()
+    with torch.no_grad():
+        diff = (pm(input_ids=ids).logits - ours).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_lora_adapt_resumes_exactly(env, tmp_path):
+    args = ["--max-steps", "6", "--new-rows-steps", "2", "--save-every", "2", "--eval-tokens", "0",
+            "--lora-rank", "4"]
+    assert_resumes_exactly(lambda out, *a: run(env, out, *a), tmp_path / "full", tmp_path / "part", *args)

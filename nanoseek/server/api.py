@@ -239,7 +239,9 @@ class _State:
         cfg = self.cfg
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         t0 = time.perf_counter()
-        tokenizer = load_tokenizer(cfg.model_dir)
+        # an adapter trained on an extended vocabulary carries its tokenizer (and the new rows: lora.TokenRows)
+        with_tok = cfg.lora and (Path(cfg.lora[1]) / "tokenizer.json").is_file()
+        tokenizer = load_tokenizer(cfg.lora[1] if with_tok else cfg.model_dir)
         from nanoseek.precision import resolve
         said = io.StringIO()  # the choice and its reason (auto), or the slow-bf16 warning: into the server's log
         dtype = resolve(cfg.dtype, device, "nanoseek serve", out=said)
