@@ -136,10 +136,21 @@ def test_lora_adapt_carries_the_new_rows_in_the_adapter(env, tmp_path):
     assert main(["lora", "merge", "--base", str(env["model"]), "--adapter", str(final),
                  "--out", str(tmp_path / "merged")]) == 0
     merged = nanoseek.from_pretrained(tmp_path / "merged")
-    ids = torch.randint(0, hi, (2, 24))
+    ids = torch.randint(lo - 20, hi, (2, 24))  # new tokens among them
     with torch.no_grad():
         ours = model(ids).logits
         assert (merged(ids).logits - ours).abs().max() <= 1e-5
+    # serve BASE --lora NAME=ADAPTER: the adapter's extended tokenizer and rows (prompt logprobs of new tokens)
+    openai = pytest.importorskip("openai")
+    from nanoseek.server.api import ServeConfig, ServerThread
+    prompt = ids[0].tolist()
+    ref = ours[0].log_softmax(-1)
+    want = [ref[t, prompt[t + 1]].item() for t in range(len(prompt) - 1)]
+    with ServerThread(ServeConfig(str(env["model"]), dtype="float32", lora=("cy", str(final)))) as srv:
+        srv.wait_ready()
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        r = c.completions.create(model="cy", prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     hf = transformers.AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)
     hf.resize_token_embeddings(transformers.AutoTokenizer.from_pretrained(final).vocab_size)

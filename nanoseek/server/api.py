@@ -284,7 +284,8 @@ class _State:
             tokenizer, engine = await done
             # the engine caps the context at what its KV-cache budget holds
             self.max_model_len = engine.max_model_len
-            self.vocab_limit = min(self.model_cfg.vocab_size, tokenizer.vocab_size)
+            # the loaded model's rows (an adapter may have grown them past config.json's)
+            self.vocab_limit = min(engine.cfg.vocab_size, tokenizer.vocab_size)
             self.tokenizer, self.engine, self.aengine = tokenizer, engine, AsyncEngine(engine)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
