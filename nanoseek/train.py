@@ -331,13 +331,40 @@ def freeze_for_stage(model: torch.nn.Module, stage: str) -> None:
 
 
 # ---- one micro-batch -------------------------------------------------------------------------------------
+def _mtp_targets(y: torch.Tensor, segment_ids: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """MTP depth k's targets (0-based): y[:, i+k+1] for position i, -100 where that token is in another packed
+    document than position i's [B, T-1-k]."""
+    n = y.shape[1] - 1 - k
+    target = y[:, k + 1:k + 1 + n]
+    if segment_ids is not None:
+        target = target.masked_fill(segment_ids[:, k + 1:k + 1 + n] != segment_ids[:, :n], -100)
+    return target
+
+
+def target_counts(y: torch.Tensor, segment_ids: Optional[torch.Tensor], mtp_depth: int) -> torch.Tensor:
+    """Trained targets in a micro-batch: [1 + mtp_depth] (the LM's, then each MTP depth's)."""
+    ys = [y] + [_mtp_targets(y, segment_ids, k) for k in range(mtp_depth) if y.shape[1] - 1 - k > 0]
+    counts = [(t != -100).sum() for t in ys]
+    return torch.stack(counts + [counts[0].new_zeros(())] * (1 + mtp_depth - len(counts))).double()
+
+
 def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, mtp_depth: int,
-                      segment_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                      segment_ids: Optional[torch.Tensor] = None,
+                      per_target: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Forward one micro-batch x, y [B, T] (y = -100 where nothing is trained), with segment_ids [B, T] for rows
     that pack several documents (SFT); returns the loss to backpropagate ('loss'), its parts and the expert
-    loads of the MoE layers that ran ('expert_load' [L, E], main layers then MTP, as `moe_layers`)."""
+    loads of the MoE layers that ran ('expert_load' [L, E], main layers then MTP, as `moe_layers`).
+
+    per_target [1 + mtp_depth]: divide each loss's summed nats by this instead of taking the micro-batch's own
+    mean: the global batch's target count over (processes x micro-batches), so that micro-batches holding
+    different numbers of trained tokens (SFT's masks) add up to the global batch's per-token mean, the same
+    however the batch is split across processes and accumulation steps."""
     out = model(x, segment_ids=segment_ids)
-    lm = cross_entropy(out.logits, y)
+
+    def mean_nats(logits: torch.Tensor, target: torch.Tensor, i: int) -> torch.Tensor:
+        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+        return nats / (per_target[i] if per_target is not None else (target != -100).sum().clamp_min(1))
+    lm = cross_entropy(out.logits, y) if per_target is None else mean_nats(out.logits, y, 0)
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
     total = lm
     if mtp_depth:
@@ -351,14 +378,10 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
                 break
             seg = None if segment_ids is None else segment_ids[:, :n]
             logits, h = model.mtp_forward(k, h[:, :n], x[:, k + 1:k + 1 + n], stats=out.stats, segment_ids=seg)
-            target = y[:, k + 1:k + 1 + n]
-            if seg is None:
-                mtp = mtp + cross_entropy(logits, target)
+            if seg is None and per_target is None:
+                mtp = mtp + cross_entropy(logits, y[:, k + 1:k + 1 + n])
             else:  # a target in another document than position i's is not predicted (it may leave none)
-                target = target.masked_fill(segment_ids[:, k + 1:k + 1 + n] != seg, -100)
-                nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                                                         reduction="sum")
-                mtp = mtp + nats / (target != -100).sum().clamp_min(1)
+                mtp = mtp + mean_nats(logits, _mtp_targets(y, segment_ids, k), k + 1)
         mtp = mtp / mtp_depth
         parts["mtp_loss"] = mtp
         total = total + tc.mtp_weight * mtp
@@ -384,8 +407,8 @@ def loss_function(model: Transformer, tc: TrainConfig, mtp_depth: int, world: in
     SwiGLU, the routers, the casts); it compiles one graph per kind of block rather than the whole step
     (`nanoseek.compile`), so the cold first step costs one dense, one MoE and one MTP block, not every layer.
     Should compiling fail (no C++ compiler, say), the step runs eagerly with a warning."""
-    def fn(x, y, segment_ids=None):
-        return micro_step_losses(model, x, y, tc, mtp_depth, segment_ids)
+    def fn(x, y, segment_ids=None, per_target=None):
+        return micro_step_losses(model, x, y, tc, mtp_depth, segment_ids, per_target)
 
     if tc.compile and world == 1:
         cpu_experts.library()  # built before tracing: the traced step calls it where it can (`FastExperts`)
@@ -823,14 +846,20 @@ def train(tc: TrainConfig) -> dict:
                     g["weight_decay"] = 0.0 if new_rows_stage else wd
             sums: dict[str, torch.Tensor] = {}  # loss parts summed over micro-batches, kept on the device
             loads = torch.zeros(len(moes), cfg.n_routed_experts, dtype=torch.float64, device=device)
+            micro = []
             for _ in range(accum):
                 x, y, *seg = loader.next()  # seg: packed documents (sft)
                 if replay_loader is not None:
                     xr, yr = replay_loader.next()
                     x, y = torch.cat((x, xr)), torch.cat((y, yr))
-                x, y, *seg = (t.to(device, non_blocking=True) for t in (x, y, *seg))
+                micro.append([t.to(device, non_blocking=True) for t in (x, y, *seg)])
+            per_target = None
+            if tc.task == "sft":  # masked targets: normalise by the global batch's count (micro_step_losses)
+                counts = sum(target_counts(y, seg[0] if seg else None, mtp_depth) for _, y, *seg in micro)
+                per_target = (_all_reduce_sum(counts.to(device), dist).clamp_min(1) / (accum * world)).float()
+            for x, y, *seg in micro:
                 with autocast():
-                    parts = losses(x, y, *seg)
+                    parts = losses(x, y, *seg, per_target=per_target)
                 (parts["loss"] / accum).backward()
                 if moes:
                     loads += parts.pop("expert_load")

@@ -327,11 +327,11 @@ def cli_env(tmp_path_factory):
     return env
 
 
-def _cli(env, out: Path, nproc: int, *args) -> list[dict]:
-    cmd = [sys.executable, "-m", "nanoseek", "train"]
+def _cli(env, out: Path, nproc: int, *args, command: str = "train") -> list[dict]:
+    cmd = [sys.executable, "-m", "nanoseek", command]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "nanoseek", "train"]
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "nanoseek", command]
     run_env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd + env["args"] + ["--out", str(out), *args], env=run_env, capture_output=True, text=True,
                        timeout=300)
@@ -364,3 +364,28 @@ def test_cli_resume_expert_parallel_checkpoint_without_expert_parallelism(cli_en
     _cli(cli_env, out, 2, "--batch-size", "2", "--resume")
     _assert_cli_losses_match(cli_env["ref"], [json.loads(line) for line in
                                               (out / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.mark.slow
+def test_cli_sft_two_processes_match_single_process(tmp_path):
+    """`torchrun -m nanoseek sft`: conversations of different lengths leave the ranks different numbers of
+    assistant tokens; the loss is still the global batch's per-token mean (train.micro_step_losses)."""
+    from nanoseek.tokenizer import train_tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. what is one plus one? two.\n" * 40)
+    tok = train_tokenizer([text], 500)
+    cfg = nanoseek.get_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    nanoseek.save_pretrained(nanoseek.Transformer(cfg), tmp_path / "model")
+    tok.save(tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus one?"},
+                          {"role": "assistant", "content": f"{i + 1}. the quick brown fox." * (1 + i % 3)}]}
+            for i in range(48)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--init", str(tmp_path / "model"), "--data", str(tmp_path / "chat.jsonl"), "--seq-len", "96",
+            "--dtype", "float32", "--no-progress", "--no-compile", "--heldout-fraction", "0.1", "--lr", "3e-3",
+            "--max-steps", "4", "--eval-tokens", "0", "--samples", "0", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache")]
+    env = {"args": args}
+    ref = _cli(env, tmp_path / "one", 1, "--batch-size", "4", command="sft")
+    got = _cli(env, tmp_path / "two", 2, "--batch-size", "2", command="sft")
+    _assert_cli_losses_match(ref, got)

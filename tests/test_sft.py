@@ -206,3 +206,15 @@ def test_sft_resume_is_exact(env, tmp_path):
             "--batch-size", "2", "--dtype", "float32", "--no-progress", "--no-compile", "--heldout-fraction", "0.1",
             "--lr", "3e-3", *args, "--max-steps", "8", "--resume"]
     assert sft.cli("sft", argv) == 1
+
+
+def test_loss_is_the_global_batch_per_token_mean_however_it_is_split(env, tmp_path):
+    """Micro-batches hold different numbers of assistant tokens: the loss (and so the gradient) is the global
+    batch's nats over its trained tokens, so 2 micro-batches of 2 rows equal 1 of 4 (and 2 processes of 2 rows:
+    tests/test_parallel.py), not the mean of two per-micro-batch means."""
+    args = ["--max-steps", "3", "--eval-tokens", "0", "--samples", "0"]
+    one = run(env, tmp_path / "one", *args, "--batch-size", "4")
+    acc = run(env, tmp_path / "acc", *args, "--batch-size", "2", "--grad-accum", "2")
+    for a, b in zip(one, acc):
+        for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (a["step"], k, a[k], b[k])
