@@ -233,7 +233,8 @@ def heldout_batches(convs: list[Conversation], seq_len: int, batch_size: int, ma
 
 
 def loaders(tc, tok, rank: int, world_size: int, device, is_main: bool):
-    """The trainer's data for an SFT run: (ChatLoader, held-out batches factory or None, summary entries)."""
+    """The trainer's data for an SFT run: (ChatLoader, held-out batches factory or None, summary entries, the
+    report's sample prompts as token ids)."""
     if tc.init is None:
         raise ValueError("nanoseek sft starts from a model: give --init MODEL_DIR")
     model_type = json.loads((Path(tc.init) / "config.json").read_text()).get("model_type", "")
@@ -262,7 +263,18 @@ def loaders(tc, tok, rank: int, world_size: int, device, is_main: bool):
                                byte_lengths)
     summary = {"task": "sft", "thinking": tc.thinking, "chat_format": style, "rows_read": n_rows,
                "rows_skipped": len(problems), "conversations_train": len(train), "conversations_heldout": len(held)}
-    return loader, (eval_batches if held else None), summary
+    return loader, (eval_batches if held else None), summary, sample_prompts(held or train, tc.samples)
+
+
+def sample_prompts(convs: list[Conversation], n: int) -> list[list[int]]:
+    """The report's sample prompts: the first n conversations up to the cue of their first trained reply (so the
+    sample is the model's answer to a question of the user's own data, in its language and format)."""
+    out = []
+    for c in convs[:n]:
+        trained = np.flatnonzero(c.labels != IGNORE)
+        if len(trained):
+            out.append(c.ids[:trained[0] + 1].tolist())  # position i's label is token i + 1
+    return out
 
 
 def validate(tc) -> None:

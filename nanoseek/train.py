@@ -586,13 +586,14 @@ def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(model: Transformer, tok, prompt: str, max_new: int, temperature: float = 0.8,
+def sample(model: Transformer, tok, prompt: str | list[int], max_new: int, temperature: float = 0.8,
            seed: int = 0) -> str:
-    """A plain sampling loop over a DenseCache (the serving engine does this properly)."""
+    """A plain sampling loop over a DenseCache (the serving engine does this properly). prompt: text (BOS put
+    before it), or token ids as they are."""
     from nanoseek.model.cache import DenseCache
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    ids = [tok.bos_id] + tok.encode(prompt)
+    ids = [tok.bos_id] + tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache = DenseCache(model.config, 1, len(ids) + max_new, dtype=dtype, device=dev)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits = model(torch.tensor([ids], device=dev), cache=cache.step(len(ids)), num_logits=1).logits[0, -1]
@@ -666,6 +667,7 @@ def train(tc: TrainConfig) -> dict:
     tok = _tokenizer(tc, run, dist)
     world, rank = dist.world_size, dist.rank
     task_summary: dict = {}
+    prompts: list = list(SAMPLE_PROMPTS[:tc.samples])  # the report's samples: text, or token ids (sft)
     replay_loader, base_heldout = None, None
 
     def heldout(token_file):
@@ -673,7 +675,7 @@ def train(tc: TrainConfig) -> dict:
 
     if tc.task == "sft":  # packed chat conversations, loss on the assistant's tokens (nanoseek/sft.py)
         from nanoseek import sft
-        loader, eval_batches, task_summary = sft.loaders(tc, tok, rank, world, device, is_main=main)
+        loader, eval_batches, task_summary, prompts = sft.loaders(tc, tok, rank, world, device, is_main=main)
     else:
         data = D.prepare(tc.data or None, tok, tc.cache_dir, heldout_fraction=tc.heldout_fraction, is_main=main,
                          barrier=lambda: _barrier(dist), strict=tc.strict_data)
@@ -917,7 +919,7 @@ def train(tc: TrainConfig) -> dict:
                "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
                "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed, **task_summary}
     if step == tc.max_steps:
-        _finish(model, tok, tc, run, dist, log, summary, rec, peak_src)
+        _finish(model, tok, tc, run, dist, log, summary, rec, peak_src, prompts)
     elif main:
         print(f"nanoseek train: stopped after step {step} of {tc.max_steps} (checkpoint saved); continue with "
               f"the same command and --resume", file=sys.stderr)
@@ -1018,7 +1020,8 @@ def _extend_vocabulary(model: Transformer, tok, init: str, main: bool) -> Option
     return new
 
 
-def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, rec: dict, peak_src: str) -> None:
+def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, rec: dict, peak_src: str,
+            prompts: list) -> None:
     """Final HF-layout model + tokenizer, plots, samples and report.md (main process)."""
     sd = _full_state(model, dist)
     if not dist.is_main:
@@ -1040,8 +1043,9 @@ def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, re
         m = from_pretrained(tc.init if tc.lora_rank else final, dtype=torch.float32)
         if tc.lora_rank:  # cached decoding reads kv_b_proj's weight directly: sample from the merged model
             m = lora.merge_lora(lora.load_adapter(m, final))
-        for i, p in enumerate(SAMPLE_PROMPTS[: tc.samples]):
-            samples.append((p, sample(m, tok, p, tc.sample_tokens, seed=tc.seed + i)))
+        for i, p in enumerate(prompts):
+            shown = p if isinstance(p, str) else tok.decode(p)
+            samples.append((shown, sample(m, tok, p, tc.sample_tokens, seed=tc.seed + i)))
     last = records[-1] if records else rec
     summary.update({"final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"), "tokens_per_s": _median([r.get("tokens_per_s")
                                                                             for r in records[-20:]]),

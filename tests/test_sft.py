@@ -186,7 +186,8 @@ def run(env, out, *args) -> list[dict]:
 
 
 def test_sft_learns_and_reports_the_heldout_assistant_loss(env, tmp_path):
-    recs = run(env, tmp_path / "run", "--max-steps", "12", "--eval-every", "6", "--eval-tokens", "4096")
+    recs = run(env, tmp_path / "run", "--max-steps", "12", "--eval-every", "6", "--eval-tokens", "4096",
+               "--samples", "2", "--sample-tokens", "8")
     assert [r["step"] for r in recs] == list(range(1, 13))
     assert recs[-1]["lm_loss"] < recs[0]["lm_loss"]
     evals = [r for r in recs if "eval_loss" in r]
@@ -194,6 +195,9 @@ def test_sft_learns_and_reports_the_heldout_assistant_loss(env, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "sft" and summary["conversations_heldout"] == 5 and "heldout_loss" in summary
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    # the report samples answers to held-out users' questions, in the chat format (not the pre-training prompts)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.count("plus one?") >= 2 and "<｜Assistant｜>" in report and "def " not in report
 
 
 def test_sft_resume_is_exact(env, tmp_path):
