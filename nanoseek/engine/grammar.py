@@ -139,15 +139,22 @@ def tool_calls(tools: Sequence[dict], choice: str = "required", parallel: bool =
                 flag = "false"
             head = '<' + D + 'parameter name="' + name + '" string="' + flag + '">'
             rules.append(f"p_{i}_{j}: {_lit(head)} {value}")
-            # chat.py joins the parameters with "\n" between the invoke's header and footer lines: every
-            # parameter present is preceded by "\n", and the footer adds one more
-            body.append(f'"\\n" p_{i}_{j}' if name in required else f'("\\n" p_{i}_{j})?')
-        head, footer = '<' + D + 'invoke name="' + fn["name"] + '">', "\n</" + D + "invoke>"
-        rules.append(f"inv_{i}: {_lit(head)} {' '.join(body)} {_lit(footer)}")
+            body.append((f'"\\n" p_{i}_{j}', name in required))
+        # chat.py writes header "\n" + "\n".join(parameters) + "\n" footer: each parameter present is preceded
+        # by "\n" and one more ends the list, so no parameter at all leaves an empty line
+        if required or not body:
+            seqs = [" ".join(item if req else f"({item})?" for item, req in body) or '"\\n"']
+        else:  # all optional: the first present one opens the list, or none is and the line stays empty
+            seqs = [" ".join([body[k][0]] + [f"({item})?" for item, _ in body[k + 1:]]) for k in range(len(body))]
+            seqs.append('"\\n"')
+        head, footer = '<' + D + 'invoke name="' + fn["name"] + '">', "</" + D + "invoke>"
+        rules.append(f"inv_{i}: {_lit(head)} ({' | '.join(seqs)}) \"\\n\" {_lit(footer)}")
         invokes.append(f"inv_{i}")
+    # every "\n" that may be followed by different tags is a lexeme of its own: llguidance's lexer is greedy, and a
+    # literal "\n</...>" would claim a "\n<" that starts the next parameter or call
     more = ' ("\\n" invoke)*' if parallel else ""
-    opening, closing = "\n\n<" + D + "function_calls>\n", "\n</" + D + "function_calls>"
-    lark = "\n".join([f"start: {_lit(opening)} invoke{more} {_lit(closing)}",
+    opening, closing = "\n\n<" + D + "function_calls>\n", "</" + D + "function_calls>"
+    lark = "\n".join([f"start: {_lit(opening)} invoke{more} \"\\n\" {_lit(closing)}",
                       "invoke: " + " | ".join(invokes), *rules, *terminals])
     return Grammar(LLMatcher.grammar_from_lark(lark), "tool_calls")
 
