@@ -28,6 +28,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -223,11 +224,13 @@ class GrammarCompiler:
 
 
 _COMPILERS: "weakref.WeakKeyDictionary[Any, GrammarCompiler]" = weakref.WeakKeyDictionary()
+_COMPILERS_LOCK = threading.Lock()  # the server compiles requests' grammars in worker threads
 
 
 def compiler_for(tokenizer) -> GrammarCompiler:
     """The GrammarCompiler of a tokenizer object, built on first use and kept as long as the tokenizer lives."""
-    c = _COMPILERS.get(tokenizer)
-    if c is None:
-        c = _COMPILERS[tokenizer] = GrammarCompiler(tokenizer)
-    return c
+    with _COMPILERS_LOCK:
+        c = _COMPILERS.get(tokenizer)
+        if c is None:
+            c = _COMPILERS[tokenizer] = GrammarCompiler(tokenizer)
+        return c
