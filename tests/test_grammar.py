@@ -200,3 +200,22 @@ def test_grammar_errors_name_the_problem(tok):
         c.compile(G.json_schema(odd, strict=True))
     c.compile(G.json_schema(odd, strict=False))
     assert c is G.compiler_for(tok)  # one llguidance tokenizer per tokenizer object
+
+
+def test_bench_runs_and_prints_both_ways(tmp_path):
+    """bench/grammar.py end to end on a tiny model folder: one table row per batch size, every sequence cut at
+    --tokens, and a positive cost for the constraint's calls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_server import tiny_model_dir
+    model_dir = tiny_model_dir(tmp_path / "tiny")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "grammar.py"), "--model", str(model_dir),
+                          "--tokens", "6", "--batch", "1,2", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split("|")[1:-1] for ln in out.stdout.splitlines() if re.match(r"\| \d+ \|", ln)]
+    assert [int(r[0]) for r in rows] == [1, 2] and all(int(r[1]) == 6 for r in rows)
+    assert all(float(r[5]) > 0 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
