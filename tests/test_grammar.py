@@ -118,6 +118,10 @@ def test_thinking_stays_free_then_json(model, tok):
         reasonings.append(reasoning)
     # free text before </think>: what the grammar would never allow at the start of an answer
     assert any(r and not r.startswith("{") for r in reasonings)
+    # thinking, then a forced tool call
+    for o in run(nudged, tok, G.tool_calls(TOOLS, "ping", parallel=False), prompt, range(4)):
+        reasoning, content = chat.split_reasoning(o.new_text)
+        assert o.finish_reason == "stop" and read_dsml(content) == [("ping", {})], o.new_text
     # the same prompt closed (non-thinking): constrained from the first token
     closed = answer_prompt(thinking=False)
     assert not G.compiler_for(tok).reasoning_open(tok.encode(closed))
@@ -194,6 +198,8 @@ def test_grammar_errors_name_the_problem(tok):
     with pytest.raises(G.GrammarError, match="required parameters"):
         G.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {}, "required": ["x"]}}}])
+    with pytest.raises(G.GrammarError, match="parameters must be"):
+        G.tool_calls([{"type": "function", "function": {"name": "f", "parameters": "x"}}])
     # strict refuses keywords llguidance does not implement; strict=False ignores them
     odd = {"type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}
     with pytest.raises(G.GrammarError):

@@ -118,9 +118,10 @@ def tool_calls(tools: Sequence[dict], choice: str = "required", parallel: bool =
     rules, terminals, invokes = [], [], []
     for i, fn in enumerate(fns):
         params = fn.get("parameters") or {"type": "object", "properties": {}}
-        props = params.get("properties", {})
-        if not isinstance(params, dict) or not isinstance(props, dict):
-            raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON schema object with 'properties'")
+        props = params.get("properties", {}) if isinstance(params, dict) else None
+        if not isinstance(props, dict) or not isinstance(params.get("required", []), list):
+            raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON schema object with 'properties' "
+                               f"(and 'required' a list)")
         required = set(params.get("required", []))
         if not required <= set(props):
             raise GrammarError(f"tool {fn['name']!r}: required parameters {sorted(required - set(props))} "
