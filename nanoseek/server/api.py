@@ -363,24 +363,30 @@ class _State:
                            code="context_length_exceeded")
         return max_tokens
 
-    async def constraint(self, req: P.SamplingRequest, prompt_ids: list[int]):
-        """The SamplingParams.constraint factory of the request's response_format (None: unconstrained); the
-        grammar is compiled off the event loop (llguidance takes up to ~1 s for a large schema, and ~1 s to index
-        the vocabulary on first use). A schema llguidance refuses is a 400 with its message."""
-        rf = req.response_format
-        if rf is None or rf.type == "text":
-            return None
+    async def constraint(self, make_grammar: Callable, prompt_ids: list[int], param: str):
+        """The SamplingParams.constraint factory of the grammar `make_grammar()` builds (grammar.json_schema,
+        grammar.tool_calls, ...), compiled off the event loop: llguidance takes up to ~1 s for a large schema, and
+        indexes the vocabulary on first use. A grammar that does not compile is a 400 naming `param`."""
         from nanoseek.engine import grammar
 
         def build():
-            g = grammar.json_object() if rf.type == "json_object" else grammar.json_schema(
-                rf.json_schema.schema_, strict=bool(rf.json_schema.strict))
-            return grammar.compiler_for(self.tokenizer).constraint(g, prompt_ids)
+            return grammar.compiler_for(self.tokenizer).constraint(make_grammar(), prompt_ids)
         try:
             return await asyncio.to_thread(build)
         except grammar.GrammarError as e:
-            param = "response_format.json_schema.schema" if rf.type == "json_schema" else "response_format"
             raise APIError(400, str(e), param=param) from None
+
+    async def response_format(self, req: P.SamplingRequest, prompt_ids: list[int]):
+        """The constraint of the request's response_format; None (unconstrained) for none or "text"."""
+        from nanoseek.engine import grammar
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return await self.constraint(grammar.json_object, prompt_ids, "response_format")
+        js = rf.json_schema
+        return await self.constraint(lambda: grammar.json_schema(js.schema_, strict=bool(js.strict)), prompt_ids,
+                                     "response_format.json_schema.schema")
 
     def sampling(self, req: P.SamplingRequest, max_tokens: int, logprobs: Optional[int],
                  prompt_logprobs: Optional[int], seed_offset: int, constraint=None):
@@ -648,7 +654,7 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         if prefix and req.response_format is not None and req.response_format.type != "text":
             raise APIError(400, "response_format cannot constrain a continued (prefix=true) assistant message",
                            param="response_format")
-        constraint = await state.constraint(req, ids)
+        constraint = await state.response_format(req, ids)
         jobs = [(f"{rid}-{i}", ids, state.sampling(req, max_tokens, logprobs, None, i, constraint))
                 for i in range(req.n)]
         choices = [_Choice(state, t0, len(ids), thinking) for _ in range(req.n)]
@@ -704,7 +710,7 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         # the engine always generates at least one token: with max_tokens=0 (echo only) it is dropped
         keep = req.max_tokens != 0
         for (ids, text), max_tokens in zip(prompts, lengths):
-            constraint = await state.constraint(req, ids)
+            constraint = await state.response_format(req, ids)
             for _ in range(req.n):
                 k = len(jobs)
                 jobs.append((f"{rid}-{k}", ids, state.sampling(req, max_tokens if keep else 1, req.logprobs,
