@@ -3,15 +3,15 @@
     python bench/grammar.py --model runs/speedrun/dsa_sparse/final [--tokens 128] [--batch 1,8] [--threads N]
 
 Loads a saved model folder (it needs its tokenizer), renders one chat prompt asking for JSON, and decodes it
-through the engine at temperature 1 (seeded) two ways: under a JSON schema (an array of records with strings,
-numbers and enums, at least 8 of them: longer than --tokens, so every sequence is cut at exactly --tokens) and
-unconstrained with ignore_eos, each unconstrained sequence as long as its constrained twin, alternating, best of
---repeats, timed after the prefill step. The constraint's cost is its own calls, timed inside the constrained run
-(see the note printed under the table on why the wall-clock rates are not the measure of it). It also times, inside the constrained
-run, the constraint's own calls: `allowed()` (llguidance's bitmask on the CPU + the unpack to a bool mask) and
-`accept()` (the matcher's advance), and separately the sampler's masking of the logits with and without a mask,
-in microseconds per token. One-off costs printed beside the table: indexing the vocabulary for llguidance (once
-per served model) and compiling the schema (once per request).
+through the engine at temperature 1 (seeded) two ways, alternating, best of --repeats, timed after the prefill
+step: under a JSON schema (records with strings, numbers and enums, at least 8 of them: longer than --tokens, so
+every sequence is cut at exactly --tokens) and unconstrained with ignore_eos, each sequence as long as its
+constrained twin. The constraint's cost is its own calls, timed inside the constrained run: `allowed()`
+(llguidance's bitmask on the CPU + the unpack to a bool mask) and `accept()` (the matcher's advance), plus the
+sampler's extra for applying a mask (process_logits with and without one), in microseconds per sequence-token
+(the note printed under the table says why the wall-clock rates are not the measure of it). `allowed()` is also
+replayed alone over one sequence's tokens (bitmask and unpack apart). One-off costs printed beside the table:
+indexing the vocabulary for llguidance (once per served model) and compiling the schema (once per request).
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def test_n_choices_streaming_and_text(server):
 
 def test_completions_endpoint_takes_response_format(server):
     r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
-        "model": MODEL, "prompt": "Weather:", "max_tokens": 300, "temperature": 1.0, "seed": 3, "n": 2, "response_format": FORMAT})
+        "model": MODEL, "prompt": "Weather:", "max_tokens": 300, "temperature": 1.0, "seed": 3, "n": 2,
+        "response_format": FORMAT})
     assert r.status_code == 200, r.text
     for ch in r.json()["choices"]:
         assert ch["finish_reason"] == "stop"

@@ -4,7 +4,8 @@ The shapes follow the de-facto API that OpenAI clients, vLLM, SGLang and DeepSee
 (see shared/reference/serving-api.md): /v1/chat/completions, /v1/completions (legacy, with echo and integer
 logprobs for lm-evaluation-harness), /v1/models, /tokenize, /detokenize, errors as {"error": {...}}.
 Widely supported sampling extras (top_k, min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos) are
-accepted; unknown fields are ignored, as every OpenAI-compatible server does. Bounds are enforced here so that
+accepted, and `response_format` (structured output, enforced by nanoseek/engine/grammar.py); unknown fields are
+ignored, as every OpenAI-compatible server does. Bounds are enforced here so that
 bad values become a 400 before anything reaches the engine.
 """
 from __future__ import annotations
