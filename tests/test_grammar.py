@@ -59,11 +59,12 @@ def model(tok):
     return nanoseek.Transformer(cfg).eval()
 
 
-def run(model, tok, grammar, prompt_text, seeds, max_tokens=400, **kw):
+def run(model, tok, grammar, prompt_text, seeds, max_tokens=400, **engine_kw):
     ids = tok.encode(prompt_text)
     make = G.compiler_for(tok).constraint(grammar, ids)
-    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=s, constraint=make, **kw) for s in seeds]
-    return Engine(model, tok, max_batch_size=len(seeds), max_model_len=1024).generate([ids] * len(seeds), params)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=s, constraint=make) for s in seeds]
+    engine = Engine(model, tok, max_batch_size=len(seeds), max_model_len=1024, **engine_kw)
+    return engine.generate([ids] * len(seeds), params)
 
 
 def answer_prompt(thinking=False):
@@ -78,6 +79,14 @@ def test_json_schema_outputs_validate_for_20_seeds(model, tok):
     assert len({o.new_text for o in outs}) > 10  # sampled, not one forced string
     assert any("note" in json.loads(o.new_text) for o in outs) and not all("note" in json.loads(o.new_text)
                                                                             for o in outs)
+
+
+def test_json_schema_with_speculative_drafts(model, tok):
+    """MTP drafts are checked against the grammar position by position (the first rejected draft ends the step)."""
+    outs = run(model, tok, G.json_schema(SCHEMA), answer_prompt(), range(6), speculative="mtp", num_draft=2)
+    for o in outs:
+        assert o.finish_reason == "stop", o.new_text
+        jsonschema.validate(json.loads(o.new_text), SCHEMA)
 
 
 def test_json_object_mode(model, tok):
