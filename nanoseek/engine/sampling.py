@@ -130,10 +130,12 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, history: Optional[To
     truncation; -inf = excluded)."""
     x = logits.clone()
     if allowed is not None:
-        keep = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-        n = min(allowed.shape[-1], keep.shape[-1])
-        keep[:n] = allowed[:n].to(x.device)
-        x = x.masked_fill(~keep, float("-inf"))
+        keep = allowed.to(x.device)
+        if keep.shape[-1] != x.shape[-1]:  # a tokenizer smaller than the model's (padded) vocabulary
+            keep = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            n = min(allowed.shape[-1], keep.shape[-1])
+            keep[:n] = allowed[:n].to(x.device)
+        x = torch.where(keep, x, float("-inf"))  # one pass: ~2x faster than masked_fill(~keep) (bench/grammar.py)
     if history is not None:
         if p.repetition_penalty != 1:
             pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)

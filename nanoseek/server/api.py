@@ -6,6 +6,7 @@
 Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md):
   POST /v1/chat/completions  messages -> DeepSeek chat encoding; thinking mode returns reasoning_content;
                              a last assistant message with prefix=true is continued (chat prefix completion)
+                             response_format json_object / json_schema: grammar-constrained (engine/grammar.py)
   POST /v1/completions       prompt as text, texts, token ids or lists of them; n; echo; legacy integer logprobs
                              (what lm-evaluation-harness's local-completions reads); suffix -> fill-in-the-middle
   GET  /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info (lm-eval's remote tokenizer probes)
@@ -365,8 +366,33 @@ class _State:
                            code="context_length_exceeded")
         return max_tokens
 
+    async def constraint(self, make_grammar: Callable, prompt_ids: list[int], param: str):
+        """The SamplingParams.constraint factory of the grammar `make_grammar()` builds (grammar.json_schema,
+        grammar.tool_calls, ...), compiled off the event loop: llguidance takes up to ~1 s for a large schema, and
+        indexes the vocabulary on first use. A grammar that does not compile is a 400 naming `param`."""
+        from nanoseek.engine import grammar
+
+        def build():
+            return grammar.compiler_for(self.tokenizer).constraint(make_grammar(), prompt_ids)
+        try:
+            return await asyncio.to_thread(build)
+        except grammar.GrammarError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    async def response_format(self, req: P.SamplingRequest, prompt_ids: list[int]):
+        """The constraint of the request's response_format; None (unconstrained) for none or "text"."""
+        from nanoseek.engine import grammar
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return await self.constraint(grammar.json_object, prompt_ids, "response_format")
+        js = rf.json_schema
+        return await self.constraint(lambda: grammar.json_schema(js.schema_, strict=bool(js.strict)), prompt_ids,
+                                     "response_format.json_schema.schema")
+
     def sampling(self, req: P.SamplingRequest, max_tokens: int, logprobs: Optional[int],
-                 prompt_logprobs: Optional[int], seed_offset: int):
+                 prompt_logprobs: Optional[int], seed_offset: int, constraint=None):
         from nanoseek.engine import SamplingParams
         stops = req.stop_list()
         if len(stops) > P.MAX_STOP:
@@ -395,7 +421,7 @@ class _State:
                 min_p=req.min_p, seed=seed, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, stop=stops,
                 stop_token_ids=stop_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, logit_bias=bias)
+                prompt_logprobs=prompt_logprobs, logit_bias=bias, constraint=constraint)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -639,7 +665,12 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         state.check_jobs(req.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = [(f"{rid}-{i}", ids, state.sampling(req, max_tokens, logprobs, None, i)) for i in range(req.n)]
+        if prefix and req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, "response_format cannot constrain a continued (prefix=true) assistant message",
+                           param="response_format")
+        constraint = await state.response_format(req, ids)
+        jobs = [(f"{rid}-{i}", ids, state.sampling(req, max_tokens, logprobs, None, i, constraint))
+                for i in range(req.n)]
         choices = [_Choice(state, t0, len(ids), thinking) for _ in range(req.n)]
         fan = await state.run(request, jobs)
         created = int(time.time())
@@ -693,10 +724,11 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         # the engine always generates at least one token: with max_tokens=0 (echo only) it is dropped
         keep = req.max_tokens != 0
         for (ids, text), max_tokens in zip(prompts, lengths):
+            constraint = await state.response_format(req, ids)
             for _ in range(req.n):
                 k = len(jobs)
                 jobs.append((f"{rid}-{k}", ids, state.sampling(req, max_tokens if keep else 1, req.logprobs,
-                                                                 want_prompt_lp, k)))
+                                                                 want_prompt_lp, k, constraint)))
                 choices.append(_Choice(state, t0, len(ids), False))
                 meta.append((ids, text, keep))
         fan = await state.run(request, jobs)

@@ -4,16 +4,17 @@ The shapes follow the de-facto API that OpenAI clients, vLLM, SGLang and DeepSee
 (see shared/reference/serving-api.md): /v1/chat/completions, /v1/completions (legacy, with echo and integer
 logprobs for lm-evaluation-harness), /v1/models, /tokenize, /detokenize, errors as {"error": {...}}.
 Widely supported sampling extras (top_k, min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos) are
-accepted. A field the server does not implement is a 400 that names it (OpenAI's "Unrecognized request argument
-supplied"), never silently dropped: a client that sends `tools` or `logit_bias` must learn that they were not
-honoured. The exception is IGNORED_FIELDS below, declared on the bodies and documented in the README. Bounds are
-enforced here so that bad values become a 400 before anything reaches the engine.
+accepted, and `response_format` (structured output, enforced by nanoseek/engine/grammar.py). A field the server
+does not implement is a 400 that names it (OpenAI's "Unrecognized request argument supplied"), never silently
+dropped: a client that sends `tools` or `logit_bias` must learn whether they were honoured. The exception is
+IGNORED_FIELDS below, declared on the bodies and documented in the README. Bounds are enforced here so that bad
+values become a 400 before anything reaches the engine.
 """
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16  # choices per prompt: each is a separate sequence in the engine
 MAX_TOP_LOGPROBS = 20
@@ -74,6 +75,27 @@ class ChatMessage(_Body):
         return "".join(p.text for p in self.content)
 
 
+class JSONSchemaFormat(_Body):
+    """OpenAI's {"name", "description", "schema", "strict"}; the schema is compiled by llguidance (grammar.py)."""
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a BaseModel attribute
+    strict: Optional[bool] = None  # false/null: keywords the grammar engine lacks are ignored, not refused
+
+
+class ResponseFormat(_Body):
+    """Structured output: "text" (free), "json_object" (any JSON object), "json_schema" (that schema), each
+    enforced by grammar-constrained decoding; a thinking response's reasoning stays free."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a "json_schema": {"name": ..., "schema": {...}} object')
+        return self
+
+
 class SamplingRequest(_Body):
     """Fields shared by chat and text completions."""
     model: Optional[str] = None  # None: the served model
@@ -103,6 +125,7 @@ class SamplingRequest(_Body):
     stop_token_ids: Optional[list[int]] = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    response_format: Optional[ResponseFormat] = None  # vLLM also takes it on /v1/completions
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
