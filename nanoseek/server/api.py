@@ -8,6 +8,7 @@ Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md
                              a last assistant message with prefix=true is continued (chat prefix completion)
                              tools / tool_choice / parallel_tool_calls: calls parsed into message.tool_calls,
                              streamed as delta.tool_calls (server/tools.py, tool_calls.py)
+  POST /v1/responses         the OpenAI Responses API (non-stateful), translated onto chat completions
   POST /v1/completions       prompt as text, texts, token ids or lists of them; n; echo; legacy integer logprobs
                              (what lm-evaluation-harness's local-completions reads); suffix -> fill-in-the-middle
   GET  /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info (lm-eval's remote tokenizer probes)
@@ -686,6 +687,10 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
                          "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": _usage(len(ids), sum(c.num_generated for c in choices)),
         }
+
+    # ---- the Responses API, translated onto the chat route (server/responses.py) -----------------------------
+    from nanoseek.server.responses import add_routes as add_responses_routes
+    add_responses_routes(app, chat_completions, protected, errors)
 
     # ---- text completions -----------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=P.CompletionResponse, dependencies=protected, responses=errors)
