@@ -9,7 +9,7 @@ The inverse of what nanoseek/chat.py renders for an assistant turn with tool cal
         </｜DSML｜function_calls>
         string="true": VALUE is raw text (a JSON string); string="false": VALUE is JSON (number, bool, list, ...)
   V3    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
-        ...<｜tool▁calls▁end｜>
+        ...<｜tool▁calls▁end｜>   (V3.1 writes <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>: read too)
 
 `ToolCallParser.feed(delta)` takes text deltas as the model writes them and returns events: `Content` (text
 outside the markup), `CallStart` (index, name), `CallArgs` (index, a fragment of the call's JSON `arguments`),
@@ -332,16 +332,26 @@ class ToolCallParser:
         self._state = "v3_header"
 
     def _s_v3_header(self) -> None:
-        p = self._buf.find("```json\n", 0, MAX_HEADER)
+        p = self._buf.find(TOOL_SEP, 0, MAX_HEADER)
         if p < 0:
             if len(self._buf) >= MAX_HEADER:
                 raise _Bad
             raise _Need
-        m = V3_HEADER.fullmatch(self._buf[:p + len("```json\n")])
-        if m is None:
-            raise _Bad
-        self._consume(m.end())
-        self._start_call(m.group(1).strip())
+        if self._buf[:p] != "function":  # V3.1: NAME<｜tool▁sep｜>ARGS, no type and no fence
+            name = self._buf[:p]
+            self._consume(p + len(TOOL_SEP))
+        else:
+            f = self._buf.find("```json\n", 0, MAX_HEADER)
+            if f < 0:
+                if len(self._buf) >= MAX_HEADER:
+                    raise _Bad
+                raise _Need
+            m = V3_HEADER.fullmatch(self._buf[:f + len("```json\n")])
+            if m is None:
+                raise _Bad
+            self._consume(m.end())
+            name = m.group(1)
+        self._start_call(name.strip())
         self._value = ""  # the arguments text sent so far
         self._state = "v3_args"
 
@@ -350,6 +360,9 @@ class ToolCallParser:
         p = self._buf.find(TOOL_CALL_END)
         if p >= 0:
             args = (self._value + self._buf[:p]).rstrip(" \t\r\n`")  # the closing fence is layout
+            # sent before the check, as a stream cut anywhere before the end tag would have sent it
+            self._emit(CallArgs(i, args[len(self._value):]))
+            self._value = args
             try:
                 ok = isinstance(json.loads(args, parse_constant=_reject_constant), dict)
             except ValueError:
@@ -357,7 +370,6 @@ class ToolCallParser:
             if not ok:
                 raise _Bad
             self._consume(p + len(TOOL_CALL_END))
-            self._emit(CallArgs(i, args[len(self._value):]))
             self._end_call()
             self._state = "v3"
             return

@@ -14,7 +14,8 @@ ALPHABET = list("abc xyz \"'\\{}[]<>/=:,\n\t`") + ["東", "京", "é", "🌧", "
 TAG_BITS = [f"<{DSML}function_calls>", f"</{DSML}function_calls>", f'<{DSML}invoke name="', f"</{DSML}invoke>",
             f'<{DSML}parameter name="', '" string="true">', '" string="false">', f"</{DSML}parameter>", '">',
             "<｜DSML｜", "</｜DSML｜param", TOOL_CALLS_BEGIN, "<｜tool▁call▁begin｜>function<｜tool▁sep｜>",
-            "\n```json\n", "\n```", TOOL_CALL_END, "<｜tool▁calls▁end｜>", "<think>", "</think>"]
+            "\n```json\n", "\n```", TOOL_CALL_END,
+            "<｜tool▁call▁begin｜>f<｜tool▁sep｜>", "<｜tool▁calls▁end｜>", "<think>", "</think>"]
 
 
 def rand_text(rng: random.Random, n: int) -> str:
@@ -47,6 +48,12 @@ def rand_calls(rng: random.Random) -> list[tuple[str, dict]]:
              {key(j): rand_value(rng) for j in range(rng.randrange(4))}) for _ in range(rng.randrange(1, 4))]
 
 
+def v31_calls(calls: list) -> str:
+    """V3.1's form of tool calls (nanoseek renders V3's; the parser reads both)."""
+    return TOOL_CALLS_BEGIN + "".join(f"<｜tool▁call▁begin｜>{n}<｜tool▁sep｜>{json.dumps(a, ensure_ascii=False)}"
+                                      f"{TOOL_CALL_END}" for n, a in calls) + "<｜tool▁calls▁end｜>"
+
+
 def cut(rng: random.Random, text: str) -> list[str]:
     points = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 40)))) if len(text) > 1 else []
     return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
@@ -71,6 +78,12 @@ def test_parses_what_the_chat_encoding_renders():
     assert [(c.name, json.loads(c.arguments)) for c in out.calls] == calls
     out = parse("Checking" + _v3_calls(calls))
     assert out.content == "Checking" and [(c.name, json.loads(c.arguments)) for c in out.calls] == calls
+    v31 = (f"Sure{TOOL_CALLS_BEGIN}<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{{\"city\": \"Oslo\"}}"
+           f"{TOOL_CALL_END}<｜tool▁call▁begin｜>f<｜tool▁sep｜>{{}}{TOOL_CALL_END}<｜tool▁calls▁end｜>")
+    out = parse(v31)  # V3.1's shorter form
+    assert out.content == "Sure" and [(c.name, c.arguments) for c in out.calls] == [("get_weather", '{"city": "Oslo"}'),
+                                                                                   ("f", "{}")]
+    assert streamed(list(v31))[0] == out
     plain = "no calls, <b>bold</b>, a < sign, <｜DSML｜ alone"
     assert parse(plain).content == plain and parse(plain).calls == []
     assert parse("plain\n\n").content == "plain\n\n"  # trailing whitespace is content unless a block follows
@@ -123,11 +136,11 @@ def test_malformed_markup_becomes_text(bad):
 
 def test_fuzz_valid_markup_any_cut():
     rng = random.Random(0)
-    for trial in range(300):
+    for trial in range(600):
         calls = rand_calls(rng)
-        v3 = rng.random() < 0.3
+        render = rng.choice([_dsml_calls, _dsml_calls, _v3_calls, v31_calls])
         pre = rand_text(rng, rng.randrange(0, 15)).replace("<", "(")
-        text = pre + (_v3_calls(calls) if v3 else _dsml_calls(calls)) + rng.choice(["", "\n", " trailing"])
+        text = pre + render(calls) + rng.choice(["", "\n", " trailing"])
         whole = parse(text)
         assert not whole.malformed, text
         assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == calls, text
@@ -139,9 +152,9 @@ def test_fuzz_valid_markup_any_cut():
 
 def test_fuzz_truncated_and_garbage_never_raise_and_cuts_do_not_matter():
     rng = random.Random(1)
-    for trial in range(400):
+    for trial in range(3000):
         if trial % 2:
-            text = _dsml_calls(rand_calls(rng)) if rng.random() < 0.7 else _v3_calls(rand_calls(rng))
+            text = rng.choice([_dsml_calls, _dsml_calls, _v3_calls, v31_calls])(rand_calls(rng))
             text = rand_text(rng, 5) + text[:rng.randrange(len(text) + 1)]  # unclosed tags, cut anywhere
         else:  # garbage: tag pieces and text in any order
             text = "".join(rng.choice(TAG_BITS) if rng.random() < 0.4 else rand_text(rng, rng.randrange(1, 6))
