@@ -176,6 +176,22 @@ def test_parallel_calls_and_parallel_tool_calls_false(srv):
     assert [t.function.name for t in one.choices[0].message.tool_calls] == ["get_weather"]
 
 
+def test_each_choice_parses_on_its_own(srv):
+    c = client(srv)
+    texts = (calls_text(("get_time", {"tz": "UTC"})), "No tool needed.")
+    with forcing(srv, *texts, *texts):
+        r = c.chat.completions.create(model="tools-tiny", messages=USER, tools=TOOLS, max_tokens=200, n=2)
+        chunks = list(c.chat.completions.create(model="tools-tiny", messages=USER, tools=TOOLS, max_tokens=200,
+                                                n=2, stream=True))
+    a, b = r.choices
+    assert (a.finish_reason, a.message.tool_calls[0].function.name) == ("tool_calls", "get_time")
+    assert (b.finish_reason, b.message.content, b.message.tool_calls) == ("stop", "No tool needed.", None)
+    finish = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason}
+    assert finish == {0: "tool_calls", 1: "stop"}
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices[0].index == 1) == b.message.content
+    assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices[0].index == 1)
+
+
 def test_typed_arguments(srv):
     c = client(srv)
     args = {"city": "a\nb \\ \"c\" 東京 🌧", "days": -2.5, "ok": True, "none": None, "list": [1, "x", {"k": [2]}],
