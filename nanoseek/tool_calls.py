@@ -28,6 +28,8 @@ Decisions:
   `Content`, `malformed` is set, and no more calls are parsed. Events sent before the fault stay sent (a stream
   cannot take them back); the server's non-streamed answer returns the whole text instead (api.py).
 - Whitespace before a block (the "\\n\\n" the format puts there) and right after it is layout, not content.
+- A DSML call is announced (`CallStart`) with its first parameter's header or its close, not with the bare
+  invoke tag, so that the most common fault (stray text after the invoke tag) sends no call at all.
 - `max_calls` (parallel_tool_calls=false: 1): invokes past it are parsed but produce no events.
 """
 from __future__ import annotations
@@ -134,6 +136,7 @@ class ToolCallParser:
         self._events: list[Event] = []
         self._param_string = False
         self._first_param = True
+        self._invoke_name: Optional[str] = None  # a DSML invoke read but not yet announced
         self._value = ""  # a string="false" value being collected / V3 arguments sent so far
         self._muted = False
 
@@ -273,13 +276,22 @@ class ToolCallParser:
         self._state = "invoke_name"
 
     def _s_invoke_name(self) -> None:
-        self._start_call(self._until('">'))
-        self._emit(CallArgs(self.num_calls - 1, "{"))
+        name = self._until('">')
+        if not name or "\n" in name:
+            raise _Bad
+        self._invoke_name = name  # announced with its first parameter (or its close), once the invoke is sound
         self._first_param = True
         self._state = "invoke"
 
+    def _announce(self) -> None:
+        if self._invoke_name is not None:
+            self._start_call(self._invoke_name)
+            self._emit(CallArgs(self.num_calls - 1, "{"))
+            self._invoke_name = None
+
     def _s_invoke(self) -> None:
         if self._expect(PARAM_OPEN, INVOKE_CLOSE) == INVOKE_CLOSE:
+            self._announce()
             self._emit(CallArgs(self.num_calls - 1, "}"))
             self._end_call()
             self._state = "dsml"
@@ -296,6 +308,7 @@ class ToolCallParser:
         if m is None:
             raise _Bad
         self._consume(p + 2)
+        self._announce()
         self._param_string = m.group(2) == "true"
         lead = "" if self._first_param else ", "
         self._first_param = False

@@ -243,9 +243,8 @@ def test_malformed_call_comes_back_as_text(srv):
         _, content, calls, finish = stream(c, model="tools-tiny", messages=USER, tools=TOOLS, max_tokens=200)
     assert r.choices[0].message.content == broken and r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
-    # streamed, the call's start had gone out before the fault showed; the rest comes as text, finish "stop"
-    assert finish == "stop" and content == "Trying." + broken[len("Trying.\n\n"):]
-    assert [(v[1], "".join(v[2])) for v in calls.values()] == [("get_weather", "{")]
+    # streamed, the invoke was not announced yet when the fault showed: all of it comes as text, finish "stop"
+    assert (finish, calls) == ("stop", {}) and content == "Trying." + broken[len("Trying.\n\n"):]
 
 
 def test_tool_choice_none_renders_tools_but_parses_nothing(srv):

@@ -100,7 +100,7 @@ def test_arguments_stream_before_the_call_closes():
     assert kinds[0] is CallStart and kinds[-1] is CallEnd and kinds.count(CallStart) == 1
     frags = [e.text for e in events if isinstance(e, CallArgs)]
     assert len(frags) > 40  # the string value char by char, not at the end
-    assert frags[:3] == ["{", '"note": "', "a"]
+    assert frags[:3] == ['{"note": "', "a", " "]
     assert json.loads("".join(frags)) == {"note": "a long string value " * 3, "n": 7}
 
 
