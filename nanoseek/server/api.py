@@ -7,6 +7,9 @@ Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md
   POST /v1/chat/completions  messages -> DeepSeek chat encoding; thinking mode returns reasoning_content;
                              a last assistant message with prefix=true is continued (chat prefix completion)
                              response_format json_object / json_schema: grammar-constrained (engine/grammar.py)
+                             tools / tool_choice / parallel_tool_calls: calls parsed into message.tool_calls,
+                             streamed as delta.tool_calls (server/tools.py, tool_calls.py)
+  POST /v1/responses         the OpenAI Responses API (non-stateful), translated onto chat completions
   POST /v1/completions       prompt as text, texts, token ids or lists of them; n; echo; legacy integer logprobs
                              (what lm-evaluation-harness's local-completions reads); suffix -> fill-in-the-middle
   GET  /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info (lm-eval's remote tokenizer probes)
@@ -50,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.config import ModelConfig
 from nanoseek.server import protocol as P
 from nanoseek.server.metrics import ServerMetrics
+from nanoseek.server.tools import ToolPlan, ToolRequestError, ToolStream, tool_plan
 
 log = logging.getLogger("nanoseek.server")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -459,10 +463,11 @@ class _State:
 class _Choice:
     """One sequence of an API call: token counts, timing for the metrics, and (chat) the reasoning split."""
 
-    def __init__(self, state: _State, t0: float, n_prompt: int, thinking: bool):
+    def __init__(self, state: _State, t0: float, n_prompt: int, thinking: bool, tools: Optional[ToolPlan] = None):
         from nanoseek.chat import ReasoningParser
         self.state, self.t0, self.n_prompt = state, t0, n_prompt
         self.parser = ReasoningParser() if thinking else None
+        self.tools = ToolStream(tools) if tools is not None and tools.parse else None
         self.last: Optional[float] = None
         self.num_generated = 0
         self.finish_reason: Optional[str] = None
@@ -493,6 +498,20 @@ class _Choice:
         if self.parser is None:
             return "", text
         return self.parser.feed(text)
+
+    def chat_delta(self, out) -> tuple[str, str, list[dict]]:
+        """(reasoning, content, delta.tool_calls entries) of an engine output; at the end, what was held back
+        is settled and the finish reason becomes "tool_calls" when the model called tools."""
+        r, t = self.split(out.new_text)
+        if out.finished and self.parser is not None:
+            fr, ft = self.parser.flush()
+            r, t = r + fr, t + ft
+        calls: list[dict] = []
+        if self.tools is not None:
+            t, calls = self.tools.feed(t, final=out.finished)
+            if out.finished:
+                self.finish_reason = self.tools.finish_reason(self.finish_reason)
+        return r, t, calls
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -656,7 +675,12 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
                            param="messages")
         if any(m.prefix for m in req.messages[:-1]):
             raise APIError(400, "prefix=true is only valid on the last message", param="messages")
-        text = _render_chat(req.messages, thinking=thinking, add_generation_prompt=not prefix)
+        try:
+            tools = tool_plan(req)
+        except ToolRequestError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        text = _render_chat(req.messages, thinking=thinking, add_generation_prompt=not prefix,
+                            tools=tools.functions if tools is not None else None)
         ids = state.encode(text, False, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens == 0:
@@ -665,13 +689,10 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         state.check_jobs(req.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if prefix and req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, "response_format cannot constrain a continued (prefix=true) assistant message",
-                           param="response_format")
-        constraint = await state.response_format(req, ids)
+        constraint = await _chat_constraint(state, req, tools, ids, prefix)
         jobs = [(f"{rid}-{i}", ids, state.sampling(req, max_tokens, logprobs, None, i, constraint))
                 for i in range(req.n)]
-        choices = [_Choice(state, t0, len(ids), thinking) for _ in range(req.n)]
+        choices = [_Choice(state, t0, len(ids), thinking, tools) for _ in range(req.n)]
         fan = await state.run(request, jobs)
         created = int(time.time())
         if req.stream:
@@ -686,26 +707,32 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
         def on_output(i: int, out) -> None:
             c = choices[i]
             c.observe(out)
-            r, t = c.split(out.new_text)
+            r, t, _ = c.chat_delta(out)  # tool calls: read whole from c.tools at the end
             reasoning[i].append(r)
             content[i].append(t)
             if out.new_logprobs:
                 lps[i].extend(out.new_logprobs)
-            if out.finished and c.parser is not None:
-                r, t = c.parser.flush()
-                reasoning[i].append(r)
-                content[i].append(t)
+
+        def message(i: int, c: _Choice) -> dict:
+            m = {"role": "assistant", "content": "".join(content[i]),
+                 "reasoning_content": "".join(reasoning[i]) if thinking else None}
+            if c.tools is not None:
+                m.update(c.tools.message())
+            return m
 
         await state.collect(request, fan, choices, on_output)
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(content[i]),
-                                                 "reasoning_content": "".join(reasoning[i]) if thinking else None},
+            "choices": [{"index": i, "message": message(i, c),
                          "logprobs": ({"content": [_chat_logprob(state, lp) for lp in lps[i]]}
                                       if req.logprobs else None),
                          "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": _usage(len(ids), sum(c.num_generated for c in choices)),
         }
+
+    # ---- the Responses API, translated onto the chat route (server/responses.py) -----------------------------
+    from nanoseek.server.responses import add_routes as add_responses_routes
+    add_responses_routes(app, chat_completions, protected, errors)
 
     # ---- text completions -----------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=P.CompletionResponse, dependencies=protected, responses=errors)
@@ -779,7 +806,27 @@ def create_app(cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], No
 
 
 # ---- request -> prompt ----------------------------------------------------------------------------------------
-def _render_chat(messages: list[P.ChatMessage], thinking: bool, add_generation_prompt: bool) -> str:
+async def _chat_constraint(state: _State, req: P.ChatCompletionRequest, tools: Optional[ToolPlan],
+                           ids: list[int], prefix: bool):
+    """The decoding constraint of a chat request (each choice gets its own state): the forced tool call of
+    tool_choice "required" / a named function, or the response_format; None for a free answer."""
+    from nanoseek.engine import grammar
+    forced = tools.forced if tools is not None else None
+    fmt = req.response_format is not None and req.response_format.type != "text"
+    if forced is not None and fmt:
+        raise APIError(400, f"tool_choice {forced!r} forces a tool call, response_format a JSON answer: give one",
+                       param="response_format")
+    if prefix and (forced is not None or fmt):
+        param = "tool_choice" if forced is not None else "response_format"
+        raise APIError(400, f"{param} cannot constrain a continued (prefix=true) assistant message", param=param)
+    if forced is not None:
+        return await state.constraint(lambda: grammar.tool_calls(tools.functions, forced, tools.parallel), ids,
+                                      "tool_choice")
+    return await state.response_format(req, ids)
+
+
+def _render_chat(messages: list[P.ChatMessage], thinking: bool, add_generation_prompt: bool,
+                 tools: Optional[list[dict]] = None) -> str:
     from nanoseek.chat import encode_messages
     msgs = []
     for m in messages:
@@ -797,7 +844,7 @@ def _render_chat(messages: list[P.ChatMessage], thinking: bool, add_generation_p
             d["name"] = m.name
         msgs.append(d)
     try:
-        return encode_messages(msgs, add_generation_prompt=add_generation_prompt, thinking=thinking)
+        return encode_messages(msgs, add_generation_prompt=add_generation_prompt, thinking=thinking, tools=tools)
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
 
@@ -891,15 +938,14 @@ async def _chat_events(state: _State, fan: _Fanout, choices: list[_Choice], rid:
     async for i, out in fan:
         c = choices[i]
         c.observe(out)
-        r, t = c.split(out.new_text)
-        if out.finished and c.parser is not None:
-            fr, ft = c.parser.flush()
-            r, t = r + fr, t + ft
-        delta = {}
+        r, t, calls = c.chat_delta(out)
+        delta: dict[str, Any] = {}
         if r:
             delta["reasoning_content"] = r
         if t:
             delta["content"] = t
+        if calls:
+            delta["tool_calls"] = calls
         lps = ({"content": [_chat_logprob(state, lp) for lp in out.new_logprobs]}
                if out.new_logprobs else None)
         if delta or lps:

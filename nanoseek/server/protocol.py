@@ -96,6 +96,28 @@ class ResponseFormat(_Body):
         return self
 
 
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # OpenAI's rule for names (plus "."), which also keeps them safe inside the markup's name="..." attribute
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema
+    strict: Optional[bool] = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class SamplingRequest(_Body):
     """Fields shared by chat and text completions."""
     model: Optional[str] = None  # None: the served model
@@ -139,6 +161,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     thinking: Optional[Thinking] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's way: {"thinking": true}
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(SamplingRequest):
@@ -195,10 +220,22 @@ class ChatLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(BaseModel):
