@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from test_server_tools import USER, calls_text, client, forcing, n_prompt, srv  # noqa: F401  (srv: fixture)
 
 from nanoseek.chat import encode_messages
@@ -101,10 +102,30 @@ def test_responses_validation(srv):
                         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input[0]"),
                         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content"),
                         ({"input": []}, "input"),
-                        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+                        ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
                         ({"tools": FLAT_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice")]:
         r = post(**body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.json())
     r = post(tools=[{"type": "web_search"}])
     assert r.status_code == 400 and "tools" in r.json()["error"]["param"]
     assert post(store=False, max_output_tokens=1).status_code == 200
+
+
+def test_responses_structured_output_and_forced_call(srv):
+    """text.format and tool_choice "required" go through the chat route's grammar constraint: no forcing needed."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rain": {"type": "boolean"}},
+              "required": ["city", "rain"], "additionalProperties": False}
+    c = client(srv)
+    r = c.responses.create(model="tools-tiny", input="Weather?", temperature=1.0, max_output_tokens=200,
+                           text={"format": {"type": "json_schema", "name": "w", "schema": schema, "strict": True}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    tool = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}
+    r = c.responses.create(model="tools-tiny", input="Weather?", tools=[tool], tool_choice="required",
+                           temperature=1.0, max_output_tokens=300, parallel_tool_calls=False)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather", r.output
+    jsonschema.validate(json.loads(calls[0].arguments), tool["parameters"])

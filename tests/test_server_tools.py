@@ -278,3 +278,36 @@ def test_tool_request_validation(srv):
     # a tool message must answer a call
     r = post(messages=USER + [{"role": "tool", "tool_call_id": "x", "content": "1"}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("choice", ["required", "get_time"])
+def test_required_and_named_choices_are_enforced_by_the_grammar(srv, choice):
+    """No forcing here: tool_choice "required" / a named function constrains the random model's own sampling to
+    V3.2 DSML calls (nanoseek/engine/grammar.py), which the server then parses like any output."""
+    jsonschema = pytest.importorskip("jsonschema")
+    c = client(srv)
+    tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+    # bounded values: a random model inside an unbounded string would write until max_tokens
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+                 "city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                 "required": ["city", "days"]}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+                 "tz": {"enum": ["UTC", "CET"]}}}}}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for seed in range(4):
+        kw = dict(model="tools-tiny", messages=USER, tools=tools, tool_choice=tool_choice, temperature=1.0,
+                  seed=seed, max_tokens=400, parallel_tool_calls=seed % 2 == 0)
+        r = c.chat.completions.create(**kw)
+        m = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and m.tool_calls and not m.content, r
+        for tc in m.tool_calls:
+            assert tc.function.name in schemas and (choice == "required" or tc.function.name == choice)
+            jsonschema.validate(json.loads(tc.function.arguments), schemas[tc.function.name])
+        _, content, calls, finish = stream(c, **kw)  # the same seed streams the same calls
+        assert finish == "tool_calls" and not content.strip()
+        assert [(name, "".join(frags)) for _, name, frags in calls.values()] == \
+            [(tc.function.name, tc.function.arguments) for tc in m.tool_calls]
+    with pytest.raises(openai.BadRequestError) as e:  # a forced call and a JSON answer cannot both hold
+        c.chat.completions.create(model="tools-tiny", messages=USER, tools=TOOLS, tool_choice="required",
+                                  response_format={"type": "json_object"}, max_tokens=4)
+    assert e.value.body["param"] == "response_format"
