@@ -277,8 +277,8 @@ def run(tc: TrainConfig, prog: str = "nanoseek train") -> int:
     try:
         train(tc)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        from nanoseek.cli import error
+        return error(prog, e, 1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; `--resume` continues from the last checkpoint in {tc.out}", file=sys.stderr)
         return 130
