@@ -317,6 +317,11 @@ class ModelConfig:
         if rtype == "yarn":
             if rope.get("factor") is None:
                 raise ValueError(f"{key}: yarn needs a 'factor'")
+            for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                         "mscale_all_dim"):  # named as config.json spells them; validate() checks the ranges
+                v = rope.get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise ValueError(f"{key}.{name} must be a number, got {v!r}")
             # the values go in as written (validate() names a wrong type); null means the default, as in HF
             kw["rope_factor"] = rope["factor"]
             kw["original_max_position_embeddings"] = rope.get("original_max_position_embeddings") or 4096

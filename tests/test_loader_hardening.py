@@ -89,7 +89,8 @@ CONFIG_CASES = {
     "tie_int": (edit(tie_word_embeddings=1), "tie_word_embeddings"),
     "rope_scaling_string": (edit(rope_scaling="yarn"), "rope_scaling"),
     "rope_scaling_no_factor": (rope(lambda r: {k: v for k, v in r.items() if k != "factor"}), "factor"),
-    "rope_factor_string": (rope(lambda r: {**r, "factor": "4"}), "rope_factor"),
+    "rope_factor_string": (rope(lambda r: {**r, "factor": "4"}), "rope_scaling.factor must be a number"),
+    "rope_factor_negative": (rope(lambda r: {**r, "factor": -4}), "rope_factor must be a positive number"),
     "config_is_a_list": (lambda c: [c], "JSON object"),
     "quant_block_bad": (edit(quantization_config={"weight_block_size": [128]}), "weight_block_size"),
 }
