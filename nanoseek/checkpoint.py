@@ -489,7 +489,11 @@ def cli(cmd: str, argv: list[str]) -> int:
         ap.add_argument("model", help="HF model folder or a preset name")
         a = ap.parse_args(argv)
         from nanoseek.config import PRESETS, get_preset
-        cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+        try:
+            cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+        except (ValueError, FileNotFoundError) as e:  # the message names config.json and the field
+            from nanoseek.cli import error
+            return error("nanoseek info", e, 1)
         n = cfg.num_params()
         print(json.dumps(cfg.to_hf(), indent=2))
         print(f"parameters: {n['total']:,} total, {n['active']:,} activated per token; "
