@@ -144,7 +144,8 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
             self.base = 8 + n
             self.header = self._check_header(header, size)
-            # mapped only once the header is known good: nothing below can fail with a view into the mapping open
+            # get() trusts the checked header (offsets span exactly each shape's bytes), so no read fails midway
+            # with a view of the mapping open, which made close() raise BufferError over the real error
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _check_header(self, header, size: int) -> dict:
