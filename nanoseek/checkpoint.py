@@ -305,9 +305,10 @@ def _check_size(path: Path, cfg: ModelConfig, files: dict[str, Path], layers: se
     """The model config.json describes must fit in what the headers say is on disk, checked by arithmetic before
     anything is built: a config claiming 10^6 layers or a 7168-wide model over tiny weights stops here."""
     where = path / "config.json"
-    if cfg.num_hidden_layers > len(layers):
-        raise CheckpointError(f"{where}: num_hidden_layers is {cfg.num_hidden_layers} but the safetensors files hold "
-                              f"{len(layers)} layer(s){hint}")
+    if cfg.num_hidden_layers + cfg.num_nextn_predict_layers > len(layers):
+        mtp = f" + num_nextn_predict_layers {cfg.num_nextn_predict_layers}" if cfg.num_nextn_predict_layers else ""
+        raise CheckpointError(f"{where}: num_hidden_layers is {cfg.num_hidden_layers}{mtp} but the safetensors files "
+                              f"hold {len(layers)} layer(s){hint}")
     implied = cfg.num_params(include_mtp=True)["total"]
     on_disk = sum(_open(f).numel() for f in set(files.values()))
     if implied > on_disk:

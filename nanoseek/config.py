@@ -194,11 +194,10 @@ class ModelConfig:
             total += t * count
             active += a * count
         if include_mtp:
-            for _ in range(self.num_nextn_predict_layers):
-                t, a = self._layer_params(self.is_moe_layer(self.num_hidden_layers))  # an MTP block is a MoE block in V3
-                extra = 2 * d * d + 3 * d
-                total += t + extra
-                active += a + extra
+            t, a = self._layer_params(self.is_moe_layer(self.num_hidden_layers))  # a MoE block in V3
+            extra = 2 * d * d + 3 * d
+            total += (t + extra) * self.num_nextn_predict_layers
+            active += (a + extra) * self.num_nextn_predict_layers
         return {"total": total, "active": active}
 
     def kv_cache_values_per_token(self) -> int:

@@ -167,9 +167,10 @@ def peak_rss(*dirs: Path) -> dict:
 
 
 def test_config_claiming_a_huge_model_allocates_nothing(good, tmp_path):
-    """num_hidden_layers 10^6 (formerly a minutes-long allocation) and a 7168-wide model over tiny weights: refused
-    by arithmetic on the headers, the process peaking where a good tiny load does."""
-    cases = {"layers": edit(num_hidden_layers=10 ** 6), "wide": without("hidden_size"),
+    """num_hidden_layers 10^6 (formerly a minutes-long allocation), 10^9 MTP layers, 8x10^5 experts and a 7168-wide
+    model over tiny weights: refused by arithmetic on the headers, the process peaking where a good tiny load does."""
+    cases = {"layers": edit(num_hidden_layers=10 ** 6), "mtp": edit(num_nextn_predict_layers=10 ** 9),
+             "wide": without("hidden_size"),
              "experts": edit(n_routed_experts=8 * 10 ** 5, n_group=1, topk_group=1)}
     dirs = {}
     for name, mutate in cases.items():
@@ -179,6 +180,7 @@ def test_config_claiming_a_huge_model_allocates_nothing(good, tmp_path):
     base = peak_rss(good)
     assert base[str(good)] is None
     assert "num_hidden_layers is 1000000" in bad[str(dirs["layers"])]
+    assert "num_nextn_predict_layers 1000000000" in bad[str(dirs["mtp"])]
     assert "hidden_size" in bad[str(dirs["wide"])]
     assert "describes a model of" in bad[str(dirs["experts"])]
     # the smallest of the claimed models is 145M float32 parameters (580 MB): any attempt shows far above this
