@@ -86,9 +86,15 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        return {k: path / v for k, v in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        files = {k: path / v for k, v in weight_map.items()}
+        for name, f in files.items():  # every listed file's header is read (and checked) before anything is built
+            if name not in _open(f).header:
+                raise CheckpointError(f"{f}: the index lists tensor {name!r} but the file does not hold it")
+        return files
     single = path / SINGLE_FILE
     if not single.exists():
         files = sorted(path.glob("*.safetensors"))
@@ -136,15 +142,46 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            self.base = 8 + n
+            self.header = self._check_header(header, size)
+            # get() trusts the checked header (offsets span exactly each shape's bytes), so no read fails midway
+            # with a view of the mapping open, which made close() raise BufferError over the real error
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.header = header
+
+    def _check_header(self, header, size: int) -> dict:
+        """Every entry a known dtype, a shape of non-negative ints and data_offsets spanning exactly that shape's
+        bytes inside the file: what get() then trusts, so a malformed or short file fails here, by tensor name."""
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                                  f"not an object)")
+        header = {k: v for k, v in header.items() if k != "__metadata__"}
         for name, info in header.items():
-            start, end = info["data_offsets"]
-            if self.base + end > size:
-                raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                                      f"{self.base + end} but the file has {size} bytes")
+            def bad(what: str):
+                return CheckpointError(f"{self.path}: corrupt safetensors header: tensor {name!r} {what}")
+            if not isinstance(info, dict):
+                raise bad(f"has {info!r} instead of dtype, shape and data_offsets")
+            if info.get("dtype") not in _DTYPES:
+                raise bad(f"has unsupported dtype {info.get('dtype')!r}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise bad(f"has no valid shape ({shape!r})")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise bad(f"has no valid data_offsets ({offsets!r})")
+            nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
+            if offsets[1] - offsets[0] != nbytes:
+                raise bad(f"declares shape {shape} ({nbytes} bytes) but data_offsets span "
+                          f"{offsets[1] - offsets[0]} bytes")
+            if self.base + offsets[1] > size:
+                raise CheckpointError(f"{self.path}: truncated safetensors file: tensor {name!r} ends at byte "
+                                      f"{self.base + offsets[1]} but the file has {size} bytes")
+        return header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def numel(self) -> int:
+        return sum(math.prod(info["shape"]) for info in self.header.values())
 
     def keys(self):
         return self.header.keys()
@@ -152,9 +189,7 @@ class SafetensorsFile:
     def get(self, name: str) -> torch.Tensor:
         import mmap
         info = self.header[name]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = _DTYPES[info["dtype"]]
         start, end = (self.base + o for o in info["data_offsets"])
         shape = info["shape"]
         if end == start:
@@ -190,10 +225,7 @@ def _close_all() -> None:
 
 
 def _get(f: Path, name: str) -> torch.Tensor:
-    sf = _open(f)
-    if name not in sf.header:
-        raise CheckpointError(f"{f}: the index lists tensor {name!r} but the file does not hold it")
-    return sf.get(name)
+    return _open(f).get(name)
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
@@ -216,7 +248,17 @@ def _pick_dtype(hf: dict, dtype) -> torch.dtype:
     if hf.get("quantization_config"):
         return torch.bfloat16
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name if isinstance(name, str) else "",
+                                                                     torch.float32)
+
+
+# The fields that set tensor shapes. transformers fills the ones a config.json leaves out with its defaults (a
+# missing hidden_size is 7168), and so do we; when the weights on disk then disagree, the error names the fields
+# that were defaulted, which is nearly always the cause.
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "first_k_dense_replace", "moe_layer_freq", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+                "index_n_heads", "index_head_dim", "num_nextn_predict_layers")
 
 
 def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
@@ -225,70 +267,76 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
 
     dtype: torch dtype or name; None = the checkpoint's (FP8 releases: bfloat16). If the checkpoint has no MTP
     tensors at all (transformers' save_pretrained drops them), the MTP modules are removed from the model.
+    Nothing is allocated before config.json, every safetensors header and every tensor shape has been checked
+    against each other, so a broken folder fails fast with one CheckpointError naming the file and the field or
+    tensor, however large a model its config.json claims.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model folder)")
+    cpath = path / "config.json"
     try:
-        hf = json.loads((path / "config.json").read_text())
+        hf = json.loads(cpath.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: config.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cpath}: invalid JSON ({e})") from None
     try:
         cfg = ModelConfig.from_hf(hf)
     except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{cpath}: {e}") from None
     dtype = _pick_dtype(hf, dtype)
     qcfg = hf.get("quantization_config") or {}
-    block = tuple(qcfg.get("weight_block_size", (128, 128)))
+    block = qcfg.get("weight_block_size", [128, 128]) if isinstance(qcfg, dict) else None
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+        raise CheckpointError(f"{cpath}: quantization_config.weight_block_size must be two positive integers, "
+                              f"got {block!r}")
+    unset = [f for f in _SIZE_FIELDS if f not in hf]
+    hint = f" (config.json does not set {', '.join(unset)}: the defaults were used)" if unset else ""
 
     _close_all()
     try:
-        return _load(path, cfg, dtype, device, block, strict_mtp)
+        return _load(path, cfg, dtype, device, tuple(block), strict_mtp, hint)
     finally:
         _close_all()
 
 
-def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool) -> Transformer:
-    files = _weight_files(path)
-    L = cfg.num_hidden_layers
-    has_mtp = any(re.match(rf"^model\.layers\.(\d+)\.", n) and int(n.split(".")[2]) >= L for n in files)
-    if cfg.num_nextn_predict_layers and not has_mtp and not strict_mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+def _check_size(path: Path, cfg: ModelConfig, files: dict[str, Path], layers: set[int], hint: str) -> None:
+    """The model config.json describes must fit in what the headers say is on disk, checked by arithmetic before
+    anything is built: a config claiming 10^6 layers or a 7168-wide model over tiny weights stops here."""
+    where = path / "config.json"
+    if cfg.num_hidden_layers + cfg.num_nextn_predict_layers > len(layers):
+        mtp = f" + num_nextn_predict_layers {cfg.num_nextn_predict_layers}" if cfg.num_nextn_predict_layers else ""
+        raise CheckpointError(f"{where}: num_hidden_layers is {cfg.num_hidden_layers}{mtp} but the safetensors files "
+                              f"hold {len(layers)} layer(s){hint}")
+    implied = cfg.num_params(include_mtp=True)["total"]
+    on_disk = sum(_open(f).numel() for f in set(files.values()))
+    if implied > on_disk:
+        sizes = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                               "intermediate_size", "n_routed_experts"))
+        raise CheckpointError(f"{where}: describes a model of {implied:,} parameters ({sizes}) but the safetensors "
+                              f"files hold {on_disk:,} values{hint}")
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+
+def _dst(params: dict[str, torch.Tensor], pname: str, j: Optional[int], part: Optional[str], I: int) -> torch.Tensor:
+    """The parameter (or the slice of a fused expert tensor) a checkpoint tensor goes to."""
+    p = params[pname]
+    if j is None:
+        return p
+    return p[j] if part == "down_proj" else p[j, :I] if part == "gate_proj" else p[j, I:]
+
+
+def _plan(path: Path, cfg: ModelConfig, files: dict[str, Path], params: dict[str, torch.Tensor], block,
+          hint: str) -> list[tuple[str, str, Optional[int], Optional[str]]]:
+    """(HF name, parameter, expert, part) for every tensor to copy, each shape checked against its header, and
+    every unexpected or missing tensor reported: all from headers and a meta-device model, before allocation."""
     todo: dict[str, set] = {n: {None} for n in params if not n.startswith("rotary.")}
-    experts_per_layer = cfg.n_routed_experts
     for n in list(todo):
         if n.endswith("experts.gate_up_proj"):
-            todo[n] = {(j, part) for j in range(experts_per_layer) for part in ("gate_proj", "up_proj")}
+            todo[n] = {(j, part) for j in range(cfg.n_routed_experts) for part in ("gate_proj", "up_proj")}
         elif n.endswith("experts.down_proj"):
-            todo[n] = {(j, "down_proj") for j in range(experts_per_layer)}
-    unexpected: list[str] = []
-    I = cfg.moe_intermediate_size
-
-    def tensor(name: str) -> torch.Tensor:
-        t = _get(files[name], name)
-        if t.dtype == torch.float8_e4m3fn:
-            sname = name + "_scale_inv"
-            if sname not in files:
-                raise CheckpointError(f"FP8 tensor {name!r} has no {sname!r} beside it")
-            t = dequantize_fp8(t, _get(files[sname], sname), block, torch.float32)
-        return t
-
-    def put(dst: torch.Tensor, src: torch.Tensor, label: str) -> None:
-        if tuple(dst.shape) != tuple(src.shape):
-            raise CheckpointError(f"tensor {label!r} has shape {tuple(src.shape)}, the config expects "
-                                  f"{tuple(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(src.to(dst.dtype))
-
+            todo[n] = {(j, "down_proj") for j in range(cfg.n_routed_experts)}
+    plan, unexpected = [], []
     for hf_name in sorted(files):
         if hf_name.endswith("_scale_inv"):
             continue
@@ -299,34 +347,66 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool) 
         if m:
             j, part = int(m.group(2)), m.group(3)
             pname = m.group(1) + (".down_proj" if part == "down_proj" else ".gate_up_proj")
-            if pname not in params or j >= experts_per_layer:
+            if pname not in params or j >= cfg.n_routed_experts:
                 unexpected.append(hf_name)
                 continue
-            p = params[pname]
-            dst = p[j] if part == "down_proj" else p[j, :I] if part == "gate_proj" else p[j, I:]
-            put(dst, tensor(hf_name), hf_name)
             todo[pname].discard((j, part))
-            continue
-        if internal not in params:
+        elif internal not in params:
             unexpected.append(hf_name)
             continue
-        put(params[internal], tensor(hf_name), hf_name)
-        if internal.endswith("experts.gate_up_proj"):
-            todo[internal] = set()
-        elif internal.endswith("experts.down_proj"):
-            todo[internal] = set()
         else:
-            todo[internal].discard(None)
+            j = part = None
+            pname = internal
+            todo[pname] = set() if pname.endswith(("experts.gate_up_proj", "experts.down_proj")) else \
+                todo[pname] - {None}
+        sf = _open(files[hf_name])
+        want, have = tuple(_dst(params, pname, j, part, cfg.moe_intermediate_size).shape), sf.shape(hf_name)
+        if have != want:
+            raise CheckpointError(f"{sf.path}: tensor {hf_name!r} has shape {have}, the config expects {want}{hint}")
+        if sf.header[hf_name]["dtype"] == "F8_E4M3":
+            sname = hf_name + "_scale_inv"
+            if sname not in files:
+                raise CheckpointError(f"{sf.path}: FP8 tensor {hf_name!r} has no {sname!r} beside it")
+            expected = tuple(math.ceil(n / b) for n, b in zip(have, block))
+            if len(have) != 2 or _open(files[sname]).shape(sname) != expected:
+                raise CheckpointError(f"{files[sname]}: FP8 scale {sname!r} has shape "
+                                      f"{_open(files[sname]).shape(sname)}, expected {expected} for {have} "
+                                      f"with {block[0]}x{block[1]} blocks")
+        plan.append((hf_name, pname, j, part))
     if cfg.tie_word_embeddings:
         todo.pop("lm_head.weight", None)
     missing = [n for n, rest in todo.items() if rest]
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) for this config, e.g. "
-                              f"{', '.join(unexpected[:5])}")
+                              f"{', '.join(unexpected[:5])}{hint}")
     if missing:
         names = [internal_to_hf(n, cfg) for n in missing]
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
-                              f"{', '.join(names[:5])}")
+                              f"{', '.join(names[:5])}{hint}")
+    return plan
+
+
+def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, hint: str) -> Transformer:
+    files = _weight_files(path)
+    layers = {int(m.group(1)) for n in files if (m := re.match(r"^model\.layers\.(\d+)\.", n))}
+    has_mtp = any(i >= cfg.num_hidden_layers for i in layers)
+    if cfg.num_nextn_predict_layers and not has_mtp and not strict_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    _check_size(path, cfg, files, layers, hint)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    plan = _plan(path, cfg, files, {**dict(model.named_parameters()), **dict(model.named_buffers())}, block, hint)
+
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for hf_name, pname, j, part in plan:
+        src = _get(files[hf_name], hf_name)
+        if src.dtype == torch.float8_e4m3fn:
+            sname = hf_name + "_scale_inv"
+            src = dequantize_fp8(src, _get(files[sname], sname), block, torch.float32)
+        with torch.no_grad():
+            _dst(params, pname, j, part, cfg.moe_intermediate_size).copy_(src)
     model.eval()
     return model
 
@@ -411,7 +491,11 @@ def cli(cmd: str, argv: list[str]) -> int:
         ap.add_argument("model", help="HF model folder or a preset name")
         a = ap.parse_args(argv)
         from nanoseek.config import PRESETS, get_preset
-        cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+        try:
+            cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+        except (ValueError, FileNotFoundError) as e:  # the message names config.json and the field
+            from nanoseek.cli import error
+            return error("nanoseek info", e, 1)
         n = cfg.num_params()
         print(json.dumps(cfg.to_hf(), indent=2))
         print(f"parameters: {n['total']:,} total, {n['active']:,} activated per token; "
@@ -426,8 +510,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     try:
         model = from_pretrained(a.src, dtype=a.dtype)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        from nanoseek.cli import error
+        return error("nanoseek convert", e, 1)
     save_pretrained(model, a.dst)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (Path(a.src) / f).exists():

@@ -18,6 +18,23 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
+# what each field must hold: int+ a positive integer, int0 a non-negative one, int+? positive or None (q_lora_rank),
+# float+ / float0 a positive / non-negative finite number (ints accepted, as JSON writes 1.0 as 1 sometimes)
+_FIELD_KINDS = {
+    "model_type": "str", "vocab_size": "int+", "hidden_size": "int+", "intermediate_size": "int+",
+    "moe_intermediate_size": "int+", "num_hidden_layers": "int+", "first_k_dense_replace": "int0",
+    "moe_layer_freq": "int+", "num_attention_heads": "int+", "q_lora_rank": "int+?", "kv_lora_rank": "int+",
+    "qk_nope_head_dim": "int+", "qk_rope_head_dim": "int+", "v_head_dim": "int+", "n_routed_experts": "int0",
+    "n_shared_experts": "int0", "num_experts_per_tok": "int0", "n_group": "int+", "topk_group": "int0",
+    "scoring_func": "str", "topk_method": "str", "norm_topk_prob": "bool", "routed_scaling_factor": "float0",
+    "rope_theta": "float+", "rope_type": "str", "rope_factor": "float+", "original_max_position_embeddings": "int+",
+    "beta_fast": "float0", "beta_slow": "float0", "mscale": "float0", "mscale_all_dim": "float0",
+    "max_position_embeddings": "int+", "index_n_heads": "int0", "index_head_dim": "int+", "index_topk": "int0",
+    "num_nextn_predict_layers": "int0", "rms_norm_eps": "float+", "tie_word_embeddings": "bool",
+    "initializer_range": "float0", "bos_token_id": "int0", "eos_token_id": "int0",
+}
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "deepseek_v3"
@@ -95,6 +112,22 @@ class ModelConfig:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"invalid ModelConfig: {msg}")
+        # types and ranges first, field by field: a config.json value of the wrong kind ("64", -64, true) is named
+        # here rather than surfacing later as a tensor-allocation error; bools are never integers
+        for name, kind in _FIELD_KINDS.items():
+            v = getattr(self, name)
+            if kind == "bool":
+                need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+            elif kind == "str":
+                need(isinstance(v, str), f"{name} must be a string, got {v!r}")
+            elif kind in ("float+", "float0"):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                need(ok and (v > 0 if kind == "float+" else v >= 0),
+                     f"{name} must be a {'positive' if kind == 'float+' else 'non-negative'} number, got {v!r}")
+            elif not (kind == "int+?" and v is None):
+                ok = isinstance(v, int) and not isinstance(v, bool)
+                need(ok and (v >= 0 if kind == "int0" else v > 0),
+                     f"{name} must be a {'non-negative' if kind == 'int0' else 'positive'} integer, got {v!r}")
         need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         need(self.scoring_func in SCORING_FUNCS, f"scoring_func {self.scoring_func!r} not in {SCORING_FUNCS}")
         need(self.topk_method in TOPK_METHODS, f"topk_method {self.topk_method!r} not in {TOPK_METHODS}")
@@ -128,11 +161,11 @@ class ModelConfig:
                    + 2 * self.index_head_dim + d * self.index_n_heads)
         return q + kv + o + idx
 
-    def _layer_params(self, i: int) -> tuple[int, int]:
-        """(total, activated) parameters of decoder layer i, norms included."""
+    def _layer_params(self, moe: bool) -> tuple[int, int]:
+        """(total, activated) parameters of a MoE or dense decoder layer, norms included."""
         d = self.hidden_size
         attn = self._attn_params() + 2 * d
-        if not self.is_moe_layer(i):
+        if not moe:
             ffn = 3 * d * self.intermediate_size
             return attn + ffn, attn + ffn
         expert = 3 * d * self.moe_intermediate_size
@@ -151,16 +184,20 @@ class ModelConfig:
         emb = v * d
         head = 0 if self.tie_word_embeddings else v * d
         total = active = emb + head + d
-        for i in range(self.num_hidden_layers):
-            t, a = self._layer_params(i)
-            total += t
-            active += a
+        # a closed form over the two layer kinds, not a loop over layers: the loader checks a config.json that
+        # claims 10^6 layers against the bytes on disk with this before building anything
+        L, first, freq = self.num_hidden_layers, self.first_k_dense_replace, self.moe_layer_freq
+        # MoE layers: the multiples of freq in [first, L)
+        n_moe = max(0, (L - 1) // freq - (first - 1) // freq) if self.n_routed_experts else 0
+        for moe, count in ((True, n_moe), (False, L - n_moe)):
+            t, a = self._layer_params(moe)
+            total += t * count
+            active += a * count
         if include_mtp:
-            for _ in range(self.num_nextn_predict_layers):
-                t, a = self._layer_params(self.num_hidden_layers)  # an MTP block is a MoE block in V3
-                extra = 2 * d * d + 3 * d
-                total += t + extra
-                active += a + extra
+            t, a = self._layer_params(self.is_moe_layer(self.num_hidden_layers))  # a MoE block in V3
+            extra = 2 * d * d + 3 * d
+            total += (t + extra) * self.num_nextn_predict_layers
+            active += (a + extra) * self.num_nextn_predict_layers
         return {"total": total, "active": active}
 
     def kv_cache_values_per_token(self) -> int:
@@ -234,6 +271,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face config.json dict; accepts old (`rope_scaling`) and new (`rope_parameters`)."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object, not a {type(hf).__name__}")
         mt = hf.get("model_type")
         if mt not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type {mt!r} in config.json; nanoseek reads {', '.join(MODEL_TYPES)}")
@@ -265,21 +304,33 @@ class ModelConfig:
         if mt != "deepseek_v32":
             kw["index_topk"] = 0
             kw["index_n_heads"] = 0
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        kw["rope_theta"] = float(theta)
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = hf.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} must be an object (or null), got {rope!r}")
+        kw["rope_theta"] = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         rtype = rope.get("rope_type") or rope.get("type") or "default"
         if rtype not in ("default", "yarn"):
             raise ValueError(f"unsupported rope scaling type {rtype!r}; nanoseek implements 'default' and 'yarn'")
         kw["rope_type"] = rtype
         if rtype == "yarn":
-            kw["rope_factor"] = float(rope["factor"])
-            kw["original_max_position_embeddings"] = int(rope.get("original_max_position_embeddings", 4096))
-            kw["beta_fast"] = float(rope.get("beta_fast") or 32)
-            kw["beta_slow"] = float(rope.get("beta_slow") or 1)
-            kw["mscale"] = float(rope.get("mscale") or 0.0)
-            kw["mscale_all_dim"] = float(rope.get("mscale_all_dim") or 0.0)
-        return cls(**kw)
+            if rope.get("factor") is None:
+                raise ValueError(f"{key}: yarn needs a 'factor'")
+            for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                         "mscale_all_dim"):  # named as config.json spells them; validate() checks the ranges
+                v = rope.get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise ValueError(f"{key}.{name} must be a number, got {v!r}")
+            # the values go in as written (validate() names a wrong type); null means the default, as in HF
+            kw["rope_factor"] = rope["factor"]
+            kw["original_max_position_embeddings"] = rope.get("original_max_position_embeddings") or 4096
+            kw["beta_fast"] = rope.get("beta_fast") or 32.0
+            kw["beta_slow"] = rope.get("beta_slow") or 1.0
+            kw["mscale"] = rope.get("mscale") or 0.0
+            kw["mscale_all_dim"] = rope.get("mscale_all_dim") or 0.0
+        cfg = cls(**kw)
+        # JSON writes whole floats as ints at times: store floats so that round trips compare equal
+        return cfg.replace(**{f: float(getattr(cfg, f)) for f, k in _FIELD_KINDS.items() if k.startswith("float")})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -292,7 +343,10 @@ class ModelConfig:
             raise FileNotFoundError(f"no config.json at {p}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from None
-        return cls.from_hf(hf)
+        try:
+            return cls.from_hf(hf)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")

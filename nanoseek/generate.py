@@ -150,5 +150,5 @@ def cli(cmd: str, argv: list[str]) -> int:
     try:
         return _generate(args) if cmd == "generate" else _chat(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"nanoseek {cmd}: error: {e}", file=sys.stderr)
-        return 2
+        from nanoseek.cli import error
+        return error(f"nanoseek {cmd}", e, 2)

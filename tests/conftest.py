@@ -44,11 +44,16 @@ def simde_cc() -> str:
 def assert_resumes_exactly(run, full_dir: Path, part_dir: Path, *args: str, stop: int = 3, steps: int = 6) -> None:
     """A run stopped after `stop` steps and resumed gives the losses, gradient norms and final weights of the same
     run done in one go. run(out_dir, *args) trains and returns metrics.jsonl's records."""
-    import nanoseek
     full = run(full_dir, *args)
     part = run(part_dir, *args, "--stop-after", str(stop))
     assert [r["step"] for r in part] == list(range(1, stop + 1))
     resumed = run(part_dir, *args, "--resume")
+    assert_same_run(full, resumed, full_dir, part_dir, steps)
+
+
+def assert_same_run(full: list[dict], resumed: list[dict], full_dir: Path, part_dir: Path, steps: int) -> None:
+    """The resumed run's metrics.jsonl records and final weights are those of the run done in one go."""
+    import nanoseek
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for a, b in zip(full, resumed):
         for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):

@@ -294,7 +294,9 @@ class _State:
             self.tokenizer, self.engine, self.aengine = tokenizer, engine, AsyncEngine(engine)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            log.error("could not load the model from %s: %s", self.cfg.model_dir, self.load_error)
+            from nanoseek.cli import DEBUG  # one line; the traceback only under --debug
+            log.error("could not load the model from %s: %s", self.cfg.model_dir, self.load_error,
+                      exc_info=e if DEBUG else None)
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
@@ -1123,8 +1125,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     try:
         app = create_app(cfg, on_fatal=on_fatal)
     except (OSError, ValueError) as e:
-        print(f"nanoseek serve: {e}", file=sys.stderr)
-        return 2
+        from nanoseek.cli import error
+        return error("nanoseek serve", e, 2, prefix="")
     # a short graceful period: open streams are cut after it, so Ctrl-C never hangs on a long generation
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=3))
