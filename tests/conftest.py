@@ -58,6 +58,7 @@ def assert_same_run(full: list[dict], resumed: list[dict], full_dir: Path, part_
     for a, b in zip(full, resumed):
         for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k, a[k], b[k])
+
     def weights(final: Path) -> dict:  # a model, or a LoRA adapter (PEFT's file)
         if (final / "adapter_model.safetensors").is_file():
             from safetensors.torch import load_file
