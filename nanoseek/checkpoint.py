@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from nanoseek import quant
 from nanoseek.config import ModelConfig
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import Transformer
@@ -220,11 +221,13 @@ def _pick_dtype(hf: dict, dtype) -> torch.dtype:
 
 
 def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-                    strict_mtp: bool = False) -> Transformer:
+                    strict_mtp: bool = False, quantize: Optional[str] = None, group_size: int = 32) -> Transformer:
     """Load a Hugging Face DeepSeek folder (config.json + safetensors) into a `Transformer`.
 
     dtype: torch dtype or name; None = the checkpoint's (FP8 releases: bfloat16). If the checkpoint has no MTP
     tensors at all (transformers' save_pretrained drops them), the MTP modules are removed from the model.
+    quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`).
+    A folder written by `nanoseek quantize` loads quantized as it is.
     """
     path = Path(path)
     if not path.is_dir():
@@ -239,15 +242,23 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
         cfg = ModelConfig.from_hf(hf)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    dtype = _pick_dtype(hf, dtype)
+    saved = quant.saved_config(hf)
+    if saved is None:
+        dtype = _pick_dtype(hf, dtype)
+    elif quantize is not None and (quantize, group_size) != (saved.format, saved.group_size):
+        raise CheckpointError(f"{path}: already quantized ({saved.format}, group {saved.group_size}); "
+                              f"it cannot be re-quantized to {quantize} (quantize the float checkpoint)")
     qcfg = hf.get("quantization_config") or {}
     block = tuple(qcfg.get("weight_block_size", (128, 128)))
 
     _close_all()
     try:
-        return _load(path, cfg, dtype, device, block, strict_mtp)
+        if saved is not None:  # built quantized: the float weights are never held
+            return quant.load_quantized(path, hf, cfg, dtype, device)
+        model = _load(path, cfg, dtype, device, block, strict_mtp)
     finally:
         _close_all()
+    return model if quantize is None else quant.quantize_model(model, quantize, group_size)
 
 
 def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool) -> Transformer:
