@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from nanoseek import chat
+from nanoseek import chat, quant
 from nanoseek.engine import Engine, SamplingParams
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -46,6 +46,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     ap.add_argument("--num-draft", type=int, default=1, help="draft tokens per step with --speculative mtp")
     ap.add_argument("--max-model-len", type=int, default=None)
+    quant.add_arguments(ap)
     return ap
 
 
@@ -54,7 +55,8 @@ def _load(args):
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.precision import resolve
     dtype = resolve(args.dtype, args.device, "nanoseek")
-    model = from_pretrained(args.model, dtype=dtype, device=args.device)
+    model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                            group_size=args.quant_group_size)
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, max_batch_size=1, max_model_len=args.max_model_len, speculative=args.speculative,
                     num_draft=args.num_draft)

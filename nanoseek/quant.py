@@ -110,7 +110,7 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 32
     lo = _bf16(g.amin(-1), up=False)
     scale = _bf16((g.amax(-1) - lo.float()) / 15, up=True)
     s = scale.float()
-    s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: codes 0, W' = min exactly
+    s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group (bf16-exact): codes 0, W' = min
     q = ((g - lo.float()[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.uint8).flatten(-2)
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, lo
 
@@ -384,6 +384,15 @@ def load_quantized(path: Path, hf: dict, cfg, dtype, device) -> nn.Module:
     if todo:
         raise CheckpointError(f"{path}: {len(todo)} tensor(s) missing, e.g. {', '.join(sorted(todo)[:5])}")
     return model.eval()
+
+
+def add_arguments(ap) -> None:
+    """--quantize and --quant-group-size, as `generate`, `chat`, `serve` and `eval` take them."""
+    ap.add_argument("--quantize", choices=FORMATS, default=None,
+                    help="weight-only quantization at load (nanoseek.quant); a `nanoseek quantize` folder loads "
+                         "quantized without it")
+    ap.add_argument("--quant-group-size", type=int, default=32, choices=GROUP_SIZES,
+                    help="int4: input values per scale (default 32)")
 
 
 def cli(cmd: str, argv: list[str]) -> int:
