@@ -4,6 +4,7 @@ dequantize-then-matmul (and the fused int8 path to that reference), a quantized 
 models, and the memory saved (from tensor sizes)."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,22 @@ def test_cli_flags(model_dir, capsys):
     assert capsys.readouterr().out.startswith("hello")
     with pytest.raises(SystemExit):
         generate.cli("generate", [str(model_dir / "float"), "hello", "--quantize", "int3"])
+
+
+def test_serve_quantized_flag_and_folder_give_the_same_completion(model_dir, tmp_path):
+    import httpx
+    from nanoseek.server.api import ServeConfig, ServerThread
+    folder = tmp_path / "int8"
+    assert quant.cli("quantize", [str(model_dir / "float"), str(folder), "--format", "int8", "--dtype", "float32"]) == 0
+    texts = []
+    for cfg in (ServeConfig(str(model_dir / "float"), dtype="float32", quantize="int8", max_model_len=64),
+                ServeConfig(str(folder), dtype="float32", max_model_len=64)):
+        with ServerThread(cfg) as srv:
+            srv.wait_ready()
+            assert srv.app.state.nanoseek.engine.model.quantization == quant.QuantConfig("int8")
+            r = httpx.post(srv.url + "/v1/completions", json={"model": Path(cfg.model_dir).name, "prompt": "the cat",
+                                                             "max_tokens": 6, "temperature": 0}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 6
+            texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1]
