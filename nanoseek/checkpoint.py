@@ -376,7 +376,10 @@ def hf_state_dict(model: Transformer, dtype=None) -> Iterator[tuple[str, torch.T
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, dtype=None,
                     max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-    """Write config.json + model.safetensors (sharded with an index above max_shard_bytes) in HF names."""
+    """Write config.json + model.safetensors (sharded with an index above max_shard_bytes) in HF names. A
+    quantized model (`nanoseek.quant`) is written in its own folder format, as `nanoseek quantize` does."""
+    if getattr(model, "quantization", None) is not None:
+        return quant.save_quantized(model, path)
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

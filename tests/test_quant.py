@@ -193,6 +193,9 @@ def test_quantize_command_writes_a_folder_that_loads_bit_identically(model_dir, 
     x = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         assert torch.equal(want(x).logits, got(x).logits)
+    nanoseek.save_pretrained(got, tmp_path / "again")  # a quantized model saves in the same format
+    again = nanoseek.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sd_got.items())
     with pytest.raises(nanoseek.CheckpointError, match="cannot be re-quantized"):
         nanoseek.from_pretrained(out, quantize="int8" if fmt == "int4" else "int4")
 
