@@ -245,7 +245,7 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     saved = quant.saved_config(hf)
     if saved is None:
         dtype = _pick_dtype(hf, dtype)
-    elif quantize is not None and (quantize, group_size) != (saved.format, saved.group_size):
+    elif quantize is not None and (quantize != saved.format or (quantize == "int4" and group_size != saved.group_size)):
         raise CheckpointError(f"{path}: already quantized ({saved.format}, group {saved.group_size}); "
                               f"it cannot be re-quantized to {quantize} (quantize the float checkpoint)")
     qcfg = hf.get("quantization_config") or {}
