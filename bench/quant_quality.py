@@ -6,9 +6,10 @@ Bits per byte (`nanoseek.evaluate`, what `nanoseek eval` prints) of the float32 
 quantized forms: int8, int4 with groups of 32 / 64 / 128, and two int4 variants that were measured and not
 chosen (the head in int4 instead of int8; symmetric int4 groups, codes -7..7 with no min), each relative to the
 unquantized model in the same activation dtype, with the relative RMS error of the quantized weights. Then
-greedy decoding, bf16 vs int8 (bf16 activations, the fused int8 path) for --steps tokens on 5 code prompts: the first differing step, if any, with the bf16 model's logit
-margin there (top-1 minus the int8 model's pick) against the quantization error of the logits at that step
-(max and RMS of |int8 - bf16| over the vocabulary): a flip is explained when the margin is below the max error.
+greedy decoding, bf16 vs int8 (bf16 activations, the fused int8 path) for --steps tokens on 5 code prompts:
+the first differing step, if any, with the bf16 model's logit margin there (top-1 minus the int8 model's pick)
+against the quantization error of the logits at that step (max and RMS of |int8 - bf16| over the vocabulary): a
+flip is explained when the margin is below the max error.
 
 Default text: the speedrun's held-out files (its corpus is this Python's standard library; `split_files` holds
 out 2% of the files by path hash, never trained on). Prints the CPU, the settings and one table.
