@@ -7,9 +7,9 @@ Formats (W [N, K]: N output rows, K input values per row; leading dims, e.g. exp
   min = the group's minimum, scale = (max - min) / 15, codes = round((W - min) / scale) in [0, 15], packed two
   per byte (uint8 [N, K/2]: value 2j in the low nibble, 2j+1 in the high one); scale and min bf16 [N, K/G].
   W' = codes * scale + min. A row whose K is not a multiple of G is kept in int8 (e.g. `tiny`'s q_lora_rank 48).
-  Asymmetric, not symmetric (codes -8..7, scale = max|group| / 7, no min): over the speedrun model's quantized
-  weights the asymmetric form has 0.85x the relative RMS weight error at G=32 (0.0842 vs 0.0994), and its
-  bits per byte are closer (README, Quantization) for 0.5 extra bits per weight (Q4_1 vs Q4_0 in llama.cpp's terms).
+  Asymmetric, not symmetric (codes -7..7, scale = max|group| / 7, no min): over the speedrun model's quantized
+  weights the asymmetric form has 0.81x the relative RMS weight error at G=32 (0.0735 vs 0.0910; bits per byte
+  +0.01% vs +0.02%, `bench/quant_quality.py`) for 0.5 extra bits per weight (Q4_1 vs Q4_0 in llama.cpp's terms).
 Scales and mins are stored in bf16, rounded outward (min down, scale up) before the codes are computed from
 them, so every value stays inside the representable range and |W - W'| <= scale / 2 per element holds exactly
 with the stored scale (tests/test_quant.py). bf16 rather than fp16: the range of fp32, so a tiny scale never
@@ -24,12 +24,13 @@ MLPs, MTP's eh_proj, the output head, and the routed experts. Kept in float, by 
 - DSA's indexer: it ranks past tokens for top-k (like the router, ranking is fragile) and is small;
 - a head tied to the embedding (it is the embedding).
 In `int4` the head is int8: the output projection sets every logit directly, llama.cpp keeps its output tensor at
-higher precision (Q6_K / Q8_0) for the same reason (measured on the speedrun model: README, Quantization).
+higher precision (Q6_K / Q8_0) for the same reason. Measured on the speedrun model: an int4 head (group 32) costs
++0.05% bits per byte against +0.01% for the int8 head, for 1% less memory (README, Quantization).
 
 Forward of each quantized module: the reference is dequantize to the activation dtype, then the plain matmul
 (`QuantLinear.reference`, `QuantExperts.forward` with fast off). Fast path: int8 weights with bfloat16
 activations on CPU run `torch._weight_int8pack_mm` (int8 codes times bf16 activations, the scale applied to the
-output: no dequantized copy; ~1.8x a dense bf16 matvec at 2048x1024 here). Not for float32 activations (that
+output: no dequantized copy; 1.8-2.7x faster than a dense bf16 matvec at 2048x1024 on the Zen 4 here). Not for float32 activations (that
 op is slow there) and not for int4: PyTorch's `_weight_int4pack_mm_for_cpu` measured no faster than a dense bf16
 matvec on this CPU and needs its own weight layout. The routed experts dequantize only the experts a batch
 routes tokens to, never all E.
