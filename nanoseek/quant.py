@@ -28,22 +28,23 @@ higher precision (Q6_K / Q8_0) for the same reason. Measured on the speedrun mod
 +0.05% bits per byte against +0.01% for the int8 head, for 1% less memory (README, Quantization).
 
 Forward of each quantized module: the reference is dequantize to the activation dtype, then the plain matmul
-(`QuantLinear.reference`, `QuantExperts.forward` with fast off). Fast path: int8 weights with bfloat16
-activations on CPU run `torch._weight_int8pack_mm` (int8 codes times bf16 activations, the scale applied to the
-output: no dequantized copy; 1.8-2.7x faster than a dense bf16 matvec at 2048x1024 on the Zen 4 here). Not for float32 activations (that
-op is slow there) and not for int4: PyTorch's `_weight_int4pack_mm_for_cpu` measured no faster than a dense bf16
-matvec on this CPU and needs its own weight layout. The routed experts dequantize only the experts a batch
-routes tokens to, never all E.
+(`QuantLinear.reference`, `QuantExperts.forward` with fast off). Fast path: int8 weights with bfloat16 activations
+on CPU run `torch._weight_int8pack_mm` (int8 codes times bf16 activations, the scale applied to the output: no
+dequantized copy; 1.8-2.7x faster than a dense bf16 matvec at 2048x1024 on the Zen 4 here). Not for float32
+activations (that op is slow there) and not for int4: PyTorch's `_weight_int4pack_mm_for_cpu` measured no faster
+than a dense bf16 matvec on this CPU and needs its own weight layout. The routed experts dequantize only the experts
+a batch routes tokens to, never all E.
 `nanoseek.kernels.install` leaves every module that holds quantized weights on its reference class: the fused C
 decode kernels read plain float weights.
 
 Folder format (`nanoseek quantize IN OUT`, read back by `from_pretrained` / `serve` as is, built quantized: the
 float weights are never materialised): config.json is the model's HF config plus
     "quantization_config": {"quant_method": "nanoseek", "format": "int8"|"int4", "group_size": G}
-and model.safetensors holds, in HF names, each quantized weight as `<weight name>` (codes: int8 = int8 format,
-uint8 = packed int4), `<weight name>_scale` (bf16) and for int4 `<weight name>_min` (bf16); routed experts fused
-per layer (`model.layers.i.mlp.experts.gate_up_proj` [E, 2I, ...], `.down_proj` [E, D, ...], as the float loader
-also reads); every other tensor in the float dtype of the source. The tokenizer files are copied.
+and model.safetensors (one file: sharding comes with the streaming load) holds, in HF names, each quantized weight
+as `<weight name>` (codes: int8 = int8 format, uint8 = packed int4), `<weight name>_scale` (bf16) and for int4
+`<weight name>_min` (bf16); routed experts fused per layer (`model.layers.i.mlp.experts.gate_up_proj` [E, 2I, ...],
+`.down_proj` [E, D, ...], as the float loader also reads); every other tensor in the float dtype of the source. The
+tokenizer files are copied.
 
 Legend: N output rows, K input values, G group size, E routed experts, D model width, I expert width.
 """
