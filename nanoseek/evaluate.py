@@ -1,6 +1,7 @@
 """`nanoseek eval`: how well a model predicts text files, and how compactly its tokenizer cuts them.
 
     nanoseek eval MODEL_DIR --data FILE... [--max-tokens N] [--seq-len T] [--dtype auto] [--json]
+                  [--quantize int8|int4 [--quant-group-size 32]]
 
 Per file: bits per byte (the model's cross-entropy over the file's tokens, in bits, divided by the UTF-8 bytes
 they stand for: comparable across tokenizers, so a model adapted with an extended vocabulary can be compared

@@ -2,6 +2,7 @@
 
     nanoseek generate MODEL_DIR "Once upon a time" [--max-tokens 128] [--temperature 0.7] [--chat] [--thinking]
     nanoseek chat MODEL_DIR [--system "..."] [--thinking] [--speculative mtp]
+    (both: [--quantize int8|int4 [--quant-group-size 32]], weight-only quantization at load, nanoseek.quant)
 
 MODEL_DIR is a Hugging Face folder (config.json, safetensors, tokenizer.json). `generate` continues the raw
 text (or, with --chat, answers it as a user message); `chat` keeps the conversation, encodes it with DeepSeek's

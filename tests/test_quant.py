@@ -117,11 +117,14 @@ def test_quant_experts_equal_dequantized_experts_and_dequantize_only_the_routed_
         out = q(x, w, idx)
     assert len(seen) == 4 and all(len(s) == 2 for s in seen)  # 2 experts x 2 projections, one expert each
     torch.testing.assert_close(out, ref(x, w, idx), atol=1e-5, rtol=1e-5)
+    calls, real_mm = [], quant._int8_mm
+    monkeypatch.setattr(quant, "_int8_mm", lambda *a: calls.append(1) or real_mm(*a))
     xb = x.bfloat16()
     with torch.no_grad():
         fast = q(xb, w, idx)
         q.fast = False
         slow = q(xb, w, idx)
+    assert len(calls) == (4 if fmt == "int8" else 0)
     torch.testing.assert_close(fast, slow, atol=2e-2 * float(slow.abs().max()), rtol=2e-2)
 
 
@@ -229,6 +232,9 @@ def test_cli_flags(model_dir, capsys):
     assert capsys.readouterr().out.startswith("hello")
     with pytest.raises(SystemExit):
         generate.cli("generate", [str(model_dir / "float"), "hello", "--quantize", "int3"])
+    chat = generate._parser("chat").parse_args([str(model_dir / "float"), "--quantize", "int4",
+                                                "--quant-group-size", "128"])
+    assert (chat.quantize, chat.quant_group_size) == ("int4", 128)
 
 
 def test_serve_quantized_flag_and_folder_give_the_same_completion(model_dir, tmp_path):
