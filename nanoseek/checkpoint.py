@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from nanoseek import quant
 from nanoseek.config import ModelConfig
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import Transformer
@@ -262,7 +263,7 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermedi
 
 
 def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-                    strict_mtp: bool = False) -> Transformer:
+                    strict_mtp: bool = False, quantize: Optional[str] = None, group_size: int = 32) -> Transformer:
     """Load a Hugging Face DeepSeek folder (config.json + safetensors) into a `Transformer`.
 
     dtype: torch dtype or name; None = the checkpoint's (FP8 releases: bfloat16). If the checkpoint has no MTP
@@ -270,6 +271,8 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     Nothing is allocated before config.json, every safetensors header and every tensor shape has been checked
     against each other, so a broken folder fails fast with one CheckpointError naming the file and the field or
     tensor, however large a model its config.json claims.
+    quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`).
+    A folder written by `nanoseek quantize` loads quantized as it is.
     """
     path = Path(path)
     if not path.is_dir():
@@ -285,7 +288,12 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
         cfg = ModelConfig.from_hf(hf)
     except ValueError as e:
         raise CheckpointError(f"{cpath}: {e}") from None
-    dtype = _pick_dtype(hf, dtype)
+    saved = quant.saved_config(hf)
+    if saved is None:
+        dtype = _pick_dtype(hf, dtype)
+    elif quantize is not None and (quantize != saved.format or (quantize == "int4" and group_size != saved.group_size)):
+        raise CheckpointError(f"{path}: already quantized ({saved.format}, group {saved.group_size}); "
+                              f"it cannot be re-quantized to {quantize} (quantize the float checkpoint)")
     qcfg = hf.get("quantization_config") or {}
     block = qcfg.get("weight_block_size", [128, 128]) if isinstance(qcfg, dict) else None
     if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
@@ -296,9 +304,12 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
 
     _close_all()
     try:
-        return _load(path, cfg, dtype, device, tuple(block), strict_mtp, hint)
+        if saved is not None:  # built quantized: the float weights are never held
+            return quant.load_quantized(path, hf, cfg, dtype, device)
+        model = _load(path, cfg, dtype, device, tuple(block), strict_mtp, hint)
     finally:
         _close_all()
+    return model if quantize is None else quant.quantize_model(model, quantize, group_size)
 
 
 def _check_size(path: Path, cfg: ModelConfig, files: dict[str, Path], layers: set[int], hint: str) -> None:
@@ -445,7 +456,10 @@ def hf_state_dict(model: Transformer, dtype=None) -> Iterator[tuple[str, torch.T
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, dtype=None,
                     max_shard_bytes: int = 5 * 1024 ** 3) -> None:
-    """Write config.json + model.safetensors (sharded with an index above max_shard_bytes) in HF names."""
+    """Write config.json + model.safetensors (sharded with an index above max_shard_bytes) in HF names. A
+    quantized model (`nanoseek.quant`) is written in its own folder format, as `nanoseek quantize` does."""
+    if getattr(model, "quantization", None) is not None:
+        return quant.save_quantized(model, path)
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

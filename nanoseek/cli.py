@@ -1,6 +1,7 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
-    nanoseek train | adapt | sft | tokenizer | generate | chat | serve | lora | convert | info | eval  [--debug]
+    nanoseek train | adapt | sft | tokenizer | generate | chat | serve | lora | convert | info | eval | quantize
+             [--debug]
 
 An error the user can act on (a broken model folder, a bad option) is printed as one line naming its cause; with
 --debug (anywhere on the line) its traceback is printed too.
@@ -33,6 +34,7 @@ COMMANDS = {
     "convert": ("nanoseek.checkpoint", "re-save a checkpoint (e.g. FP8 -> bf16) in HF layout"),
     "info": ("nanoseek.checkpoint", "print a model folder's config and parameter counts"),
     "eval": ("nanoseek.evaluate", "bits per byte, tokens per word and per byte of a model on text files"),
+    "quantize": ("nanoseek.quant", "write a model folder with int8 / int4 weights"),
 }
 
 

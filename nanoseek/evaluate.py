@@ -1,6 +1,7 @@
 """`nanoseek eval`: how well a model predicts text files, and how compactly its tokenizer cuts them.
 
     nanoseek eval MODEL_DIR --data FILE... [--max-tokens N] [--seq-len T] [--dtype auto] [--json]
+                  [--quantize int8|int4 [--quant-group-size 32]]
 
 Per file: bits per byte (the model's cross-entropy over the file's tokens, in bits, divided by the UTF-8 bytes
 they stand for: comparable across tokenizers, so a model adapted with an extended vocabulary can be compared
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import data as D
+from nanoseek import quant
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 
@@ -100,6 +102,7 @@ def cli(cmd: str, argv: list[str]) -> int:
                     help="auto: bfloat16 where the device computes it natively and fast, else float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", action="store_true", help="one JSON object per line per file")
+    quant.add_arguments(ap)
     args = ap.parse_args(argv)
     try:
         if args.seq_len < 1 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
@@ -108,7 +111,8 @@ def cli(cmd: str, argv: list[str]) -> int:
         if not files:
             raise ValueError(f"no text files in {' '.join(args.data)}")
         dtype = resolve(args.dtype, args.device, "nanoseek eval")
-        model = from_pretrained(args.model, dtype=dtype, device=args.device)
+        model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                                group_size=args.quant_group_size)
         tok = load_tokenizer(args.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"nanoseek eval: error: {e}", file=sys.stderr)

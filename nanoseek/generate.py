@@ -2,6 +2,7 @@
 
     nanoseek generate MODEL_DIR "Once upon a time" [--max-tokens 128] [--temperature 0.7] [--chat] [--thinking]
     nanoseek chat MODEL_DIR [--system "..."] [--thinking] [--speculative mtp]
+    (both: [--quantize int8|int4 [--quant-group-size 32]], weight-only quantization at load, nanoseek.quant)
 
 MODEL_DIR is a Hugging Face folder (config.json, safetensors, tokenizer.json). `generate` continues the raw
 text (or, with --chat, answers it as a user message); `chat` keeps the conversation, encodes it with DeepSeek's
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from nanoseek import chat
+from nanoseek import chat, quant
 from nanoseek.engine import Engine, SamplingParams
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -46,6 +47,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     ap.add_argument("--num-draft", type=int, default=1, help="draft tokens per step with --speculative mtp")
     ap.add_argument("--max-model-len", type=int, default=None)
+    quant.add_arguments(ap)
     return ap
 
 
@@ -54,7 +56,8 @@ def _load(args):
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.precision import resolve
     dtype = resolve(args.dtype, args.device, "nanoseek")
-    model = from_pretrained(args.model, dtype=dtype, device=args.device)
+    model = from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize,
+                            group_size=args.quant_group_size)
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, max_batch_size=1, max_model_len=args.max_model_len, speculative=args.speculative,
                     num_draft=args.num_draft)

@@ -274,10 +274,13 @@ def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
     """Put the fast paths onto every module of `model` in place (same parameters, buffers and state dict) and
     return it. pack_weights: run CPU inference matmuls on oneDNN-packed copies of the weights (bf16 matvecs ~1.7x
     faster, bit-identical; fp32 prefill GEMMs ~2x faster; twice the weight memory); ignored where oneDNN's bf16
-    support is missing."""
+    support is missing. Modules holding quantized weights (`nanoseek.quant`) keep their reference class: these
+    fast paths read plain float weights, so a quantized model runs on the PyTorch path (and its own fused op)."""
+    from nanoseek.quant import holders
+    held = holders(model)
     for m in model.modules():
         fast = FAST.get(type(m))
-        if fast is not None:
+        if fast is not None and id(m) not in held:
             m.__class__ = fast
     pack_weights_(model, pack_weights)
     return model

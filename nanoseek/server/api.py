@@ -77,6 +77,8 @@ class ServeConfig:
     speculative: Optional[str] = None  # "mtp"
     num_draft: int = 1
     lora: Optional[tuple[str, str]] = None  # (name, adapter folder): serve model_dir + this adapter, merged at load
+    quantize: Optional[str] = None  # "int8" | "int4": weight-only quantization at load (nanoseek.quant)
+    quant_group_size: int = 32
 
 
 class APIError(Exception):
@@ -252,11 +254,16 @@ class _State:
         dtype = resolve(cfg.dtype, device, "nanoseek serve", out=said)
         if said.getvalue():
             log.info("%s", said.getvalue().strip())
-        model = nanoseek.from_pretrained(cfg.model_dir, dtype=dtype, device=device).eval()
+        model = nanoseek.from_pretrained(cfg.model_dir, dtype=dtype, device=device,
+                                         quantize=None if cfg.lora else cfg.quantize,
+                                         group_size=cfg.quant_group_size).eval()
         if cfg.lora:  # merged: the engine's fast and cached paths read the weights directly (lora.py)
             from nanoseek.lora import load_adapter, merge_lora
             merge_lora(load_adapter(model, cfg.lora[1]))
             log.info("merged LoRA adapter %s, served as %r", cfg.lora[1], cfg.lora[0])
+            if cfg.quantize:  # quantized after the merge (the merge writes float weights)
+                from nanoseek.quant import quantize_model
+                quantize_model(model, cfg.quantize, cfg.quant_group_size)
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
                         cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
                         speculative=cfg.speculative, num_draft=cfg.num_draft)
@@ -1069,6 +1076,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     ap.add_argument("--num-draft", type=int, default=1, help="MTP draft tokens per step")
     ap.add_argument("--lora", metavar="NAME=PATH", help="serve model_dir with this LoRA adapter (PEFT format) merged "
                     "in, under the model name NAME")
+    from nanoseek.quant import add_arguments
+    add_arguments(ap)
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = ap.parse_args(argv)
 
@@ -1110,7 +1119,8 @@ def cli(cmd: str, argv: list[str]) -> int:
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
                       max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-                      speculative=args.speculative, num_draft=args.num_draft, lora=lora)
+                      speculative=args.speculative, num_draft=args.num_draft, lora=lora,
+                      quantize=args.quantize, quant_group_size=args.quant_group_size)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
