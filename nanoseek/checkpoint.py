@@ -262,6 +262,16 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermedi
                 "index_n_heads", "index_head_dim", "num_nextn_predict_layers")
 
 
+def read_json(f: Path):
+    """A JSON file's value; CheckpointError naming the file when it is missing or not JSON."""
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
 def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
                     strict_mtp: bool = False, quantize: Optional[str] = None, group_size: int = 32) -> Transformer:
     """Load a Hugging Face DeepSeek folder (config.json + safetensors) into a `Transformer`.
@@ -278,12 +288,7 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model folder)")
     cpath = path / "config.json"
-    try:
-        hf = json.loads(cpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: config.json is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cpath}: invalid JSON ({e})") from None
+    hf = read_json(cpath)
     try:
         cfg = ModelConfig.from_hf(hf)
     except ValueError as e:

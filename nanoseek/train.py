@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from nanoseek import metrics as M
-from nanoseek.checkpoint import CheckpointError, SafetensorsFile, from_pretrained, save_pretrained
+from nanoseek.checkpoint import CheckpointError, SafetensorsFile, from_pretrained, read_json, save_pretrained
 from nanoseek.compile import compile_blocks
 from nanoseek.config import PRESETS, get_preset
 from nanoseek import kernels
@@ -628,12 +628,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """(model state dict, train-state tensors, state JSON) of a checkpoint folder; CheckpointError names the file
     that cannot be read."""
     f = path / "state.json"
-    try:
-        state = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    state = read_json(f)
     if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
         raise CheckpointError(f"{f}: not a training state (no integer 'step')")
     return _load_tensors(path / "model.safetensors"), _load_tensors(path / "train_state.safetensors"), state
