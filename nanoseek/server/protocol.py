@@ -6,7 +6,7 @@ logprobs for lm-evaluation-harness), /v1/models, /tokenize, /detokenize, errors 
 Widely supported sampling extras (top_k, min_p, repetition_penalty, stop_token_ids, min_tokens, ignore_eos) are
 accepted, and `response_format` (structured output, enforced by nanoseek/engine/grammar.py). A field the server
 does not implement is a 400 that names it (OpenAI's "Unrecognized request argument supplied"), never silently
-dropped: a client that sends `tools` or `logit_bias` must learn whether they were honoured. The exception is
+dropped: a client that sends `functions` or `best_of` must learn that they were not honoured. The exception is
 IGNORED_FIELDS below, declared on the bodies and documented in the README. Bounds are enforced here so that bad
 values become a 400 before anything reaches the engine.
 """
