@@ -71,8 +71,10 @@ def _params(args, default_max: int) -> SamplingParams:
                           seed=args.seed, stop=args.stop)
 
 
-def stream(engine: Engine, prompt_ids: list[int], params: SamplingParams, thinking: bool, out=sys.stdout) -> str:
-    """Run one request, printing text as it comes (reasoning dimmed); returns the answer text (no reasoning)."""
+def stream(engine: Engine, prompt_ids: list[int], params: SamplingParams, thinking: bool, out=None) -> str:
+    """Run one request, printing text as it comes (reasoning dimmed) to `out` (default: sys.stdout as it is at
+    the call, not at import); returns the answer text (no reasoning)."""
+    out = out if out is not None else sys.stdout
     params.max_tokens = min(params.max_tokens, engine.max_model_len - len(prompt_ids))
     if params.max_tokens < 1:
         raise ValueError(f"the prompt ({len(prompt_ids)} tokens) fills the context ({engine.max_model_len})")
