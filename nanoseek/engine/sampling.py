@@ -16,6 +16,8 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from nanoseek.engine.stops import StopStrings
+
 MAX_LOGPROBS = 20
 
 
@@ -53,6 +55,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # called once per sequence (each of n choices gets its own state): None = unconstrained
     constraint: Optional[Callable[[], TokenConstraint]] = None
+    _compiled: Optional[StopStrings] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +87,13 @@ class SamplingParams:
             need(v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS),
                  f"{name} must be between 0 and {MAX_LOGPROBS}, got {v!r}")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+
+    def compiled_stops(self) -> StopStrings:
+        """The stop strings' matching tables, built on first use and kept (O(total stop length) once: a server
+        builds them off its event loop with the params, so the engine thread only looks them up)."""
+        if self._compiled is None or self._compiled.stops != self.stop:
+            self._compiled = StopStrings(self.stop)
+        return self._compiled
 
     @property
     def greedy(self) -> bool:
