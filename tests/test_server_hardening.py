@@ -270,6 +270,7 @@ def test_openapi_fuzz_stateful_no_server_errors_no_schema_violations(random_dir,
                "--header", f"Authorization: Bearer {KEY}", "--seed", "1", "--request-timeout", "60", "--workers", "1",
                "--suppress-health-check", "all", "--generation-database", "none", "--no-color"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        print(r.stdout[-4000:])
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
         assert "Stateful" in r.stdout and "links" in r.stdout.lower(), r.stdout[-3000:]
         assert httpx.get(srv.url + "/health").status_code == 200
