@@ -33,7 +33,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.server.api import ServeConfig, ServerThread
 from nanoseek.tokenizer import load_tokenizer
 
-from test_server import KEY, _free_port, random_dir, tiny_model_dir  # noqa: F401  (random_dir: a fixture)
+from test_server import KEY, _free_port, random_dir  # noqa: F401  (random_dir: a fixture)
 
 LIMIT = 16 << 20  # the stall tests send 8 MB: above the 4 MiB default on purpose, to show it is handled off-loop
 
@@ -173,9 +173,15 @@ def _step_time(engine: Engine, stops: list[str], steps: int) -> float:
 
 def test_stop_string_cost_per_step_does_not_grow_with_stop_length(tok_engine):
     rng = random.Random(0)
-    # stop strings that never occur but share long prefixes with the generated " the the the ..." text
-    long_stops = [(" the" * 2000)[:8000 - 1] + chr(ord("A") + i) for i in range(16)]
-    short_stops = [" the" + chr(ord("A") + i) + "".join(rng.choice("xyz") for _ in range(3)) for i in range(16)]
+
+    def stops(n: int) -> list[str]:
+        # 8 that never occur in the generated " the the the ..." text but follow it (a long prefix of each is
+        # always matched), 8 that share nothing with it
+        follow = [(" the" * n)[:n - 1] + chr(ord("A") + i) for i in range(8)]
+        apart = ["".join(rng.choice("xyz") for _ in range(n)) for _ in range(8)]
+        return follow + apart
+
+    long_stops, short_stops = stops(8000), stops(8)
     _step_time(tok_engine, short_stops, 50)  # warm up
     short = _step_time(tok_engine, short_stops, 300)
     long = _step_time(tok_engine, long_stops, 300)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server over the engine, its chat page, and `nanoseek serve`.
 
     nanoseek serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--dtype auto|float32|bfloat16]
-                             [--speculative mtp --num-draft 1] [--max-batch-size 16] [--max-model-len N] ...
+                             [--speculative mtp --num-draft 1] [--max-batch-size 16] [--max-model-len N]
+                             [--max-request-bytes 4194304] ...
 
 Endpoints (bodies in protocol.py; conventions in shared/reference/serving-api.md):
   POST /v1/chat/completions  messages -> DeepSeek chat encoding; thinking mode returns reasoning_content;
@@ -20,6 +21,9 @@ Decisions:
 - API key (`Authorization: Bearer`) on /v1/* only, as vLLM does: the tokenizer endpoints stay open for lm-eval.
 - A client that goes away cancels its engine requests: `AsyncEngine.generate` aborts them and frees their blocks.
 - Every error, including validation errors and unknown routes, is {"error": {message, type, param, code}}.
+- No request can stall the others: bodies over --max-request-bytes are refused (413) before they are read, and
+  parsing, validation, rendering, tokenization and large answers run in worker threads (offloop.py).
+- Ctrl-C ends open requests at once with an error (streams: an error event, then [DONE]), not by cancelling them.
 """
 from __future__ import annotations
 
