@@ -47,6 +47,7 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 # names tried, in order, when a foreign tokenizer has no tokenizer_config.json saying which is which
 _BOS_NAMES = [chat.BOS, "<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>"]
 _EOS_NAMES = [chat.EOS, "</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>"]
+_LONG_TEXT = 1 << 16  # characters from which `encode` releases the interpreter lock while it works
 _PAD_NAMES = [PAD, "<pad>", "<|pad|>", "<|finetune_right_pad_id|>"]
 
 
@@ -99,7 +100,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise ValueError(f"encode takes a str, got {type(text).__name__} (use encode_bytes for bytes)")
         try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            if len(text) < _LONG_TEXT:
+                ids = self.backend.encode(text, add_special_tokens=False).ids
+            else:  # the batch call lets other threads run meanwhile (a server's event loop): a plain encode holds
+                # the interpreter lock throughout, ~1 s per MB here
+                fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+                ids = fast([text], add_special_tokens=False)[0].ids
         except (UnicodeEncodeError, TypeError):  # lone surrogates have no UTF-8 form, hence no bytes to encode
             raise ValueError("text is not valid Unicode (it has no UTF-8 form, e.g. a lone surrogate)") from None
         return [self.bos_id, *ids] if add_bos else ids

@@ -334,7 +334,7 @@ class Engine:
             return
         before = len(req.text)
         self._detokenize(req, final=False)
-        if p.stop and n >= p.min_tokens and self._find_stop(req, before):
+        if req.stops is not None and self._find_stop(req, before):
             self._finish(req, "stop", detok=False)
         elif n >= req.max_tokens or len(req.tokens) >= self.max_model_len:
             self._finish(req, "length", detok=True)
@@ -354,13 +354,13 @@ class Engine:
             req.prefix_offset, req.read_offset = req.read_offset, len(out)
 
     def _find_stop(self, req: Request, before: int) -> bool:
-        """Cut the text at the first stop string that ends in the text added after `before` chars (the stop
-        string is not returned); True if one was found."""
-        text = req.text
-        hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in req.params.stop) if i >= 0]
-        if not hits:
+        """Feed the text added after `before` chars to the stop matcher (always: under min_tokens too, so that its
+        state stays that of the whole text); cut the text at the earliest stop string that ends in it (the stop
+        string is not returned) and return True if there was one. Costs the new text, not the text or stops."""
+        start = req.stops.feed(req.text, before)
+        if start is None or req.num_generated < req.params.min_tokens:
             return False
-        req.text = text[:min(hits)]
+        req.text = req.text[:start]
         return True
 
     def _finish(self, req: Request, reason: str, detok: bool) -> None:
@@ -376,12 +376,8 @@ class Engine:
     def _output(self, req: Request) -> RequestOutput:
         text = req.text
         end = len(text)
-        if not req.finished:  # hold back a tail that may be the start of a stop string
-            for s in req.params.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        end = min(end, len(text) - k)
-                        break
+        if not req.finished and req.stops is not None:  # hold back a tail that may be the start of a stop string
+            end -= req.stops.held()
         end = max(end, req.sent_chars)
         out = RequestOutput(
             request_id=req.request_id, new_token_ids=req.new_tokens, new_text=text[req.sent_chars:end],

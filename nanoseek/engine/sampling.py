@@ -18,6 +18,8 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from nanoseek.engine.stops import StopStrings
+
 MAX_LOGPROBS = 20
 
 
@@ -56,6 +58,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     # called once per sequence (each of n choices gets its own state): None = unconstrained
     constraint: Optional[Callable[[], TokenConstraint]] = None
+    _compiled: Optional[StopStrings] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +92,13 @@ class SamplingParams:
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         need(all(isinstance(t, int) and t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()),
              "logit_bias maps token ids to finite numbers")
+
+    def compiled_stops(self) -> StopStrings:
+        """The stop strings' matching tables, built on first use and kept (O(total stop length) once: a server
+        builds them off its event loop with the params, so the engine thread only looks them up)."""
+        if self._compiled is None or self._compiled.stops != self.stop:
+            self._compiled = StopStrings(self.stop)
+        return self._compiled
 
     @property
     def greedy(self) -> bool:

@@ -20,6 +20,7 @@ import torch
 
 from nanoseek.engine.cache import BlockPool
 from nanoseek.engine.sampling import SamplingParams, TokenConstraint, TokenHistory, TokenLogprob
+from nanoseek.engine.stops import StopState
 
 
 class EngineFull(RuntimeError):
@@ -49,6 +50,7 @@ class Request:
     sent_chars: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    stops: Optional[StopState] = None  # how far the text's tail matches each stop string
     # what the next RequestOutput reports
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -60,6 +62,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = list(self.prompt)
+        if self.stops is None and self.params.stop:
+            self.stops = self.params.compiled_stops().state()
 
     @property
     def output(self) -> list[int]:

@@ -20,6 +20,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -30,6 +31,7 @@ from pydantic import Field, ValidationError
 
 from nanoseek.server import protocol as P
 from nanoseek.server.api import APIError, _SSEResponse
+from nanoseek.server.offloop import add_body_schemas, body_schema, json_response, parse_body
 
 
 # ---- request ----------------------------------------------------------------------------------------------------
@@ -383,14 +385,18 @@ async def _stream(req: ResponsesRequest, rid: str, created: int, model: str, chu
 
 
 def add_routes(app, chat_completions, protected: list, errors: dict) -> None:
-    """Register POST /v1/responses over the app's chat completions handler."""
+    """Register POST /v1/responses over the app's chat completions handler (which takes a parsed request). The
+    body is read like every other route's (`offloop.parse_body`: size-limited, validated off the event loop)."""
+    add_body_schemas(app, [ResponsesRequest])
 
-    @app.post("/v1/responses", dependencies=protected, responses=errors)
-    async def responses(req: ResponsesRequest, request: Request):
-        chat_req = to_chat(req)
+    @app.post("/v1/responses", dependencies=protected, responses=errors, operation_id="responses",
+              openapi_extra=body_schema(ResponsesRequest))
+    async def responses(request: Request):
+        req = await parse_body(request, ResponsesRequest, sliced=None)
+        chat_req = await asyncio.to_thread(to_chat, req)
         rid, created = _item_id("resp"), int(time.time())
         result = await chat_completions(chat_req, request)
-        if not req.stream:
-            return _from_chat(req, rid, created, result)
+        if not req.stream:  # the chat answer is a JSON Response built off the loop; so is this one
+            return await json_response(lambda: json.dumps(_from_chat(req, rid, created, json.loads(result.body))))
         model = chat_req.model or request.app.state.nanoseek.name
         return _SSEResponse(_stream(req, rid, created, model, result.body_iterator), result._fan)
