@@ -29,6 +29,7 @@ whose rows are not a multiple of 32 is written F16, as the converter falls back)
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -399,3 +400,182 @@ def load_tokenizer(path_or_reader) -> Tokenizer:
         config["chat_template"] = meta["tokenizer.chat_template"]
     pad = tokens[int(ids["padding"])] if ids["padding"] is not None else None
     return Tokenizer(backend, bos, eos, pad, config=config)
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+def _write_type(name: str, ndim: int, want: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The converter's choice for one tensor (conversion/base.py prepare_tensors): vectors, norms, biases, the
+    router and the indexer's head weights stay F32; every other matrix takes the file's type."""
+    if ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return T.F32
+    if name.endswith(("ffn_gate_inp.weight", "indexer.proj.weight")):
+        return T.F32
+    return want
+
+
+def _looks_special(token: str) -> bool:
+    """The added tokens the converter types CONTROL although tokenizer.json does not mark them special."""
+    return token.startswith(("<|", "<｜")) and token.endswith(("|>", "｜>")) or token == "<pad>"
+
+
+def _tokenizer_pre(spec: dict) -> str:
+    """The llama.cpp pre-tokenizer name of a byte-level BPE tokenizer.json: its Split regexes, then ByteLevel."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("use_regex", True) and set(kinds[:-1]) == {"Split"}:
+        regexes = [(s.get("pattern") or {}).get("Regex") for s in steps[:-1]]
+        for name, known in PRE_TOKENIZERS.items():
+            if regexes == known:
+                return name
+    raise CheckpointError(f"the tokenizer's pre-tokenizer ({', '.join(map(str, kinds))}) is none that llama.cpp "
+                          f"names among {', '.join(PRE_TOKENIZERS)}")
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* as the converter writes them (get_vocab_base + SpecialVocab): one entry per model row,
+    rows past the tokenizer as UNUSED "[PADi]"."""
+    spec = json.loads(tok.to_str())
+    if spec.get("model", {}).get("type") != "BPE" or not tok.byte_level:
+        raise CheckpointError("only byte-level BPE tokenizers can be written to GGUF")
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {vocab_size} rows")
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = tok.backend.id_to_token(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(_TT.UNUSED)
+        else:
+            tokens.append(t)
+            types.append(_TT.NORMAL if i not in added else
+                         _TT.CONTROL if added[i]["special"] or _looks_special(t) else _TT.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_tokenizer_pre(spec))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(bool(tok.config.get("add_bos_token", True)))
+    w.add_add_sep_token(bool(tok.config.get("add_sep_token", False)))
+    w.add_add_eos_token(bool(tok.config.get("add_eos_token", False)))
+    if isinstance(tok.config.get("chat_template"), str):
+        w.add_chat_template(tok.config["chat_template"])
+
+
+def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, out_type: str = "f32",
+               source: Optional[str | os.PathLike] = None) -> Path:
+    """Write `model` and `tokenizer` as the GGUF file llama.cpp's converter writes for the same Hugging Face folder
+    with --outtype out_type (f32 | bf16 | q8_0): same architecture, keys, tensor names, shapes and types. A V2 / V3
+    model is `deepseek2` without its MTP block (as the converter drops it); V3.2 is `deepseek32` with it.
+    source: the model folder it came from, whose name (and model card, if any) give the general.* keys through
+    gguf-py's Metadata as in the converter; without it general.name is the file's stem. The tensors are held in
+    memory until the file is written."""
+    if out_type not in WRITE_TYPES:
+        raise ValueError(f"out_type must be one of {', '.join(WRITE_TYPES)}, got {out_type!r}")
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("a model quantized by nanoseek.quant cannot be written to GGUF: export the float "
+                              "checkpoint")
+    cfg = model.config
+    arch = ARCHS[cfg.model_type]
+    want, ftype = WRITE_TYPES[out_type]
+    path = Path(path)
+    w = gguf.GGUFWriter(path, arch)
+    for gname, t in gguf_tensors(model):
+        if arch == "deepseek2" and gname.startswith(f"blk.{cfg.num_hidden_layers}."):
+            continue  # the converter's skip_mtp for deepseek2
+        data = t.detach().to("cpu", torch.float32).contiguous().numpy()
+        qtype = _write_type(gname, data.ndim, want)
+        try:
+            packed = gguf.quants.quantize(data, qtype)
+        except gguf.QuantError:  # rows not a multiple of the block: the converter's fallback
+            qtype = T.F16
+            packed = gguf.quants.quantize(data, qtype)
+        w.add_tensor(gname, packed, raw_dtype=qtype)
+    mtp = cfg.num_nextn_predict_layers if arch == "deepseek32" else 0
+    counts = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, Path(source) if source is not None else None, None, counts[0])
+    meta.name = meta.name or (Path(source).name if source is not None else path.stem)
+    meta.size_label = meta.size_label or gguf.size_label(*counts)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    w.add_block_count(cfg.num_hidden_layers + mtp)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(1)  # MLA as MQA over the latent
+    if cfg.rope_type == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(cfg.rope_factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        w.add_rope_scaling_yarn_beta_fast(cfg.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(cfg.beta_slow)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_file_type(ftype)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.q_lora_rank:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    if cfg.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    if cfg.rope_type == "yarn":
+        w.add_rope_scaling_yarn_log_mul(0.1 * cfg.mscale_all_dim)  # the converter's legacy deepseek2 form
+    if arch == "deepseek32":
+        w.add_nextn_predict_layers(cfg.num_nextn_predict_layers)
+        w.add_indexer_head_count(cfg.index_n_heads)
+        w.add_indexer_key_length(cfg.index_head_dim)
+        w.add_indexer_top_k(cfg.index_topk)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(w, tokenizer, cfg.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---- command line: nanoseek export-gguf -------------------------------------------------------------------
+def cli(cmd: str, argv: list[str]) -> int:
+    """nanoseek export-gguf IN OUT.gguf --type f32|bf16|q8_0."""
+    import argparse
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.cli import error
+    from nanoseek.tokenizer import load_tokenizer
+    ap = argparse.ArgumentParser(prog="nanoseek export-gguf",
+                                 description="write a model as llama.cpp's converter would (deepseek2 / deepseek32 "
+                                             "GGUF), tokenizer included")
+    ap.add_argument("src", help="model folder (config.json, safetensors, tokenizer.json) or a .gguf file")
+    ap.add_argument("dst", help="output .gguf file")
+    ap.add_argument("--type", default="bf16", choices=list(WRITE_TYPES),
+                    help="type of the matrices (norms, biases and the router stay f32)")
+    a = ap.parse_args(argv)
+    try:
+        model = from_pretrained(a.src, dtype="float32")
+        tok = load_tokenizer(a.src)
+        out = write_gguf(model, tok, a.dst, a.type, source=None if Path(a.src).is_file() else Path(a.src).resolve())
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        return error("nanoseek export-gguf", e, 1)
+    print(f"saved {out} ({a.type}, {out.stat().st_size / 2 ** 20:.1f} MiB)")
+    return 0
