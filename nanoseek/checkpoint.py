@@ -418,6 +418,8 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, 
     plan = _plan(path, cfg, files, {**dict(model.named_parameters()), **dict(model.named_buffers())}, block, hint)
 
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for hf_name, pname, j, part in plan:
