@@ -347,6 +347,8 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
             raise CheckpointError(f"{where}: tensor(s) {', '.join(srcs)} of shape(s) {shapes} do not make "
                                   f"{param} {tuple(params[param].shape)} of the config in the metadata")
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # computed, not loaded
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():

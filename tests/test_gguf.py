@@ -1,0 +1,279 @@
+"""GGUF files (nanoseek.gguf): write -> read round trips of tiny V3.2 and V2 models (logits equal in F32, close in
+BF16 / Q8_0), llama.cpp's own converter against our writer (same keys, values, tensors, types and data) and our
+reader (same logits as the HF folder), every read tensor type against gguf.quants' reference dequantization, the
+one-line error for a type nanoseek does not read, the tokenizer a file carries encoding like the original, and the
+.gguf path through from_pretrained, load_tokenizer, `nanoseek export-gguf`, `generate` and `serve`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import nanoseek
+from nanoseek import chat
+from nanoseek.cli import main as nanoseek_main
+from nanoseek.checkpoint import CheckpointError
+from nanoseek.config import get_preset
+from nanoseek.gguf import load_gguf, read_config, write_gguf
+from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import load_tokenizer, train_from_documents
+from test_vocab import base_docs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+T = gguf.GGMLQuantizationType
+TEXTS = ["def f(x):\n    return x ** 2  # 12345 squared\n\n", "  leading spaces,\ttabs\r\nand CRLF",
+         "héllo wörld, 日本語のテキスト and emoji 🙂🙂", f"{chat.USER}hi{chat.ASSISTANT}{chat.THINK}hmm{chat.END_THINK}ok",
+         "don't I'll we've THEY'RE 3.14159 1,000,000"]
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(get_preset("tiny", **kw)).eval()
+    with torch.no_grad():  # a non-zero router bias, so that a lost exp_probs_b shows in the logits
+        for name, p in m.named_parameters():
+            if name.endswith("e_score_correction_bias") or "k_norm.bias" in name:
+                p.normal_(0, 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_from_documents(base_docs(), 400)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def rewrite(src: Path, dst: Path, replace: dict) -> None:
+    """A copy of a GGUF file with some tensors replaced by {name: (raw numpy data, GGML type)}."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        data, qtype = replace.get(t.name, (np.array(t.data), t.tensor_type))
+        w.add_tensor(t.name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---- round trips ------------------------------------------------------------------------------------------
+def test_f32_round_trip_is_exact_with_mtp_and_indexer(tok, tmp_path):
+    m = tiny(vocab_size=tok.vocab_size + 20)  # rows past the tokenizer: UNUSED entries, as the converter writes
+    path = write_gguf(m, tok, tmp_path / "m.gguf", "f32")
+    got, got_tok = load_gguf(path)
+    assert got.config == m.config
+    sd = got.state_dict()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    ids = torch.randint(0, m.config.vocab_size, (2, 24))
+    assert torch.equal(logits(m, ids), logits(got, ids))
+    assert got_tok.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("out_type,tol", [("bf16", 0.02), ("q8_0", 0.02)])
+def test_bf16_and_q8_0_round_trips_are_close(tok, tmp_path, out_type, tol):
+    m = tiny(vocab_size=tok.vocab_size)
+    got, _ = load_gguf(write_gguf(m, tok, tmp_path / "m.gguf", out_type), dtype="float32")
+    ids = torch.randint(0, m.config.vocab_size, (2, 24))
+    want, have = logits(m, ids), logits(got, ids)
+    rel = (want - have).norm() / want.norm()
+    assert 0 < rel < tol, rel  # not exact (the weights were rounded), but close
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_norm.weight"] == T.F32 and types["blk.1.ffn_gate_inp.weight"] == T.F32
+    assert types["blk.1.ffn_gate_exps.weight"] == (T.BF16 if out_type == "bf16" else T.Q8_0)
+    if out_type == "q8_0":  # q_b's rows are 48 values, not a multiple of Q8_0's 32-value blocks: F16 instead
+        assert types["blk.0.attn_q_b.weight"] == T.F16
+
+
+def test_v2_layout_round_trips_without_q_lora_yarn_or_mtp(tok, tmp_path):
+    """deepseek2 with softmax gating: plain q projection (attn_q), greedy routing, tied head, default RoPE."""
+    m = tiny(vocab_size=tok.vocab_size, model_type="deepseek_v2", q_lora_rank=None, scoring_func="softmax",
+             topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+             rope_type="default", index_topk=0, index_n_heads=0, num_nextn_predict_layers=0,
+             tie_word_embeddings=True, rope_factor=40.0, original_max_position_embeddings=4096, index_head_dim=128)
+    # (the fields not stored without YaRN and DSA are at their ModelConfig defaults, which the reader gives)
+    path = write_gguf(m, tok, tmp_path / "v2.gguf", "f32")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "blk.0.attn_q.weight" in names and "output.weight" not in names
+    got, _ = load_gguf(path)
+    assert got.config == m.config
+    ids = torch.randint(0, m.config.vocab_size, (2, 16))
+    assert torch.equal(logits(m, ids), logits(got, ids))
+
+
+def test_v3_file_drops_the_mtp_block_as_the_converter_does(tok, tmp_path):
+    m = tiny(vocab_size=tok.vocab_size, model_type="deepseek_v3", index_topk=0, index_n_heads=0, index_head_dim=128)
+    r = gguf.GGUFReader(write_gguf(m, tok, tmp_path / "v3.gguf", "f32"))
+    assert r.fields["general.architecture"].contents() == "deepseek2"
+    assert not any(t.name.startswith(f"blk.{m.config.num_hidden_layers}.") for t in r.tensors)
+    cfg = read_config(r)
+    assert cfg == m.config.replace(num_nextn_predict_layers=0)
+
+
+# ---- tensor types -----------------------------------------------------------------------------------------
+def _random_blocks(qtype, rows: int, cols: int) -> np.ndarray:
+    """Random K-quant blocks (gguf.quants cannot quantize these) with finite, moderate f16 super-block scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scales = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)
+    if qtype == T.Q6_K:  # ..., d at the end of the block
+        raw[..., -2:] = scales[:2]
+    else:  # d, dmin first
+        raw[..., :4] = scales
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_each_read_type_dequantizes_like_gguf_quants_in_a_model(tok, tmp_path, qtype):
+    """One weight of a model file stored in `qtype`: the loaded parameter is gguf.quants' dequantization of
+    those bytes, in torch's dimension order (ffn_down [64, 256]: not square, so a transpose would show)."""
+    m = tiny(vocab_size=tok.vocab_size, intermediate_size=256)
+    src = write_gguf(m, tok, tmp_path / "f32.gguf", "f32")
+    w = m.layers[0].mlp.down_proj.weight.detach().numpy()
+    raw = _random_blocks(qtype, *w.shape) if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else gguf.quants.quantize(w, qtype)
+    rewrite(src, tmp_path / "q.gguf", {"blk.0.ffn_down.weight": (raw, qtype)})
+    got, _ = load_gguf(tmp_path / "q.gguf")
+    have = got.layers[0].mlp.down_proj.weight
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
+    assert have.shape == want.shape == (64, 256)
+    assert torch.equal(have, want) and torch.isfinite(have).all()
+    if qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):  # quantized from the weight: close to it, within the type's step
+        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 1e-2, T.Q8_0: 1e-2, T.Q4_0: 0.2}[qtype]
+        assert (have - m.layers[0].mlp.down_proj.weight).abs().max() <= bound * np.abs(w).max()
+
+
+def test_unsupported_type_is_one_line_naming_the_type_and_tensor(tok, tmp_path):
+    m = tiny(vocab_size=tok.vocab_size, intermediate_size=256)
+    src = write_gguf(m, tok, tmp_path / "f32.gguf", "f32")
+    block, size = gguf.GGML_QUANT_SIZES[T.IQ2_XXS]
+    raw = np.zeros((64, 256 // block * size), dtype=np.uint8)
+    rewrite(src, tmp_path / "iq.gguf", {"blk.0.ffn_down.weight": (raw, T.IQ2_XXS)})
+    with pytest.raises(CheckpointError) as e:
+        load_gguf(tmp_path / "iq.gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and "'blk.0.ffn_down.weight'" in msg and "IQ2_XXS" in msg, msg
+
+
+def test_missing_or_misshapen_tensors_are_named(tok, tmp_path):
+    m = tiny(vocab_size=tok.vocab_size)
+    src = write_gguf(m, tok, tmp_path / "m.gguf", "f32")
+    bad = np.zeros((7, 64), dtype=np.float32)
+    rewrite(src, tmp_path / "bad.gguf", {"blk.0.attn_q_a.weight": (bad, T.F32)})
+    with pytest.raises(CheckpointError, match=r"attn_q_a\.weight.*\(7, 64\).*q_a_proj"):
+        load_gguf(tmp_path / "bad.gguf")
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------------
+def test_tokenizer_from_gguf_encodes_and_decodes_like_the_original(tok, tmp_path):
+    tok = load_tokenizer(tok.save(tmp_path / "tok"))  # as saved: with its chat template
+    path = write_gguf(tiny(vocab_size=tok.vocab_size + 8), tok, tmp_path / "m.gguf", "f32")
+    got = load_tokenizer(path)  # the .gguf path dispatches to nanoseek.gguf
+    assert (got.bos_id, got.eos_id, got.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert got.vocab_size == tok.vocab_size and got.special_ids == tok.special_ids
+    for text in TEXTS + base_docs(3, seed=5):
+        ids = tok.encode(text)
+        assert got.encode(text) == ids, text
+        assert got.decode(ids) == tok.decode(ids)
+    assert got.decode([tok.eos_id, tok.think_id]) == tok.decode([tok.eos_id, tok.think_id])  # EOS special, <think> text
+    assert got.encode_bytes(b"\xff\xfeok") == tok.encode_bytes(b"\xff\xfeok")
+    assert got.config["chat_template"] == tok.config["chat_template"]
+
+
+# ---- llama.cpp's converter --------------------------------------------------------------------------------
+def llama_cpp_tree() -> Path:
+    """The llama.cpp source bench/llamacpp.py unpacks (under $NANOSEEK_CACHE or ~/.cache/nanoseek); skip without."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import llamacpp
+    sub = Path(f"llama_cpp_python-{llamacpp.VERSION}") / "vendor" / "llama.cpp"
+    for root in (llamacpp.cache_root(), Path.home() / ".cache" / "nanoseek" / "llamacpp" / llamacpp.VERSION):
+        if (root / sub / "convert_hf_to_gguf.py").is_file():
+            return root / sub
+    pytest.skip("llama.cpp's source is not unpacked (python bench/decode.py --peer llamacpp fetches it)")
+
+
+def convert(src: Path, hf_dir: Path, out: Path, outtype: str) -> Path:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    got = subprocess.run([sys.executable, str(ROOT / "bench" / "llamacpp_convert.py"), str(src), str(hf_dir),
+                          "--outfile", str(out), "--outtype", outtype], capture_output=True, text=True, env=env)
+    assert got.returncode == 0 and out.is_file(), got.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tok, tmp_path_factory):
+    """A tiny V3 HF folder (the converter's V3.2 class needs transformers < 5's add_bos_token attribute) and
+    llama.cpp's f32 and q8_0 conversions of it."""
+    src = llama_cpp_tree()
+    root = tmp_path_factory.mktemp("llamacpp")
+    hf = root / "tiny-v3"
+    m = tiny(vocab_size=tok.vocab_size + 10, model_type="deepseek_v3", index_topk=0, index_n_heads=0)
+    nanoseek.save_pretrained(m, hf)
+    tok.save(hf)
+    return hf, {t: convert(src, hf, root / f"conv-{t}.gguf", t) for t in ("f32", "q8_0")}
+
+
+def test_converter_output_loads_with_the_logits_and_tokens_of_its_folder(converted):
+    hf, files = converted
+    want = nanoseek.from_pretrained(hf, dtype="float32")
+    got, got_tok = load_gguf(files["f32"])
+    assert got.config == want.config.replace(num_nextn_predict_layers=0)
+    ids = torch.randint(0, want.config.vocab_size, (2, 24))
+    assert torch.equal(logits(want, ids), logits(got, ids))
+    orig = load_tokenizer(hf)
+    for text in TEXTS:
+        assert got_tok.encode(text) == orig.encode(text), text
+    q8 = nanoseek.from_pretrained(files["q8_0"], dtype="float32")  # from_pretrained takes a .gguf path too
+    rel = (logits(q8, ids) - logits(want, ids)).norm() / logits(want, ids).norm()
+    assert 0 < rel < 0.02
+
+
+@pytest.mark.parametrize("out_type", ["f32", "q8_0"])
+def test_export_gguf_writes_what_the_converter_writes(converted, tmp_path, out_type):
+    hf, files = converted
+    ours = tmp_path / "ours.gguf"
+    assert nanoseek_main(["export-gguf", str(hf), str(ours), "--type", out_type]) == 0
+    a, b = gguf.GGUFReader(files[out_type]), gguf.GGUFReader(ours)
+    fields = [(k, f.types, f.contents()) for k, f in a.fields.items()]
+    assert fields == [(k, f.types, f.contents()) for k, f in b.fields.items()]  # keys, types, values and order
+    tensors = {t.name: (t.tensor_type, [int(d) for d in t.shape], np.array(t.data).tobytes()) for t in a.tensors}
+    assert tensors == {t.name: (t.tensor_type, [int(d) for d in t.shape], np.array(t.data).tobytes())
+                       for t in b.tensors}
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+def test_export_gguf_error_is_one_line(tmp_path, capsys):
+    assert nanoseek_main(["export-gguf", str(tmp_path / "nothing"), str(tmp_path / "x.gguf")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoseek export-gguf: error: ") and "\n" not in err
+
+
+def test_generate_and_serve_take_a_gguf_file(tok, tmp_path, capsys):
+    import openai
+    from nanoseek.server.api import ServeConfig, ServerThread
+    m = tiny(vocab_size=tok.vocab_size)
+    path = write_gguf(m, tok, tmp_path / "tiny-model.gguf", "f32")
+    prompt = "def f(x):"
+    ids = torch.tensor([tok.encode(prompt, add_bos=True)])
+    greedy = [int(logits(m, ids)[0, -1].argmax())]
+    assert nanoseek_main(["generate", str(path), prompt, "--max-tokens", "1", "--dtype", "float32"]) == 0
+    assert tok.decode(greedy) in capsys.readouterr().out
+    with ServerThread(ServeConfig(str(path), dtype="float32", max_model_len=64)) as srv:
+        srv.wait_ready()
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-")
+        assert [x.id for x in client.models.list().data][0] == "tiny-model"
+        out = client.completions.create(model="tiny-model", prompt=prompt, max_tokens=1, temperature=0)
+        assert out.choices[0].text == tok.decode(greedy)
