@@ -18,14 +18,16 @@ Shapes below are torch's (numpy's): GGUF's own dimension lists are the reverse.
 GGUF does not store every field of config.json; what is inferred on reading: the model type (deepseek32 ->
 V3.2; deepseek2 with sigmoid gating -> V3, softmax -> V2), the routing method (sigmoid: noaux_tc; softmax:
 group-limited greedy when there are expert groups, greedy otherwise), YaRN's mscale = mscale_all_dim =
-yarn_log_multiplier / 0.1 (as the converter wrote it; DeepSeek's releases have the two equal), and
-initializer_range (the default). float32 metadata is read back as the shortest decimal that gives the same float32
+yarn_log_multiplier / 0.1 (as the converter wrote it; DeepSeek's releases have the two equal); fields a file
+does not store because they are off (YaRN's without YaRN, the indexer's without DSA) and initializer_range take
+ModelConfig's defaults. float32 metadata is read back as the shortest decimal that gives the same float32
 (1e-06, not 9.99999997e-07).
 
 Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (dequantized by `gguf.quants`); any other type
 stops the load with one line naming it and the tensor. Written: what the converter writes for --outtype f32,
 bf16 or q8_0, tensor by tensor (norms, biases, the router and the indexer's head weights stay F32; a Q8_0 tensor
-whose rows are not a multiple of 32 is written F16, as the converter falls back).
+whose rows are not a multiple of 32 is written F16, as the converter falls back); for a folder of one
+safetensors file, the very same bytes.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import gguf
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import CheckpointError
+from nanoseek.checkpoint import CheckpointError, internal_to_hf
 from nanoseek.config import ModelConfig
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import Transformer
@@ -469,6 +471,18 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
         w.add_chat_template(tok.config["chat_template"])
 
 
+def _hf_name(g: str, cfg: ModelConfig) -> str:
+    """The Hugging Face tensor a GGUF tensor is converted from. The converter writes in the order of these names
+    (gguf-py's SafetensorsLocal sorts a file's tensors by name), so writing in it makes the same bytes as the
+    converter run on a single-file folder."""
+    m = re.match(r"^blk\.(\d+)\.nextn\.(embed_tokens|shared_head_head)\.weight$", g)
+    if m:
+        return f"model.layers.{m.group(1)}." + ("embed_tokens.weight" if m.group(2) == "embed_tokens"
+                                                 else "shared_head.head.weight")
+    m = re.match(r"^blk\.\d+\.", g)
+    return internal_to_hf(_internal(g, cfg, m.group(0) if m else ""), cfg)
+
+
 def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike, out_type: str = "f32",
                source: Optional[str | os.PathLike] = None) -> Path:
     """Write `model` and `tokenizer` as the GGUF file llama.cpp's converter writes for the same Hugging Face folder
@@ -487,7 +501,8 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: str | os.PathLike
     want, ftype = WRITE_TYPES[out_type]
     path = Path(path)
     w = gguf.GGUFWriter(path, arch)
-    for gname, t in gguf_tensors(model):
+    # sorted by source name, stably: k_b before v_b, and down, gate, up for the experts, as the converter
+    for gname, t in sorted(gguf_tensors(model), key=lambda item: _hf_name(item[0], cfg)):
         if arch == "deepseek2" and gname.startswith(f"blk.{cfg.num_hidden_layers}."):
             continue  # the converter's skip_mtp for deepseek2
         data = t.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -216,14 +216,14 @@ def convert(src: Path, hf_dir: Path, out: Path, outtype: str) -> Path:
 @pytest.fixture(scope="module")
 def converted(tok, tmp_path_factory):
     """A tiny V3 HF folder (the converter's V3.2 class needs transformers < 5's add_bos_token attribute) and
-    llama.cpp's f32 and q8_0 conversions of it."""
+    llama.cpp's f32, bf16 and q8_0 conversions of it."""
     src = llama_cpp_tree()
     root = tmp_path_factory.mktemp("llamacpp")
     hf = root / "tiny-v3"
     m = tiny(vocab_size=tok.vocab_size + 10, model_type="deepseek_v3", index_topk=0, index_n_heads=0)
     nanoseek.save_pretrained(m, hf)
     tok.save(hf)
-    return hf, {t: convert(src, hf, root / f"conv-{t}.gguf", t) for t in ("f32", "q8_0")}
+    return hf, {t: convert(src, hf, root / f"conv-{t}.gguf", t) for t in ("f32", "bf16", "q8_0")}
 
 
 def test_converter_output_loads_with_the_logits_and_tokens_of_its_folder(converted):
@@ -241,7 +241,7 @@ def test_converter_output_loads_with_the_logits_and_tokens_of_its_folder(convert
     assert 0 < rel < 0.02
 
 
-@pytest.mark.parametrize("out_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("out_type", ["f32", "bf16", "q8_0"])
 def test_export_gguf_writes_what_the_converter_writes(converted, tmp_path, out_type):
     hf, files = converted
     ours = tmp_path / "ours.gguf"
@@ -252,6 +252,7 @@ def test_export_gguf_writes_what_the_converter_writes(converted, tmp_path, out_t
     tensors = {t.name: (t.tensor_type, [int(d) for d in t.shape], np.array(t.data).tobytes()) for t in a.tensors}
     assert tensors == {t.name: (t.tensor_type, [int(d) for d in t.shape], np.array(t.data).tobytes())
                        for t in b.tensors}
+    assert ours.read_bytes() == files[out_type].read_bytes()  # the tensor order too: the very same file
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
