@@ -3,6 +3,7 @@ BF16 / Q8_0), llama.cpp's own converter against our writer (same keys, values, t
 reader (same logits as the HF folder), every read tensor type against gguf.quants' reference dequantization, the
 one-line error for a type nanoseek does not read, the tokenizer a file carries encoding like the original, and the
 .gguf path through from_pretrained, load_tokenizer, `nanoseek export-gguf`, `generate` and `serve`."""
+import json
 import os
 import subprocess
 import sys
@@ -194,15 +195,19 @@ def test_tokenizer_from_gguf_encodes_and_decodes_like_the_original(tok, tmp_path
 
 
 # ---- llama.cpp's converter --------------------------------------------------------------------------------
-def llama_cpp_tree() -> Path:
-    """The llama.cpp source bench/llamacpp.py unpacks (under $NANOSEEK_CACHE or ~/.cache/nanoseek); skip without."""
+def llama_cpp_file(sub: str, what: str) -> Path:
+    """A file of what bench/llamacpp.py fetches and builds (under $NANOSEEK_CACHE or ~/.cache/nanoseek); skip
+    without it."""
     sys.path.insert(0, str(ROOT / "bench"))
     import llamacpp
-    sub = Path(f"llama_cpp_python-{llamacpp.VERSION}") / "vendor" / "llama.cpp"
     for root in (llamacpp.cache_root(), Path.home() / ".cache" / "nanoseek" / "llamacpp" / llamacpp.VERSION):
-        if (root / sub / "convert_hf_to_gguf.py").is_file():
-            return root / sub
-    pytest.skip("llama.cpp's source is not unpacked (python bench/decode.py --peer llamacpp fetches it)")
+        if (root / sub.format(version=llamacpp.VERSION)).is_file():
+            return root / sub.format(version=llamacpp.VERSION)
+    pytest.skip(f"llama.cpp's {what} is not there (python bench/decode.py --peer llamacpp fetches and builds it)")
+
+
+def llama_cpp_tree() -> Path:
+    return llama_cpp_file("llama_cpp_python-{version}/vendor/llama.cpp/convert_hf_to_gguf.py", "source").parent
 
 
 def convert(src: Path, hf_dir: Path, out: Path, outtype: str) -> Path:
@@ -253,6 +258,21 @@ def test_export_gguf_writes_what_the_converter_writes(converted, tmp_path, out_t
     assert tensors == {t.name: (t.tensor_type, [int(d) for d in t.shape], np.array(t.data).tobytes())
                        for t in b.tensors}
     assert ours.read_bytes() == files[out_type].read_bytes()  # the tensor order too: the very same file
+
+
+@pytest.mark.parametrize("arch,out_type", [("deepseek2", "f32"), ("deepseek2", "q8_0"), ("deepseek32", "bf16")])
+def test_llama_bench_runs_our_files(tok, tmp_path, arch, out_type):
+    """llama.cpp loads and decodes what export writes (V3.2 with 64-wide indexer heads: llama.cpp's Hadamard
+    rotation of the indexer does not take the tiny preset's 16, in the converter's file as in ours)."""
+    binary = llama_cpp_file("build/bin/llama-bench", "llama-bench binary")
+    kw = dict(index_head_dim=64) if arch == "deepseek32" else dict(model_type="deepseek_v3", index_topk=0,
+                                                                   index_n_heads=0)
+    path = write_gguf(tiny(vocab_size=tok.vocab_size, **kw), tok, tmp_path / "m.gguf", out_type)
+    got = subprocess.run([str(binary), "-m", str(path), "-p", "0", "-n", "4", "-t", "1", "-r", "1", "-o", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    result = json.loads(got.stdout)[0]
+    assert result["n_gen"] == 4 and result["model_type"].startswith(arch), result["model_type"]
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
