@@ -96,6 +96,18 @@ def test_bf16_and_q8_0_round_trips_are_close(tok, tmp_path, out_type, tol):
     assert types["blk.1.ffn_gate_exps.weight"] == (T.BF16 if out_type == "bf16" else T.Q8_0)
     if out_type == "q8_0":  # q_b's rows are 48 values, not a multiple of Q8_0's 32-value blocks: F16 instead
         assert types["blk.0.attn_q_b.weight"] == T.F16
+    default = nanoseek.from_pretrained(tmp_path / "m.gguf")  # dtype: bfloat16 when every matrix is BF16
+    assert default.embed_tokens.weight.dtype == (torch.bfloat16 if out_type == "bf16" else torch.float32)
+
+
+def test_quantize_at_load_makes_nanoseek_int8(tok, tmp_path):
+    m = tiny(vocab_size=tok.vocab_size)
+    path = write_gguf(m, tok, tmp_path / "m.gguf", "f32")
+    q, _ = load_gguf(path, quantize="int8")
+    assert q.layers[0].self_attn.o_proj.weight.dtype == torch.int8
+    ids = torch.randint(0, m.config.vocab_size, (2, 24))
+    want = logits(m, ids)
+    assert 0 < (logits(q, ids) - want).norm() / want.norm() < 0.02
 
 
 def test_v2_layout_round_trips_without_q_lora_yarn_or_mtp(tok, tmp_path):
@@ -176,6 +188,16 @@ def test_missing_or_misshapen_tensors_are_named(tok, tmp_path):
         load_gguf(tmp_path / "bad.gguf")
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         load_gguf(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a GGUF file at all" * 10)
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        nanoseek.from_pretrained(tmp_path / "junk.gguf")
+    w = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="architecture 'llama' is not a DeepSeek one"):
+        load_gguf(tmp_path / "llama.gguf")
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------
