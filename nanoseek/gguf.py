@@ -239,13 +239,17 @@ def read_config(path_or_reader) -> ModelConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def dequantize(t, where: str = "GGUF") -> torch.Tensor:
-    """A GGUF tensor (a `gguf.ReaderTensor`) as float32 in torch's dimension order, through `gguf.quants`."""
+def dequantize(t, where: str = "GGUF", index: Optional[int] = None) -> torch.Tensor:
+    """A GGUF tensor (a `gguf.ReaderTensor`) as float32 in torch's dimension order, through `gguf.quants`;
+    index: only that slice of the outermost dimension (one expert of a stack)."""
     if t.tensor_type not in READ_TYPES:
         raise CheckpointError(f"{where}: tensor {t.name!r} has type {t.tensor_type.name}, which nanoseek does not "
                               f"read (it reads {', '.join(x.name for x in READ_TYPES)})")
-    data = t.data if t.tensor_type in (T.F32, T.F16) else gguf.quants.dequantize(t.data, t.tensor_type)
+    data = t.data if index is None else t.data[index]
+    if t.tensor_type not in (T.F32, T.F16):
+        data = gguf.quants.dequantize(data, t.tensor_type)
     shape = tuple(int(d) for d in reversed(t.shape))
+    shape = shape if index is None else shape[1:]
     return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
 
 
@@ -355,7 +359,13 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for param, srcs in plan.items():
-            params[param].copy_(_assemble(param, [dequantize(tensors[g], where) for g in srcs], cfg))
+            dst = params[param]
+            if param.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                # one expert at a time: the float32 copy held is one expert's, not the whole stack's
+                for j in range(dst.shape[0]):
+                    dst[j].copy_(torch.cat([dequantize(tensors[g], where, j) for g in srcs]))
+            else:
+                dst.copy_(_assemble(param, [dequantize(tensors[g], where) for g in srcs], cfg))
     model.eval()
     if quantize is not None:
         from nanoseek import quant
