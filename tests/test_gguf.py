@@ -216,6 +216,34 @@ def test_tokenizer_from_gguf_encodes_and_decodes_like_the_original(tok, tmp_path
     assert got.config["chat_template"] == tok.config["chat_template"]
 
 
+# DeepSeek V3's tokenizer.json pre-tokenizer, as published (JSON text): llama.cpp calls it "deepseek-v3"
+DEEPSEEK_V3_PRE = r"""{"type": "Sequence", "pretokenizers": [
+  {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": false},
+  {"type": "Split", "pattern": {"Regex": "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"}, "behavior": "Isolated", "invert": false},
+  {"type": "Split", "pattern": {"Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\\r\\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+  {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}"""
+
+
+def test_deepseek_v3_pre_tokenizer_round_trips(tok, tmp_path):
+    """A vocabulary split the way DeepSeek's own tokenizer.json splits is written as llama.cpp's "deepseek-v3" and
+    read back splitting the same (digits in threes, CJK runs apart, punctuation glued to the word after it)."""
+    from tokenizers import Tokenizer as Backend
+    from nanoseek.tokenizer import PAD, Tokenizer
+    spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"] = json.loads(DEEPSEEK_V3_PRE)
+    ds = Tokenizer(Backend.from_str(json.dumps(spec)), chat.BOS, chat.EOS, PAD)
+    path = write_gguf(tiny(vocab_size=tok.vocab_size), ds, tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "deepseek-v3"
+    got = load_tokenizer(path)
+    def pieces(t, text):
+        return [p for p, _ in t.backend.pre_tokenizer.pre_tokenize_str(text)]
+
+    for text in TEXTS + ["#include <stdio.h> 1234567 日本語abcカタカナ e\u0301t\u00e9"]:
+        assert pieces(got, text) == pieces(ds, text), text
+        assert got.encode(text) == ds.encode(text), text
+    assert pieces(ds, "日本語abc") != pieces(tok, "日本語abc")  # CJK runs apart: not GPT-4's split
+
+
 # ---- llama.cpp's converter --------------------------------------------------------------------------------
 def llama_cpp_file(sub: str, what: str) -> Path:
     """A file of what bench/llamacpp.py fetches and builds (under $NANOSEEK_CACHE or ~/.cache/nanoseek); skip
