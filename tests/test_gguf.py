@@ -52,17 +52,25 @@ def logits(model, ids):
         return model(ids).logits
 
 
-def rewrite(src: Path, dst: Path, replace: dict) -> None:
-    """A copy of a GGUF file with some tensors replaced by {name: (raw numpy data, GGML type)}."""
+def rewrite(src: Path, dst: Path, replace: dict, fields: dict = {}) -> None:
+    """A copy of a GGUF file with tensors replaced, dropped (None) or added by {name: (raw numpy data, GGML type)}
+    and metadata keys replaced or dropped (None) by {key: (value, GGUFValueType)}."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
+        if key in fields:
+            if fields[key] is not None:
+                w.add_key_value(key, *fields[key])
+            continue
         w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:
-        data, qtype = replace.get(t.name, (np.array(t.data), t.tensor_type))
-        w.add_tensor(t.name, data, raw_dtype=qtype)
+        data, qtype = replace.get(t.name, (np.array(t.data), t.tensor_type)) or (None, None)
+        if data is not None:
+            w.add_tensor(t.name, data, raw_dtype=qtype)
+    for name, (data, qtype) in ((n, v) for n, v in replace.items() if v and n not in {t.name for t in r.tensors}):
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -133,6 +141,28 @@ def test_v3_file_drops_the_mtp_block_as_the_converter_does(tok, tmp_path):
     assert not any(t.name.startswith(f"blk.{m.config.num_hidden_layers}.") for t in r.tensors)
     cfg = read_config(r)
     assert cfg == m.config.replace(num_nextn_predict_layers=0)
+
+
+def test_older_converters_whole_kv_b_and_mha_lengths_load(tok, tmp_path):
+    """Files of converters before the k_b / v_b split: one attn_kv_b per layer, and key/value_length per MHA head
+    (no *_mla keys, head_count_kv = head_count), as many published DeepSeek GGUFs still are."""
+    m = tiny(vocab_size=tok.vocab_size)
+    cfg = m.config
+    src = write_gguf(m, tok, tmp_path / "new.gguf", "f32")
+    blocks = [(f"blk.{i}.", b) for i, b in enumerate([*m.layers, *(k.block for k in m.mtp)])]
+    replace = {p + n: None for p, _ in blocks for n in ("attn_k_b.weight", "attn_v_b.weight")}
+    replace.update({p + "attn_kv_b.weight": (b.self_attn.kv_b_proj.weight.detach().numpy(), T.F32) for p, b in blocks})
+    u32 = gguf.GGUFValueType.UINT32
+    fields = {"deepseek32.attention.key_length_mla": None, "deepseek32.attention.value_length_mla": None,
+              "deepseek32.attention.key_length": (cfg.qk_head_dim, u32),
+              "deepseek32.attention.value_length": (cfg.v_head_dim, u32),
+              "deepseek32.attention.head_count_kv": (cfg.num_attention_heads, u32)}
+    rewrite(src, tmp_path / "old.gguf", replace, fields)
+    assert "blk.0.attn_kv_b.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "old.gguf").tensors}
+    got, _ = load_gguf(tmp_path / "old.gguf")
+    assert got.config == cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    assert torch.equal(logits(m, ids), logits(got, ids))
 
 
 # ---- tensor types -----------------------------------------------------------------------------------------
