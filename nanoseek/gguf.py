@@ -56,7 +56,7 @@ ARCHS = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32":
 # llama-bpe is nanoseek's own split (GPT-4's); deepseek-v3 is DeepSeek V3's tokenizer.json
 PRE_TOKENIZERS = {
     "llama-bpe": [SPLIT_PATTERN],
-    "deepseek-v3": [r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
+    "deepseek-v3": [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",  # CJK ideographs, kana
                     "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+"
                     r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
 }
