@@ -513,11 +513,15 @@ def cli(cmd: str, argv: list[str]) -> int:
     import argparse
     if cmd == "info":
         ap = argparse.ArgumentParser(prog="nanoseek info", description="config and parameter counts")
-        ap.add_argument("model", help="HF model folder or a preset name")
+        ap.add_argument("model", help="HF model folder, a .gguf file or a preset name")
         a = ap.parse_args(argv)
         from nanoseek.config import PRESETS, get_preset
         try:
-            cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+            if a.model.endswith(".gguf") and Path(a.model).is_file():
+                from nanoseek.gguf import read_config
+                cfg = read_config(a.model)
+            else:
+                cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
         except (ValueError, FileNotFoundError) as e:  # the message names config.json and the field
             from nanoseek.cli import error
             return error("nanoseek info", e, 1)

@@ -383,6 +383,15 @@ def test_llama_bench_runs_our_files(tok, tmp_path, arch, out_type):
 
 
 # ---- commands ---------------------------------------------------------------------------------------------
+def test_info_reads_a_gguf_config(tok, tmp_path, capsys):
+    m = tiny(vocab_size=tok.vocab_size)
+    path = write_gguf(m, tok, tmp_path / "m.gguf", "q8_0")
+    assert nanoseek_main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    n = m.config.num_params()
+    assert json.loads(out[:out.rindex("}") + 1]) == m.config.to_hf() and f"{n['total']:,} total" in out
+
+
 def test_export_gguf_error_is_one_line(tmp_path, capsys):
     assert nanoseek_main(["export-gguf", str(tmp_path / "nothing"), str(tmp_path / "x.gguf")]) == 1
     err = capsys.readouterr().err.strip()
