@@ -283,8 +283,12 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     tensor, however large a model its config.json claims.
     quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`).
     A folder written by `nanoseek quantize` loads quantized as it is.
+    A `.gguf` file (llama.cpp's deepseek2 / deepseek32 layout) loads through `nanoseek.gguf`.
     """
     path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        from nanoseek import gguf
+        return gguf.load_model(path, dtype, device, quantize, group_size)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model folder)")
     cpath = path / "config.json"
@@ -414,6 +418,8 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, 
     plan = _plan(path, cfg, files, {**dict(model.named_parameters()), **dict(model.named_buffers())}, block, hint)
 
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for hf_name, pname, j, part in plan:
@@ -507,11 +513,15 @@ def cli(cmd: str, argv: list[str]) -> int:
     import argparse
     if cmd == "info":
         ap = argparse.ArgumentParser(prog="nanoseek info", description="config and parameter counts")
-        ap.add_argument("model", help="HF model folder or a preset name")
+        ap.add_argument("model", help="HF model folder, a .gguf file or a preset name")
         a = ap.parse_args(argv)
         from nanoseek.config import PRESETS, get_preset
         try:
-            cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
+            if a.model.endswith(".gguf") and Path(a.model).is_file():
+                from nanoseek.gguf import read_config
+                cfg = read_config(a.model)
+            else:
+                cfg = get_preset(a.model) if a.model in PRESETS else ModelConfig.from_json(a.model)
         except (ValueError, FileNotFoundError) as e:  # the message names config.json and the field
             from nanoseek.cli import error
             return error("nanoseek info", e, 1)

@@ -364,6 +364,8 @@ def load_quantized(path: Path, hf: dict, cfg, dtype, device) -> nn.Module:
     with torch.device("meta"):
         model = quantize_model(Transformer(cfg), qc.format, qc.group_size)
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     todo = {n for n in targets if not n.startswith("rotary.")}

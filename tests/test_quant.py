@@ -172,6 +172,17 @@ def model_dir(tmp_path_factory):
     return root
 
 
+def test_quantized_folder_with_tied_head_loads_bit_identically(tmp_path):
+    """The head tied to the embedding is the embedding again after loading (to_empty had left it uninitialised)."""
+    q = quant.quantize_model(tiny(tie_word_embeddings=True), "int8")
+    quant.save_quantized(q, tmp_path)
+    got = nanoseek.from_pretrained(tmp_path)
+    assert got.lm_head.weight is got.embed_tokens.weight
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(q(x).logits, got(x).logits)
+
+
 @pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 64)])
 def test_quantize_command_writes_a_folder_that_loads_bit_identically(model_dir, tmp_path, fmt, G, monkeypatch):
     out = tmp_path / fmt
