@@ -276,7 +276,7 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
         llamacpp.add_tokenizer(d, cfg.vocab_size)
         for name in args.dtypes.split(","):
             try:
-                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", name)
+                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", llamacpp.OUTTYPES[name])
                 ns = nanoseek.from_pretrained(d, dtype=getattr(torch, name))
                 # one thread count at a time, the two engines back to back, so that load from other processes
                 # meets both alike

@@ -59,7 +59,7 @@ def test_failed_pip_download_is_unavailable(tmp_path, monkeypatch):
 def test_no_cmake_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(llamacpp.shutil, "which", lambda name: None)
     with pytest.raises(llamacpp.Unavailable, match="no cmake"):
-        llamacpp.build_bench(tmp_path / "src", tmp_path)
+        llamacpp.build_tools(tmp_path / "src", tmp_path)
 
 
 def test_bench_prints_one_line_and_goes_on_without_llamacpp(tmp_path, monkeypatch, capsys):
