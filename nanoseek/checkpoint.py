@@ -283,8 +283,12 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     tensor, however large a model its config.json claims.
     quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`).
     A folder written by `nanoseek quantize` loads quantized as it is.
+    A `.gguf` file (llama.cpp's deepseek2 / deepseek32 layout) loads through `nanoseek.gguf`.
     """
     path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        from nanoseek import gguf
+        return gguf.load_model(path, dtype, device, quantize, group_size)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model folder)")
     cpath = path / "config.json"
@@ -414,6 +418,8 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, 
     plan = _plan(path, cfg, files, {**dict(model.named_parameters()), **dict(model.named_buffers())}, block, hint)
 
     model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for hf_name, pname, j, part in plan:

@@ -1,6 +1,7 @@
 """The `nanoseek` command: a thin dispatcher to each subcommand's own module (each owns its argparse).
 
     nanoseek train | adapt | sft | tokenizer | generate | chat | serve | lora | convert | info | eval | quantize
+             | export-gguf
              [--debug]
 
 An error the user can act on (a broken model folder, a bad option) is printed as one line naming its cause; with
@@ -35,6 +36,7 @@ COMMANDS = {
     "info": ("nanoseek.checkpoint", "print a model folder's config and parameter counts"),
     "eval": ("nanoseek.evaluate", "bits per byte, tokens per word and per byte of a model on text files"),
     "quantize": ("nanoseek.quant", "write a model folder with int8 / int4 weights"),
+    "export-gguf": ("nanoseek.gguf", "write a model as a llama.cpp GGUF file (f32, bf16 or q8_0)"),
 }
 
 

@@ -26,7 +26,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"nanoseek {cmd}", description=__doc__.split("\n")[0])
-    ap.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json)")
+    ap.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json) or a .gguf file")
     if cmd == "generate":
         ap.add_argument("prompt", help="text to continue (or the user message with --chat)")
         ap.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")

@@ -244,8 +244,12 @@ def _token_name(value) -> Optional[str]:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load any HF tokenizer: a folder with tokenizer.json (and tokenizer_config.json), or the file itself."""
+    """Load any HF tokenizer: a folder with tokenizer.json (and tokenizer_config.json), or the file itself; or the
+    tokenizer a `.gguf` model file carries (`nanoseek.gguf`)."""
     p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        from nanoseek import gguf
+        return gguf.load_tokenizer(p)
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {p}")

@@ -38,6 +38,16 @@ def same_logits(a, b, tol=1e-6):
             assert (la - lb).abs().max() <= tol
 
 
+def test_tied_head_loads_as_the_embedding(tmp_path):
+    """to_empty gives each module a new Parameter; the loaded head must still be the embedding (it was left
+    uninitialised memory)."""
+    m = random_model(tie_word_embeddings=True)
+    nanoseek.save_pretrained(m, tmp_path)
+    got = nanoseek.from_pretrained(tmp_path)
+    assert got.lm_head.weight is got.embed_tokens.weight
+    same_logits(m, got, tol=0)
+
+
 def test_round_trip_with_mtp(tmp_path):
     m = random_model()
     nanoseek.save_pretrained(m, tmp_path)

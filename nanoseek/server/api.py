@@ -218,14 +218,26 @@ def _sse(obj: Any) -> str:
 
 
 # ---- the server state ---------------------------------------------------------------------------------------
+def _is_gguf(path: Path) -> bool:
+    """A llama.cpp GGUF model file (`nanoseek.gguf`) rather than a Hugging Face folder."""
+    return path.suffix == ".gguf" and path.is_file()
+
+
 class _State:
     """Everything the routes share: config, the engine once loaded, metrics, and request -> engine helpers."""
 
     def __init__(self, cfg: ServeConfig, on_fatal: Optional[Callable[[BaseException], None]]):
         self.cfg = cfg
         self.on_fatal = on_fatal
-        self.model_cfg = ModelConfig.from_json(Path(cfg.model_dir))
-        self.name = cfg.lora[0] if cfg.lora else cfg.served_model_name or Path(cfg.model_dir).resolve().name
+        path = Path(cfg.model_dir)
+        if _is_gguf(path):
+            from nanoseek.gguf import read_config
+            self.model_cfg = read_config(path)
+        else:
+            self.model_cfg = ModelConfig.from_json(path)
+        # a GGUF file is served under its name without the extension, a folder under its own name
+        self.name = cfg.lora[0] if cfg.lora else cfg.served_model_name or (
+            path.resolve().stem if _is_gguf(path) else path.resolve().name)
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position_embeddings,
                                  self.model_cfg.max_position_embeddings)
         self.created = int(time.time())
@@ -1054,7 +1066,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     import uvicorn
 
     ap = argparse.ArgumentParser(prog="nanoseek serve", description="OpenAI-compatible server with a chat page.")
-    ap.add_argument("model_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    ap.add_argument("model_dir", help="a Hugging Face model folder (config.json, safetensors, tokenizer.json) "
+                                      "or a llama.cpp .gguf file")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--allowed-hosts", help="comma-separated Host header names to answer, '*' for any (default: the "
@@ -1082,8 +1095,8 @@ def cli(cmd: str, argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        print(f"nanoseek serve: {model_dir} is not a model folder (no config.json)", file=sys.stderr)
+    if not (model_dir / "config.json").is_file() and not _is_gguf(model_dir):
+        print(f"nanoseek serve: {model_dir} is not a model folder (no config.json) nor a .gguf file", file=sys.stderr)
         return 2
     for name, v in (("--port", args.port), ("--max-batch-size", args.max_batch_size),
                     ("--block-size", args.block_size), ("--max-waiting", args.max_waiting),
