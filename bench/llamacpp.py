@@ -190,6 +190,25 @@ def run_bench(binary: Path, gguf: Path, threads: int, depth: int, n_gen: int, re
     return json.loads(got.stdout)
 
 
+def run_batched_bench(binary: Path, gguf: Path, threads: int, n_prompt: int, n_gen: int,
+                      n_seqs: list[int]) -> list[dict]:
+    """llama-batched-bench's results, one per count in n_seqs: that many sequences of n_prompt tokens prefilled in
+    one batch (speed_pp, tokens/s over all sequences), then n_gen steps that decode one token for every sequence
+    (speed_tg). The KV cache holds exactly all sequences at their longest."""
+    cmd = [str(binary), "-m", str(gguf), "-c", str(max(n_seqs) * (n_prompt + n_gen)), "-npp", str(n_prompt),
+           "-ntg", str(n_gen), "-npl", ",".join(map(str, n_seqs)), "-t", str(threads), "-tb", str(threads),
+           "--output-format", "jsonl"]
+    got = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if got.returncode:
+        raise Unavailable(f"llama-batched-bench failed ({got.returncode}): {_last_line(got.stderr)}")
+    # its log goes to the same streams as the results: keep the result lines
+    results = [json.loads(ln) for ln in f"{got.stdout}\n{got.stderr}".splitlines() if ln.startswith('{"n_kv_max"')]
+    if len(results) != len(n_seqs):
+        raise Unavailable(f"llama-batched-bench gave {len(results)} results for {len(n_seqs)} batch sizes: "
+                          f"{_last_line(got.stderr)}")
+    return results
+
+
 def rates(results: list[dict]) -> dict[int, float]:
     """Decode tokens/s of llama-bench's generation tests, by thread count: the best of the repetitions (as the
     bench takes nanoseek's best)."""
@@ -202,6 +221,16 @@ def describe(result: dict) -> str:
             f"{VERSION}), {result['backends']} backend, KV cache "
             f"{result['type_k']}/{result['type_v']}, flash attention {('auto', 'off', 'on')[result['flash_attn'] + 1]}"
             f"; llama-bench built with cmake {' '.join(CMAKE_FLAGS)}")
+
+
+def format_batched_table(rows: list[tuple[str, int, int, float, float, float, float]]) -> str:
+    """Markdown table of (dtype, threads, sequences, nanoseek prefill, llama.cpp prefill, nanoseek decode, llama.cpp
+    decode) tokens/s rows; ratios = nanoseek / llama.cpp."""
+    lines = ["| dtype | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
+             "decode llama.cpp | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {t} | {n} | {p_ns:.1f} | {p_ll:.1f} | {p_ns / p_ll:.2f}x | {d_ns:.1f} | {d_ll:.1f} | "
+              f"{d_ns / d_ll:.2f}x |" for name, t, n, p_ns, p_ll, d_ns, d_ll in rows]
+    return "\n".join(lines)
 
 
 def format_table(rows: list[tuple[str, int, float, float]]) -> str:
