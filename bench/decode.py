@@ -1,4 +1,5 @@
-"""Decode speed at batch 1: nanoseek's engine vs transformers `generate` or llama.cpp, same weights, one run.
+"""Decode speed: nanoseek's engine vs transformers `generate` (batch 1) or llama.cpp (batch 1, and prefill and
+decode of several sequences at once), same weights, one run.
 
     python bench/decode.py [--preset small] [--prompt 64] [--tokens 64] [--threads N]
     python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2] [--sequences 8]  # or --peer all

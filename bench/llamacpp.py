@@ -1,10 +1,12 @@
-"""llama.cpp as the decode-speed peer of `bench/decode.py --peer llamacpp`: its source, `llama-bench` built from it,
-the bench's model converted by llama.cpp's own converter, and llama-bench's decode rates.
+"""llama.cpp as the peer of `bench/decode.py --peer llamacpp` and `bench/llamacpp_greedy.py`: its source, its tools
+built from it, the bench's model converted by llama.cpp's own converter, and the tools' results.
 
 The source comes from the llama-cpp-python sdist on PyPI (pinned below; its vendor/llama.cpp is the whole llama.cpp
 tree, converter and gguf-py included), fetched with pip and unpacked once into ~/.cache/nanoseek/llamacpp/<version>
-(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` alone is built with cmake, once, and reused. Every step
-that cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
+(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` and `llama-batched-bench` alone are built with cmake,
+once, and reused; `llamacpp_greedy.c` is compiled against the static libraries that build leaves. The converter
+runs under the transformers its requirements pin, installed with pip once beside the source. Every step that
+cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
 `Unavailable` with a one-line reason, which the bench prints before going on without llama.cpp.
 """
 from __future__ import annotations

@@ -84,17 +84,37 @@ def format_rows(rows: list[tuple[str, str, int, bool, Comparison]]) -> str:
     return "\n".join(lines)
 
 
+def without_indexer(model, hf_dir: str, out: str) -> str:
+    """The model saved into out as deepseek_v3 (its DSA indexer dropped, MTP kept), with hf_dir's tokenizer."""
+    cfg = model.config.replace(model_type="deepseek_v3", index_topk=0, index_n_heads=0)
+    dense = nanoseek.Transformer(cfg)
+    missing, _ = dense.load_state_dict(model.state_dict(), strict=False)  # the indexer's weights are left out
+    assert not missing, missing
+    nanoseek.save_pretrained(dense, out)
+    load_tokenizer(hf_dir).save(out)
+    return out
+
+
 def run(args, hf_dir: str) -> None:
     src, _ = llamacpp.prepare()
     binary = llamacpp.build_greedy(src, llamacpp.cache_root())
     hf_model = nanoseek.from_pretrained(hf_dir, dtype=torch.float32)
     cfg = hf_model.config
-    if cfg.use_dsa and cfg.index_head_dim < 64:
-        raise llamacpp.Unavailable(f"{hf_dir}'s indexer heads are {cfg.index_head_dim} wide: llama.cpp's deepseek32 "
-                                   f"graph needs 64 or more (a model of the `small` preset from before it had 64)")
     tok = load_tokenizer(hf_dir)
     rows, margins = [], []
     with tempfile.TemporaryDirectory() as d:
+        if cfg.use_dsa and cfg.index_head_dim < 64:
+            # llama.cpp's deepseek32 graph needs indexer heads of 64 or more (a `small` model trained before the
+            # preset had 64 has 32). Within index_topk tokens DSA attends to every token, so the model without its
+            # indexer computes the same thing: llama.cpp runs that, as deepseek_v3 (nanoseek still runs V3.2)
+            longest = max(len(tok.encode(p, add_bos=True)) for p in PROMPTS) + args.tokens
+            if longest > cfg.index_topk:
+                raise llamacpp.Unavailable(f"indexer heads of {cfg.index_head_dim} (llama.cpp needs 64 or more) and "
+                                           f"{longest} tokens, past DSA's top-{cfg.index_topk}")
+            print(f"llama.cpp runs the model as deepseek_v3 without its DSA indexer: its indexer heads are "
+                  f"{cfg.index_head_dim} wide (llama.cpp's deepseek32 needs 64 or more); within {cfg.index_topk} "
+                  f"tokens DSA attends to every token, so the two compute the same")
+            hf_dir = without_indexer(hf_model, hf_dir, str(Path(d) / "v3"))
         for outtype in args.outtypes.split(","):
             gguf = llamacpp.convert(src, hf_dir, Path(d) / f"model-{outtype}.gguf", outtype)
             ll_runs = llamacpp_greedy(binary, gguf, PROMPTS, args.tokens, args.threads)
