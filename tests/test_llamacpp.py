@@ -96,3 +96,15 @@ def test_llamacpp_greedy_tokens_equal_nanoseek_engine(hf_dir, gguf_file):
         c = llamacpp_greedy.compare(model, r["prompt"], toks, r["tokens"], r["margins"])
         # a random model's near-ties may part ways only where llama.cpp's own margin is tiny
         assert c.same or c.ll_margin < 1e-3, c
+
+
+def test_model_without_indexer_computes_the_same_within_top_k(hf_dir, tmp_path):
+    """What llamacpp_greedy.py hands llama.cpp for indexer heads under 64: the same logits up to index_topk tokens."""
+    model = nanoseek.from_pretrained(hf_dir, dtype=torch.float32)
+    v3_dir = llamacpp_greedy.without_indexer(model, str(hf_dir), str(tmp_path / "v3"))
+    dense = nanoseek.from_pretrained(v3_dir, dtype=torch.float32)
+    assert dense.config.model_type == "deepseek_v3" and not dense.config.use_dsa
+    ids = torch.randint(3, model.config.vocab_size, (1, model.config.index_topk))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert tokenizer.load_tokenizer(v3_dir).encode("the fox") == tokenizer.load_tokenizer(hf_dir).encode("the fox")
