@@ -110,6 +110,8 @@ def build_greedy(src: Path, root: Path) -> Path:
                                                                                        "ggml-base"))]
     if not all(lib.is_file() for lib in libs):
         raise Unavailable(f"no llama.cpp static libraries under {build} to link the greedy tool against")
+    if not (shutil.which("cc") and shutil.which("c++")):
+        raise Unavailable("no cc and c++ on PATH to build the greedy tool")
     obj = build / "nanoseek-llamacpp-greedy.o"
     # llama and ggml are C++ with OpenMP (the tools' build has GGML_OPENMP on): the link goes through c++
     for cmd in (["cc", "-O2", "-std=c11", "-I", str(src / "include"), "-I", str(src / "ggml" / "include"), "-c",
