@@ -1,7 +1,8 @@
-"""Decode speed at batch 1: nanoseek's engine vs transformers `generate` or llama.cpp, same weights, one run.
+"""Decode speed: nanoseek's engine vs transformers `generate` (batch 1) or llama.cpp (batch 1, and prefill and
+decode of several sequences at once), same weights, one run.
 
     python bench/decode.py [--preset small] [--prompt 64] [--tokens 64] [--threads N]
-    python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2]     # or --peer all
+    python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2] [--sequences 8]  # or --peer all
 
 Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
 transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
@@ -16,12 +17,14 @@ decode kernels (`nanoseek/kernels/cpu_decode.c`) and at what bandwidth, and the 
 a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 
-`--peer llamacpp` times llama.cpp's `llama-bench` instead (`bench/llamacpp.py`: the source of a pinned
-llama-cpp-python sdist, fetched with pip and built once; the model converted by llama.cpp's own
-convert_hf_to_gguf.py, f32 for float32 and bf16 for bfloat16), with nanoseek at the same thread counts right
-before it, one thread count at a time: llama-bench decodes --tokens - 1 tokens after a --prompt-token context
-(`-d`), the positions of nanoseek's timed steps, best of --repeats on both sides. Where llama.cpp cannot be
-fetched, built, fed or run, one line says why and the rest of the bench runs.
+`--peer llamacpp` times llama.cpp instead (`bench/llamacpp.py`: the source of a pinned llama-cpp-python sdist,
+fetched with pip and built once; the model converted by llama.cpp's own convert_hf_to_gguf.py, f32 for float32 and
+bf16 for bfloat16, and nanoseek loading that same GGUF file), with nanoseek at the same thread counts right before
+it, one thread count at a time: `llama-bench` decodes --tokens - 1 tokens after a --prompt-token context (`-d`),
+the positions of nanoseek's timed steps, best of --repeats on both sides; then `llama-batched-bench` prefills 1
+and --sequences prompts of --prompt tokens at once and decodes --tokens - 1 steps of one token per sequence, with
+nanoseek's engine doing the same with as many requests (prefill and decode tokens/s, two ratios). Where llama.cpp
+cannot be fetched, built, fed or run, one line says why and the rest of the bench runs.
 """
 from __future__ import annotations
 
@@ -110,6 +113,27 @@ def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
         if r:
             best = min(best, time.perf_counter() - t)
     return (n_tokens - 1) / best
+
+
+def nanoseek_batched_rates(model, prompts: list[list[int]], n_gen: int, repeats: int) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of the engine running len(prompts) sequences at once, as llama-batched-bench
+    times its side: the prompts admitted together and prefilled (until every sequence has its first token), then
+    n_gen steps that decode one token for every sequence; best of repeats after a warm-up run."""
+    engine = Engine(model, None, max_batch_size=len(prompts))
+    params = SamplingParams(max_tokens=n_gen + 1, temperature=0, ignore_eos=True)
+    best_pp = best_tg = float("inf")
+    for r in range(repeats + 1):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{r}-{i}", p, params)
+        t0, started = time.perf_counter(), set()
+        while len(started) < len(prompts):
+            started.update(o.request_id for o in engine.step())
+        t1 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        if r:
+            best_pp, best_tg = min(best_pp, t1 - t0), min(best_tg, time.perf_counter() - t1)
+    return sum(map(len, prompts)) / best_pp, len(prompts) * n_gen / best_tg
 
 
 def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
@@ -249,35 +273,38 @@ def transformers_comparison(args, cfg, prompt) -> None:
 
 
 def llamacpp_comparison(args, cfg, prompt) -> None:
-    """nanoseek against llama-bench on the same weights, per dtype and thread count; a line saying why where
-    llama.cpp cannot run here."""
+    """nanoseek against llama.cpp on the same GGUF file (nanoseek reads it with `nanoseek.gguf`), per dtype and
+    thread count: decode at batch 1 (llama-bench), then prefill and decode of 1 and --sequences sequences at once
+    (llama-batched-bench); a line saying why where llama.cpp cannot run here."""
     try:
-        src, binary = llamacpp.prepare()
+        src, tools = llamacpp.prepare()
     except llamacpp.Unavailable as e:
         print(f"llama.cpp peer skipped: {e}")
         return
-    if cfg.use_dsa:
+    if cfg.use_dsa and cfg.index_head_dim < 64:
         # llama.cpp's deepseek32 graph rotates the indexer's heads with Hadamard matrices of 64 and up and aborts on
-        # narrower heads, which every preset small enough to bench has (small: 32). Up to index_topk past tokens
-        # DSA attends to every token, so without its indexer the preset computes the same attention there; both
-        # sides run that model.
+        # narrower heads (tiny: 16). Up to index_topk past tokens DSA attends to every token, so without its
+        # indexer the preset computes the same attention there; both sides run that model.
         dense = args.prompt + args.tokens <= cfg.index_topk
         print(f"llama.cpp: both sides run {args.preset} as deepseek_v3, without the DSA indexer (llama.cpp's "
               f"deepseek32 needs indexer heads of 64 or more, {args.preset}'s are {cfg.index_head_dim}); "
               + (f"within {cfg.index_topk} tokens DSA attends to every token anyway" if dense else
                  f"past {cfg.index_topk} tokens this is dense attention where DSA would select"))
         cfg = cfg.replace(model_type="deepseek_v3", index_topk=0, index_n_heads=0)
-    cfg = cfg.replace(num_nextn_predict_layers=0)  # decode runs no MTP; the converter drops it anyway
+    cfg = cfg.replace(num_nextn_predict_layers=0)  # decode runs no MTP
     threads = [int(t) for t in args.peer_threads.split(",")]
+    n_seqs = sorted({1, args.sequences})
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(max(n_seqs))]
     prev_threads = torch.get_num_threads()
-    rows, info = [], None
+    rows, batched_rows, info = [], [], None
     with tempfile.TemporaryDirectory() as d:
         nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
         llamacpp.add_tokenizer(d, cfg.vocab_size)
         for name in args.dtypes.split(","):
             try:
-                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", name)
-                ns = nanoseek.from_pretrained(d, dtype=getattr(torch, name))
+                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", llamacpp.OUTTYPES[name])
+                ns = nanoseek.from_pretrained(gguf, dtype=getattr(torch, name))
                 # one thread count at a time, the two engines back to back, so that load from other processes
                 # meets both alike
                 for t in threads:
@@ -285,10 +312,15 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
                     r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
                     # llama-bench decodes after -d tokens of context, as nanoseek's timed steps follow the prompt
                     # and the first token: the same positions, prompt .. prompt + tokens - 2
-                    res = llamacpp.run_bench(binary, gguf, t, depth=len(prompt), n_gen=args.tokens - 1,
-                                             repeats=args.repeats)
+                    res = llamacpp.run_bench(tools["llama-bench"], gguf, t, depth=len(prompt),
+                                             n_gen=args.tokens - 1, repeats=args.repeats)
                     rows.append((name, t, r_ns, llamacpp.rates(res)[t]))
                     info = res[0]
+                    ll = {r["pl"]: r for r in llamacpp.run_batched_bench(
+                        tools["llama-batched-bench"], gguf, t, args.prompt, args.tokens - 1, n_seqs)}
+                    for n in n_seqs:
+                        pp, tg = nanoseek_batched_rates(ns, prompts[:n], args.tokens - 1, args.repeats)
+                        batched_rows.append((name, t, n, pp, ll[n]["speed_pp"], tg, ll[n]["speed_tg"]))
                 del ns
                 gguf.unlink()
             except llamacpp.Unavailable as e:
@@ -300,6 +332,11 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
     print(f"\nDecode at batch 1 against llama.cpp ({args.preset}, {args.prompt}-token context, {args.tokens - 1} "
           f"timed tokens, best of {args.repeats}; ratio = nanoseek / llama.cpp)")
     print(llamacpp.format_table(rows))
+    print(f"\nPrefill and decode of several sequences at once against llama-batched-bench ({args.prompt}-token "
+          f"prompts, one per sequence, prefilled together; then {args.tokens - 1} decode steps of one token per "
+          f"sequence; tokens/s over all sequences; nanoseek: its engine, best of {args.repeats}; llama.cpp: one "
+          f"run after its warm-up)")
+    print(llamacpp.format_batched_table(batched_rows))
     print(llamacpp.describe(info))
     if "bfloat16" in args.dtypes and not precision.native_bf16_cpu():
         print("bfloat16: this CPU has no native bf16 arithmetic; both widen the bf16 weights to fp32 for fp32 FMAs")
@@ -317,6 +354,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=("transformers", "llamacpp", "all"), default="transformers",
                     help="what nanoseek is timed against (all: transformers, then llama.cpp)")
     ap.add_argument("--peer-threads", default="1,2", help="thread counts of the llama.cpp comparison")
+    ap.add_argument("--sequences", type=int, default=8,
+                    help="concurrent sequences of the llama.cpp comparison's batched rows (beside 1)")
     args = ap.parse_args()
     args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
     if args.threads:

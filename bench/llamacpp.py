@@ -1,10 +1,12 @@
-"""llama.cpp as the decode-speed peer of `bench/decode.py --peer llamacpp`: its source, `llama-bench` built from it,
-the bench's model converted by llama.cpp's own converter, and llama-bench's decode rates.
+"""llama.cpp as the peer of `bench/decode.py --peer llamacpp` and `bench/llamacpp_greedy.py`: its source, its tools
+built from it, the bench's model converted by llama.cpp's own converter, and the tools' results.
 
 The source comes from the llama-cpp-python sdist on PyPI (pinned below; its vendor/llama.cpp is the whole llama.cpp
 tree, converter and gguf-py included), fetched with pip and unpacked once into ~/.cache/nanoseek/llamacpp/<version>
-(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` alone is built with cmake, once, and reused. Every step
-that cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
+(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` and `llama-batched-bench` alone are built with cmake,
+once, and reused; `llamacpp_greedy.c` is compiled against the static libraries that build leaves. The converter
+runs under the transformers its requirements pin, installed with pip once beside the source. Every step that
+cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
 `Unavailable` with a one-line reason, which the bench prints before going on without llama.cpp.
 """
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 # llama-cpp-python 0.3.36 vendors llama.cpp 0c1e570 (2026-10-01): its deepseek2 architecture runs MLA with the
 # absorbed (latent) cache, as nanoseek's decode does
 VERSION = "0.3.36"
-# Release build for this CPU's instruction set (-march=native), llama-bench alone, nothing that needs a network
+# Release build for this CPU's instruction set (-march=native), the TOOLS alone, nothing that needs a network
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_APP=OFF")
+# llama-bench: decode at batch 1; llama-batched-bench: prefill and decode of several sequences at once
+TOOLS = ("llama-bench", "llama-batched-bench")
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16"}  # torch dtype name -> the converter's --outtype
 _HERE = Path(__file__).resolve().parent
 
@@ -68,39 +72,66 @@ def fetch_source(root: Path) -> Path:
     return src
 
 
-def build_bench(src: Path, root: Path) -> Path:
-    """`llama-bench` built from src under root/build, once (a log of the build goes to root/build.log)."""
-    binary = root / "build" / "bin" / "llama-bench"
-    if binary.is_file():
-        return binary
+def build_tools(src: Path, root: Path) -> dict[str, Path]:
+    """The TOOLS built from src under root/build, each once (a log of the build goes to root/build.log): a cache
+    made by an earlier version of this module, with llama-bench alone, gets the missing ones added."""
+    binaries = {t: root / "build" / "bin" / t for t in TOOLS}
+    missing = [t for t, b in binaries.items() if not b.is_file()]
+    if not missing:
+        return binaries
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise Unavailable("no cmake on PATH to build llama-bench")
+        raise Unavailable(f"no cmake on PATH to build {', '.join(missing)}")
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++")):
-        raise Unavailable("no C++ compiler on PATH to build llama-bench")
-    print(f"llama.cpp: building llama-bench (once; about 10 minutes on 2 cores), log {root / 'build.log'} ...",
+        raise Unavailable(f"no C++ compiler on PATH to build {', '.join(missing)}")
+    print(f"llama.cpp: building {', '.join(missing)} (once; about 10 minutes on 2 cores), log {root / 'build.log'} ...",
           flush=True)
-    with open(root / "build.log", "w") as log:
+    with open(root / "build.log", "a") as log:
         for cmd in ([cmake, "-S", str(src), "-B", str(root / "build"), *CMAKE_FLAGS],
-                    [cmake, "--build", str(root / "build"), "--target", "llama-bench", "-j", str(os.cpu_count() or 1)]):
+                    [cmake, "--build", str(root / "build"), "--target", *missing, "-j", str(os.cpu_count() or 1)]):
             log.write(" ".join(cmd) + "\n")
             log.flush()
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise Unavailable(f"building llama-bench failed (see {root / 'build.log'})")
-    if not binary.is_file():
-        raise Unavailable(f"the llama-bench build made no {binary}")
+                raise Unavailable(f"building {', '.join(missing)} failed (see {root / 'build.log'})")
+    for t in missing:
+        if not binaries[t].is_file():
+            raise Unavailable(f"the llama.cpp build made no {binaries[t]}")
+    return binaries
+
+
+def build_greedy(src: Path, root: Path) -> Path:
+    """`llamacpp_greedy.c` compiled against the static libraries the tools' build left under root/build (rebuilt
+    when the C file is newer than the binary): the libraries' locations are those of the pinned llama.cpp."""
+    build = root / "build"
+    c_file, binary = _HERE / "llamacpp_greedy.c", build / "bin" / "nanoseek-llamacpp-greedy"
+    if binary.is_file() and binary.stat().st_mtime >= c_file.stat().st_mtime:
+        return binary
+    libs = [build / "src" / "libllama.a", *(build / "ggml" / "src" / f"lib{n}.a" for n in ("ggml", "ggml-cpu",
+                                                                                       "ggml-base"))]
+    if not all(lib.is_file() for lib in libs):
+        raise Unavailable(f"no llama.cpp static libraries under {build} to link the greedy tool against")
+    if not (shutil.which("cc") and shutil.which("c++")):
+        raise Unavailable("no cc and c++ on PATH to build the greedy tool")
+    obj = build / "nanoseek-llamacpp-greedy.o"
+    # llama and ggml are C++ with OpenMP (the tools' build has GGML_OPENMP on): the link goes through c++
+    for cmd in (["cc", "-O2", "-std=c11", "-I", str(src / "include"), "-I", str(src / "ggml" / "include"), "-c",
+                 str(c_file), "-o", str(obj)],
+                ["c++", str(obj), *map(str, libs), "-fopenmp", "-lpthread", "-ldl", "-lm", "-o", str(binary)]):
+        got = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if got.returncode:
+            raise Unavailable(f"building the greedy tool failed: {_last_line(got.stderr)}")
     return binary
 
 
-def prepare() -> tuple[Path, Path]:
-    """(llama.cpp source tree, llama-bench binary), fetched and built on first use."""
+def prepare() -> tuple[Path, dict[str, Path]]:
+    """(llama.cpp source tree, {tool name: binary}), fetched and built on first use."""
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Unavailable(f"cannot create {root}: {e}") from None
     src = fetch_source(root)
-    return src, build_bench(src, root)
+    return src, build_tools(src, root)
 
 
 def add_tokenizer(hf_dir: str | Path, vocab_size: int) -> None:
@@ -112,16 +143,43 @@ def add_tokenizer(hf_dir: str | Path, vocab_size: int) -> None:
     tokenizer.train_from_documents(docs, vocab_size, max_chars=2_000_000).save(hf_dir)
 
 
-def convert(src: Path, hf_dir: str | Path, out: Path, dtype_name: str) -> Path:
-    """The HF folder as a GGUF of this dtype, by llama.cpp's converter (through `llamacpp_convert.py`, which names
-    the pre-tokenizer of nanoseek's tokenizers)."""
+def converter_deps(src: Path, root: Path) -> Path:
+    """A folder with the transformers that llama.cpp's converter is pinned to (its requirements file), installed
+    with pip once, to go first on the converter's PYTHONPATH; nanoseek's own environment keeps its transformers.
+    transformers 5 drops tokenizer_config's add_bos_token for any tokenizer with a tokenizer.json (the file's
+    post-processor rules), so the V3.2 converter's `assert tokenizer.add_bos_token` fails on every such tokenizer
+    under it; under the pinned 4.x it reads the tokenizer_config that nanoseek saves."""
+    req = (src / "requirements" / "requirements-convert_legacy_llama.txt").read_text(encoding="utf-8")
+    pin = next((ln.strip() for ln in req.splitlines() if ln.strip().startswith("transformers==")), None)
+    if pin is None:
+        raise Unavailable("llama.cpp's converter requirements pin no transformers version")
+    deps = root / "convert-deps" / pin.split("==")[1]
+    if (deps / "transformers").is_dir():
+        return deps
+    print(f"llama.cpp: installing the converter's {pin} into {deps} (once) ...", flush=True)
+    # transformers 4.57's own dependencies that nanoseek's environment has too new (huggingface-hub 1+, tokenizers
+    # 0.23.1+) go into the folder with it; the rest (numpy, safetensors, regex, ...) are shared
+    got = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(deps), pin,
+                          "huggingface-hub>=0.34,<1.0", "tokenizers>=0.22,<=0.23.0"],
+                         capture_output=True, text=True, errors="replace")
+    if got.returncode:
+        shutil.rmtree(deps, ignore_errors=True)
+        raise Unavailable(f"pip install {pin} failed: {_last_line(got.stderr)}")
+    return deps
+
+
+def convert(src: Path, hf_dir: str | Path, out: Path, outtype: str) -> Path:
+    """The HF folder as a GGUF of this --outtype (f32, bf16, q8_0, ...), by llama.cpp's converter under its pinned
+    transformers (through `llamacpp_convert.py`, which names the pre-tokenizer of nanoseek's tokenizers)."""
+    deps = converter_deps(src, cache_root())
+    # the converter's transformers first; then nanoseek, for the split regex
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(_HERE.parent), os.environ.get("PYTHONPATH")) if p))  # nanoseek, for its split regex
+        p for p in (str(deps), str(_HERE.parent), os.environ.get("PYTHONPATH")) if p))
     got = subprocess.run([sys.executable, str(_HERE / "llamacpp_convert.py"), str(src), str(hf_dir),
-                          "--outfile", str(out), "--outtype", OUTTYPES[dtype_name]],
+                          "--outfile", str(out), "--outtype", outtype],
                          capture_output=True, text=True, errors="replace", env=env)
     if got.returncode or not out.is_file():
-        raise Unavailable(f"converting to a {OUTTYPES[dtype_name]} GGUF failed: {_last_line(got.stderr)}")
+        raise Unavailable(f"converting to a {outtype} GGUF failed: {_last_line(got.stderr)}")
     return out
 
 
@@ -136,6 +194,25 @@ def run_bench(binary: Path, gguf: Path, threads: int, depth: int, n_gen: int, re
     return json.loads(got.stdout)
 
 
+def run_batched_bench(binary: Path, gguf: Path, threads: int, n_prompt: int, n_gen: int,
+                      n_seqs: list[int]) -> list[dict]:
+    """llama-batched-bench's results, one per count in n_seqs: that many sequences of n_prompt tokens prefilled in
+    one batch (speed_pp, tokens/s over all sequences), then n_gen steps that decode one token for every sequence
+    (speed_tg). The KV cache holds exactly all sequences at their longest."""
+    cmd = [str(binary), "-m", str(gguf), "-c", str(max(n_seqs) * (n_prompt + n_gen)), "-npp", str(n_prompt),
+           "-ntg", str(n_gen), "-npl", ",".join(map(str, n_seqs)), "-t", str(threads), "-tb", str(threads),
+           "--output-format", "jsonl"]
+    got = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if got.returncode:
+        raise Unavailable(f"llama-batched-bench failed ({got.returncode}): {_last_line(got.stderr)}")
+    # its log goes to the same streams as the results: keep the result lines
+    results = [json.loads(ln) for ln in f"{got.stdout}\n{got.stderr}".splitlines() if ln.startswith('{"n_kv_max"')]
+    if len(results) != len(n_seqs):
+        raise Unavailable(f"llama-batched-bench gave {len(results)} results for {len(n_seqs)} batch sizes: "
+                          f"{_last_line(got.stderr)}")
+    return results
+
+
 def rates(results: list[dict]) -> dict[int, float]:
     """Decode tokens/s of llama-bench's generation tests, by thread count: the best of the repetitions (as the
     bench takes nanoseek's best)."""
@@ -148,6 +225,16 @@ def describe(result: dict) -> str:
             f"{VERSION}), {result['backends']} backend, KV cache "
             f"{result['type_k']}/{result['type_v']}, flash attention {('auto', 'off', 'on')[result['flash_attn'] + 1]}"
             f"; llama-bench built with cmake {' '.join(CMAKE_FLAGS)}")
+
+
+def format_batched_table(rows: list[tuple[str, int, int, float, float, float, float]]) -> str:
+    """Markdown table of (dtype, threads, sequences, nanoseek prefill, llama.cpp prefill, nanoseek decode, llama.cpp
+    decode) tokens/s rows; ratios = nanoseek / llama.cpp."""
+    lines = ["| dtype | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
+             "decode llama.cpp | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {t} | {n} | {p_ns:.1f} | {p_ll:.1f} | {p_ns / p_ll:.2f}x | {d_ns:.1f} | {d_ll:.1f} | "
+              f"{d_ns / d_ll:.2f}x |" for name, t, n, p_ns, p_ll, d_ns, d_ll in rows]
+    return "\n".join(lines)
 
 
 def format_table(rows: list[tuple[str, int, float, float]]) -> str:

@@ -3,13 +3,24 @@ saved, told which pre-tokenizer nanoseek's tokenizers use. `bench/llamacpp.py` r
 
     python bench/llamacpp_convert.py LLAMA_CPP_DIR HF_DIR --outfile M.gguf --outtype f32 [converter options]
 
-The converter names a BPE tokenizer's pre-tokenizer by hashing the ids a fixed text encodes to, and knows only the
-hashes of published models; every tokenizer nanoseek trains has merges of its own, so an unknown hash, and the
-converter stops. Its split regex (`nanoseek.tokenizer.SPLIT_PATTERN`, GPT-4's) is the one llama.cpp's "llama-bpe"
-(LLAMA3) pre-tokenizer applies, so a tokenizer.json that splits with exactly that regex before the byte-level
-mapping is written as "llama-bpe"; any other goes to the converter's own check. (llama-bpe also takes a word
-that is a whole vocabulary entry as one token without merging, which byte-level BPE trained by `tokenizers` gives
-too.) The choice is patched into this process only: the llama.cpp files on disk stay as shipped.
+This is the one thing the converter cannot be given from files, for any BPE vocabulary trained here (line numbers
+of llama.cpp 0c1e570): a DeepseekV32ForCausalLM's vocabulary goes through `_set_vocab_gpt2` whatever the files
+say (conversion/deepseek.py 506-510), which names the pre-tokenizer by `get_vocab_base_pre` (base.py 1590): it
+encodes a fixed text with the tokenizer and hashes the ids (base.py 1636-1638), compares the hash with those of
+published tokenizers (1648-1938) and raises on any other (1940-1953). The ids of that text follow from the
+merges, so a vocabulary trained on other data never hashes to a known name, and no option of the converter
+(`--metadata` sets general.* keys only) or field of tokenizer.json / tokenizer_config.json names it instead.
+(Relabelling ids so that the text's tokens hash like a published tokenizer's would need the same split of that
+text into the same number of tokens: not something a trained vocabulary has.)
+
+nanoseek's split regex (`nanoseek.tokenizer.SPLIT_PATTERN`, GPT-4's) is the one llama.cpp's "llama-bpe" (LLAMA3)
+pre-tokenizer applies, so a tokenizer.json that splits with exactly that regex before the byte-level mapping is
+written as "llama-bpe"; any other goes to the converter's own check. (llama-bpe also takes a word that is a whole
+vocabulary entry as one token without merging, which byte-level BPE trained by `tokenizers` gives too.) The
+choice is patched into this process only: the llama.cpp files on disk stay as shipped. The other two obstacles
+are gone from files alone: tokenizer_config.json says add_bos_token under the class DeepSeek's own tokenizers
+name (`nanoseek.tokenizer`, read by the converter's pinned transformers, see `llamacpp.converter_deps`), and the
+`small` preset's indexer heads are 64 wide, as llama.cpp's deepseek32 graph needs.
 """
 from __future__ import annotations
 

@@ -370,14 +370,16 @@ def _tiny() -> ModelConfig:
 
 
 def _small() -> ModelConfig:
-    """The CPU workhorse: ~100M total, ~25M activated per token (see `nanoseek.config` __main__)."""
+    """The CPU workhorse: ~100M total, ~25M activated per token (see `nanoseek.config` __main__). Indexer heads of
+    64: llama.cpp's deepseek32 graph rotates the indexer's q and k with Hadamard matrices of 64 and up, so a
+    narrower head (the 32 this preset had) converts but aborts there."""
     return ModelConfig(
         model_type="deepseek_v32", vocab_size=8192, hidden_size=384, intermediate_size=1152,
         moe_intermediate_size=256, num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=6,
         q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=32, v_head_dim=48,
         n_routed_experts=40, n_shared_experts=1, num_experts_per_tok=6, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, rope_factor=4.0, original_max_position_embeddings=1024,
-        max_position_embeddings=4096, index_n_heads=8, index_head_dim=32, index_topk=256,
+        max_position_embeddings=4096, index_n_heads=8, index_head_dim=64, index_topk=256,
         num_nextn_predict_layers=1)
 
 

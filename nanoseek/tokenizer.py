@@ -219,7 +219,13 @@ class Tokenizer:
         self.backend.save(str(out / "tokenizer.json"))
         cfg = dict(self.config)
         cfg.update({"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token})
-        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        # DeepSeek V3's own tokenizer_config: LlamaTokenizerFast, add_bos_token true, no unk token. transformers 4
+        # then loads tokenizer.json as it is and reports add_bos_token (the generic PreTrainedTokenizerFast has no
+        # such attribute, and llama.cpp's V3.2 converter, pinned to transformers 4, asserts it); without the null
+        # unk_token that class would add an "<unk>" past the vocabulary. transformers 5 loads tokenizer.json as it
+        # is under either name.
+        cfg.setdefault("tokenizer_class", "LlamaTokenizerFast")
+        cfg.setdefault("unk_token", None)
         cfg.setdefault("add_bos_token", True)
         cfg.setdefault("add_eos_token", False)
         cfg.setdefault("clean_up_tokenization_spaces", False)

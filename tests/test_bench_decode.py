@@ -59,7 +59,7 @@ def test_failed_pip_download_is_unavailable(tmp_path, monkeypatch):
 def test_no_cmake_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(llamacpp.shutil, "which", lambda name: None)
     with pytest.raises(llamacpp.Unavailable, match="no cmake"):
-        llamacpp.build_bench(tmp_path / "src", tmp_path)
+        llamacpp.build_tools(tmp_path / "src", tmp_path)
 
 
 def test_bench_prints_one_line_and_goes_on_without_llamacpp(tmp_path, monkeypatch, capsys):
@@ -79,3 +79,44 @@ def test_converter_wrapper_recognises_nanoseek_split():
     assert llamacpp_convert.split_regex(spec) == tokenizer.SPLIT_PATTERN
     spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}  # GPT-2's own
     assert llamacpp_convert.split_regex(spec) is None
+
+
+def batched_line(pl, speed_pp, speed_tg):
+    """One llama-batched-bench --output-format jsonl result line, with the fields of llama.cpp 0c1e570."""
+    return json.dumps({"n_kv_max": 1016, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0,
+                       "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 64, "tg": 63, "pl": pl,
+                       "n_kv": pl * 127, "t_pp": 0.1, "speed_pp": speed_pp, "t_tg": 0.5, "speed_tg": speed_tg,
+                       "t": 0.6, "speed": 1.0}, separators=(", ", ": "))
+
+
+def test_batched_bench_results_are_its_json_lines_among_the_log(monkeypatch):
+    log = "llama_model_loader: loaded meta data\nmain: n_kv_max = 1016\n"
+    out = "\n".join([batched_line(1, 300.5, 40.25), batched_line(8, 900.0, 180.0)]) + "\n"
+
+    def bench(cmd, **kw):
+        assert cmd[cmd.index("-npl") + 1] == "1,8" and cmd[cmd.index("-c") + 1] == str(8 * (64 + 63))
+        return subprocess.CompletedProcess(cmd, 0, out, log)
+    monkeypatch.setattr(llamacpp.subprocess, "run", bench)
+    res = llamacpp.run_batched_bench(Path("llama-batched-bench"), Path("m.gguf"), 2, 64, 63, [1, 8])
+    assert [(r["pl"], r["speed_pp"], r["speed_tg"]) for r in res] == [(1, 300.5, 40.25), (8, 900.0, 180.0)]
+    # a run that stopped before its last batch size (the KV cache full, say) is no result
+    monkeypatch.setattr(llamacpp.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, batched_line(1, 1.0, 1.0), log))
+    with pytest.raises(llamacpp.Unavailable, match="gave 1 results for 2 batch sizes"):
+        llamacpp.run_batched_bench(Path("llama-batched-bench"), Path("m.gguf"), 2, 64, 63, [1, 8])
+
+
+def test_format_batched_table():
+    assert llamacpp.format_batched_table([("float32", 2, 8, 600.0, 300.0, 100.0, 200.0)]) == (
+        "| dtype | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
+        "decode llama.cpp | ratio |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| float32 | 2 | 8 | 600.0 | 300.0 | 2.00x | 100.0 | 200.0 | 0.50x |")
+
+
+def test_nanoseek_batched_rates_finish_every_sequence(one_thread):
+    import nanoseek
+    model = nanoseek.Transformer(get_preset("tiny"))
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 7)]
+    pp, tg = decode.nanoseek_batched_rates(model, prompts, 4, repeats=1)
+    assert pp > 0 and tg > 0

@@ -123,6 +123,8 @@ def test_autotokenizer_loads_saved_folder_and_encodes_identically(tok, tok_dir):
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert cfg["bos_token"] == chat.BOS and cfg["eos_token"] == chat.EOS and cfg["pad_token"] == PAD
     assert cfg["chat_template"] == chat.chat_template("v3.2") and cfg["model_max_length"] > 0
+    # DeepSeek V3's layout, which llama.cpp's V3.2 converter (under transformers 4) reads add_bos_token from
+    assert (cfg["tokenizer_class"], cfg["unk_token"], cfg["add_bos_token"]) == ("LlamaTokenizerFast", None, True)
 
 
 def test_load_tokenizer_folder_file_and_foreign(tok, tok_dir, tmp_path):
