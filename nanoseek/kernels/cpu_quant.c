@@ -1,0 +1,183 @@
+/* Weight-only quantized matmuls on CPU (nanoseek/quant.py's formats, issue 15), built and loaded by cpu_quant.py:
+ *   nq_int8   y[M, N] = x[M, K] @ (codes * scale)^T    codes int8 [N, K], scale bf16 [N] (symmetric per row)
+ *   nq_int4   y[M, N] = x[M, K] @ (q * scale + min)^T  q uint8 [N, K/2] (two codes a byte, k = 2j in the low
+ *             nibble), scale and min bf16 [N, K/G] (asymmetric per group of G input values)
+ * x and y are fp32 (bf = 0) or bf16 (bf = 1). The codes are read as stored and widened in registers: no
+ * dequantized copy of W is ever written. Arithmetic is fp32 throughout (x widened once per call into a scratch
+ * row, fp32 FMAs, y rounded once at the end to its dtype): the float path. It is the arithmetic of the reference
+ * (dequantize, then a float matmul) up to the order of the fp32 sums and to where the scales are applied:
+ * - int8: the row's scale multiplies the finished sum, sum_k x_k c_k * s (one rounding), where the reference
+ *   multiplies each code first (W' = c * s rounded to x's dtype);
+ * - int4: each group's codes are dequantized in registers, w = q * s + min (one FMA, in fp32, no rounding to
+ *   x's dtype), then dotted with x.
+ * Integer dot products over x quantized to int8 (VNNI / maddubs, llama.cpp's Q8 activations) are not used: see
+ * cpu_quant.py for the measurement that decided it.
+ *
+ * Decode reads each weight byte once per step, so the loops stream the codes: each widened weight vector serves
+ * up to four rows of x (more rows are taken four at a time, re-reading the weight row from L1), threads split the
+ * N output rows (OpenMP with the caller's thread count, as cpu_decode.c), and each step prefetches 2 KB ahead.
+ * One source for every variant of isa.py over simd.h (AVX-512, AVX2 + FMA, NEON, and a scalar build for the C
+ * self-test, tests/cpu_quant_selftest.c). Entry points return 0, or -2 when out of memory for the scratch row.
+ * Legend: M rows of x, K input values, N output rows, G group size.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "simd.h"
+
+typedef uint16_t bf16;
+
+/* the variant this library was built for (isa.py's name) */
+const char *nq_isa(void) { return NS_SIMD_NAME; }
+
+static inline float bf2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) { /* round to nearest even, as PyTorch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+#define NQ_ROWS 4                      /* rows of x per pass over a weight row */
+#define NQ_STEP 64                     /* int8 codes per step: one cache line */
+#define NQ_OPS (NQ_STEP / NS_VW)       /* vector ops per step */
+#define NQ_ACC (NS_VW >= 8 ? 2 : 4)    /* accumulators per row (as cpu_decode.c: NEON's narrow vectors take 4) */
+#define NQ_AHEAD 2048                  /* prefetch distance in bytes of codes (cpu_decode.c measured 2 KB best) */
+
+/* out[j] = sum_k x[j][k] * w[k] for j < r (r <= NQ_ROWS), w int8 */
+static inline __attribute__((always_inline)) void dot_s8(const float *const *x, const int r, const int8_t *w,
+                                                          int64_t K, float *out) {
+    vf acc[NQ_ROWS][NQ_ACC];
+    for (int j = 0; j < r; j++)
+        for (int u = 0; u < NQ_ACC; u++) acc[j][u] = vf_zero();
+    int64_t i = 0;
+    for (; i + NQ_STEP <= K; i += NQ_STEP) {
+        ns_prefetch(w + i + NQ_AHEAD);
+        for (int v = 0; v < NQ_OPS; v++) {
+            const vf wv = vf_load_s8(w + i + v * NS_VW);
+            for (int j = 0; j < r; j++)
+                acc[j][v % NQ_ACC] = vf_fmadd(vf_loadu(x[j] + i + v * NS_VW), wv, acc[j][v % NQ_ACC]);
+        }
+    }
+    for (; i + NS_VW <= K; i += NS_VW) {
+        const vf wv = vf_load_s8(w + i);
+        for (int j = 0; j < r; j++) acc[j][0] = vf_fmadd(vf_loadu(x[j] + i), wv, acc[j][0]);
+    }
+    for (int j = 0; j < r; j++) {
+        vf t = acc[j][0];
+        for (int u = 1; u < NQ_ACC; u++) t = vf_add(t, acc[j][u]);
+        float s = vf_reduce_add(t);
+        for (int64_t k = i; k < K; k++) s += x[j][k] * (float)w[k];
+        out[j] = s;
+    }
+}
+
+/* out[j] = sum_k x[j][k] * (q[k] * scale[g] + mn[g]) for j < r, q packed two a byte, K a multiple of G and G of
+ * 2 * NS_VW. x[j] is deinterleaved per block of 2 * NS_VW values (`widen`): the block's even k first, then its
+ * odd k, the order in which a load of NS_VW bytes gives its low and high nibbles. */
+static inline __attribute__((always_inline)) void dot_q4(const float *const *x, const int r, const uint8_t *q,
+                                                          const bf16 *scale, const bf16 *mn, int64_t K, int64_t G,
+                                                          float *out) {
+    vf acc[NQ_ROWS][2];
+    for (int j = 0; j < r; j++) acc[j][0] = acc[j][1] = vf_zero();
+    for (int64_t g = 0; g < K / G; g++) {
+        const vf s = vf_set1(bf2f(scale[g])), m = vf_set1(bf2f(mn[g]));
+        const uint8_t *qg = q + g * G / 2;
+        ns_prefetch(qg + NQ_AHEAD);
+        for (int64_t b = 0; b < G; b += 2 * NS_VW) {
+            vf lo, hi;
+            vf_load_nibbles(qg + b / 2, &lo, &hi);
+            lo = vf_fmadd(lo, s, m);
+            hi = vf_fmadd(hi, s, m);
+            const int64_t o = g * G + b;
+            for (int j = 0; j < r; j++) {
+                acc[j][0] = vf_fmadd(vf_loadu(x[j] + o), lo, acc[j][0]);
+                acc[j][1] = vf_fmadd(vf_loadu(x[j] + o + NS_VW), hi, acc[j][1]);
+            }
+        }
+    }
+    for (int j = 0; j < r; j++) out[j] = vf_reduce_add(vf_add(acc[j][0], acc[j][1]));
+}
+
+/* x [M, K] (fp32 or bf16) as fp32 rows in a new buffer (NULL when out of memory); deint: in dot_q4's order */
+static float *widen(const void *x, int bf, int64_t M, int64_t K, int deint) {
+    float *xf = malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
+    if (!xf) return NULL;
+    for (int64_t t = 0; t < M * K; t++) {
+        int64_t d = t;
+        if (deint) { /* position of x's value t in its block of 2 * NS_VW */
+            const int64_t k = t % K, b = k % (2 * NS_VW);
+            d = t - b + (b & 1) * NS_VW + b / 2;
+        }
+        xf[d] = bf ? bf2f(((const bf16 *)x)[t]) : ((const float *)x)[t];
+    }
+    return xf;
+}
+
+static inline void store(void *y, int bf, int64_t at, float v) {
+    if (bf) ((bf16 *)y)[at] = f2bf(v);
+    else ((float *)y)[at] = v;
+}
+
+int nq_int8(const void *x, int64_t M, int64_t K, const int8_t *codes, const bf16 *scale, int64_t N, void *y, int bf,
+            int nt) {
+    float *xf = widen(x, bf, M, K, 0);
+    if (!xf) return -2;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const float s = bf2f(scale[n]);
+        for (int64_t m = 0; m < M; m += NQ_ROWS) {
+            const int r = M - m < NQ_ROWS ? (int)(M - m) : NQ_ROWS;
+            const float *xr[NQ_ROWS];
+            float o[NQ_ROWS] = {0}; /* (set by the dot for j < r: the compiler cannot tell) */
+            for (int j = 0; j < r; j++) xr[j] = xf + (m + j) * K;
+            switch (r) { /* a constant row count per call, so the accumulators stay in registers */
+            case 4: dot_s8(xr, 4, codes + n * K, K, o); break;
+            case 3: dot_s8(xr, 3, codes + n * K, K, o); break;
+            case 2: dot_s8(xr, 2, codes + n * K, K, o); break;
+            default: dot_s8(xr, 1, codes + n * K, K, o); break;
+            }
+            for (int j = 0; j < r; j++) store(y, bf, (m + j) * N + n, o[j] * s);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* -1 unless G is a multiple of 2 * NS_VW (every variant: G in 32, 64, 128) and K of G */
+int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t G,
+            int64_t N, void *y, int bf, int nt) {
+    if (G <= 0 || G % (2 * NS_VW) || K % G) return -1;
+    float *xf = widen(x, bf, M, K, 1);
+    if (!xf) return -2;
+    const int64_t ng = K / G;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        const bf16 *sn = scale + n * ng, *mnn = mn + n * ng;
+        for (int64_t m = 0; m < M; m += NQ_ROWS) {
+            const int r = M - m < NQ_ROWS ? (int)(M - m) : NQ_ROWS;
+            const float *xr[NQ_ROWS];
+            float o[NQ_ROWS] = {0}; /* (set by the dot for j < r: the compiler cannot tell) */
+            for (int j = 0; j < r; j++) xr[j] = xf + (m + j) * K;
+            switch (r) {
+            case 4: dot_q4(xr, 4, qn, sn, mnn, K, G, o); break;
+            case 3: dot_q4(xr, 3, qn, sn, mnn, K, G, o); break;
+            case 2: dot_q4(xr, 2, qn, sn, mnn, K, G, o); break;
+            default: dot_q4(xr, 1, qn, sn, mnn, K, G, o); break;
+            }
+            for (int j = 0; j < r; j++) store(y, bf, (m + j) * N + n, o[j]);
+        }
+    }
+    free(xf);
+    return 0;
+}

@@ -1,0 +1,124 @@
+"""Int8 / int4 weight-only matmuls on CPU (`cpu_quant.c`) for `nanoseek.quant`'s formats, called via ctypes.
+
+`linear(x, codes, scale, min)` is x @ W'^T with W' the dequantized weight (quant.py's docstring), computed from
+the packed codes as stored: a decode step reads 1 byte (int8) or ~0.56-0.63 byte (int4, with its bf16 scale and
+min per group of 32-128) per weight instead of a float copy's 2 or 4. Activations float32 or bfloat16, fp32
+arithmetic (the float path of the C source). The reference, which tests compare against, is dequantize-then-matmul
+(`QuantLinear.reference`); it also serves everywhere the kernels do not (no C compiler, NANOSEEK_CPU_KERNELS=0,
+autograd, more than MAX_ROWS rows).
+
+One C source built per kernel variant (`isa.py`, `build.py`); the library is the best of VARIANTS this CPU runs
+(NANOSEEK_KERNEL_ISA caps it). The kernels use no bf16 or VNNI instructions, so AVX-512 BF16 / VNNI CPUs run
+the avx512 build.
+"""
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanoseek.kernels import isa
+from nanoseek.kernels.build import build
+
+_SRC = Path(__file__).with_name("cpu_quant.c")
+VARIANTS = ("avx512", "avx2", "neon")
+DTYPES = (torch.float32, torch.bfloat16)
+# Rows of x up to which the kernels beat dequantize-then-matmul (oneDNN): past a decode batch the dequantized copy
+# is amortised over the rows and a blocked GEMM wins (measured in bench/decode.py's notes of issue 15).
+MAX_ROWS = 16
+_built: dict = {}  # variant -> its library, or None where it cannot be built or run here
+_lib: Optional[ctypes.CDLL] = None
+_variant: Optional[str] = None
+_chosen = False
+
+
+def _build(variant: str) -> Optional[ctypes.CDLL]:
+    try:
+        lib = build(_SRC, variant)
+    except OSError as e:  # unwritable cache, unloadable library: the reference path
+        warnings.warn(f"nanoseek: CPU quantized kernels unavailable: {e}")
+        return None
+    if lib is None:
+        return None
+    lib.nq_isa.restype = ctypes.c_char_p
+    got = lib.nq_isa().decode()
+    if got != variant:  # the flags of isa.py did not give the vector code simd.h expects of them
+        raise RuntimeError(f"nanoseek: {_SRC.name} was compiled for {variant} but its vector code is {got}")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.nq_int8.argtypes = [p, i64, i64, p, p, i64, p, i32, i32]
+    lib.nq_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, i32, i32]
+    lib.nq_int8.restype = lib.nq_int4.restype = i32
+    return lib
+
+
+def library(variant: Optional[str] = None) -> Optional[ctypes.CDLL]:
+    """Without `variant`: the library every call uses (the best of VARIANTS this CPU runs, built on first use), or
+    None. With it: that variant's library (None where this CPU cannot run it), for tests and benches."""
+    global _lib, _variant, _chosen
+    if variant is None:
+        if not _chosen:
+            best = isa.best(VARIANTS)
+            _lib = library(best) if best is not None else None
+            _variant, _chosen = (best if _lib is not None else None), True
+        return _lib
+    if variant not in VARIANTS:
+        raise ValueError(f"cpu_quant has no {variant!r} build (VARIANTS: {', '.join(VARIANTS)})")
+    if variant not in _built:
+        _built[variant] = _build(variant) if isa.runs(variant) else None
+    return _built[variant]
+
+
+def variant() -> Optional[str]:
+    """The variant of the library the calls use (loading it if needed), or None without one."""
+    library()
+    return _variant
+
+
+def reset() -> None:
+    """Choose the library again at the next call (after NANOSEEK_KERNEL_ISA changes); built ones stay loaded."""
+    global _chosen
+    _chosen = False
+
+
+def usable(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether x [..., K] times these codes can take the kernels: CPU, float32 or bf16, at most MAX_ROWS rows, no
+    autograd, contiguous codes, the library here."""
+    return (x.is_cpu and x.dtype in DTYPES and x.numel() <= MAX_ROWS * x.shape[-1] and codes.is_cpu
+            and codes.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
+            and library() is not None)
+
+
+def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor] = None,
+           lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """x [..., K] @ W'^T -> [..., N] in x's dtype, W' from int8 codes [N, K] and scale [N] (mn None), or from
+    int4 codes [N, K/2], scale and mn [N, K/G]; `lib`: a variant's library (tests), else `library()`."""
+    lib = lib or library()
+    K = x.shape[-1]
+    N = codes.shape[0]
+    xf = x.reshape(-1, K).contiguous()
+    # the C code reads raw memory by these sizes: check them here
+    int4 = mn is not None
+    want = (N, K // 2) if int4 else (N, K)
+    if tuple(codes.shape) != want or codes.dtype != (torch.uint8 if int4 else torch.int8):
+        raise ValueError(f"cpu_quant: codes {codes.dtype} {tuple(codes.shape)} for x of width {K}")
+    scale, mn = scale.contiguous(), (mn.contiguous() if int4 else None)  # (alive through the call)
+    if scale.dtype != torch.bfloat16 or (int4 and (mn.dtype != torch.bfloat16 or mn.shape != scale.shape)):
+        raise ValueError("cpu_quant: scales and mins must be bf16 (quant.py)")
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    bf, nt = int(x.dtype == torch.bfloat16), torch.get_num_threads()
+    if int4:
+        G = K // scale.shape[-1] if scale.dim() == 2 and scale.shape[0] == N and scale.shape[-1] else 0
+        rc = lib.nq_int4(xf.data_ptr(), xf.shape[0], K, codes.data_ptr(), scale.data_ptr(), mn.data_ptr(), G, N,
+                         y.data_ptr(), bf, nt)
+    else:
+        if tuple(scale.shape) != (N,):
+            raise ValueError(f"cpu_quant: int8 scale {tuple(scale.shape)} for {N} rows")
+        rc = lib.nq_int8(xf.data_ptr(), xf.shape[0], K, codes.data_ptr(), scale.data_ptr(), N, y.data_ptr(), bf, nt)
+    if rc == -2:
+        raise MemoryError("cpu_quant: no memory for the activation scratch")
+    if rc != 0:
+        raise ValueError(f"cpu_quant: int4 needs K ({K}) a multiple of the group size, itself one of 32, 64, 128")
+    return y

@@ -1,0 +1,199 @@
+"""The int8 / int4 CPU kernels (`nanoseek/kernels/cpu_quant.py`) against dequantize-then-matmul: each variant this
+CPU runs, both activation dtypes, M = 1..8 rows, odd shapes, all three int4 group sizes; the fast quantized
+modules that `kernels.install` puts on (linears and routed experts) against their reference paths; a whole tiny
+model's greedy decode on the kernels equal to the reference path's. The variants this CPU cannot run are tested
+by tests/test_cpu_quant_cross.py.
+
+Tolerances, from the kernels' arithmetic (fp32 products and sums of K terms, each rounded once): against the
+exact product of x and the dequantized weight, |y - exact| <= (K + 2) * 2^-24 * sum_k |x_k w_k| (Higham's
+gamma_K, plus the scale's rounding) in float32; a bf16 output adds its own rounding, 2^-8 of the value."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import kernels, quant
+from nanoseek.config import get_preset
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.kernels import cpu_quant, isa
+from nanoseek.kernels.modules import FastQuantExperts, FastQuantLinear
+from nanoseek.model.transformer import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RUN = [v for v in cpu_quant.VARIANTS if isa.runs(v)]
+
+
+def lib_of(variant):
+    lib = cpu_quant.library(variant)
+    if lib is None:
+        pytest.skip(f"cpu_quant cannot be built for {variant} here")
+    return lib
+
+
+def assert_within_bound(y, x, w, dtype):
+    """y (dtype) against x @ w.T in float64 (x as given, w the dequantized weight), within the module
+    docstring's bound."""
+    exact = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    bound = (x.shape[-1] + 2) * 2.0 ** -24 * mag
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0 ** -8 * exact.abs() * 1.0001
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), float((err / bound.clamp_min(1e-30)).max())
+
+
+def random_weight(N, K):
+    w = torch.randn(N, K) * 0.05
+    w[0, 3] = 2.0  # an outlier
+    w[1] = 0  # an all-zero row
+    return w
+
+
+@pytest.mark.parametrize("variant", RUN or ["none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,G,K", [("int8", 32, 203), ("int8", 32, 1024), ("int4", 32, 96), ("int4", 64, 192),
+                                     ("int4", 128, 384)])
+def test_kernel_is_dequantize_then_matmul(variant, dtype, fmt, G, K):
+    if variant == "none":
+        pytest.skip("this CPU runs no variant of cpu_quant")
+    lib = lib_of(variant)
+    N = 37  # not a multiple of any vector width
+    codes, scale, mn = quant.quantize(random_weight(N, K), fmt, G)
+    w = quant.dequantize(codes, scale, mn)
+    for M in range(1, 9):
+        x = torch.randn(M, K).to(dtype)
+        y = cpu_quant.linear(x, codes, scale, mn, lib=lib)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert_within_bound(y, x, w, dtype)
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+def test_rows_and_threads_do_not_change_a_result():
+    """Each output is one thread's sum in a fixed order: the same bits whatever the thread count, and a row's
+    result the same alone or among eight (the rows share only the weight loads)."""
+    K, N = 256, 45
+    for fmt in ("int8", "int4"):
+        codes, scale, mn = quant.quantize(random_weight(N, K), fmt, 32)
+        x = torch.randn(8, K)
+        one = cpu_quant.linear(x, codes, scale, mn)
+        torch.set_num_threads(2)
+        try:
+            two = cpu_quant.linear(x, codes, scale, mn)
+        finally:
+            torch.set_num_threads(1)
+        assert torch.equal(one, two)
+        assert torch.equal(one[5:6], cpu_quant.linear(x[5:6], codes, scale, mn))
+        # leading dims ride along
+        assert torch.equal(cpu_quant.linear(x.view(2, 4, K), codes, scale, mn), one.view(2, 4, N))
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+def test_bad_operands_raise_before_the_c_code():
+    codes, scale, mn = quant.quantize(random_weight(8, 64), "int4", 32)
+    with pytest.raises(ValueError, match="codes"):
+        cpu_quant.linear(torch.randn(1, 32), codes, scale, mn)  # x narrower than the codes
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_quant.linear(torch.randn(1, 64), codes, scale.float(), mn)
+    with pytest.raises(ValueError, match="multiple of the group size"):  # 3 groups over K = 64
+        cpu_quant.linear(torch.randn(1, 64), codes, scale[:, :1].repeat(1, 3), mn[:, :1].repeat(1, 3))
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(get_preset("tiny", **kw)).eval()
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
+    m = kernels.install(quant.quantize_model(tiny(), fmt))
+    assert type(m.layers[1].self_attn.o_proj) is FastQuantLinear and type(m.lm_head) is FastQuantLinear
+    assert type(m.layers[1].mlp.experts) is FastQuantExperts
+    assert type(m.layers[1].self_attn).__name__ == "MLA"  # holders keep their reference class
+    kernels.uninstall(m)
+    assert type(m.lm_head) is quant.QuantLinear
+    # quantizing an installed model: its quantized modules come fast, its holders go back to reference
+    m2 = quant.quantize_model(kernels.install(tiny()), fmt)
+    assert type(m2.lm_head) is FastQuantLinear and type(m2.layers[1].mlp.experts) is FastQuantExperts
+    assert type(m2).__name__ == "Transformer"
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, monkeypatch):
+    lin = torch.nn.Linear(256, 70, bias=False)
+    q = quant.QuantLinear.from_linear(lin, fmt, G).to(dtype)
+    q.__class__ = FastQuantLinear
+    calls = []
+    real = cpu_quant.linear
+    monkeypatch.setattr(cpu_quant, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 5, 256).to(dtype)
+    with torch.no_grad():
+        fast = q(x)
+        assert calls == [1]
+        q.fast = False
+        ref = q(x)
+    assert fast.shape == ref.shape == (3, 5, 70) and fast.dtype == dtype
+    w = q.dequantized()
+    assert_within_bound(fast.view(-1, 70), x.view(-1, 256), w, dtype)
+    # against the reference path: float32, both within the bound of the exact value; bf16, the reference also
+    # rounds each weight to bf16 (2^-8 of it) and both round their output (2^-8 of |y| <= the magnitude each)
+    mag = x.view(-1, 256).double().abs() @ w.double().abs().T
+    tol = 3.03 * 2.0 ** -8 * mag if dtype == torch.bfloat16 else 2 * 258 * 2.0 ** -24 * mag
+    assert ((fast.view(-1, 70).double() - ref.view(-1, 70).double()).abs() <= tol).all()
+    # more rows than a decode batch, or autograd: the reference class's path
+    calls.clear()
+    q.fast = True
+    with torch.no_grad():
+        q(torch.randn(cpu_quant.MAX_ROWS + 1, 256).to(dtype))
+    assert calls == []
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fast_experts_match_the_reference(fmt):
+    from nanoseek.model.moe import Experts
+    cfg = get_preset("tiny")
+    ex = Experts(cfg)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(ex.down_proj, std=0.05)
+    q = quant.QuantExperts.from_experts(ex, fmt)
+    q.__class__ = FastQuantExperts
+    E, K = q.E, cfg.num_experts_per_tok
+    for N in (1, 3, 8):
+        x = torch.randn(N, q.D)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+        w = torch.rand(N, K)
+        with torch.no_grad():
+            fast = q(x, w, idx)
+            q.fast = False
+            ref = q(x, w, idx)
+            q.fast = True
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_greedy_decode_on_the_kernels_equals_the_reference_path(fmt, monkeypatch):
+    """The engine (which installs the fast classes) decodes what full forwards on the reference classes pick,
+    with the kernels seen running."""
+    m = quant.quantize_model(tiny(), fmt)
+    ref = quant.quantize_model(tiny(), fmt)
+    p = [5, 17, 99, 3, 250, 41]
+    calls = []
+    real = cpu_quant.linear
+    monkeypatch.setattr(cpu_quant, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = Engine(m, None, cache_bytes=4 << 20).generate([p], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert calls and type(m.lm_head) is FastQuantLinear
+    ids = list(p)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert type(ref.lm_head) is quant.QuantLinear
+    assert out.new_token_ids == ids[len(p):]
+    # and the kernels' logits at one decode-sized call are those of the reference within float32 sums' error
+    x = torch.tensor([ids[:8]])
+    with torch.no_grad():
+        a = m(x).logits
+        b = ref(x).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
