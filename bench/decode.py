@@ -15,8 +15,9 @@ reads: all non-expert matrices (the embedding counts one row), the shared expert
 routed experts per MoE layer, each tensor at its stored size (a quantized model's codes, scales and mins).
 `--quantize` adds, per dtype, an arm for each weight-only format (`nanoseek.quant`, with its CPU kernels
 `nanoseek/kernels/cpu_quant.c`): its rate and bound from its own bytes, its ratio against transformers running
-the float weights of that dtype (transformers has no such format on CPU). For each dtype it also reports how much of a token is spent inside the C
-kernels (`cpu_decode.c`, and `cpu_quant.c` for the quantized arms) and at what bandwidth, and the rate the kernels' own matvec streams
+the float weights of that dtype (transformers has no such format on CPU). For each arm it also reports how much
+of a token is spent inside the C kernels (`cpu_decode.c`, and `cpu_quant.c` for the quantized arms) and at what
+bandwidth, and for the float arms the rate the kernels' own matvec streams
 a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 
@@ -351,7 +352,8 @@ def main() -> None:
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
     from nanoseek.kernels import cpu_decode, cpu_quant, isa
-    print(f"{'model ' + args.model if args.model else 'preset ' + args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
+    print(f"{'model ' + args.model if args.model else 'preset ' + args.preset}, prompt {args.prompt} tokens, "
+          f"{args.tokens} generated, torch threads "
           f"{torch.get_num_threads()}")
     print(f"CPU {isa.describe()}; decode kernel variant: "
           + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(","))

@@ -64,7 +64,8 @@ static void check(int64_t M, int64_t N, int64_t K, int64_t G, int bf) {
         }
     const void *xin = bf ? (const void *)xb : (const void *)x;
     void *out = bf ? (void *)yb : (void *)y;
-    const int rc = G ? nq_int4(xin, M, K, c4, scale, mn, G, N, out, bf, 3) : nq_int8(xin, M, K, c8, scale, N, out, bf, 3);
+    const int rc = G ? nq_int4(xin, M, K, c4, scale, mn, G, N, out, bf, 3)
+                     : nq_int8(xin, M, K, c8, scale, N, out, bf, 3);
     int bad = rc != 0;
     double worst = 0;
     for (int64_t m = 0; m < M && !bad; m++)

@@ -150,26 +150,44 @@ def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, mo
 
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_fast_experts_match_the_reference(fmt):
+@pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64)])
+def test_fast_experts_match_the_reference(fmt, G, monkeypatch):
+    """Decode batches (up to MAX_ROWS tokens) take the one-call experts kernel, larger ones the per-expert loop on
+    the linear kernel; both against the reference (QuantExperts with fast off) in float32. In bf16 the one-call
+    kernel keeps every intermediate in fp32 and rounds once, so it stays within 2^-8 of the float32 reference on
+    the same inputs (plus float32 sums' error), where the bf16 reference rounds at each of its steps."""
     from nanoseek.model.moe import Experts
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny", moe_intermediate_size=64)  # I = 64: int4 groups of 32 and 64 over both projections
     ex = Experts(cfg)
     torch.nn.init.normal_(ex.gate_up_proj, std=0.05)
     torch.nn.init.normal_(ex.down_proj, std=0.05)
-    q = quant.QuantExperts.from_experts(ex, fmt)
+    q = quant.QuantExperts.from_experts(ex, fmt, G)
+    assert hasattr(q, "down_proj_min") == (fmt == "int4")
     q.__class__ = FastQuantExperts
+    calls = []
+    real = cpu_quant.experts
+    monkeypatch.setattr(cpu_quant, "experts", lambda *a, **k: calls.append(1) or real(*a, **k))
     E, K = q.E, cfg.num_experts_per_tok
-    for N in (1, 3, 8):
+    for N in (1, 3, 8, 2 * cpu_quant.MAX_ROWS):
         x = torch.randn(N, q.D)
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
         w = torch.rand(N, K)
         with torch.no_grad():
+            calls.clear()
             fast = q(x, w, idx)
+            assert calls == ([1] if N <= cpu_quant.MAX_ROWS else [])
+            fast_bf16 = q(x.bfloat16(), w, idx)
             q.fast = False
             ref = q(x, w, idx)
+            ref_bf16_inputs = q(x.bfloat16().float(), w, idx)
             q.fast = True
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        assert fast_bf16.dtype == torch.bfloat16
+        if N <= cpu_quant.MAX_ROWS:  # (the per-expert loop rounds to bf16 between its ops, as the reference)
+            err = (fast_bf16.float() - ref_bf16_inputs).abs()
+            assert (err <= 2.0 ** -8 * ref_bf16_inputs.abs() + 1e-5 * float(ref.abs().max())).all()
+    with pytest.raises(ValueError, match="expert id"):
+        real(x[:1], w[:1], torch.full((1, K), E), q._weights("gate_up_proj"), q._weights("down_proj"))
 
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")

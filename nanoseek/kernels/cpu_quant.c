@@ -2,6 +2,9 @@
  *   nq_int8   y[M, N] = x[M, K] @ (codes * scale)^T    codes int8 [N, K], scale bf16 [N] (symmetric per row)
  *   nq_int4   y[M, N] = x[M, K] @ (q * scale + min)^T  q uint8 [N, K/2] (two codes a byte, k = 2j in the low
  *             nibble), scale and min bf16 [N, K/G] (asymmetric per group of G input values)
+ *   nq_experts the routed experts of a decode batch in one call (DeepSeekMoE, moe.py `Experts`):
+ *             y[t] = sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = idx[t, k], each projection int8
+ *             or int4 as above
  * x and y are fp32 (bf = 0) or bf16 (bf = 1). The codes are read as stored and widened in registers: no
  * dequantized copy of W is ever written. Arithmetic is fp32 throughout (x widened once per call into a scratch
  * row, fp32 FMAs, y rounded once at the end to its dtype): the float path. It is the arithmetic of the reference
@@ -20,6 +23,7 @@
  * self-test, tests/cpu_quant_selftest.c). Entry points return 0, or -2 when out of memory for the scratch row.
  * Legend: M rows of x, K input values, N output rows, G group size.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,4 +184,70 @@ int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *s
     }
     free(xf);
     return 0;
+}
+
+/* one projection of the experts (quant.py QuantExperts): codes [E, R, C] (int8, G = 0) or [E, R, C/2] (int4),
+ * scale [E, R] or [E, R, C/G], min [E, R, C/G] (int4) */
+typedef struct {
+    const void *codes;
+    const bf16 *scale, *mn;
+    int64_t G;
+} proj;
+
+/* row r of expert e of p (input width C) dotted with x (deinterleaved for int4, `widen`) */
+static inline float proj_dot(const proj *p, int64_t e, int64_t R, int64_t C, int64_t r, const float *x) {
+    float o[1] = {0};
+    if (p->G) {
+        const int64_t ng = C / p->G, row = e * R + r;
+        dot_q4(&x, 1, (const uint8_t *)p->codes + row * (C / 2), p->scale + row * ng, p->mn + row * ng, C, p->G, o);
+        return o[0];
+    }
+    dot_s8(&x, 1, (const int8_t *)p->codes + (e * R + r) * C, C, o);
+    return o[0] * bf2f(p->scale[e * R + r]);
+}
+
+/* x [T, D] (fp32 or bf16: bf), idx [T, K] (int64, < E), w [T, K] fp32; gate_up [E, 2I, D] and down [E, D, I] as
+ * `proj` (G_gu, G_dn: 0 for int8) -> y [T, D] in x's dtype. Every intermediate stays fp32 (the reference rounds
+ * gate, up, their product and each expert's output to x's dtype). Returns -1 for an expert id out of range or a
+ * group size that does not divide its width (as nq_int4), -2 out of memory. */
+int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const float *w, int64_t K, int64_t E,
+               int64_t I, const void *gu_codes, const bf16 *gu_scale, const bf16 *gu_min, int64_t G_gu,
+               const void *dn_codes, const bf16 *dn_scale, const bf16 *dn_min, int64_t G_dn, void *y, int bf,
+               int nt) {
+    for (int64_t t = 0; t < T * K; t++)
+        if (idx[t] < 0 || idx[t] >= E) return -1;
+    if ((G_gu && (G_gu % (2 * NS_VW) || D % G_gu)) || (G_dn && (G_dn % (2 * NS_VW) || I % G_dn))) return -1;
+    const proj gu = {gu_codes, gu_scale, gu_min, G_gu}, dn = {dn_codes, dn_scale, dn_min, G_dn};
+    const int64_t P = T * K; /* (token, expert) pairs */
+    float *xf = widen(x, bf, T, D, G_gu != 0), *g = malloc(sizeof(float) * (P * 2 * I > 0 ? P * 2 * I : 1));
+    float *h = NULL;
+    int rc = -2;
+    if (!xf || !g) goto done;
+    /* gate and up of every pair: a task per (pair, output row), each reading its expert's row once */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t u = 0; u < P * 2 * I; u++) {
+        const int64_t p = u / (2 * I), r = u % (2 * I);
+        g[u] = proj_dot(&gu, idx[p], 2 * I, D, r, xf + (p / K) * D);
+    }
+    for (int64_t p = 0; p < P; p++) /* silu(gate) * up, in place over the gate half */
+        for (int64_t i = 0; i < I; i++) {
+            const float a = g[p * 2 * I + i];
+            g[p * 2 * I + i] = a / (1.f + expf(-a)) * g[p * 2 * I + I + i];
+        }
+    for (int64_t p = 0; p < P; p++) /* packed to [P, I] rows (the activations' layout `widen` reads) */
+        memmove(g + p * I, g + p * 2 * I, sizeof(float) * I);
+    h = widen(g, 0, P, I, G_dn != 0);
+    if (!h) goto done;
+    /* down and the gate-weighted sum: a task per (token, output row), over the token's K experts */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t u = 0; u < T * D; u++) {
+        const int64_t t = u / D, d = u % D;
+        float s = 0;
+        for (int64_t k = 0; k < K; k++) s += w[t * K + k] * proj_dot(&dn, idx[t * K + k], D, I, d, h + (t * K + k) * I);
+        store(y, bf, u, s);
+    }
+    rc = 0;
+done:
+    free(xf), free(g), free(h);
+    return rc;
 }

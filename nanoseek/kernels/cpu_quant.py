@@ -4,7 +4,9 @@
 the packed codes as stored: a decode step reads 1 byte (int8) or ~0.56-0.63 byte (int4, with its bf16 scale and
 min per group of 32-128) per weight instead of a float copy's 2 or 4. Activations float32 or bfloat16, fp32
 arithmetic (the float path of the C source). The reference, which tests compare against, is dequantize-then-matmul
-(`QuantLinear.reference`); it also serves everywhere the kernels do not (no C compiler, NANOSEEK_CPU_KERNELS=0,
+(`QuantLinear.reference`). `experts(...)` runs a decode batch's routed experts in one call (gate_up, SiLU gate
+times up, down, the gate-weighted sum), where `QuantExperts.forward` issues a dozen PyTorch ops per expert. The
+reference also serves everywhere the kernels do not (no C compiler, NANOSEEK_CPU_KERNELS=0,
 autograd, more than MAX_ROWS rows).
 
 One C source built per kernel variant (`isa.py`, `build.py`); the library is the best of VARIANTS this CPU runs
@@ -50,7 +52,8 @@ def _build(variant: str) -> Optional[ctypes.CDLL]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nq_int8.argtypes = [p, i64, i64, p, p, i64, p, i32, i32]
     lib.nq_int4.argtypes = [p, i64, i64, p, p, p, i64, i64, p, i32, i32]
-    lib.nq_int8.restype = lib.nq_int4.restype = i32
+    lib.nq_experts.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, i64, p, p, p, i64, p, i32, i32]
+    lib.nq_int8.restype = lib.nq_int4.restype = lib.nq_experts.restype = i32
     return lib
 
 
@@ -121,4 +124,47 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mn: Option
         raise MemoryError("cpu_quant: no memory for the activation scratch")
     if rc != 0:
         raise ValueError(f"cpu_quant: int4 needs K ({K}) a multiple of the group size, itself one of 32, 64, 128")
+    return y
+
+
+def _group(codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor], width: int) -> int:
+    """The group size of a projection's codes (0: int8), checking the shapes the C code will read by."""
+    if mn is None:
+        if codes.dtype != torch.int8 or codes.shape[-1] != width or scale.shape != codes.shape[:-1]:
+            raise ValueError(f"cpu_quant: int8 codes {tuple(codes.shape)}, scale {tuple(scale.shape)} for width "
+                             f"{width}")
+        return 0
+    ng = scale.shape[-1]
+    if (codes.dtype != torch.uint8 or codes.shape[-1] * 2 != width or scale.shape != mn.shape or not ng
+            or scale.shape[:-1] != codes.shape[:-1]):
+        raise ValueError(f"cpu_quant: int4 codes {tuple(codes.shape)}, scale {tuple(scale.shape)} for width {width}")
+    return width // ng
+
+
+def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: tuple, down: tuple) -> torch.Tensor:
+    """sum_k w[n, k] * expert_idx[n,k](x[n]) -> [N, D] in x's dtype: x [N, D], w [N, K], idx [N, K], gate_up and
+    down each (codes, scale, min or None) over all E experts ([E, 2I, ...], [E, D, ...]), as QuantExperts holds
+    them (check `usable` on x and both codes first)."""
+    N, D = x.shape
+    E, I2 = gate_up[0].shape[:2]
+    I = I2 // 2
+    if down[0].shape[:2] != (E, D):
+        raise ValueError(f"cpu_quant: down codes {tuple(down[0].shape)} for {E} experts of width {D}")
+    G_gu, G_dn = _group(*gate_up, D), _group(*down, I)
+    (gc, gs, gm), (dc, ds, dm) = [tuple(None if t is None else t.contiguous() for t in p) for p in (gate_up, down)]
+    xc = x.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    wf = w.float().contiguous()
+    if idx.shape != wf.shape or idx.shape[0] != N:
+        raise ValueError(f"cpu_quant: idx {tuple(idx.shape)} and w {tuple(w.shape)} for {N} tokens")
+    y = torch.empty(N, D, dtype=x.dtype)
+    rc = library().nq_experts(
+        xc.data_ptr(), N, D, idx.data_ptr(), wf.data_ptr(), idx.shape[1], E, I, gc.data_ptr(), gs.data_ptr(),
+        None if gm is None else gm.data_ptr(), G_gu, dc.data_ptr(), ds.data_ptr(),
+        None if dm is None else dm.data_ptr(), G_dn, y.data_ptr(), int(x.dtype == torch.bfloat16),
+        torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("cpu_quant: no memory for the experts' scratch")
+    if rc != 0:
+        raise ValueError(f"cpu_quant: an expert id outside [0, {E}) or a group size that does not divide its width")
     return y

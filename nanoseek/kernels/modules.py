@@ -274,6 +274,12 @@ class FastQuantLinear(QuantLinear):
 
 
 class FastQuantExperts(QuantExperts):
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # a decode batch on CPU: every routed (token, expert) pair in one C call
+        if self.fast and cpu_quant.usable(x, self.gate_up_proj) and self.down_proj.is_contiguous():
+            return cpu_quant.experts(x, w, idx, self._weights("gate_up_proj"), self._weights("down_proj"))
+        return super().forward(x, w, idx)
+
     def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         # the routed experts' rows (QuantExperts.forward visits only experts with tokens), straight from the codes
         codes, scale, mn = self._weights(name, e)
