@@ -36,8 +36,8 @@ than a dense bf16 matvec on this CPU and needs its own weight layout. The routed
 a batch routes tokens to, never all E.
 `nanoseek.kernels.install` gives the quantized modules fast classes (`nanoseek/kernels/cpu_quant.py`: int8 and
 int4 matmuls in C straight from the codes, float32 or bf16 activations, a few rows on CPU, the routed experts
-included) and leaves the modules that hold them on their reference classes: the fused C decode kernels of those
-read plain float weights.
+included; int4 on int8 activations with VNNI where the CPU has it, its added error stated there) and leaves the
+modules that hold them on their reference classes: the fused C decode kernels of those read plain float weights.
 
 Folder format (`nanoseek quantize IN OUT`, read back by `from_pretrained` / `serve` as is, built quantized: the
 float weights are never materialised): config.json is the model's HF config plus

@@ -6,7 +6,9 @@ by tests/test_cpu_quant_cross.py.
 
 Tolerances, from the kernels' arithmetic (fp32 products and sums of K terms, each rounded once): against the
 exact product of x and the dequantized weight, |y - exact| <= (K + 2) * 2^-24 * sum_k |x_k w_k| (Higham's
-gamma_K, plus the scale's rounding) in float32; a bf16 output adds its own rounding, 2^-8 of the value."""
+gamma_K, plus the scale's rounding) in float32; a bf16 output adds its own rounding, 2^-8 of the value. The
+int4 path on int8 activations (VNNI) is held to the same bound against the quantized x it computes with, the
+magnitude taken over the codes' and the mins' parts, which it sums separately."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ from nanoseek.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = [v for v in cpu_quant.VARIANTS if isa.runs(v)]
+
+
+@pytest.fixture
+def float_path():
+    """int4 on the float path (the arithmetic the bounds below are written for), whatever the CPU."""
+    prev = cpu_quant.set_int8_activations(False)
+    yield
+    cpu_quant.set_int8_activations(prev)
 
 
 def lib_of(variant):
@@ -52,7 +62,7 @@ def random_weight(N, K):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt,G,K", [("int8", 32, 203), ("int8", 32, 1024), ("int4", 32, 96), ("int4", 64, 192),
                                      ("int4", 128, 384)])
-def test_kernel_is_dequantize_then_matmul(variant, dtype, fmt, G, K):
+def test_kernel_is_dequantize_then_matmul(variant, dtype, fmt, G, K, float_path):
     if variant == "none":
         pytest.skip("this CPU runs no variant of cpu_quant")
     lib = lib_of(variant)
@@ -97,6 +107,41 @@ def test_bad_operands_raise_before_the_c_code():
         cpu_quant.linear(torch.randn(1, 64), codes, scale[:, :1].repeat(1, 3), mn[:, :1].repeat(1, 3))
 
 
+def quantized_x(x):
+    """x [M, K] as the int8-activation path quantizes it (cpu_quant.c q8_quantize): per block of 32 values,
+    dx = max|x| / 127 and codes rint(x * (127 / max|x|)) in fp32; returned dequantized (dx * codes, float64)."""
+    b = x.float().unflatten(-1, (-1, 32))
+    amax = b.abs().amax(-1, keepdim=True)
+    # (a tensor divided by a tensor: `127 / amax` runs as reciprocal-then-multiply in PyTorch, rounding twice)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return ((amax / 127).double() * (b * inv).round().double()).flatten(-2)
+
+
+@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason="no AVX512-VNNI: int4 runs the float path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,K", [(32, 96), (32, 160), (64, 192), (128, 384), (32, 1024)])
+def test_int4_on_int8_activations_is_the_weight_times_the_quantized_x(G, K, dtype):
+    """Exactly W' x^ (x^ the quantized x) up to fp32 sums, K not always a multiple of the 128 values a VNNI step
+    takes (a masked last step); and its error against W' x the small one the module docstring states."""
+    N = 37
+    codes, scale, mn = quant.quantize(random_weight(N, K), "int4", G)
+    w = quant.dequantize(codes, scale, mn).double()
+    mins = mn.double().repeat_interleave(G, -1)
+    parts = (w - mins).abs() + mins.abs()  # the codes' part and the mins' part, summed apart by the kernel
+    for M in (1, 3, 8):
+        x = torch.randn(M, K).to(dtype)
+        y = cpu_quant.linear(x, codes, scale, mn)
+        xh = quantized_x(x)
+        exact = xh @ w.T
+        bound = (K + 2) * 2.0 ** -24 * (xh.abs() @ parts.T)
+        if dtype == torch.bfloat16:
+            bound = bound + 2.0 ** -8 * exact.abs() * 1.0001
+        assert ((y.double() - exact).abs() <= bound).all()
+        if dtype == torch.float32 and K >= 160:  # (K = 96: three blocks, too few for a stable ratio)
+            ref = x.double() @ w.T
+            assert float((y.double() - ref).norm() / ref.norm()) < 0.01
+
+
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return Transformer(get_preset("tiny", **kw)).eval()
@@ -120,7 +165,7 @@ def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
-def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, monkeypatch):
+def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, monkeypatch, float_path):
     lin = torch.nn.Linear(256, 70, bias=False)
     q = quant.QuantLinear.from_linear(lin, fmt, G).to(dtype)
     q.__class__ = FastQuantLinear
@@ -151,7 +196,7 @@ def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, mo
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
 @pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64)])
-def test_fast_experts_match_the_reference(fmt, G, monkeypatch):
+def test_fast_experts_match_the_reference(fmt, G, monkeypatch, float_path):
     """Decode batches (up to MAX_ROWS tokens) take the one-call experts kernel, larger ones the per-expert loop on
     the linear kernel; both against the reference (QuantExperts with fast off) in float32. In bf16 the one-call
     kernel keeps every intermediate in fp32 and rounds once, so it stays within 2^-8 of the float32 reference on
@@ -192,7 +237,7 @@ def test_fast_experts_match_the_reference(fmt, G, monkeypatch):
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_greedy_decode_on_the_kernels_equals_the_reference_path(fmt, monkeypatch):
+def test_greedy_decode_on_the_kernels_equals_the_reference_path(fmt, monkeypatch, float_path):
     """The engine (which installs the fast classes) decodes what full forwards on the reference classes pick,
     with the kernels seen running."""
     m = quant.quantize_model(tiny(), fmt)

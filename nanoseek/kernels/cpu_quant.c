@@ -186,6 +186,154 @@ int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *s
     return 0;
 }
 
+/* ---- int4 with int8 activations and VNNI (AVX-512 builds, on CPUs with AVX512-VNNI, checked at run time) ----
+ * llama.cpp's approach (Q4_1 weights times Q8 activations): each block of 32 values of a row of x is quantized to
+ * int8 with its own scale (dx = max |x| / 127, round to nearest), and VPDPBUSD multiplies 64 unsigned 4-bit codes
+ * by 64 signed int8 activations into 16 int32 sums per instruction; each lane's sum then takes its weight group's
+ * scale times its block's dx in fp32, and the group mins multiply the sums of the quantized x over each group.
+ * The error this adds is x's rounding (at most dx / 2 per value): measured and stated in cpu_quant.py. */
+#if NS_VW == 16 && defined(__AVX512VL__) /* (its masked 256-bit loads: every avx512 build, x86-64-v4) */
+int nq_vnni(void) { return __builtin_cpu_supports("avx512vnni"); }
+
+/* 128 values per chunk: byte j of a chunk's 64 code bytes holds k = 2j (low nibble) and 2j + 1 (high); x's int8
+ * values are laid out to match, the chunk's even k first (64 bytes), then its odd k. Lane i of VPDPBUSD sums
+ * bytes 4i..4i+3, k in [8i, 8i + 8): the 32-block i / 4 of the chunk. */
+typedef struct {
+    int8_t *xq;  /* [M][chunks][128] */
+    float *dx;   /* [M][chunks][16]: each lane's block scale */
+    float *xsum; /* [M][ng rounded up to 16]: sums of the quantized x (dx times codes) over each weight group */
+} q8x;
+
+/* x [M, K] as q8x (NULL when out of memory); K a multiple of 32 */
+static q8x *q8_quantize(const void *x, int bf, int64_t M, int64_t K, int64_t G) {
+    const int64_t chunks = (K + 127) / 128, ngp = (K / G + 15) / 16 * 16;
+    q8x *a = malloc(sizeof(q8x));
+    if (!a) return NULL;
+    a->xq = aligned_alloc(64, (size_t)(M * chunks * 128 > 0 ? M * chunks * 128 : 64));
+    a->dx = aligned_alloc(64, sizeof(float) * (size_t)(M * chunks * 16 > 0 ? M * chunks * 16 : 16));
+    a->xsum = calloc((size_t)(M * ngp > 0 ? M * ngp : 1), sizeof(float));
+    if (!a->xq || !a->dx || !a->xsum) {
+        free(a->xq), free(a->dx), free(a->xsum), free(a);
+        return NULL;
+    }
+    memset(a->xq, 0, (size_t)(M * chunks * 128));
+    memset(a->dx, 0, sizeof(float) * (size_t)(M * chunks * 16));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / 32; b++) { /* block b of 32 values */
+            float v[32], amax = 0;
+            for (int i = 0; i < 32; i++) {
+                const int64_t t = m * K + b * 32 + i;
+                v[i] = bf ? bf2f(((const bf16 *)x)[t]) : ((const float *)x)[t];
+                if (fabsf(v[i]) > amax) amax = fabsf(v[i]);
+            }
+            const float d = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+            const int64_t c = b / 4, base = (m * chunks + c) * 128;
+            for (int l = 0; l < 4; l++) a->dx[(m * chunks + c) * 16 + (b % 4) * 4 + l] = d;
+            int32_t qsum = 0;
+            for (int i = 0; i < 32; i++) { /* k = 32 (b % 4) + i within the chunk: even k first, then odd */
+                const int kc = (int)(b % 4) * 32 + i;
+                const int8_t qi = (int8_t)lrintf(v[i] * inv);
+                a->xq[base + (kc & 1) * 64 + kc / 2] = qi;
+                qsum += qi;
+            }
+            /* the mins multiply the sum of the quantized x (Q8_1's), not of x: then y is exactly W' times the
+             * quantized x, and the error is W' (x^ - x); with the exact sum, the codes' part (W' - min, up to
+             * twice |W'|) times x's rounding would no longer cancel against the mins' part (2-3x the error) */
+            a->xsum[m * ngp + b * 32 / G] += d * (float)qsum;
+        }
+    return a;
+}
+
+static void q8_free(q8x *a) {
+    if (a) free(a->xq), free(a->dx), free(a->xsum), free(a);
+}
+
+/* out[j] for rows j < r of a, weight row (q, scale, mn) */
+static inline __attribute__((always_inline, target("avx512vnni"))) void dot_q4_q8(
+    const q8x *a, const int64_t *rows, const int r, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t K,
+    int64_t G, float *out) {
+    const int64_t chunks = (K + 127) / 128, ng = K / G, ngp = (ng + 15) / 16 * 16, per = 128 / G;
+    /* lane i of the chunk's scale vector: group (i / 4) * 32 / G of the chunk */
+    int32_t lanes[16];
+    for (int i = 0; i < 16; i++) lanes[i] = (i / 4) * 32 / (int)G;
+    const __m512i gidx = _mm512_loadu_si512(lanes);
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[NQ_ROWS];
+    for (int j = 0; j < r; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t left = K - c * 128; /* values left in the row: a last chunk may be short */
+        const __mmask64 mb = left >= 128 ? ~0ull : (1ull << (left / 2)) - 1;
+        const __mmask16 ms = (__mmask16)((1u << (left >= 128 ? per : left / G)) - 1); /* its groups' scales */
+        ns_prefetch(q + c * 64 + NQ_AHEAD);
+        const __m512i b = _mm512_maskz_loadu_epi8(mb, q + c * 64);
+        const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        const int64_t g0 = c * 128 / G; /* (G = 128: the chunk's one group) */
+        const __m512 sg = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ms, scale + g0)), 16));
+        const __m512 sw = _mm512_permutexvar_ps(gidx, sg);
+        for (int j = 0; j < r; j++) {
+            const int8_t *xq = a->xq + (rows[j] * chunks + c) * 128;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xq));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_load_si512(xq + 64));
+            const __m512 d = _mm512_load_ps(a->dx + (rows[j] * chunks + c) * 16);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sw, d), acc[j]);
+        }
+    }
+    for (int j = 0; j < r; j++) { /* + sum over groups of min * (the group's sum of x) */
+        const float *xs = a->xsum + rows[j] * ngp;
+        __m512 t = acc[j];
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16) t = _mm512_fmadd_ps(vf_loadu_bf16(mn + g), _mm512_loadu_ps(xs + g), t);
+        float o = _mm512_reduce_add_ps(t);
+        for (; g < ng; g++) o += bf2f(mn[g]) * xs[g];
+        out[j] = o;
+    }
+}
+
+__attribute__((target("avx512vnni"))) static void int4_q8_rows(const q8x *a, int64_t M, int64_t K, const uint8_t *q,
+                                                                 const bf16 *scale, const bf16 *mn, int64_t G,
+                                                                 int64_t N, void *y, int bf, int nt) {
+    const int64_t ng = K / G;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        const bf16 *sn = scale + n * ng, *mnn = mn + n * ng;
+        for (int64_t m = 0; m < M; m += NQ_ROWS) {
+            const int r = M - m < NQ_ROWS ? (int)(M - m) : NQ_ROWS;
+            const int64_t rows[NQ_ROWS] = {m, m + 1, m + 2, m + 3};
+            float o[NQ_ROWS] = {0};
+            switch (r) {
+            case 4: dot_q4_q8(a, rows, 4, qn, sn, mnn, K, G, o); break;
+            case 3: dot_q4_q8(a, rows, 3, qn, sn, mnn, K, G, o); break;
+            case 2: dot_q4_q8(a, rows, 2, qn, sn, mnn, K, G, o); break;
+            default: dot_q4_q8(a, rows, 1, qn, sn, mnn, K, G, o); break;
+            }
+            for (int j = 0; j < r; j++) store(y, bf, (m + j) * N + n, o[j]);
+        }
+    }
+}
+
+/* nq_int4 with int8 activations; -3 where this CPU has no AVX512-VNNI */
+int nq_int4_q8(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t G,
+               int64_t N, void *y, int bf, int nt) {
+    if (G <= 0 || G % 32 || K % G) return -1;
+    if (!nq_vnni()) return -3;
+    q8x *a = q8_quantize(x, bf, M, K, G);
+    if (!a) return -2;
+    int4_q8_rows(a, M, K, q, scale, mn, G, N, y, bf, nt);
+    q8_free(a);
+    return 0;
+}
+#else
+int nq_vnni(void) { return 0; }
+int nq_int4_q8(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t G,
+               int64_t N, void *y, int bf, int nt) {
+    (void)x, (void)M, (void)K, (void)q, (void)scale, (void)mn, (void)G, (void)N, (void)y, (void)bf, (void)nt;
+    return -3;
+}
+#endif
+
+
 /* one projection of the experts (quant.py QuantExperts): codes [E, R, C] (int8, G = 0) or [E, R, C/2] (int4),
  * scale [E, R] or [E, R, C/G], min [E, R, C/G] (int4) */
 typedef struct {
