@@ -172,13 +172,14 @@ def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, mo
     calls = []
     real = cpu_quant.linear
     monkeypatch.setattr(cpu_quant, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = torch.randn(3, 5, 256).to(dtype)
+    rows = cpu_quant.LINEAR_ROWS[q.weight.dtype, dtype]
+    x = torch.randn(1, min(rows, 15), 256).to(dtype)
     with torch.no_grad():
         fast = q(x)
         assert calls == [1]
         q.fast = False
         ref = q(x)
-    assert fast.shape == ref.shape == (3, 5, 70) and fast.dtype == dtype
+    assert fast.shape == ref.shape == (*x.shape[:2], 70) and fast.dtype == dtype
     w = q.dequantized()
     assert_within_bound(fast.view(-1, 70), x.view(-1, 256), w, dtype)
     # against the reference path: float32, both within the bound of the exact value; bf16, the reference also
@@ -186,11 +187,12 @@ def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, mo
     mag = x.view(-1, 256).double().abs() @ w.double().abs().T
     tol = 3.03 * 2.0 ** -8 * mag if dtype == torch.bfloat16 else 2 * 258 * 2.0 ** -24 * mag
     assert ((fast.view(-1, 70).double() - ref.view(-1, 70).double()).abs() <= tol).all()
-    # more rows than a decode batch, or autograd: the reference class's path
+    # more rows than the kernels win at (LINEAR_ROWS), or autograd: the reference class's path
     calls.clear()
     q.fast = True
     with torch.no_grad():
-        q(torch.randn(cpu_quant.MAX_ROWS + 1, 256).to(dtype))
+        q(torch.randn(rows + 1, 256).to(dtype))
+    q(torch.randn(1, 256, requires_grad=True).to(dtype))
     assert calls == []
 
 

@@ -7,7 +7,7 @@ arithmetic (the float path of the C source). The reference, which tests compare 
 (`QuantLinear.reference`). `experts(...)` runs a decode batch's routed experts in one call (gate_up, SiLU gate
 times up, down, the gate-weighted sum), where `QuantExperts.forward` issues a dozen PyTorch ops per expert. The
 reference also serves everywhere the kernels do not (no C compiler, NANOSEEK_CPU_KERNELS=0,
-autograd, more than MAX_ROWS rows).
+autograd, more rows than LINEAR_ROWS / MAX_ROWS).
 
 Two arithmetics for int4 (`cpu_quant.c`):
 - float (every variant, and every int8 call): x in fp32, the codes widened and dequantized in registers, fp32
@@ -40,9 +40,16 @@ from nanoseek.kernels.build import build
 _SRC = Path(__file__).with_name("cpu_quant.c")
 VARIANTS = ("avx512", "avx2", "neon")
 DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x up to which the kernels beat dequantize-then-matmul (oneDNN): past a decode batch the dequantized copy
-# is amortised over the rows and a blocked GEMM wins (measured in bench/decode.py's notes of issue 15).
-MAX_ROWS = 16
+# Rows of x up to which `linear` beats the reference class's path (QuantLinear.forward), measured on the Zen 4 here
+# (one thread; weights 1536 x 1024, 384 x 384, 8192 x 384; M = 1..128): int8 with bf16 activations is on a par
+# with torch._weight_int8pack_mm at one row (0.075 against 0.109 ms at 1536 x 1024, even at the others) and
+# slower from two (the float path spends an FMA per row per weight, oneDNN's int8 kernel less), so it takes one
+# row; int8 with float32 activations beats dequantize-then-matmul up to 32 rows (2.5 against 2.5 ms at 32, 8.3
+# against 4.0 at 64), int4 up to 64 (2.1 against 26 ms: dequantizing int4 in PyTorch is slow). A prefill's larger
+# calls keep the reference.
+LINEAR_ROWS = {(torch.int8, torch.bfloat16): 1, (torch.int8, torch.float32): 32, (torch.uint8, torch.bfloat16): 64,
+               (torch.uint8, torch.float32): 64}
+MAX_ROWS = 16  # tokens of a decode batch up to which `experts` (one call for all pairs) runs them
 _int8_activations = True  # int4 with VNNI over int8 activations where the CPU has it (module docstring)
 _built: dict = {}  # variant -> its library, or None where it cannot be built or run here
 _lib: Optional[ctypes.CDLL] = None
@@ -114,10 +121,11 @@ def reset() -> None:
     _chosen = False
 
 
-def usable(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether x [..., K] times these codes can take the kernels: CPU, float32 or bf16, at most MAX_ROWS rows, no
-    autograd, contiguous codes, the library here."""
-    return (x.is_cpu and x.dtype in DTYPES and x.numel() <= MAX_ROWS * x.shape[-1] and codes.is_cpu
+def usable(x: torch.Tensor, codes: torch.Tensor, rows: Optional[int] = None) -> bool:
+    """Whether x [..., K] times these codes should take the kernels: CPU, float32 or bf16, at most `rows` rows
+    (default: LINEAR_ROWS for these dtypes), no autograd, contiguous codes, the library here."""
+    limit = LINEAR_ROWS.get((codes.dtype, x.dtype), 0) if rows is None else rows
+    return (x.is_cpu and x.dtype in DTYPES and x.numel() <= limit * x.shape[-1] and codes.is_cpu
             and codes.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
             and library() is not None)
 
@@ -176,7 +184,7 @@ def _group(codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor],
 def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: tuple, down: tuple) -> torch.Tensor:
     """sum_k w[n, k] * expert_idx[n,k](x[n]) -> [N, D] in x's dtype: x [N, D], w [N, K], idx [N, K], gate_up and
     down each (codes, scale, min or None) over all E experts ([E, 2I, ...], [E, D, ...]), as QuantExperts holds
-    them (check `usable` on x and both codes first)."""
+    them (check `usable` on x with rows=MAX_ROWS and both codes first)."""
     N, D = x.shape
     E, I2 = gate_up[0].shape[:2]
     I = I2 // 2

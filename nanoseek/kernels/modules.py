@@ -268,7 +268,7 @@ class FastTransformer(Transformer):
 
 class FastQuantLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and cpu_quant.usable(x, self.weight):  # a few rows on CPU: straight from the codes
+        if self.fast and cpu_quant.usable(x, self.weight):  # a few rows on CPU (LINEAR_ROWS): from the codes
             return cpu_quant.linear(x, self.weight, self.weight_scale, getattr(self, "weight_min", None))
         return super().forward(x)
 
@@ -276,7 +276,8 @@ class FastQuantLinear(QuantLinear):
 class FastQuantExperts(QuantExperts):
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # a decode batch on CPU: every routed (token, expert) pair in one C call
-        if self.fast and cpu_quant.usable(x, self.gate_up_proj) and self.down_proj.is_contiguous():
+        if (self.fast and cpu_quant.usable(x, self.gate_up_proj, cpu_quant.MAX_ROWS)
+                and cpu_quant.usable(x, self.down_proj, cpu_quant.MAX_ROWS)):
             return cpu_quant.experts(x, w, idx, self._weights("gate_up_proj"), self._weights("down_proj"))
         return super().forward(x, w, idx)
 
