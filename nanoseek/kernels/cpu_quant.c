@@ -186,6 +186,14 @@ int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *s
     return 0;
 }
 
+/* one projection of the experts (quant.py QuantExperts): codes [E, R, C] (int8, G = 0) or [E, R, C/2] (int4),
+ * scale [E, R] or [E, R, C/G], min [E, R, C/G] (int4) */
+typedef struct {
+    const void *codes;
+    const bf16 *scale, *mn;
+    int64_t G;
+} proj;
+
 /* ---- int4 with int8 activations and VNNI (AVX-512 builds, on CPUs with AVX512-VNNI, checked at run time) ----
  * llama.cpp's approach (Q4_1 weights times Q8 activations): each block of 32 values of a row of x is quantized to
  * int8 with its own scale (dx = max |x| / 127, round to nearest), and VPDPBUSD multiplies 64 unsigned 4-bit codes
@@ -193,6 +201,7 @@ int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *s
  * scale times its block's dx in fp32, and the group mins multiply the sums of the quantized x over each group.
  * The error this adds is x's rounding (at most dx / 2 per value): measured and stated in cpu_quant.py. */
 #if NS_VW == 16 && defined(__AVX512VL__) /* (its masked 256-bit loads: every avx512 build, x86-64-v4) */
+#define NQ_VNNI 1
 int nq_vnni(void) { return __builtin_cpu_supports("avx512vnni"); }
 
 /* 128 values per chunk: byte j of a chunk's 64 code bytes holds k = 2j (low nibble) and 2j + 1 (high); x's int8
@@ -313,6 +322,16 @@ __attribute__((target("avx512vnni"))) static void int4_q8_rows(const q8x *a, int
     }
 }
 
+/* row r of int4 expert e of p (R rows of C values) dotted with row `row` of a */
+__attribute__((target("avx512vnni"), noinline)) static float proj_dot_q8(const proj *p, int64_t e, int64_t R,
+                                                                          int64_t C, int64_t r, const q8x *a,
+                                                                          int64_t row) {
+    const int64_t ng = C / p->G, n = e * R + r;
+    float o[1] = {0};
+    dot_q4_q8(a, &row, 1, (const uint8_t *)p->codes + n * (C / 2), p->scale + n * ng, p->mn + n * ng, C, p->G, o);
+    return o[0];
+}
+
 /* nq_int4 with int8 activations; -3 where this CPU has no AVX512-VNNI */
 int nq_int4_q8(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t G,
                int64_t N, void *y, int bf, int nt) {
@@ -334,14 +353,6 @@ int nq_int4_q8(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16
 #endif
 
 
-/* one projection of the experts (quant.py QuantExperts): codes [E, R, C] (int8, G = 0) or [E, R, C/2] (int4),
- * scale [E, R] or [E, R, C/G], min [E, R, C/G] (int4) */
-typedef struct {
-    const void *codes;
-    const bf16 *scale, *mn;
-    int64_t G;
-} proj;
-
 /* row r of expert e of p (input width C) dotted with x (deinterleaved for int4, `widen`) */
 static inline float proj_dot(const proj *p, int64_t e, int64_t R, int64_t C, int64_t r, const float *x) {
     float o[1] = {0};
@@ -356,12 +367,13 @@ static inline float proj_dot(const proj *p, int64_t e, int64_t R, int64_t C, int
 
 /* x [T, D] (fp32 or bf16: bf), idx [T, K] (int64, < E), w [T, K] fp32; gate_up [E, 2I, D] and down [E, D, I] as
  * `proj` (G_gu, G_dn: 0 for int8) -> y [T, D] in x's dtype. Every intermediate stays fp32 (the reference rounds
- * gate, up, their product and each expert's output to x's dtype). Returns -1 for an expert id out of range or a
+ * gate, up, their product and each expert's output to x's dtype). q8: int4 projections on int8 activations
+ * (x, then the hidden rows) where the CPU has VNNI, as nq_int4_q8. Returns -1 for an expert id out of range or a
  * group size that does not divide its width (as nq_int4), -2 out of memory. */
 int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const float *w, int64_t K, int64_t E,
                int64_t I, const void *gu_codes, const bf16 *gu_scale, const bf16 *gu_min, int64_t G_gu,
                const void *dn_codes, const bf16 *dn_scale, const bf16 *dn_min, int64_t G_dn, void *y, int bf,
-               int nt) {
+               int q8, int nt) {
     for (int64_t t = 0; t < T * K; t++)
         if (idx[t] < 0 || idx[t] >= E) return -1;
     if ((G_gu && (G_gu % (2 * NS_VW) || D % G_gu)) || (G_dn && (G_dn % (2 * NS_VW) || I % G_dn))) return -1;
@@ -370,11 +382,27 @@ int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const fl
     float *xf = widen(x, bf, T, D, G_gu != 0), *g = malloc(sizeof(float) * (P * 2 * I > 0 ? P * 2 * I : 1));
     float *h = NULL;
     int rc = -2;
+#ifdef NQ_VNNI
+    q8x *xa = NULL, *ha = NULL; /* int4 projections' int8 activations: x here, the hidden rows below */
+    q8 = q8 && nq_vnni();
+#else
+    (void)q8;
+#endif
     if (!xf || !g) goto done;
+#ifdef NQ_VNNI
+    xa = q8 && G_gu ? q8_quantize(x, bf, T, D, G_gu) : NULL;
+    if (q8 && G_gu && !xa) goto done;
+#endif
     /* gate and up of every pair: a task per (pair, output row), each reading its expert's row once */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < P * 2 * I; u++) {
         const int64_t p = u / (2 * I), r = u % (2 * I);
+#ifdef NQ_VNNI
+        if (xa) {
+            g[u] = proj_dot_q8(&gu, idx[p], 2 * I, D, r, xa, p / K);
+            continue;
+        }
+#endif
         g[u] = proj_dot(&gu, idx[p], 2 * I, D, r, xf + (p / K) * D);
     }
     for (int64_t p = 0; p < P; p++) /* silu(gate) * up, in place over the gate half */
@@ -386,16 +414,32 @@ int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const fl
         memmove(g + p * I, g + p * 2 * I, sizeof(float) * I);
     h = widen(g, 0, P, I, G_dn != 0);
     if (!h) goto done;
+#ifdef NQ_VNNI
+    ha = q8 && G_dn ? q8_quantize(g, 0, P, I, G_dn) : NULL;
+    if (q8 && G_dn && !ha) goto done;
+#endif
     /* down and the gate-weighted sum: a task per (token, output row), over the token's K experts */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < T * D; u++) {
         const int64_t t = u / D, d = u % D;
         float s = 0;
-        for (int64_t k = 0; k < K; k++) s += w[t * K + k] * proj_dot(&dn, idx[t * K + k], D, I, d, h + (t * K + k) * I);
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t p = t * K + k;
+#ifdef NQ_VNNI
+            if (ha) {
+                s += w[p] * proj_dot_q8(&dn, idx[p], D, I, d, ha, p);
+                continue;
+            }
+#endif
+            s += w[p] * proj_dot(&dn, idx[p], D, I, d, h + p * I);
+        }
         store(y, bf, u, s);
     }
     rc = 0;
 done:
+#ifdef NQ_VNNI
+    q8_free(xa), q8_free(ha);
+#endif
     free(xf), free(g), free(h);
     return rc;
 }
