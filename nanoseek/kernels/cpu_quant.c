@@ -2,6 +2,7 @@
  *   nq_int8   y[M, N] = x[M, K] @ (codes * scale)^T    codes int8 [N, K], scale bf16 [N] (symmetric per row)
  *   nq_int4   y[M, N] = x[M, K] @ (q * scale + min)^T  q uint8 [N, K/2] (two codes a byte, k = 2j in the low
  *             nibble), scale and min bf16 [N, K/G] (asymmetric per group of G input values)
+ *   nq_int4_q8 nq_int4 on int8 activations with AVX512-VNNI (avx512 builds; nq_vnni() says if this CPU has it)
  *   nq_experts the routed experts of a decode batch in one call (DeepSeekMoE, moe.py `Experts`):
  *             y[t] = sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = idx[t, k], each projection int8
  *             or int4 as above
@@ -13,14 +14,16 @@
  *   multiplies each code first (W' = c * s rounded to x's dtype);
  * - int4: each group's codes are dequantized in registers, w = q * s + min (one FMA, in fp32, no rounding to
  *   x's dtype), then dotted with x.
- * Integer dot products over x quantized to int8 (VNNI / maddubs, llama.cpp's Q8 activations) are not used: see
- * cpu_quant.py for the measurement that decided it.
+ * Integer dot products over x quantized to int8 (llama.cpp's Q8 activations) serve int4 where the CPU has
+ * AVX512-VNNI (nq_int4_q8, its section below); cpu_quant.py has the measurements (speed, added error) that decided
+ * it, and why int8 keeps the float path.
  *
  * Decode reads each weight byte once per step, so the loops stream the codes: each widened weight vector serves
  * up to four rows of x (more rows are taken four at a time, re-reading the weight row from L1), threads split the
  * N output rows (OpenMP with the caller's thread count, as cpu_decode.c), and each step prefetches 2 KB ahead.
  * One source for every variant of isa.py over simd.h (AVX-512, AVX2 + FMA, NEON, and a scalar build for the C
- * self-test, tests/cpu_quant_selftest.c). Entry points return 0, or -2 when out of memory for the scratch row.
+ * self-test, tests/cpu_quant_selftest.c). Entry points return 0, -1 for arguments they refuse, -2 when out of
+ * memory for their scratch, -3 (nq_int4_q8) where there is no VNNI.
  * Legend: M rows of x, K input values, N output rows, G group size.
  */
 #include <math.h>
