@@ -1,7 +1,8 @@
 """Decode speed: nanoseek's engine vs transformers `generate` (batch 1) or llama.cpp (batch 1, and prefill and
 decode of several sequences at once), same weights, one run.
 
-    python bench/decode.py [--preset small] [--prompt 64] [--tokens 64] [--threads N]
+    python bench/decode.py [--preset small | --model FOLDER] [--prompt 64] [--tokens 64] [--threads N]
+    python bench/decode.py --dtypes all --quantize int8,int4 [--quant-group-size 32]  # weight-only arms too
     python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2] [--sequences 8]  # or --peer all
 
 Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
@@ -12,8 +13,12 @@ prefill: nanoseek times the engine steps after the first token; transformers tim
 keeping the higher; the achieved fraction is (activated weight bytes per token / bandwidth) / measured time per
 token, for each bandwidth, where activated weights = everything a decode token
 reads: all non-expert matrices (the embedding counts one row), the shared experts, and num_experts_per_tok
-routed experts per MoE layer. For each dtype it also reports how much of a token is spent inside the fused C
-decode kernels (`nanoseek/kernels/cpu_decode.c`) and at what bandwidth, and the rate the kernels' own matvec streams
+routed experts per MoE layer, each tensor at its stored size (a quantized model's codes, scales and mins).
+`--quantize` adds, per dtype, an arm for each weight-only format (`nanoseek.quant`, with its CPU kernels
+`nanoseek/kernels/cpu_quant.c`): its rate and bound from its own bytes, its ratio against transformers running
+the float weights of that dtype (transformers has no such format on CPU). For each arm it also reports how much
+of a token is spent inside the C kernels (`cpu_decode.c`, and `cpu_quant.c` for the quantized arms) and at what
+bandwidth, and for the float arms the rate the kernels' own matvec streams
 a 256 MB matrix at (what streaming weights can reach on this machine). KV cache bytes per token: nanoseek's from
 its config, transformers' measured from its cache objects, and both for the deepseek-v3.2 shape by arithmetic.
 
@@ -38,8 +43,8 @@ import torch
 
 import llamacpp
 import nanoseek
-from nanoseek import precision
-from nanoseek.config import get_preset
+from nanoseek import precision, quant
+from nanoseek.config import ModelConfig, get_preset
 from nanoseek.engine import Engine, SamplingParams
 
 
@@ -85,19 +90,21 @@ def matvec_bandwidth_gbs(dtype: torch.dtype, mb: int = 256, width: int = 384, re
     return w.numel() * elem / best / 1e9
 
 
-def activated_bytes(model, elem: int) -> int:
+def activated_bytes(model) -> int:
+    """Bytes a decode token reads, each weight tensor at its stored size: parameters, and a quantized model's
+    codes, scales and mins (buffers); the embedding one row, the routed experts num_experts_per_tok of E."""
     cfg = model.config
     n = 0
-    for name, p in model.named_parameters():
-        if name.startswith("mtp."):
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(("mtp.", "rotary.")):
             continue
+        b = t.numel() * t.element_size()
         if name == "embed_tokens.weight":
-            n += p.shape[1]  # one row per token
-        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            n += p.numel() // p.shape[0] * cfg.num_experts_per_tok
-        else:
-            n += p.numel()
-    return n * elem
+            b //= t.shape[0]  # one row per token
+        elif ".experts." in name:  # routed experts [E, ...]: gate_up_proj, down_proj and their scales / mins
+            b = b // t.shape[0] * cfg.num_experts_per_tok
+        n += b
+    return n
 
 
 def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
@@ -137,17 +144,21 @@ def nanoseek_batched_rates(model, prompts: list[list[int]], n_gen: int, repeats:
 
 
 def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
-    """Seconds per decoded token spent inside the C decode kernels (`nanoseek/kernels/cpu_decode.c`), the ctypes
-    calls alone: what a step would cost with no Python or PyTorch around them. None where they do not run."""
-    from nanoseek.kernels import cpu_decode
-    lib = cpu_decode.library(dtype)
-    if lib is None:
+    """Seconds per decoded token spent inside the C kernels (`nanoseek/kernels/cpu_decode.c`, `cpu_quant.c`),
+    the ctypes calls alone: what a step would cost with no Python or PyTorch around them. None where they do
+    not run."""
+    from nanoseek.kernels import cpu_decode, cpu_quant
+    lib, qlib = cpu_decode.library(dtype), cpu_quant.library()
+    if lib is None and qlib is None:
         return None
     spent = [0.0]
 
     class Timed:
+        def __init__(self, lib):
+            self.lib = lib
+
         def __getattr__(self, name):
-            fn = getattr(lib, name)
+            fn = getattr(self.lib, name)
 
             def timed(*a):
                 t = time.perf_counter()
@@ -159,12 +170,13 @@ def kernel_time_per_token(model, prompt, n_tokens, dtype) -> Optional[float]:
     engine = Engine(model, None, max_batch_size=1)
     engine.add_request("k", prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
     engine.step()
-    cpu_decode._libs[dtype] = Timed()
+    cpu_decode._libs[dtype] = Timed(lib) if lib is not None else None
+    cpu_quant._lib = Timed(qlib) if qlib is not None else None
     try:
         while engine.has_unfinished():
             engine.step()
     finally:
-        cpu_decode._libs[dtype] = lib
+        cpu_decode._libs[dtype], cpu_quant._lib = lib, qlib
     return spent[0] / (n_tokens - 1) if spent[0] else None
 
 
@@ -219,39 +231,43 @@ def transformers_comparison(args, cfg, prompt) -> None:
     with tempfile.TemporaryDirectory() as d:
         from transformers import AutoModelForCausalLM
 
-        src = nanoseek.Transformer(cfg)
-        nanoseek.save_pretrained(src, d)
-        del src
+        if args.model:
+            d = args.model
+        else:
+            nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             elem = torch.empty((), dtype=dtype).element_size()
-            ns = nanoseek.from_pretrained(d, dtype=dtype)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-            bw0, bw_read0 = bandwidth_gbs(), read_bandwidth_gbs()
-            r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
-            # this machine's bandwidth drifts: the bound takes the higher of the measurements just before and
-            # just after the timing (the fraction is then the lower of the two)
-            bw_d, bw_read_d = max(bw0, bandwidth_gbs()), max(bw_read0, read_bandwidth_gbs())
-            bws.append((name, bw_d, bw_read_d))
-            k_s = kernel_time_per_token(ns, prompt, args.tokens, dtype)
             r_hf = hf_rate(hf, prompt, args.tokens, args.repeats)
-            act = activated_bytes(ns, elem)
-            frac = act / (bw_d * 1e9) * r_ns
-            frac_read = act / (bw_read_d * 1e9) * r_ns
             hf_kv = hf_cache_bytes_per_token(hf, prompt)
-            rows.append((name, r_ns, r_hf, act, frac, frac_read, latent_bytes_per_token(cfg, elem), hf_kv))
-            if k_s:
-                notes.append(f"{name}: {k_s * 1e3:.2f} ms of each {1e3 / r_ns:.2f} ms token are spent inside the C "
-                             f"decode kernels ({act / k_s / 1e9:.1f} GB/s over the activated bytes); the rest is "
-                             f"Python and PyTorch around them")
-                bw_mv = matvec_bandwidth_gbs(dtype)
-                if bw_mv:
-                    notes.append(f"{name}: the kernels' matvec streams a 256 MB matrix at {bw_mv:.1f} GB/s "
-                                 f"here; against that rate, decode reaches {act / (bw_mv * 1e9) * r_ns:.0%}")
-            del ns, hf
+            del hf
+            for q in [None] + args.quantize:
+                arm = name if q is None else f"{name} {q}" + (f" G{args.quant_group_size}" if q == "int4" else "")
+                ns = nanoseek.from_pretrained(d, dtype=dtype, quantize=q, group_size=args.quant_group_size)
+                bw0, bw_read0 = bandwidth_gbs(), read_bandwidth_gbs()
+                r_ns = nanoseek_rate(ns, prompt, args.tokens, args.repeats)
+                # this machine's bandwidth drifts: the bound takes the higher of the measurements just before and
+                # just after the timing (the fraction is then the lower of the two)
+                bw_d, bw_read_d = max(bw0, bandwidth_gbs()), max(bw_read0, read_bandwidth_gbs())
+                bws.append((arm, bw_d, bw_read_d))
+                k_s = kernel_time_per_token(ns, prompt, args.tokens, dtype)
+                act = activated_bytes(ns)
+                frac = act / (bw_d * 1e9) * r_ns
+                frac_read = act / (bw_read_d * 1e9) * r_ns
+                rows.append((arm, r_ns, r_hf, act, frac, frac_read, latent_bytes_per_token(cfg, elem), hf_kv))
+                if k_s:
+                    notes.append(f"{arm}: {k_s * 1e3:.2f} ms of each {1e3 / r_ns:.2f} ms token are spent inside the "
+                                 f"C kernels ({act / k_s / 1e9:.1f} GB/s over the activated bytes); the rest is "
+                                 f"Python and PyTorch around them")
+                    bw_mv = matvec_bandwidth_gbs(dtype) if q is None else None
+                    if bw_mv:
+                        notes.append(f"{arm}: the kernels' matvec streams a 256 MB matrix at {bw_mv:.1f} GB/s "
+                                     f"here; against that rate, decode reaches {act / (bw_mv * 1e9) * r_ns:.0%}")
+                del ns
 
-    print("| dtype | nanoseek tok/s | transformers tok/s | ratio | activated MB/token | of bandwidth bound (copy) "
-          "| of bandwidth bound (read) |")
+    print("| weights | nanoseek tok/s | transformers tok/s (float) | ratio | activated MB/token | of bandwidth bound "
+          "(copy) | of bandwidth bound (read) |")
     print("|---|---|---|---|---|---|---|")
     for name, r_ns, r_hf, act, frac, frac_read, _, _ in rows:
         print(f"| {name} | {r_ns:.1f} | {r_hf:.1f} | {r_ns / r_hf:.2f}x | {act / 1e6:.1f} | {frac:.0%} | "
@@ -265,8 +281,11 @@ def transformers_comparison(args, cfg, prompt) -> None:
     print("| model | dtype | nanoseek (latent + indexer key) | transformers (measured) | expanded per-head K+V |")
     print("|---|---|---|---|---|")
     for name, *_, ns_kv, hf_kv in rows:
+        if " " in name:  # a quantized arm: the cache is its dtype's
+            continue
         elem = torch.empty((), dtype=getattr(torch, name)).element_size()
-        print(f"| {args.preset} | {name} | {ns_kv:,} | {hf_kv:,} | {full_kv_bytes_per_token(cfg, elem):,} |")
+        print(f"| {args.model or args.preset} | {name} | {ns_kv:,} | {hf_kv:,} | "
+              f"{full_kv_bytes_per_token(cfg, elem):,} |")
     big = get_preset("deepseek-v3.2")
     print(f"| deepseek-v3.2 | bfloat16 | {latent_bytes_per_token(big, 2):,} | (not instantiated) | "
           f"{full_kv_bytes_per_token(big, 2):,} |")
@@ -345,6 +364,8 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", default=None,
+                    help="a model folder for the transformers comparison instead of the preset's random weights")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -356,19 +377,26 @@ def main() -> None:
     ap.add_argument("--peer-threads", default="1,2", help="thread counts of the llama.cpp comparison")
     ap.add_argument("--sequences", type=int, default=8,
                     help="concurrent sequences of the llama.cpp comparison's batched rows (beside 1)")
+    ap.add_argument("--quantize", default="", help="weight-only arms beside each dtype: int8, int4 or int8,int4")
+    ap.add_argument("--quant-group-size", type=int, default=32, choices=quant.GROUP_SIZES)
     args = ap.parse_args()
+    args.quantize = [q for q in args.quantize.split(",") if q]
+    if any(q not in quant.FORMATS for q in args.quantize):
+        ap.error(f"--quantize: formats are {', '.join(quant.FORMATS)}")
     args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = get_preset(args.preset)
+    cfg = ModelConfig.from_json(args.model) if args.model else get_preset(args.preset)
     torch.manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt,)).tolist()
-    from nanoseek.kernels import cpu_decode, isa
-    print(f"preset {args.preset}, prompt {args.prompt} tokens, {args.tokens} generated, torch threads "
+    from nanoseek.kernels import cpu_decode, cpu_quant, isa
+    print(f"{'model ' + args.model if args.model else 'preset ' + args.preset}, prompt {args.prompt} tokens, "
+          f"{args.tokens} generated, torch threads "
           f"{torch.get_num_threads()}")
     print(f"CPU {isa.describe()}; decode kernel variant: "
-          + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(",")) + "\n")
+          + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(","))
+          + (f"; quantized kernel variant: {cpu_quant.variant()}" if args.quantize else "") + "\n")
     if args.peer in ("transformers", "all"):
         transformers_comparison(args, cfg, prompt)
     if args.peer in ("llamacpp", "all"):

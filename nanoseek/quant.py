@@ -34,8 +34,10 @@ dequantized copy; 1.8-2.7x faster than a dense bf16 matvec at 2048x1024 on the Z
 activations (that op is slow there) and not for int4: PyTorch's `_weight_int4pack_mm_for_cpu` measured no faster
 than a dense bf16 matvec on this CPU and needs its own weight layout. The routed experts dequantize only the experts
 a batch routes tokens to, never all E.
-`nanoseek.kernels.install` leaves every module that holds quantized weights on its reference class: the fused C
-decode kernels read plain float weights.
+`nanoseek.kernels.install` gives the quantized modules fast classes (`nanoseek/kernels/cpu_quant.py`: int8 and
+int4 matmuls in C straight from the codes, float32 or bf16 activations, a few rows on CPU, the routed experts
+included; int4 on int8 activations with VNNI where the CPU has it, its added error stated there) and leaves the
+modules that hold them on their reference classes: the fused C decode kernels of those read plain float weights.
 
 Folder format (`nanoseek quantize IN OUT`, read back by `from_pretrained` / `serve` as is, built quantized: the
 float weights are never materialised): config.json is the model's HF config plus
@@ -291,10 +293,15 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Modul
                 setattr(parent, name, QuantLinear.from_linear(child, f, group_size))
             elif type(child) in (Experts, FAST[Experts]):  # not expert parallelism's (DTensor weights)
                 setattr(parent, name, QuantExperts.from_experts(child, qc.format, group_size))
-    # the engine's fast classes read plain weights: where one is on already, its reference class takes over
+    # the engine's fast classes of the holders read plain weights: where one is on already, its reference class
+    # takes over; the quantized modules of an installed model get theirs
+    installed = type(model) in REFERENCE
     held = holders(model)
     for m in model.modules():
-        if id(m) in held and type(m) in REFERENCE:
+        if isinstance(m, QUANTIZED):
+            if installed and type(m) in FAST:
+                m.__class__ = FAST[type(m)]
+        elif id(m) in held and type(m) in REFERENCE:
             m.__class__ = REFERENCE[type(m)]
     model.quantization = qc
     return model

@@ -120,3 +120,22 @@ def test_nanoseek_batched_rates_finish_every_sequence(one_thread):
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 7)]
     pp, tg = decode.nanoseek_batched_rates(model, prompts, 4, repeats=1)
     assert pp > 0 and tg > 0
+def test_activated_bytes_count_the_stored_sizes_of_a_quantized_model():
+    """The bandwidth bound of bench/decode.py's quantized arms counts what a decode token reads: codes, scales and
+    mins at their stored sizes, and num_experts_per_tok of the E routed experts."""
+    from nanoseek import quant
+    from nanoseek.model.transformer import Transformer
+    cfg = get_preset("tiny")
+    m = Transformer(cfg)
+    f32 = decode.activated_bytes(m)
+    q = quant.quantize_model(m, "int8")
+    int8 = decode.activated_bytes(q)
+    # 1 byte per quantized weight (plus a bf16 scale a row) against 4; kv_b_proj, router, norms stay float
+    assert f32 / 4 < int8 < f32 / 2
+    e = q.layers[1].mlp.experts
+    per_expert = sum(t[0].numel() * t.element_size() for t in (e.gate_up_proj, e.gate_up_proj_scale, e.down_proj,
+                                                                 e.down_proj_scale))
+    # one more routed expert per token reads exactly one more expert's codes and scales per MoE layer
+    q.config = cfg.replace(num_experts_per_tok=cfg.num_experts_per_tok + 1)
+    n_moe = sum(1 for layer in q.layers if hasattr(layer.mlp, "experts"))
+    assert decode.activated_bytes(q) - int8 == n_moe * per_expert

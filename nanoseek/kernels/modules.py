@@ -12,9 +12,11 @@ What they add:
   concatenated weights, fp32 copies of the router and of MLA's absorbed W_UK / W_UV, per-expert weight views,
   oneDNN-packed weights when packing is on (`pack_weights`), and a per-(token, expert) loop for decode-sized
   batches (the fewest PyTorch ops);
-- training on CPU: the experts' grouped GEMMs in C (`cpu_experts.py`).
-Every fast path is checked against its reference in tests/test_cpu_decode.py, test_cpu_experts.py and
-test_model.py.
+- training on CPU: the experts' grouped GEMMs in C (`cpu_experts.py`);
+- quantized weights (`nanoseek.quant`): int8 / int4 matmuls from the packed codes for a few rows on CPU
+  (`cpu_quant.py`), in the quantized linears and the routed experts.
+Every fast path is checked against its reference in tests/test_cpu_decode.py, test_cpu_experts.py,
+test_cpu_quant.py and test_model.py.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.kernels import cpu_decode, cpu_experts, decode_plan
+from nanoseek.kernels import cpu_decode, cpu_experts, cpu_quant, decode_plan
 from nanoseek.kernels.fused import derived, expert_weights, fused_linear, linear, packing_supported, packs, set_packing
 from nanoseek.model.mla import ABSORB_MAX_QUERIES, MLA
 from nanoseek.model.moe import MLP, Experts, MoE, Router
@@ -32,6 +34,7 @@ from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RopeTables
 from nanoseek.model.stats import LayerStats
 from nanoseek.model.transformer import Block, CausalLMOutput, Transformer
+from nanoseek.quant import QUANTIZED, QuantExperts, QuantLinear
 
 
 class FastRMSNorm(RMSNorm):
@@ -263,10 +266,34 @@ class FastTransformer(Transformer):
         return super().forward(input_ids, cache, num_logits, path, segment_ids)
 
 
+class FastQuantLinear(QuantLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and cpu_quant.usable(x, self.weight):  # a few rows on CPU (LINEAR_ROWS): from the codes
+            return cpu_quant.linear(x, self.weight, self.weight_scale, getattr(self, "weight_min", None))
+        return super().forward(x)
+
+
+class FastQuantExperts(QuantExperts):
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # a decode batch on CPU: every routed (token, expert) pair in one C call
+        if (self.fast and cpu_quant.usable(x, self.gate_up_proj, cpu_quant.MAX_ROWS)
+                and cpu_quant.usable(x, self.down_proj, cpu_quant.MAX_ROWS)):
+            return cpu_quant.experts(x, w, idx, self._weights("gate_up_proj"), self._weights("down_proj"))
+        return super().forward(x, w, idx)
+
+    def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        # the routed experts' rows (QuantExperts.forward visits only experts with tokens), straight from the codes
+        codes, scale, mn = self._weights(name, e)
+        if self.fast and cpu_quant.usable(x, codes):
+            return cpu_quant.linear(x, codes, scale, mn)
+        return super()._mm(x, name, e)
+
+
 # each reference class and its fast version; install() swaps exact classes only, so a subclass with its own
 # forward (expert parallelism's `ExpertParallelExperts`) keeps it
 FAST: dict[type, type] = {RMSNorm: FastRMSNorm, MLP: FastMLP, Router: FastRouter, Experts: FastExperts, MoE: FastMoE,
-                          MLA: FastMLA, Block: FastBlock, Transformer: FastTransformer}
+                          MLA: FastMLA, Block: FastBlock, Transformer: FastTransformer, QuantLinear: FastQuantLinear,
+                          QuantExperts: FastQuantExperts}
 REFERENCE: dict[type, type] = {v: k for k, v in FAST.items()}
 
 
@@ -274,13 +301,13 @@ def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
     """Put the fast paths onto every module of `model` in place (same parameters, buffers and state dict) and
     return it. pack_weights: run CPU inference matmuls on oneDNN-packed copies of the weights (bf16 matvecs ~1.7x
     faster, bit-identical; fp32 prefill GEMMs ~2x faster; twice the weight memory); ignored where oneDNN's bf16
-    support is missing. Modules holding quantized weights (`nanoseek.quant`) keep their reference class: these
-    fast paths read plain float weights, so a quantized model runs on the PyTorch path (and its own fused op)."""
+    support is missing. The quantized modules (`nanoseek.quant`) get their fast classes (`cpu_quant.py`); the
+    modules that hold them keep their reference class: their fast paths read plain float weights."""
     from nanoseek.quant import holders
     held = holders(model)
     for m in model.modules():
         fast = FAST.get(type(m))
-        if fast is not None and id(m) not in held:
+        if fast is not None and (id(m) not in held or isinstance(m, QUANTIZED)):
             m.__class__ = fast
     pack_weights_(model, pack_weights)
     return model

@@ -10,6 +10,7 @@
  *                     adds a[2i] * b[2i] + a[2i+1] * b[2i+1] to lane i, over 2 * NS_VW bf16 values of a and b
  *   NS_SIMD_NAME      the variant's name, for ns_isa() in each library
  *   vf_transpose, vf_storeu_bf16: in the block added for cpu_experts.c, at the end
+ *   vf_load_s8, vf_load_nibbles: in the block added for cpu_quant.c, after it
  *
  * Everything else is portable C; a scalar build (no vector ISA) is kept so that the C self-test can compare
  * every variant with plain loops on the same inputs (tests/kernels_selftest.c).
@@ -248,5 +249,49 @@ static inline void vf_storeu_bf16(uint16_t *p, vf v) {
 }
 #endif
 /* ---- end of the cpu_experts.c additions ---- */
+
+/* ---- Added for cpu_quant.c (weight codes widened to fp32; exact: |code| < 2^24) ----
+ *   vf_load_s8(p)                 NS_VW int8 values as fp32
+ *   vf_load_nibbles(p, lo, hi)    NS_VW bytes: their low nibbles as fp32 in *lo, their high nibbles in *hi
+ */
+#if NS_VW == 16
+static inline vf vf_load_s8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline void vf_load_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif NS_VW == 8
+static inline vf vf_load_s8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline void vf_load_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#elif NS_VW == 4
+static inline vf vf_load_s8(const int8_t *p) {
+    int32_t u;
+    memcpy(&u, p, 4); /* exactly the 4 bytes: a vld1_s8 would read 8 */
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(u))))));
+}
+static inline void vf_load_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    const uint32x4_t b = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(u)))));
+    *lo = vcvtq_f32_u32(vandq_u32(b, vdupq_n_u32(15)));
+    *hi = vcvtq_f32_u32(vshrq_n_u32(b, 4));
+}
+#else
+static inline vf vf_load_s8(const int8_t *p) { return (float)*p; }
+static inline void vf_load_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    *lo = (float)(*p & 15);
+    *hi = (float)(*p >> 4);
+}
+#endif
+/* ---- end of the cpu_quant.c additions ---- */
 
 #endif

@@ -1,7 +1,7 @@
 /* <immintrin.h> for running nanoseek's avx512 and avx512bf16 kernel code on a CPU without AVX-512: the intrinsics
- * emulated in portable C by SIMDe (Debian: libsimde-dev), which tests/test_cpu_experts_cross.py and
- * tests/test_kernels_cross.py put first on the include path. The few that SIMDe 0.7 lacks are written out here
- * from the Intel SDM's definitions. */
+ * emulated in portable C by SIMDe (Debian: libsimde-dev), which tests/test_cpu_experts_cross.py,
+ * tests/test_kernels_cross.py and tests/test_cpu_quant_cross.py put first on the include path. The few that
+ * SIMDe 0.7 lacks are written out here from the Intel SDM's definitions. */
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 typedef simde__mmask16 __mmask16;
@@ -91,4 +91,38 @@ static inline __m512i ns_mask_i32gather_epi32(__m512i src, __mmask16 k, __m512i 
     return r;
 }
 #define _mm512_mask_i32gather_epi32 ns_mask_i32gather_epi32
+#endif
+/* for cpu_quant.c (simd.h vf_load_s8, vf_load_nibbles) */
+#ifndef _mm512_cvtepi8_epi32 /* vpmovsxbd: 16 signed bytes sign-extended to 32 bits */
+static inline __m512i _mm512_cvtepi8_epi32(__m128i a) {
+    signed char s[16];
+    int d[16];
+    __m512i r;
+    memcpy(s, &a, 16);
+    for (int i = 0; i < 16; i++) d[i] = s[i];
+    memcpy(&r, d, 64);
+    return r;
+}
+#endif
+#ifndef _mm512_cvtepu8_epi32 /* vpmovzxbd: 16 unsigned bytes zero-extended to 32 bits */
+static inline __m512i _mm512_cvtepu8_epi32(__m128i a) {
+    unsigned char s[16];
+    int d[16];
+    __m512i r;
+    memcpy(s, &a, 16);
+    for (int i = 0; i < 16; i++) d[i] = s[i];
+    memcpy(&r, d, 64);
+    return r;
+}
+#endif
+#ifndef _mm512_cvtepi32_ps /* vcvtdq2ps: each 32-bit integer lane to fp32 (exact below 2^24) */
+static inline __m512 _mm512_cvtepi32_ps(__m512i a) {
+    int s[16];
+    float d[16];
+    __m512 r;
+    memcpy(s, &a, 64);
+    for (int i = 0; i < 16; i++) d[i] = (float)s[i];
+    memcpy(&r, d, 64);
+    return r;
+}
 #endif
