@@ -22,6 +22,8 @@ convert_hf_to_gguf.py, f32 for float32 and bf16 for bfloat16), with nanoseek at 
 before it, one thread count at a time: llama-bench decodes --tokens - 1 tokens after a --prompt-token context
 (`-d`), the positions of nanoseek's timed steps, best of --repeats on both sides. Where llama.cpp cannot be
 fetched, built, fed or run, one line says why and the rest of the bench runs.
+
+`--kv-cache-dtypes auto,fp8,int8` adds nanoseek's decode rate with each KV-cache dtype (`--peer none`: only that).
 """
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ def activated_bytes(model, elem: int) -> int:
     return n * elem
 
 
-def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
-    engine = Engine(model, None, max_batch_size=1)
+def nanoseek_rate(model, prompt, n_tokens, repeats, kv_cache_dtype: str = "auto") -> float:
+    engine = Engine(model, None, max_batch_size=1, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
     best = float("inf")
     for r in range(repeats + 1):  # the first run warms up
@@ -248,6 +250,24 @@ def transformers_comparison(args, cfg, prompt) -> None:
           f"{full_kv_bytes_per_token(big, 2):,} |")
 
 
+def kv_cache_comparison(args, cfg, prompt) -> None:
+    """nanoseek's decode rate with each --kv-cache-dtypes value, per dtype, in one run (interleaved, best of
+    --repeats each): an 8-bit cache bypasses the whole-stack CPU decode and dequantizes on every read."""
+    kinds = args.kv_cache_dtypes.split(",")
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
+        print("| dtype | " + " | ".join(f"KV {k} tok/s" for k in kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for name in args.dtypes.split(","):
+            ns = nanoseek.from_pretrained(d, dtype=getattr(torch, name))
+            best = {k: 0.0 for k in kinds}
+            for _ in range(2):  # interleaved rounds: the machine's speed drifts
+                for k in kinds:
+                    best[k] = max(best[k], nanoseek_rate(ns, prompt, args.tokens, args.repeats, k))
+            print(f"| {name} | " + " | ".join(f"{best[k]:.1f}" for k in kinds) + " |")
+            del ns
+
+
 def llamacpp_comparison(args, cfg, prompt) -> None:
     """nanoseek against llama-bench on the same weights, per dtype and thread count; a line saying why where
     llama.cpp cannot run here."""
@@ -314,8 +334,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtypes", default="auto",
                     help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
-    ap.add_argument("--peer", choices=("transformers", "llamacpp", "all"), default="transformers",
+    ap.add_argument("--peer", choices=("transformers", "llamacpp", "all", "none"), default="transformers",
                     help="what nanoseek is timed against (all: transformers, then llama.cpp)")
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help="with more than auto (e.g. auto,fp8,int8): also time nanoseek with each KV-cache dtype")
     ap.add_argument("--peer-threads", default="1,2", help="thread counts of the llama.cpp comparison")
     args = ap.parse_args()
     args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
@@ -334,6 +356,8 @@ def main() -> None:
         transformers_comparison(args, cfg, prompt)
     if args.peer in ("llamacpp", "all"):
         llamacpp_comparison(args, cfg, prompt)
+    if args.kv_cache_dtypes != "auto":
+        kv_cache_comparison(args, cfg, prompt)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,60 @@ def test_whole_stack_cpu_decode_is_bypassed_and_blocks_agree():
 def test_engine_rejects_unknown_cache_dtype():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         Engine(tiny_model(), None, cache_bytes=1 << 20, kv_cache_dtype="fp4")
+
+
+# ---- front ends ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from test_server import tiny_model_dir
+    return tiny_model_dir(tmp_path_factory.mktemp("kv8") / "kv8-tiny")
+
+
+def test_serve_with_an_8bit_cache_logs_its_capacity_and_answers(model_dir, caplog):
+    import httpx
+    from nanoseek.server.api import ServeConfig, ServerThread
+    budget = 1 << 20
+    caps = {}
+    for kv in ("auto", "int8"):
+        with caplog.at_level("INFO", logger="nanoseek.server"), \
+                ServerThread(ServeConfig(str(model_dir), dtype="float32", cache_bytes=budget,
+                                         kv_cache_dtype=kv)) as srv:
+            srv.wait_ready()
+            caps[kv] = srv.state.engine.pool.capacity_tokens
+            assert f"KV cache: {caps[kv]} tokens ({kv})" in caplog.text
+            r = httpx.post(srv.url + "/v1/completions", timeout=60, json=dict(
+                model="kv8-tiny", prompt="My kingdom for", max_tokens=5, temperature=0, ignore_eos=True))
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert caps["int8"] >= 2 * caps["auto"]
+
+
+def test_cli_flags(model_dir, capsys):
+    from nanoseek.generate import cli as generate_cli
+    from nanoseek.server.api import cli as serve_cli
+    assert generate_cli("generate", [str(model_dir), "My kingdom", "--max-tokens", "3", "--dtype", "float32",
+                                     "--kv-cache-dtype", "fp8"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        serve_cli("serve", [str(model_dir), "--kv-cache-dtype", "fp4"])
+    assert e.value.code == 2 and "invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+def test_quality_bench_through_the_cache_equals_the_plain_forward(model_dir):
+    """bench/kv_cache_quality.py: with the full-precision cache, chunked prefill through it gives the bits per
+    byte of one plain forward (`nanoseek eval`); the 8-bit caches move it by a little."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kv_cache_quality
+    from nanoseek.evaluate import bits_per_byte, token_stream
+    from nanoseek.tokenizer import load_tokenizer
+    import nanoseek
+    tok = load_tokenizer(model_dir)
+    m = nanoseek.from_pretrained(model_dir, dtype=torch.float32)
+    stream = token_stream(tok, ["To be, or not to be, that is the question: " * 12])[:129]
+    plain, _ = bits_per_byte(m, tok, stream, 64)
+    auto = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, "auto", False)
+    assert auto == pytest.approx(plain, rel=1e-5)
+    for kv in FMTS:
+        q8 = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, kv, False)
+        assert q8 != auto and q8 == pytest.approx(auto, rel=0.05)
