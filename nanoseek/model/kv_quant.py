@@ -49,19 +49,26 @@ class KVFormat:
         """x [..., W] -> (values [..., W] in `storage`, as `container`, fp32 scales [..., G])."""
         g = self.groups(x.shape[-1])
         xg = x.float().unflatten(-1, (g, -1))
-        # all-zero groups (padding rows) get scale 1, not 0: no 0/0 on the way in or out
-        scale = xg.abs().amax(-1, keepdim=True) / self.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # all-zero groups (padding rows) get the tiniest scale, not 0: no 0/0, and they stay 0
+        scale = xg.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(self.qmax)
         y = xg / scale
+        # |y| <= qmax up to an ulp, so int8 rounding needs no clamp and e4m3's cast never overflows
         if self.storage == torch.int8:
-            y = y.round().clamp_(-self.qmax, self.qmax)
+            y = y.round_()
         return y.to(self.storage).view(self.container).flatten(-2), scale.squeeze(-1)
 
-    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of `quantize`: values [..., W], scales [..., G] -> [..., W] in dtype."""
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inverse of `quantize`: values [..., W], scales [..., G] -> [..., W] in dtype (written into `out`,
+        a [..., W] tensor of dtype, when given: one op less per read)."""
         g = scale.shape[-1]
-        v = q.view(self.storage).float()
-        return (v.unflatten(-1, (g, -1)) * scale[..., None]).flatten(-2).to(dtype)
+        v = q.view(self.storage)
+        if v.dtype != torch.int8:  # PyTorch promotes int8 with fp32 in the multiply, not float8
+            v = v.float()
+        if out is None:
+            out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        torch.mul(v.unflatten(-1, (g, -1)), scale[..., None], out=out.unflatten(-1, (g, -1)))
+        return out
 
 
 FORMATS = {"fp8": KVFormat("fp8", torch.float8_e4m3fn, 448.0), "int8": KVFormat("int8", torch.int8, 127.0)}
@@ -145,5 +152,9 @@ class RowStore:
         return out.view(*slots.shape, self.width)
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        head = self.fmt.dequantize(parts[0], parts[1], self.dtype)
-        return torch.cat((head, parts[2]), dim=-1) if self.keep else head
+        q = parts[0]
+        out = torch.empty(*q.shape[:-1], self.width, dtype=self.dtype, device=q.device)
+        self.fmt.dequantize(q, parts[1], self.dtype, out=out[..., :q.shape[-1]])
+        if self.keep:
+            out[..., q.shape[-1]:] = parts[2]
+        return out
