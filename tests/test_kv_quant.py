@@ -7,7 +7,7 @@ import torch
 from nanoseek import DenseCache, get_preset
 from nanoseek.engine import BlockPool, CacheView, Engine
 from nanoseek.kernels import cpu_decode, decode_plan
-from nanoseek.model.kv_quant import FORMATS, KVFormat, RowStore, kv_format
+from nanoseek.model.kv_quant import FORMATS, RowStore, kv_format
 from test_engine import alone, damped_model, greedy, prompts, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +22,8 @@ def test_round_trip_error_bounds(name):
     # 256 wide: two 128-value groups, the second 1000x smaller (per-group scales keep it accurate)
     x = torch.randn(64, 256) * torch.cat((torch.full((128,), 3.0), torch.full((128,), 3e-3)))
     q, scale = fmt.quantize(x)
-    assert q.dtype == fmt.container and q.element_size() == 1 and scale.shape == (64, 2) and scale.dtype == torch.float32
+    assert q.dtype == fmt.container and q.element_size() == 1
+    assert scale.shape == (64, 2) and scale.dtype == torch.float32
     y = fmt.dequantize(q, scale, torch.float32)
     amax = x.abs().unflatten(-1, (2, 128)).amax(-1, keepdim=True)
     err = (y - x).abs().unflatten(-1, (2, 128))
@@ -45,16 +46,21 @@ def test_kv_format_names():
 
 
 @pytest.mark.parametrize("name", FMTS)
-def test_row_store_keeps_the_rope_part_exact_and_reads_agree(name):
-    store = RowStore(2, (10,), 40, torch.bfloat16, "cpu", FORMATS[name], keep=8)
-    rows = torch.randn(4, 40).to(torch.bfloat16)
+def test_row_store_scales_each_part_and_reads_agree(name):
+    fmt = FORMATS[name]
+    store = RowStore(2, (10,), (256, 8), torch.bfloat16, "cpu", fmt)  # c_kv: 2 groups of 128; k_pe: 1 group
+    rows = torch.randn(4, 264).to(torch.bfloat16)
+    rows[:, 256:] *= 1e-3  # a k_pe far smaller than c_kv keeps its own precision
     slots = torch.tensor([7, 2, 5, 9])
     store.write(1, slots, rows)
     got = store.take(1, slots)
-    assert got.dtype == torch.bfloat16 and torch.equal(got[:, 32:], rows[:, 32:])  # k_pe: not quantized
-    assert (got[:, :32].float() - rows[:, :32].float()).abs().max() < 0.1 * rows.abs().max()
+    assert got.dtype == torch.bfloat16 and store.scale.shape == (2, 10, 3)
+    for a, b in ((0, 128), (128, 256), (256, 264)):
+        x, y = rows[:, a:b].float(), got[:, a:b].float()
+        assert ((y - x).abs().amax(-1) <= x.abs().amax(-1) * 2 ** -4 * 1.01).all()
     assert torch.equal(store.read(1, slice(0, 10))[slots], got)  # read (a span) and take (slots) agree
-    assert RowStore.bytes_per_row(40, torch.bfloat16, FORMATS[name], keep=8) == 32 + 4 + 16
+    assert RowStore.bytes_per_row((256, 8), torch.bfloat16, fmt) == 264 + 4 * 3
+    assert RowStore.bytes_per_row((256, 8), torch.bfloat16, None) == 264 * 2
 
 
 # ---- against the full-precision cache ----------------------------------------------------------------------
@@ -101,11 +107,11 @@ def test_pool_holds_about_twice_the_tokens(name):
     auto = Engine(m, None, cache_bytes=budget)
     q8 = Engine(m, None, cache_bytes=budget, kv_cache_dtype=name)
     assert q8.stats()["cache_capacity_tokens"] >= 2 * auto.stats()["cache_capacity_tokens"]  # fp32 model: 2.5x
-    # a bf16 V3.2-shaped row (512 + 64 latent, 128 indexer key): 1408 bytes -> 788
+    # a bf16 V3.2-shaped row (512 + 64 latent, 128 indexer key): 1408 bytes -> 512 + 16 + 64 + 4 + 128 + 4
     v32 = get_preset("tiny", kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
     ratio = (BlockPool.bytes_per_block(v32, 1, 1, torch.bfloat16)
              / BlockPool.bytes_per_block(v32, 1, 1, torch.bfloat16, FORMATS[name]))
-    assert ratio == pytest.approx(1408 / 788)
+    assert ratio == pytest.approx(1408 / 728)
 
 
 def test_dense_cache_equals_paged_cache():
@@ -249,8 +255,8 @@ def test_quality_bench_through_the_cache_equals_the_plain_forward(model_dir):
     m = nanoseek.from_pretrained(model_dir, dtype=torch.float32)
     stream = token_stream(tok, ["To be, or not to be, that is the question: " * 12])[:129]
     plain, _ = bits_per_byte(m, tok, stream, 64)
-    auto = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, "auto", False)
+    auto = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, "auto")
     assert auto == pytest.approx(plain, rel=1e-5)
     for kv in FMTS:
-        q8 = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, kv, False)
+        q8 = kv_cache_quality.cached_bits_per_byte(m, tok, stream, 64, 16, kv)
         assert q8 != auto and q8 == pytest.approx(auto, rel=0.05)

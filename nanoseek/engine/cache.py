@@ -47,9 +47,9 @@ class BlockPool:
         if self.num_blocks < 2:
             raise ValueError(f"cache budget of {cache_bytes} bytes holds fewer than 2 blocks of {block_size} tokens")
         n = self.num_blocks * block_size
-        # [L, slots, C] latent rows (k_pe kept in dtype when 8-bit, kv_quant.py) and [L, slots, I] indexer keys
-        self.rows = RowStore(num_layers, (n,), self.width, dtype, device, kv_format, keep=cfg.qk_rope_head_dim)
-        self.index_rows = (RowStore(num_layers, (n,), self.index_width, dtype, device, kv_format)
+        # [L, slots, C] latent rows [c_kv ; k_pe] and [L, slots, I] indexer keys
+        self.rows = RowStore(num_layers, (n,), (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, kv_format)
+        self.index_rows = (RowStore(num_layers, (n,), (self.index_width,), dtype, device, kv_format)
                            if self.index_width else None)
         self.device = self.rows.device
         self.ref = [0] * self.num_blocks
@@ -61,10 +61,9 @@ class BlockPool:
     @staticmethod
     def bytes_per_block(cfg, num_layers: int, block_size: int, dtype: torch.dtype,
                         kv_format: Optional[KVFormat] = None) -> int:
-        per_row = RowStore.bytes_per_row(cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype, kv_format,
-                                         keep=cfg.qk_rope_head_dim)
+        per_row = RowStore.bytes_per_row((cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, kv_format)
         if cfg.use_dsa:
-            per_row += RowStore.bytes_per_row(cfg.index_head_dim, dtype, kv_format)
+            per_row += RowStore.bytes_per_row((cfg.index_head_dim,), dtype, kv_format)
         return num_layers * block_size * per_row
 
     # ---- accounting ------------------------------------------------------------------------------------

@@ -52,11 +52,10 @@ class DenseCache:
     def __init__(self, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
                  kv_cache_dtype: str = "auto"):
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.kv_format = kv_format(kv_cache_dtype)
         lead = (batch_size, max_len)
-        self.rows = RowStore(n_layers, lead, width, dtype, device, self.kv_format, keep=cfg.qk_rope_head_dim)
-        self.index_rows = (RowStore(n_layers, lead, cfg.index_head_dim, dtype, device, self.kv_format)
+        self.rows = RowStore(n_layers, lead, (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, self.kv_format)
+        self.index_rows = (RowStore(n_layers, lead, (cfg.index_head_dim,), dtype, device, self.kv_format)
                            if cfg.use_dsa else None)
         self.batch_size, self.max_len = batch_size, max_len
         self.device = self.rows.device

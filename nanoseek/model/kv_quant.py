@@ -7,12 +7,14 @@ indexer's key (index_head_dim I) on V3.2 models (DeepSeek-V2 §2.1.2, V3.2 §2.1
 - int8: symmetric, round(x / scale) in [-127, 127] with scale = amax / 127.
 
 Scales are fp32, one per group of 128 values (FlashMLA's V3.2 fp8 cache uses 128-value tiles of the latent),
-or one per row part when the part's width is not a multiple of 128 (tiny test models). The latent c_kv and the
-indexer key are quantized this way; the rope key k_pe stays in the model's dtype, as in FlashMLA's cache: it is
-an eighth of a V3 row (64 of 512 + 64), and it carries the position signal, whose dot products with the query's
-rope part are not normalised like c_kv's (c_kv is the output of an RMSNorm, k_pe is not).
-Per V3 row in bf16: 512 + 16 (scales) + 128 (k_pe) bytes, + 128 + 4 for the indexer key, against 1408: 1.8x
-the tokens for the same budget.
+or one per part when a part's width is not a multiple of 128 (k_pe, tiny test models). Each part of a row has
+its own scales: c_kv (the output of an RMSNorm), k_pe (rotated, not normalised) and the indexer key (a
+LayerNorm's output) differ in magnitude. k_pe is quantized too, unlike FlashMLA's cache (bf16 k_pe): on the
+speedrun model (bench/kv_cache_quality.py, bits per byte through the cache over 4,096 held-out tokens) keeping
+it in the model's dtype changed nothing measurable (fp8 +0.007% vs +0.013%, int8 +0.004% vs -0.008% against
+the full cache: noise), while it costs 1/5 of the 8-bit row there (1/8 on V3).
+Per V3.2 row in bf16: 512 + 16 (scales) + 64 + 4 (k_pe) bytes, + 128 + 4 for the indexer key, against 1408:
+1.93x the tokens for the same budget.
 
 Dequantization happens on read: every attention path (naive, absorbed, DSA's gather, the indexer's scores)
 gets rows in the model's dtype from `RowStore.read`/`take`, so all of them see the same values. The whole-stack
@@ -87,74 +89,73 @@ Index = Union[torch.Tensor, slice, tuple]
 
 
 class RowStore:
-    """Rows of `width` values for L layers, addressed by a leading shape (`lead`: [slots] for the paged pool,
-    [B, S_max] for DenseCache). With a format, the first width - keep values are stored in 8 bits with their
-    scales and the last `keep` (the rope key) in `dtype`; without one, the rows are one plain tensor (`plain`,
-    [L, *lead, width]) that the whole-stack CPU decode reads directly.
+    """Rows for L layers, addressed by a leading shape (`lead`: [slots] for the paged pool, [B, S_max] for
+    DenseCache), each row the concatenation of `parts` (widths: [R, P] for MLA's c_kv and k_pe, [I] for the
+    indexer key). With a format, every part is stored in 8 bits with its own scales (`KVFormat.groups` of them);
+    without one, the rows are one plain tensor (`plain`, [L, *lead, width]) that the whole-stack CPU decode
+    reads directly.
 
     Indices: a LongTensor of slots into the flattened lead dimensions (index_select / index_copy_), or a basic
     index (slices) of the lead dimensions.
     """
 
-    def __init__(self, num_layers: int, lead: tuple[int, ...], width: int, dtype: torch.dtype, device,
-                 fmt: Optional[KVFormat], keep: int = 0):
-        self.fmt, self.dtype, self.width, self.keep = fmt, dtype, width, keep
+    def __init__(self, num_layers: int, lead: tuple[int, ...], parts: tuple[int, ...], dtype: torch.dtype, device,
+                 fmt: Optional[KVFormat]):
+        self.fmt, self.dtype, self.parts, self.width = fmt, dtype, parts, sum(parts)
         self.device = torch.device(device)
         shape = (num_layers, *lead)
         self.plain: Optional[torch.Tensor] = None
         if fmt is None:
-            self.plain = torch.zeros(*shape, width, dtype=dtype, device=device)
+            self.plain = torch.zeros(*shape, self.width, dtype=dtype, device=device)
             return
-        n = width - keep
-        self.q = torch.zeros(*shape, n, dtype=fmt.container, device=device)
-        self.scale = torch.ones(*shape, fmt.groups(n), dtype=torch.float32, device=device)
-        self.tail = torch.zeros(*shape, keep, dtype=dtype, device=device) if keep else None
+        self.groups = [fmt.groups(w) for w in parts]
+        self.q = torch.zeros(*shape, self.width, dtype=fmt.container, device=device)
+        self.scale = torch.ones(*shape, sum(self.groups), dtype=torch.float32, device=device)
 
     @staticmethod
-    def bytes_per_row(width: int, dtype: torch.dtype, fmt: Optional[KVFormat], keep: int = 0) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
+    def bytes_per_row(parts: tuple[int, ...], dtype: torch.dtype, fmt: Optional[KVFormat]) -> int:
         if fmt is None:
-            return width * size
-        n = width - keep
-        return n + 4 * fmt.groups(n) + keep * size
-
-    def _planes(self) -> list[torch.Tensor]:
-        return [self.q, self.scale] + ([self.tail] if self.keep else [])
+            return sum(parts) * torch.empty((), dtype=dtype).element_size()
+        return sum(parts) + 4 * sum(fmt.groups(w) for w in parts)
 
     def write(self, layer: int, index: Index, rows: torch.Tensor) -> None:
         """Store rows [..., width] at index (a slot tensor: rows [N, width]; a basic index: rows of its shape)."""
         if self.fmt is None:
-            parts = [rows]
-            planes = [self.plain]
+            planes, values = [self.plain], [rows]
         else:
-            head, tail = rows.split([self.width - self.keep, self.keep], dim=-1)
-            parts = list(self.fmt.quantize(head)) + ([tail] if self.keep else [])
-            planes = self._planes()
-        for plane, part in zip(planes, parts):
+            pairs = [self.fmt.quantize(x) for x in rows.split(self.parts, dim=-1)]
+            q, scale = (pairs[0] if len(pairs) == 1 else
+                        (torch.cat([p[0] for p in pairs], -1), torch.cat([p[1] for p in pairs], -1)))
+            planes, values = [self.q, self.scale], [q, scale]
+        for plane, v in zip(planes, values):
             if isinstance(index, torch.Tensor):
-                plane[layer].view(-1, plane.shape[-1]).index_copy_(0, index, part.reshape(-1, part.shape[-1]))
+                plane[layer].view(-1, plane.shape[-1]).index_copy_(0, index, v.reshape(-1, v.shape[-1]))
             else:
-                plane[layer][index] = part
+                plane[layer][index] = v
 
     def read(self, layer: int, index: Index) -> torch.Tensor:
         """Rows at a basic index, in `dtype` ([..., width]; a view of the storage when plain)."""
         if self.fmt is None:
             return self.plain[layer][index]
-        return self._join([p[layer][index] for p in self._planes()])
+        return self._dequantize(self.q[layer][index], self.scale[layer][index])
 
     def take(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Rows at a slot tensor of any shape -> [*slots.shape, width] in `dtype`. index_select: a quarter of
         advanced indexing's cost on CPU (one per layer and step)."""
         flat = slots.reshape(-1)
-        planes = [p[layer].view(-1, p.shape[-1]).index_select(0, flat)
-                  for p in ([self.plain] if self.fmt is None else self._planes())]
-        out = planes[0] if self.fmt is None else self._join(planes)
+        if self.fmt is None:
+            out = self.plain[layer].view(-1, self.width).index_select(0, flat)
+        else:
+            out = self._dequantize(self.q[layer].view(-1, self.width).index_select(0, flat),
+                                   self.scale[layer].view(-1, self.scale.shape[-1]).index_select(0, flat))
         return out.view(*slots.shape, self.width)
 
-    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        q = parts[0]
-        out = torch.empty(*q.shape[:-1], self.width, dtype=self.dtype, device=q.device)
-        self.fmt.dequantize(q, parts[1], self.dtype, out=out[..., :q.shape[-1]])
-        if self.keep:
-            out[..., q.shape[-1]:] = parts[2]
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=self.dtype, device=q.device)
+        if len(self.parts) == 1:
+            return self.fmt.dequantize(q, scale, self.dtype, out=out)
+        a = g = 0
+        for w, n in zip(self.parts, self.groups):
+            self.fmt.dequantize(q[..., a:a + w], scale[..., g:g + n], self.dtype, out=out[..., a:a + w])
+            a, g = a + w, g + n
         return out

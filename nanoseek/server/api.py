@@ -1123,7 +1123,8 @@ def cli(cmd: str, argv: list[str]) -> int:
                       dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
-                      kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                      kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+                      max_waiting=args.max_waiting,
                       speculative=args.speculative, num_draft=args.num_draft, lora=lora,
                       quantize=args.quantize, quant_group_size=args.quant_group_size)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
