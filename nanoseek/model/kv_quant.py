@@ -10,9 +10,11 @@ Scales are fp32, one per group of 128 values (FlashMLA's V3.2 fp8 cache uses 128
 or one per part when a part's width is not a multiple of 128 (k_pe, tiny test models). Each part of a row has
 its own scales: c_kv (the output of an RMSNorm), k_pe (rotated, not normalised) and the indexer key (a
 LayerNorm's output) differ in magnitude. k_pe is quantized too, unlike FlashMLA's cache (bf16 k_pe): on the
-speedrun model (bench/kv_cache_quality.py, bits per byte through the cache over 4,096 held-out tokens) keeping
-it in the model's dtype changed nothing measurable (fp8 +0.007% vs +0.013%, int8 +0.004% vs -0.008% against
-the full cache: noise), while it costs 1/5 of the 8-bit row there (1/8 on V3).
+speedrun model (bench/kv_cache_quality.py, bits per byte through the cache over 4,096 held-out tokens, against
+the full cache) keeping it in the model's dtype gave fp8 +0.007% (float32) / -0.004% (bfloat16) and int8
++0.004% / -0.002%; quantizing it gives fp8 +0.018% / +0.017% and int8 +0.006% / -0.005%: at most 0.02% of bits
+per byte (fp8's 3-bit mantissa; int8 shows none), for 1.88x instead of 1.66x the tokens of a bf16 cache there
+(k_pe is 1/5 of its row; 1/9 on V3).
 Per V3.2 row in bf16: 512 + 16 (scales) + 64 + 4 (k_pe) bytes, + 128 + 4 for the indexer key, against 1408:
 1.93x the tokens for the same budget.
 
