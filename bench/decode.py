@@ -30,6 +30,8 @@ the positions of nanoseek's timed steps, best of --repeats on both sides; then `
 and --sequences prompts of --prompt tokens at once and decodes --tokens - 1 steps of one token per sequence, with
 nanoseek's engine doing the same with as many requests (prefill and decode tokens/s, two ratios). Where llama.cpp
 cannot be fetched, built, fed or run, one line says why and the rest of the bench runs.
+
+`--kv-cache-dtypes auto,fp8,int8` adds nanoseek's decode rate with each KV-cache dtype (`--peer none`: only that).
 """
 from __future__ import annotations
 
@@ -107,18 +109,18 @@ def activated_bytes(model) -> int:
     return n
 
 
-def nanoseek_rate(model, prompt, n_tokens, repeats) -> float:
-    engine = Engine(model, None, max_batch_size=1)
+def nanoseek_rate(model, prompt, n_tokens, repeats, kv_cache_dtype: str = "auto", clock=time.perf_counter) -> float:
+    engine = Engine(model, None, max_batch_size=1, kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
     best = float("inf")
     for r in range(repeats + 1):  # the first run warms up
         engine.add_request(f"r{r}", prompt, params)
         engine.step()  # prefill + first token
-        t = time.perf_counter()
+        t = clock()
         while engine.has_unfinished():
             engine.step()
         if r:
-            best = min(best, time.perf_counter() - t)
+            best = min(best, clock() - t)
     return (n_tokens - 1) / best
 
 
@@ -291,6 +293,28 @@ def transformers_comparison(args, cfg, prompt) -> None:
           f"{full_kv_bytes_per_token(big, 2):,} |")
 
 
+def kv_cache_comparison(args, cfg, prompt) -> None:
+    """nanoseek's decode rate with each --kv-cache-dtypes value, per dtype, in one run (interleaved, best of
+    --repeats each), by the wall clock and by this process's CPU time (with --threads 1, the rate a busy shared
+    machine does not lower): an 8-bit cache bypasses the whole-stack CPU decode and dequantizes on every read."""
+    kinds = args.kv_cache_dtypes.split(",")
+    clocks = {"wall": time.perf_counter, "CPU time": time.process_time}
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
+        print("\n| dtype | clock | " + " | ".join(f"KV {k} tok/s" for k in kinds) + " |")
+        print("|---|---|" + "---|" * len(kinds))
+        for name in args.dtypes.split(","):
+            ns = nanoseek.from_pretrained(d, dtype=getattr(torch, name))
+            best = {(c, k): 0.0 for c in clocks for k in kinds}
+            for _ in range(2):  # interleaved rounds: the machine's speed drifts
+                for c, clock in clocks.items():
+                    for k in kinds:
+                        best[c, k] = max(best[c, k], nanoseek_rate(ns, prompt, args.tokens, args.repeats, k, clock))
+            for c in clocks:
+                print(f"| {name} | {c} | " + " | ".join(f"{best[c, k]:.1f}" for k in kinds) + " |")
+            del ns
+
+
 def llamacpp_comparison(args, cfg, prompt) -> None:
     """nanoseek against llama.cpp on the same GGUF file (nanoseek reads it with `nanoseek.gguf`), per dtype and
     thread count: decode at batch 1 (llama-bench), then prefill and decode of 1 and --sequences sequences at once
@@ -372,8 +396,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtypes", default="auto",
                     help="auto (the dtype `--dtype auto` picks on this CPU), all, or a list: float32,bfloat16")
-    ap.add_argument("--peer", choices=("transformers", "llamacpp", "all"), default="transformers",
+    ap.add_argument("--peer", choices=("transformers", "llamacpp", "all", "none"), default="transformers",
                     help="what nanoseek is timed against (all: transformers, then llama.cpp)")
+    ap.add_argument("--kv-cache-dtypes", default="auto",
+                    help="with more than auto (e.g. auto,fp8,int8): also time nanoseek with each KV-cache dtype")
     ap.add_argument("--peer-threads", default="1,2", help="thread counts of the llama.cpp comparison")
     ap.add_argument("--sequences", type=int, default=8,
                     help="concurrent sequences of the llama.cpp comparison's batched rows (beside 1)")
@@ -401,6 +427,8 @@ def main() -> None:
         transformers_comparison(args, cfg, prompt)
     if args.peer in ("llamacpp", "all"):
         llamacpp_comparison(args, cfg, prompt)
+    if args.kv_cache_dtypes != "auto":
+        kv_cache_comparison(args, cfg, prompt)
 
 
 if __name__ == "__main__":

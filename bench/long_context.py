@@ -53,8 +53,8 @@ def main() -> None:
     table: list[int] = []
     pool.grow(table, s_max)
     with torch.no_grad():  # random context: unit-RMS latents (as after kv_a_layernorm) and indexer keys
-        pool.kv.normal_()
-        pool.index_k.normal_()
+        pool.rows.plain.normal_()
+        pool.index_rows.plain.normal_()
     x = torch.randn(1, 1, cfg.hidden_size, dtype=dtype)
     print(f"one V3.2 attention layer: {n_params / 1e6:.0f}M parameters (bf16), {cfg.num_attention_heads} heads, "
           f"latent {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}, indexer {cfg.index_n_heads}x{cfg.index_head_dim}, "

@@ -2,7 +2,8 @@
 
     nanoseek generate MODEL_DIR "Once upon a time" [--max-tokens 128] [--temperature 0.7] [--chat] [--thinking]
     nanoseek chat MODEL_DIR [--system "..."] [--thinking] [--speculative mtp]
-    (both: [--quantize int8|int4 [--quant-group-size 32]], weight-only quantization at load, nanoseek.quant)
+    (both: [--quantize int8|int4 [--quant-group-size 32]], weight-only quantization at load, nanoseek.quant;
+     [--kv-cache-dtype auto|fp8|int8], 8-bit KV-cache rows, nanoseek.model.kv_quant)
 
 MODEL_DIR is a Hugging Face folder (config.json, safetensors, tokenizer.json). `generate` continues the raw
 text (or, with --chat, answers it as a user message); `chat` keeps the conversation, encodes it with DeepSeek's
@@ -20,6 +21,7 @@ import torch
 
 from nanoseek import chat, quant
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model.kv_quant import KV_CACHE_DTYPES
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -47,6 +49,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
     ap.add_argument("--num-draft", type=int, default=1, help="draft tokens per step with --speculative mtp")
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                    help="KV-cache rows: auto = the model's dtype; fp8 | int8 = 8 bits with scales (~2x the tokens)")
     quant.add_arguments(ap)
     return ap
 
@@ -60,7 +64,7 @@ def _load(args):
                             group_size=args.quant_group_size)
     tok = load_tokenizer(args.model)
     engine = Engine(model, tok, max_batch_size=1, max_model_len=args.max_model_len, speculative=args.speculative,
-                    num_draft=args.num_draft)
+                    num_draft=args.num_draft, kv_cache_dtype=args.kv_cache_dtype)
     style = "v3.2" if model.config.model_type == "deepseek_v32" else "v3"
     return engine, tok, style
 
@@ -120,7 +124,8 @@ def _chat(args) -> int:
     engine, tok, style = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = []
-    print("nanoseek chat: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    print(f"nanoseek chat: KV cache of {engine.pool.capacity_tokens} tokens ({args.kv_cache_dtype}); /reset clears the "
+          "conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
             line = input("\n> ")

@@ -3,7 +3,9 @@
 MLA caches per token and layer one latent row of C = kv_lora_rank + qk_rope_head_dim values (DeepSeek-V2 §2.1.2),
 plus the lightning indexer's key (I = index_head_dim values) on DSA models (V3.2 §2.1). The pool holds, for every
 layer, `num_blocks * block_size` such rows; a request owns a list of blocks (its block table), so requests of any
-length share one budget without fragmentation (the PagedAttention idea, Kwon et al. 2023).
+length share one budget without fragmentation (the PagedAttention idea, Kwon et al. 2023). With a `kv_format`
+(--kv-cache-dtype fp8 | int8) the rows are stored in 8 bits and dequantized on read (`nanoseek.model.kv_quant`),
+so the same budget holds about twice the tokens.
 
 Prefix caching: a full block is identified by a hash chained over all token ids up to its end (plus `lookahead`
 following tokens when the MTP layers are cached too: their row i also depends on token i+1). Finished requests
@@ -25,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from nanoseek.model.kv_quant import KVFormat, RowStore
+
 NULL_BLOCK = 0  # never handed out: padded writes land here
 
 
@@ -32,19 +36,22 @@ class BlockPool:
     """Block storage for L layers plus the allocator (free list in LRU order, reference counts, prefix hashes)."""
 
     def __init__(self, cfg, num_layers: int, block_size: int, cache_bytes: int, dtype: torch.dtype,
-                 device, lookahead: int = 0):
+                 device, lookahead: int = 0, kv_format: Optional[KVFormat] = None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.num_layers, self.lookahead = block_size, num_layers, lookahead
+        self.kv_format = kv_format
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.index_width = cfg.index_head_dim if cfg.use_dsa else 0
-        self.num_blocks = int(cache_bytes // self.bytes_per_block(cfg, num_layers, block_size, dtype))
+        self.num_blocks = int(cache_bytes // self.bytes_per_block(cfg, num_layers, block_size, dtype, kv_format))
         if self.num_blocks < 2:
             raise ValueError(f"cache budget of {cache_bytes} bytes holds fewer than 2 blocks of {block_size} tokens")
         n = self.num_blocks * block_size
-        self.kv = torch.zeros(num_layers, n, self.width, dtype=dtype, device=device)  # [L, slots, C]
-        self.index_k = (torch.zeros(num_layers, n, self.index_width, dtype=dtype, device=device)
-                        if self.index_width else None)  # [L, slots, I]
+        # [L, slots, C] latent rows [c_kv ; k_pe] and [L, slots, I] indexer keys
+        self.rows = RowStore(num_layers, (n,), (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, kv_format)
+        self.index_rows = (RowStore(num_layers, (n,), (self.index_width,), dtype, device, kv_format)
+                           if self.index_width else None)
+        self.device = self.rows.device
         self.ref = [0] * self.num_blocks
         self.block_hash: list[Optional[bytes]] = [None] * self.num_blocks
         self.cached: dict[bytes, int] = {}  # prefix hash -> block id
@@ -52,9 +59,12 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, self.num_blocks))
 
     @staticmethod
-    def bytes_per_block(cfg, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
-        per_row = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.use_dsa else 0)
-        return num_layers * block_size * per_row * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(cfg, num_layers: int, block_size: int, dtype: torch.dtype,
+                        kv_format: Optional[KVFormat] = None) -> int:
+        per_row = RowStore.bytes_per_row((cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, kv_format)
+        if cfg.use_dsa:
+            per_row += RowStore.bytes_per_row((cfg.index_head_dim,), dtype, kv_format)
+        return num_layers * block_size * per_row
 
     # ---- accounting ------------------------------------------------------------------------------------
     @property
@@ -145,8 +155,9 @@ class CacheView:
 
     def __init__(self, pool: BlockPool, tables: Sequence[list[int]], starts: Sequence[int],
                  num_new: Sequence[int]):
-        dev, bs = pool.kv.device, pool.block_size
+        dev, bs = pool.device, pool.block_size
         self.pool = pool
+        self.kv_format = pool.kv_format  # an 8-bit cache has no plain planes for `slots`
         B, T = len(tables), max(num_new)
         lengths = [s + n for s, n in zip(starts, num_new)]
         S = max(lengths)
@@ -178,42 +189,39 @@ class CacheView:
             bs, nb = self.pool.block_size, self._nb
             tab = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self._tables], dtype=torch.long)
             slots = (tab[:, :, None] * bs + torch.arange(bs)).view(len(self._tables), nb * bs)[:, :self._S]
-            self._read_slots = slots.to(self.pool.kv.device)
+            self._read_slots = slots.to(self.pool.device)
         return self._read_slots
 
     def write(self, layer: int, kv: torch.Tensor, index_k: Optional[torch.Tensor]) -> None:
-        self.pool.kv[layer].index_copy_(0, self.write_slots, kv.reshape(-1, kv.shape[-1]))
+        self.pool.rows.write(layer, self.write_slots, kv.reshape(-1, kv.shape[-1]))
         if index_k is not None:
-            self.pool.index_k[layer].index_copy_(0, self.write_slots, index_k.reshape(-1, index_k.shape[-1]))
+            self.pool.index_rows.write(layer, self.write_slots, index_k.reshape(-1, index_k.shape[-1]))
 
     def read(self, layer: int) -> torch.Tensor:
         self.rows_read += len(self._tables) * self._S
         if self._span is not None:
-            return self.pool.kv[layer, self._span][None]
-        return self._rows(self.pool.kv[layer], self.read_slots)  # [B, S, C]
+            return self.pool.rows.read(layer, self._span)[None]
+        return self.pool.rows.take(layer, self.read_slots)  # [B, S, C]
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows for `decode_plan`: (kv [L, slots, C], index_k [L, slots, I] or None, write
-        slots [B*T], read slots [B*S] or None with the first row's slot when one request's rows are
-        contiguous). Counts the caller's reads: full_layers layers that read every row, and `gathered` rows
-        that DSA's selection reads in the others."""
+        """The cache as pools of rows for `decode_plan` (plain caches only): (kv [L, slots, C], index_k
+        [L, slots, I] or None, write slots [B*T], read slots [B*S] or None with the first row's slot when one
+        request's rows are contiguous). Counts the caller's reads: full_layers layers that read every row, and
+        `gathered` rows that DSA's selection reads in the others."""
         self.rows_read += full_layers * len(self._tables) * self._S + gathered
+        kv = self.pool.rows.plain
+        ik = self.pool.index_rows.plain if self.pool.index_rows is not None else None
         if self._span is not None:
-            return self.pool.kv, self.pool.index_k, self.write_slots, None, self._span.start
-        return self.pool.kv, self.pool.index_k, self.write_slots, self.read_slots.reshape(-1), 0
+            return kv, ik, self.write_slots, None, self._span.start
+        return kv, ik, self.write_slots, self.read_slots.reshape(-1), 0
 
     def read_index_keys(self, layer: int) -> torch.Tensor:
         if self._span is not None:
-            return self.pool.index_k[layer, self._span][None]
-        return self._rows(self.pool.index_k[layer], self.read_slots)  # [B, S, I]
+            return self.pool.index_rows.read(layer, self._span)[None]
+        return self.pool.index_rows.take(layer, self.read_slots)  # [B, S, I]
 
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         B, T, K = idx.shape
         slots = torch.gather(self.read_slots, 1, idx.reshape(B, T * K)).view(B, T, K)
         self.rows_read += slots.numel()
-        return self._rows(self.pool.kv[layer], slots)  # [B, T, K, C]
-
-    @staticmethod
-    def _rows(plane: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """plane[slots]: index_select, a quarter of advanced indexing's cost on CPU (one per layer and step)."""
-        return plane.index_select(0, slots.reshape(-1)).view(*slots.shape, plane.shape[-1])
+        return self.pool.rows.take(layer, slots)  # [B, T, K, C]

@@ -32,6 +32,7 @@ from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
 from nanoseek.engine.speculative import MTPDrafter
 from nanoseek import kernels
 from nanoseek.kernels.decode_plan import MAX_PLAN_ROWS
+from nanoseek.model.kv_quant import kv_format
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 
 DEFAULT_CACHE_CAP = 8 << 30  # bytes: default budgets never take more than this
@@ -65,11 +66,14 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, block_size: int = 16,
                  cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None, max_waiting: int = 64,
                  speculative: Optional[str] = None, num_draft: int = 1, prefill_token_budget: int = 4096,
-                 pack_weights: Optional[bool] = None):
+                 pack_weights: Optional[bool] = None, kv_cache_dtype: str = "auto"):
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if max_batch_size < 1 or max_waiting < 0:
             raise ValueError("max_batch_size must be >= 1 and max_waiting >= 0")
+        # auto: rows in the model's dtype; fp8 | int8: 8-bit rows, ~2x the tokens per byte (kv_quant.py)
+        kv_fmt = kv_format(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = self.cfg = model.config
         p = next(model.parameters())
@@ -86,12 +90,12 @@ class Engine:
         # MTP layers are cached only when they are used for drafting
         n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if speculative else 0)
         if cache_bytes is None:
-            per_block = BlockPool.bytes_per_block(cfg, n_layers, block_size, self.dtype)
+            per_block = BlockPool.bytes_per_block(cfg, n_layers, block_size, self.dtype, kv_fmt)
             want_len = max_model_len or cfg.max_position_embeddings
             need = (max_batch_size * -(-want_len // block_size) + 1) * per_block
             cache_bytes = default_cache_bytes(self.device, need)
         self.pool = BlockPool(cfg, n_layers, block_size, cache_bytes, self.dtype, self.device,
-                              lookahead=1 if speculative else 0)
+                              lookahead=1 if speculative else 0, kv_format=kv_fmt)
         cap = self.pool.capacity_tokens - (num_draft + 1 if speculative else 0)
         if max_model_len is None:
             max_model_len = min(cfg.max_position_embeddings, cap)
@@ -168,6 +172,7 @@ class Engine:
                     free_blocks=self.pool.num_free(), used_blocks=total - self.pool.num_free(), total_blocks=total,
                     prefix_cache_hit_rate=s.prefix_cache_hits / prompt if prompt else 0.0,
                     block_size=self.pool.block_size, max_model_len=self.max_model_len,
+                    cache_capacity_tokens=self.pool.capacity_tokens,
                     preemptions=s.preemptions, prefix_cache_hits=s.prefix_cache_hits,
                     spec_acceptance_rate=self.counters["spec_accepted"] / drafted if drafted else None,
                     **self.counters)

@@ -17,8 +17,8 @@ Same kernels, same arguments: within top-k the result is bit-identical to the bl
 path runs on the kernels too: calls of at most MAX_ROWS rows), which stays the reference (tests/test_cpu_decode.py
 compares them); past it the two select alike up to ties at the k-th score and bf16 ulps of the scores. The
 blocks run one by one wherever the plan does not apply: training, grad mode, more than ABSORB_MAX_QUERIES new
-tokens per request or MAX_PLAN_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, or a cache without a
-slot view.
+tokens per request or MAX_PLAN_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, a cache without a
+slot view, or an 8-bit cache (`kv_quant.py`: its rows are dequantized on read, which the blocks do one by one).
 
 Legend: B requests, T new tokens each, M = B*T rows, S visible cache rows, D model width, H heads, L blocks.
 """
@@ -68,8 +68,8 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     if model.training or torch.is_grad_enabled() or T > ABSORB_MAX_QUERIES or B * T > MAX_PLAN_ROWS or \
             not cpu_decode.available(x):
         return None
-    if not hasattr(cache, "slots"):
-        return None
+    if not hasattr(cache, "slots") or getattr(cache, "kv_format", None) is not None:
+        return None  # the kernels read the cache's planes in the model's dtype: an 8-bit cache runs block by block
     if B * T > cpu_decode.MAX_ROWS and B * T * cache.mask.shape[-1] > MAX_PLAN_SCORES:
         return None  # DSA's selection scratch is [rows, S]: a big group over a long context runs block by block
     plan = _PLANS.get(model)

@@ -16,6 +16,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from nanoseek.model.kv_quant import RowStore, kv_format
+
 
 class LatentCache(Protocol):
     positions: torch.Tensor  # [B, T] absolute positions of this call's tokens (RoPE)
@@ -36,23 +38,27 @@ class LatentCache(Protocol):
     # optional: slots(num_layers) -> (kv [L, slots, C], index_k [L, slots, I] or None, write slots [B*T], read
     # slots [B*S] or None, first slot of a single request's contiguous rows): the whole-stack CPU decode
     # (`decode_plan.py`) reads and writes the cache itself through it; a cache without it takes the blocks one
-    # by one.
+    # by one. A cache with a `kv_format` (8-bit rows, `kv_quant.py`) is never read through it.
 
 
 class DenseCache:
     """A contiguous [B, S_max] cache for batches that advance together (tests, `generate`, benches).
 
     Usage: `cache = DenseCache(cfg, B, S_max, dtype)`; then each step `model(ids, cache=cache.step(T))`.
-    Layers num_hidden_layers .. +n_mtp hold the MTP modules' rows.
+    Layers num_hidden_layers .. +n_mtp hold the MTP modules' rows. kv_cache_dtype "fp8" | "int8" stores the rows
+    in 8 bits, dequantized on read (`kv_quant.py`).
     """
 
-    def __init__(self, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
+                 kv_cache_dtype: str = "auto"):
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.kv = torch.zeros(n_layers, batch_size, max_len, width, dtype=dtype, device=device)
-        self.index_k = (torch.zeros(n_layers, batch_size, max_len, cfg.index_head_dim, dtype=dtype, device=device)
-                        if cfg.use_dsa else None)
-        self.max_len = max_len
+        self.kv_format = kv_format(kv_cache_dtype)
+        lead = (batch_size, max_len)
+        self.rows = RowStore(n_layers, lead, (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, self.kv_format)
+        self.index_rows = (RowStore(n_layers, lead, (cfg.index_head_dim,), dtype, device, self.kv_format)
+                           if cfg.use_dsa else None)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.device = self.rows.device
         self.length = 0  # rows filled so far (the same for every batch row)
         self._t = 0
 
@@ -61,8 +67,7 @@ class DenseCache:
         start, end = self.length, self.length + num_new
         if end > self.max_len:
             raise ValueError(f"DenseCache full: {end} tokens > max_len {self.max_len}")
-        dev = self.kv.device
-        B = self.kv.shape[1]
+        dev, B = self.device, self.batch_size
         pos = torch.arange(start, end, device=dev)
         self.positions = pos.expand(B, -1)
         self.mask = (torch.arange(end, device=dev)[None, :] <= pos[:, None]).expand(B, -1, -1)
@@ -74,30 +79,32 @@ class DenseCache:
         self.length = length
 
     def write(self, layer, kv, index_k):
-        s, e = self.length - self._t, self.length
-        self.kv[layer, :, s:e] = kv
+        new = (slice(None), slice(self.length - self._t, self.length))
+        self.rows.write(layer, new, kv)
         if index_k is not None:
-            self.index_k[layer, :, s:e] = index_k
+            self.index_rows.write(layer, new, index_k)
 
     def read(self, layer):
-        return self.kv[layer, :, : self.length]
+        return self.rows.read(layer, (slice(None), slice(0, self.length)))
 
     def read_index_keys(self, layer):
-        return self.index_k[layer, :, : self.length]
+        return self.index_rows.read(layer, (slice(None), slice(0, self.length)))
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows (see `CacheView.slots`): batch row b's position p is slot b * max_len + p."""
-        L, B, S_max, C = self.kv.shape
-        base = torch.arange(B, device=self.kv.device)[:, None] * S_max
-        write = (base + torch.arange(self.length - self._t, self.length, device=self.kv.device)).reshape(-1)
-        ik = None if self.index_k is None else self.index_k.view(L, B * S_max, -1)
+        """The cache as pools of rows (see `CacheView.slots`; plain caches only): batch row b's position p is
+        slot b * max_len + p."""
+        kv = self.rows.plain
+        L, B, S_max, C = kv.shape
+        base = torch.arange(B, device=kv.device)[:, None] * S_max
+        write = (base + torch.arange(self.length - self._t, self.length, device=kv.device)).reshape(-1)
+        ik = None if self.index_rows is None else self.index_rows.plain.view(L, B * S_max, -1)
         if B == 1:
-            return self.kv.view(L, S_max, C), ik, write, None, 0
-        read = (base + torch.arange(self.length, device=self.kv.device)).reshape(-1)
-        return self.kv.view(L, B * S_max, C), ik, write, read, 0
+            return kv.view(L, S_max, C), ik, write, None, 0
+        read = (base + torch.arange(self.length, device=kv.device)).reshape(-1)
+        return kv.view(L, B * S_max, C), ik, write, read, 0
 
     def gather(self, layer, idx):
         B, T, K = idx.shape
-        rows = self.kv[layer, :, : self.length]  # [B, S, C]
-        flat = idx.reshape(B, T * K, 1).expand(-1, -1, rows.shape[-1])
-        return torch.gather(rows, 1, flat).view(B, T, K, -1)
+        # only the selected rows are dequantized: slot b * max_len + s of the flattened [B * max_len] rows
+        slots = (torch.arange(B, device=idx.device)[:, None, None] * self.max_len + idx)
+        return self.rows.take(layer, slots)  # [B, T, K, C]

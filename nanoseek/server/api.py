@@ -79,6 +79,7 @@ class ServeConfig:
     max_batch_size: int = 16
     block_size: int = 16
     cache_bytes: Optional[int] = None  # None: the engine's default budget
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | int8: 8-bit cache rows (model/kv_quant.py)
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     max_waiting: int = 64
     speculative: Optional[str] = None  # "mtp"
@@ -299,9 +300,10 @@ class _State:
                 quantize_model(model, cfg.quantize, cfg.quant_group_size)
         engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
                         cache_bytes=cfg.cache_bytes, max_model_len=cfg.max_model_len, max_waiting=cfg.max_waiting,
-                        speculative=cfg.speculative, num_draft=cfg.num_draft)
-        log.info("loaded %s (%s, %s) in %.1fs", cfg.model_dir, str(next(model.parameters()).dtype).split(".")[-1],
-                 device, time.perf_counter() - t0)
+                        speculative=cfg.speculative, num_draft=cfg.num_draft, kv_cache_dtype=cfg.kv_cache_dtype)
+        log.info("loaded %s (%s, %s) in %.1fs; KV cache: %d tokens (%s)", cfg.model_dir,
+                 str(next(model.parameters()).dtype).split(".")[-1], device, time.perf_counter() - t0,
+                 engine.pool.capacity_tokens, cfg.kv_cache_dtype)
         return tokenizer, engine
 
     async def load(self) -> None:
@@ -1211,6 +1213,9 @@ def cli(cmd: str, argv: list[str]) -> int:
     ap.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     ap.add_argument("--cache-gb", type=float, default=None, help="KV-cache budget in GiB (default: the engine's)")
+    from nanoseek.model.kv_quant import KV_CACHE_DTYPES
+    ap.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                    help="KV-cache rows: auto = the model's dtype; fp8 | int8 = 8 bits with scales (~2x the tokens)")
     ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     ap.add_argument("--max-waiting", type=int, default=64, help="queued requests before 503")
     ap.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
@@ -1262,7 +1267,8 @@ def cli(cmd: str, argv: list[str]) -> int:
                       dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                       block_size=args.block_size,
                       cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
-                      max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                      kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+                      max_waiting=args.max_waiting,
                       speculative=args.speculative, num_draft=args.num_draft, lora=lora,
                       quantize=args.quantize, quant_group_size=args.quant_group_size,
                       max_request_bytes=args.max_request_bytes)
