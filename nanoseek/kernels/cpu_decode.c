@@ -35,22 +35,6 @@
 #define NS_AVX512BF16 1 /* the bf16 build on AVX-512 BF16: its own o_lat and DSA indexer kernels */
 #endif
 
-typedef uint16_t bf16;
-
-static inline float bf2f(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f2bf(float f) { /* round to nearest even, as PyTorch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round through bf16 */
 

@@ -28,7 +28,6 @@
 
 #include "simd.h"
 
-typedef uint16_t bf16;
 typedef uint32_t u32;
 
 /* the variant this library was built for (isa.py's name) */

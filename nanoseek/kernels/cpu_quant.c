@@ -34,25 +34,9 @@
 
 #include "simd.h"
 
-typedef uint16_t bf16;
 
 /* the variant this library was built for (isa.py's name) */
 const char *nq_isa(void) { return NS_SIMD_NAME; }
-
-static inline float bf2f(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f2bf(float f) { /* round to nearest even, as PyTorch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
 
 #define NQ_ROWS 4                      /* rows of x per pass over a weight row */
 #define NQ_STEP 64                     /* int8 codes per step: one cache line */
