@@ -117,6 +117,25 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 32
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, lo
 
 
+# Rows per block in `quantize_into`: quantize's fp32 temporaries are a few copies of the block, so 8M values (32 MB
+# in fp32) bound them whatever the tensor (V2-Lite's head is 210M values: its temporaries would be gigabytes).
+_BLOCK_VALUES = 1 << 23
+
+
+def quantize_into(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor],
+                  group_size: int = 32) -> None:
+    """`quantize(w)` ([N, K]) written into preallocated buffers (the format is the codes': int8 or packed uint8),
+    a block of rows at a time. Every row is quantized on its own, so the result is bitwise `quantize`'s."""
+    fmt = "int8" if codes.dtype == torch.int8 else "int4"
+    step = max(1, _BLOCK_VALUES // max(1, w.shape[-1]))
+    for r in range(0, w.shape[0], step):
+        c, s, m = quantize(w[r:r + step], fmt, group_size)
+        codes[r:r + step].copy_(c)
+        scale[r:r + step].copy_(s)
+        if mn is not None:
+            mn[r:r + step].copy_(m)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor] = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The inverse of `quantize` up to its rounding: W' [..., N, K] in `dtype` (computed in fp32)."""
@@ -128,9 +147,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Ten
 
 
 def _int8_fast(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether x @ W'^T runs on torch._weight_int8pack_mm: int8 codes, bf16 activations on CPU, no autograd."""
+    """Whether x @ W'^T runs on torch._weight_int8pack_mm: int8 codes, bf16 activations on CPU, no autograd, and
+    K a multiple of 16 (torch 2.13's CPU kernel crashes the process on other widths, e.g. a q_lora_rank of 136)."""
     return (codes.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and codes.shape[-1] % 16 == 0 and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -363,7 +383,7 @@ def load_quantized(path: Path, hf: dict, cfg, dtype, device) -> nn.Module:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = quantize_model(Transformer(cfg), qc.format, qc.group_size)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: never a float32 copy first
     model.rotary = RotaryEmbedding(cfg).to(device)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     todo = {n for n in targets if not n.startswith("rotary.")}
