@@ -37,10 +37,15 @@ a batch routes tokens to, never all E.
 `nanoseek.kernels.install` leaves every module that holds quantized weights on its reference class: the fused C
 decode kernels read plain float weights.
 
+Loading a float checkpoint quantized (`from_pretrained(..., quantize=)`) streams (checkpoint.py): the model is
+built quantized on the meta device and each weight is quantized as it is read (`quantize_into`: a block of rows at a
+time, straight into the codes / scale / min buffers, one expert's slice at a time for the routed experts), bitwise
+what `quantize_model` on the loaded float model gives, without ever holding the float model.
+
 Folder format (`nanoseek quantize IN OUT`, read back by `from_pretrained` / `serve` as is, built quantized: the
 float weights are never materialised): config.json is the model's HF config plus
     "quantization_config": {"quant_method": "nanoseek", "format": "int8"|"int4", "group_size": G}
-and model.safetensors (one file: sharding comes with the streaming load) holds, in HF names, each quantized weight
+and model.safetensors (one file, not sharded yet) holds, in HF names, each quantized weight
 as `<weight name>` (codes: int8 = int8 format, uint8 = packed int4), `<weight name>_scale` (bf16) and for int4
 `<weight name>_min` (bf16); routed experts fused per layer (`model.layers.i.mlp.experts.gate_up_proj` [E, 2I, ...],
 `.down_proj` [E, D, ...], as the float loader also reads); every other tensor in the float dtype of the source. The
