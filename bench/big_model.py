@@ -205,7 +205,11 @@ def main() -> int:
         print(f"  written in {time.perf_counter() - t:.0f} s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
-    rows = []
+    print(f"{a.threads} threads; bound = activated bytes per token / bandwidth (copy and read, the higher of the "
+          f"measurements before and after the timing)")
+    print("| format | weights GB | peak RSS at load GB (target) | after decode GB | load s | activated MB/token | "
+          "decode tok/s | of bound (copy) | of bound (read) |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for fmt in a.formats.split(","):
         r = subprocess.run([sys.executable, __file__, "--one", fmt, "--dir", str(a.dir), "--tokens", str(a.tokens),
                             "--prompt", str(a.prompt), "--threads", str(a.threads)], capture_output=True, text=True,
@@ -213,20 +217,14 @@ def main() -> int:
         if r.returncode:
             print(f"{fmt}: the load failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
             continue
-        rows.append(json.loads(r.stdout.splitlines()[-1]))
-        print(f"  {fmt}: done", flush=True)
-    print(f"\n{a.threads} threads; bound = activated bytes per token / bandwidth (copy and read, the higher of the "
-          f"measurements before and after the timing)")
-    print("| format | weights GB | peak RSS at load GB (target) | after decode GB | load s | activated MB/token | "
-          "decode tok/s | of bound (copy) | of bound (read) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+        r = json.loads(r.stdout.splitlines()[-1])
         act = r["activated_bytes"]
-        ok = "ok" if r["peak_rss_load"] <= TARGET_RSS[r["format"]] else "OVER"
-        print(f"| {r['format']} | {r['model_bytes'] / 1e9:.2f} | {r['peak_rss_load'] / 1e9:.2f} "
-              f"(<= {TARGET_RSS[r['format']] / 1e9:.0f}: {ok}) | {r['peak_rss_decode'] / 1e9:.2f} | {r['load_s']:.0f} | "
+        ok = "ok" if r["peak_rss_load"] <= TARGET_RSS[fmt] else "OVER"
+        print(f"| {fmt} | {r['model_bytes'] / 1e9:.2f} | {r['peak_rss_load'] / 1e9:.2f} "
+              f"(<= {TARGET_RSS[fmt] / 1e9:.0f}: {ok}) | {r['peak_rss_decode'] / 1e9:.2f} | {r['load_s']:.0f} | "
               f"{act / 1e6:.0f} | {r['tok_s']:.2f} | {act / (r['bw_copy'] * 1e9) * r['tok_s']:.0%} "
-              f"({r['bw_copy']:.1f} GB/s) | {act / (r['bw_read'] * 1e9) * r['tok_s']:.0%} ({r['bw_read']:.1f} GB/s) |")
+              f"({r['bw_copy']:.1f} GB/s) | {act / (r['bw_read'] * 1e9) * r['tok_s']:.0%} ({r['bw_read']:.1f} GB/s) |",
+              flush=True)
     return 0
 
 
