@@ -6,8 +6,11 @@ Reads what DeepSeek, transformers and other tools write for `deepseek_v2`, `deep
 - MTP layers at index num_hidden_layers + k (their embedding / head copies are checked, not duplicated);
 - DeepSeek's FP8 releases: float8_e4m3fn weights with fp32 `<name>_scale_inv` [ceil(out/128), ceil(in/128)];
   block (i, j) is fp8.float() * scale_inv[i, j], partial edge blocks included.
-Loading is tensor by tensor from memory-mapped files into a model allocated once in the target dtype, so peak
-memory stays near the final weights. Nothing is ever unpickled: safetensors and JSON only.
+Loading is tensor by tensor from memory-mapped files, shard by shard in file order, into a model allocated once in
+the target dtype, so peak memory stays near the final weights. With `quantize` (issue 15 item 3) the model is built
+quantized (the quantized modules' float weights never exist) and each weight is quantized as it is read (FP8 ones
+dequantized first; routed experts one expert at a time into their stacked buffers), so peak memory is the quantized
+model plus about one float tensor, never the float model. Nothing is ever unpickled: safetensors and JSON only.
 
 Writes per-expert names (what vLLM, SGLang and transformers all read), sharded above `max_shard_bytes`.
 """
@@ -281,7 +284,8 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     Nothing is allocated before config.json, every safetensors header and every tensor shape has been checked
     against each other, so a broken folder fails fast with one CheckpointError naming the file and the field or
     tensor, however large a model its config.json claims.
-    quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`).
+    quantize: "int8" | "int4" (group_size values per int4 scale): weight-only quantization (`nanoseek.quant`),
+    done as the weights stream in: bitwise what quantizing the loaded float model gives, without holding it.
     A folder written by `nanoseek quantize` loads quantized as it is.
     A `.gguf` file (llama.cpp's deepseek2 / deepseek32 layout) loads through `nanoseek.gguf`.
     """
@@ -298,6 +302,7 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     except ValueError as e:
         raise CheckpointError(f"{cpath}: {e}") from None
     saved = quant.saved_config(hf)
+    qc = None if quantize is None else quant.QuantConfig(quantize, group_size)  # a bad format fails before loading
     if saved is None:
         dtype = _pick_dtype(hf, dtype)
     elif quantize is not None and (quantize != saved.format or (quantize == "int4" and group_size != saved.group_size)):
@@ -315,10 +320,9 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device: str | torch.dev
     try:
         if saved is not None:  # built quantized: the float weights are never held
             return quant.load_quantized(path, hf, cfg, dtype, device)
-        model = _load(path, cfg, dtype, device, tuple(block), strict_mtp, hint)
+        return _load(path, cfg, dtype, device, tuple(block), strict_mtp, hint, qc)
     finally:
         _close_all()
-    return model if quantize is None else quant.quantize_model(model, quantize, group_size)
 
 
 def _check_size(path: Path, cfg: ModelConfig, files: dict[str, Path], layers: set[int], hint: str) -> None:
@@ -406,7 +410,8 @@ def _plan(path: Path, cfg: ModelConfig, files: dict[str, Path], params: dict[str
     return plan
 
 
-def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, hint: str) -> Transformer:
+def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, hint: str,
+          qc: Optional[quant.QuantConfig] = None) -> Transformer:
     files = _weight_files(path)
     layers = {int(m.group(1)) for n in files if (m := re.match(r"^model\.layers\.(\d+)\.", n))}
     has_mtp = any(i >= cfg.num_hidden_layers for i in layers)
@@ -416,21 +421,40 @@ def _load(path: Path, cfg: ModelConfig, dtype, device, block, strict_mtp: bool, 
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = _plan(path, cfg, files, {**dict(model.named_parameters()), **dict(model.named_buffers())}, block, hint)
+    # in file order, each file front to back: one shard's pages at a time, read sequentially
+    plan.sort(key=lambda p: (str(files[p[0]]), _open(files[p[0]]).header[p[0]]["data_offsets"][0]))
+    if qc is not None:  # quantized on the meta device: shapes only, the float weights of these modules never exist
+        model = quant.quantize_model(model, qc.format, qc.group_size)
 
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: never a float32 copy of the weights first
     if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its tables are computed, not loaded: build them for real
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    I = cfg.moe_intermediate_size
     for hf_name, pname, j, part in plan:
         src = _get(files[hf_name], hf_name)
         if src.dtype == torch.float8_e4m3fn:
             sname = hf_name + "_scale_inv"
             src = dequantize_fp8(src, _get(files[sname], sname), block, torch.float32)
-        with torch.no_grad():
-            _dst(params, pname, j, part, cfg.moe_intermediate_size).copy_(src)
+        _put(params, pname, j, part, I, src, dtype, qc)
+        del src  # before the next tensor is read
     model.eval()
     return model
+
+
+@torch.no_grad()
+def _put(params: dict[str, torch.Tensor], pname: str, j: Optional[int], part: Optional[str], I: int,
+         src: torch.Tensor, dtype: torch.dtype, qc: Optional[quant.QuantConfig]) -> None:
+    """Copy one checkpoint tensor into its parameter, or quantize it into its codes, scale (and min) slices."""
+    if pname + "_scale" not in params:
+        _dst(params, pname, j, part, I).copy_(src)
+        return
+    codes = _dst(params, pname, j, part, I)
+    # rounded to `dtype` first, on the model's device: what the float model this replaces held and quantized there
+    w = src.to(device=codes.device, dtype=dtype)
+    quant.quantize_into(w, *(_dst(params, n, j, part, I) if n in params else None
+                             for n in (pname, pname + "_scale", pname + "_min")), qc.group_size)
 
 
 # ---- saving ----------------------------------------------------------------------------------------------

@@ -39,10 +39,15 @@ int4 matmuls in C straight from the codes, float32 or bf16 activations, a few ro
 included; int4 on int8 activations with VNNI where the CPU has it, its added error stated there) and leaves the
 modules that hold them on their reference classes: the fused C decode kernels of those read plain float weights.
 
+Loading a float checkpoint quantized (`from_pretrained(..., quantize=)`) streams (checkpoint.py): the model is
+built quantized on the meta device and each weight is quantized as it is read (`quantize_into`: a block of rows at a
+time, straight into the codes / scale / min buffers, one expert's slice at a time for the routed experts), bitwise
+what `quantize_model` on the loaded float model gives, without ever holding the float model.
+
 Folder format (`nanoseek quantize IN OUT`, read back by `from_pretrained` / `serve` as is, built quantized: the
 float weights are never materialised): config.json is the model's HF config plus
     "quantization_config": {"quant_method": "nanoseek", "format": "int8"|"int4", "group_size": G}
-and model.safetensors (one file: sharding comes with the streaming load) holds, in HF names, each quantized weight
+and model.safetensors (one file, not sharded yet) holds, in HF names, each quantized weight
 as `<weight name>` (codes: int8 = int8 format, uint8 = packed int4), `<weight name>_scale` (bf16) and for int4
 `<weight name>_min` (bf16); routed experts fused per layer (`model.layers.i.mlp.experts.gate_up_proj` [E, 2I, ...],
 `.down_proj` [E, D, ...], as the float loader also reads); every other tensor in the float dtype of the source. The
@@ -119,6 +124,27 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 32
     return q[..., 0::2] | (q[..., 1::2] << 4), scale, lo
 
 
+# Values per block of rows in `quantize_into`: quantize's fp32 temporaries are a few copies of the block, so they stay
+# small whatever the tensor (V2-Lite's head is 210M values: gigabytes of temporaries in one piece), and at 1 MB in
+# fp32 they stay in cache: a bf16 expert [1408, 2048] quantized ~9x faster (int8; ~3x int4) in 128-row blocks than
+# whole, where every temporary is fresh memory the kernel must fault in and zero (one run, 1 thread, 2-core Zen 4).
+_BLOCK_VALUES = 1 << 18
+
+
+def quantize_into(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor],
+                  group_size: int = 32) -> None:
+    """`quantize(w)` ([N, K]) written into preallocated buffers (the format is the codes': int8 or packed uint8),
+    a block of rows at a time. Every row is quantized on its own, so the result is bitwise `quantize`'s."""
+    fmt = "int8" if codes.dtype == torch.int8 else "int4"
+    step = max(1, _BLOCK_VALUES // max(1, w.shape[-1]))
+    for r in range(0, w.shape[0], step):
+        c, s, m = quantize(w[r:r + step], fmt, group_size)
+        codes[r:r + step].copy_(c)
+        scale[r:r + step].copy_(s)
+        if mn is not None:
+            mn[r:r + step].copy_(m)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor] = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The inverse of `quantize` up to its rounding: W' [..., N, K] in `dtype` (computed in fp32)."""
@@ -130,9 +156,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Ten
 
 
 def _int8_fast(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether x @ W'^T runs on torch._weight_int8pack_mm: int8 codes, bf16 activations on CPU, no autograd."""
+    """Whether x @ W'^T runs on torch._weight_int8pack_mm: int8 codes, bf16 activations on CPU, no autograd, and
+    K a multiple of 16 (torch 2.13's CPU kernel crashes the process on other widths, e.g. a q_lora_rank of 136)."""
     return (codes.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad))
+            and codes.shape[-1] % 16 == 0 and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -370,7 +397,7 @@ def load_quantized(path: Path, hf: dict, cfg, dtype, device) -> nn.Module:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = quantize_model(Transformer(cfg), qc.format, qc.group_size)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: never a float32 copy first
     if cfg.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie the head to the embedding again
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)

@@ -92,6 +92,19 @@ def test_quant_linear_is_dequantize_then_matmul_and_fast_path_matches(fmt, monke
     torch.testing.assert_close(fast, ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
 
 
+def test_int8_fast_path_only_for_widths_its_kernel_takes(monkeypatch):
+    """torch._weight_int8pack_mm crashes the process when K is not a multiple of 16 (q_lora_rank 136, say): such a
+    linear runs the reference; 144 takes the fused op."""
+    calls, real = [], quant._int8_mm
+    monkeypatch.setattr(quant, "_int8_mm", lambda *a: calls.append(a[1].shape[-1]) or real(*a))
+    for K in (136, 144):
+        q = quant.QuantLinear.from_linear(nn.Linear(K, 40, bias=False), "int8")
+        with torch.no_grad():
+            y = q(torch.randn(2, K).bfloat16())
+        assert y.shape == (2, 40)
+    assert calls == [144]
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quant_experts_equal_dequantized_experts_and_dequantize_only_the_routed_ones(fmt, monkeypatch):
     cfg = get_preset("tiny")
