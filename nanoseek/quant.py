@@ -301,8 +301,9 @@ def holders(model: nn.Module) -> set[int]:
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Module:
     """Swap the large linears and routed experts of `model` (a Transformer) for quantized ones, in place (see
     the module docstring for which); returns the model, with `model.quantization` its QuantConfig."""
-    from nanoseek.kernels.modules import FAST, REFERENCE
+    from nanoseek.kernels.modules import FAST, REFERENCE, CachedAbsorbMLA
     from nanoseek.model.dsa import Indexer
+    from nanoseek.model.mla import MLA
     qc = QuantConfig(fmt, group_size)
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quantization.format})")
@@ -321,7 +322,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Modul
             elif type(child) in (Experts, FAST[Experts]):  # not expert parallelism's (DTensor weights)
                 setattr(parent, name, QuantExperts.from_experts(child, qc.format, group_size))
     # the engine's fast classes of the holders read plain weights: where one is on already, its reference class
-    # takes over; the quantized modules of an installed model get theirs
+    # takes over (attention: the one that only caches the absorbed weights); the quantized modules of an
+    # installed model get theirs
     installed = type(model) in REFERENCE
     held = holders(model)
     for m in model.modules():
@@ -330,6 +332,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Modul
                 m.__class__ = FAST[type(m)]
         elif id(m) in held and type(m) in REFERENCE:
             m.__class__ = REFERENCE[type(m)]
+            if installed and m.__class__ is MLA:  # as kernels.install gives an MLA with quantized projections
+                m.__class__ = CachedAbsorbMLA
     model.quantization = qc
     return model
 

@@ -17,7 +17,7 @@ from nanoseek import kernels, quant
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.kernels import cpu_quant, isa
-from nanoseek.kernels.modules import FastQuantExperts, FastQuantLinear
+from nanoseek.kernels.modules import CachedAbsorbMLA, FastQuantExperts, FastQuantLinear
 from nanoseek.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,13 +153,15 @@ def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
     m = kernels.install(quant.quantize_model(tiny(), fmt))
     assert type(m.layers[1].self_attn.o_proj) is FastQuantLinear and type(m.lm_head) is FastQuantLinear
     assert type(m.layers[1].mlp.experts) is FastQuantExperts
-    assert type(m.layers[1].self_attn).__name__ == "MLA"  # holders keep their reference class
+    # holders keep their reference class, but attention caches its absorbed weights (kv_b_proj stays float)
+    assert type(m.layers[1].mlp).__name__ == "MoE" and type(m).__name__ == "Transformer"
+    assert type(m.layers[1].self_attn) is CachedAbsorbMLA
     kernels.uninstall(m)
-    assert type(m.lm_head) is quant.QuantLinear
+    assert type(m.lm_head) is quant.QuantLinear and type(m.layers[1].self_attn).__name__ == "MLA"
     # quantizing an installed model: its quantized modules come fast, its holders go back to reference
     m2 = quant.quantize_model(kernels.install(tiny()), fmt)
     assert type(m2.lm_head) is FastQuantLinear and type(m2.layers[1].mlp.experts) is FastQuantExperts
-    assert type(m2).__name__ == "Transformer"
+    assert type(m2).__name__ == "Transformer" and type(m2.layers[1].self_attn) is CachedAbsorbMLA
 
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")

@@ -232,8 +232,10 @@ def test_engine_generates_with_a_quantized_model():
     m = quant.quantize_model(tiny(), "int8")
     p = [5, 17, 99, 3, 250, 41]
     out = Engine(m, None, cache_bytes=4 << 20).generate([p], SamplingParams(max_tokens=8, temperature=0))[0]
-    # the engine left the modules that hold quantized weights on their reference classes (plain PyTorch paths)
-    assert type(m.layers[1].self_attn).__name__ == "MLA" and type(m.layers[1].input_layernorm).__name__ == "FastRMSNorm"
+    # the engine left the modules that hold quantized weights on their reference classes (plain PyTorch paths),
+    # attention with its absorbed weights cached
+    assert type(m.layers[1].self_attn).__name__ == "CachedAbsorbMLA"
+    assert type(m.layers[1].mlp).__name__ == "MoE" and type(m.layers[1].input_layernorm).__name__ == "FastRMSNorm"
     ids = list(p)
     with torch.no_grad():  # greedy by full forwards, no cache
         for _ in range(8):

@@ -134,7 +134,24 @@ class FastMoE(MoE):
         return out
 
 
-class FastMLA(MLA):
+class CachedAbsorbMLA(MLA):
+    """MLA with the absorbed decode weights cached: the fast class of an MLA whose projections are quantized (its
+    fused paths below read float projection weights; kv_b_proj, which the absorbed weights come from, stays
+    float in every quantized format), and the base of FastMLA."""
+    def _absorb_weights(self):
+        """W_UK, W_UV cached as contiguous tensors until the weight changes (`fused.py`), so decode steps do not
+        re-copy the strided slices of kv_b_proj. On CPU the cached copies are fp32: these per-head matmuls are
+        tiny, and a tiny fp32 bmm costs a third of a bf16 one there (bf16 products are exact in fp32, so only the
+        accumulation order differs)."""
+        def split(w):
+            wv = (w.float() if w.device.type == "cpu" else w).view(self.n_heads, self.N + self.V, self.R)
+            return wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous()
+
+        cached = derived(self, "_absorb_cache", [self.kv_b_proj.weight], split)
+        return super()._absorb_weights() if cached is None else cached
+
+
+class FastMLA(CachedAbsorbMLA):
     def _project(self, x):
         # all projections that read x (q_a or q, kv_a, indexer wk) as one matmul at inference (`fused.py`)
         B, T, _ = x.shape
@@ -154,18 +171,6 @@ class FastMLA(MLA):
         if w is not None:
             return self._project_fused(x, rope, norm, w)
         return super()._project_rotated(x, rope, norm)
-
-    def _absorb_weights(self):
-        """W_UK, W_UV cached as contiguous tensors until the weight changes (`fused.py`), so decode steps do not
-        re-copy the strided slices of kv_b_proj. On CPU the cached copies are fp32: these per-head matmuls are
-        tiny, and a tiny fp32 bmm costs a third of a bf16 one there (bf16 products are exact in fp32, so only the
-        accumulation order differs)."""
-        def split(w):
-            wv = (w.float() if w.device.type == "cpu" else w).view(self.n_heads, self.N + self.V, self.R)
-            return wv[:, : self.N].contiguous(), wv[:, self.N:].contiguous()
-
-        cached = derived(self, "_absorb_cache", [self.kv_b_proj.weight], split)
-        return super()._absorb_weights() if cached is None else cached
 
     def _absorbed_out(self, q, rows, mask):
         # o_proj(absorbed(q, rows, mask)) as one fused call for a few rows on CPU
@@ -294,7 +299,7 @@ class FastQuantExperts(QuantExperts):
 FAST: dict[type, type] = {RMSNorm: FastRMSNorm, MLP: FastMLP, Router: FastRouter, Experts: FastExperts, MoE: FastMoE,
                           MLA: FastMLA, Block: FastBlock, Transformer: FastTransformer, QuantLinear: FastQuantLinear,
                           QuantExperts: FastQuantExperts}
-REFERENCE: dict[type, type] = {v: k for k, v in FAST.items()}
+REFERENCE: dict[type, type] = {**{v: k for k, v in FAST.items()}, CachedAbsorbMLA: MLA}
 
 
 def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
@@ -302,13 +307,16 @@ def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
     return it. pack_weights: run CPU inference matmuls on oneDNN-packed copies of the weights (bf16 matvecs ~1.7x
     faster, bit-identical; fp32 prefill GEMMs ~2x faster; twice the weight memory); ignored where oneDNN's bf16
     support is missing. The quantized modules (`nanoseek.quant`) get their fast classes (`cpu_quant.py`); the
-    modules that hold them keep their reference class: their fast paths read plain float weights."""
+    modules that hold them keep their reference class, their fast paths reading plain float weights, except
+    attention, which keeps the cached absorbed weights (CachedAbsorbMLA)."""
     from nanoseek.quant import holders
     held = holders(model)
     for m in model.modules():
         fast = FAST.get(type(m))
         if fast is not None and (id(m) not in held or isinstance(m, QUANTIZED)):
             m.__class__ = fast
+        elif type(m) is MLA:  # its projections are quantized
+            m.__class__ = CachedAbsorbMLA
     pack_weights_(model, pack_weights)
     return model
 
