@@ -11,6 +11,7 @@ Two tiny models are built locally (a byte-level BPE trained on a slice of Tiny S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -603,14 +604,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
-    """`nanoseek serve --speculative mtp` in a subprocess: same greedy text as plain decoding, acceptance rate
-    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0. Bound to the loopback without a key, it
-    refuses a foreign Host header."""
+@contextlib.contextmanager
+def serve_process(model_dir, *args: str, stderr=subprocess.STDOUT):
+    """`nanoseek serve model_dir *args` in a subprocess on a free loopback port, without a key, once /health
+    answers: yields (process, base url); killed on the way out if it is still running."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(random_dir), "--port", str(port),
-                             "--speculative", "mtp", "--num-draft", "2", "--max-model-len", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(model_dir), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1"}.items()
                                  if k != "NANOSEEK_API_KEY"})
     url = f"http://127.0.0.1:{port}"
@@ -624,6 +624,18 @@ def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < t_end, proc.stdout.read() if proc.poll() else ""
             time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
+    """`nanoseek serve --speculative mtp` in a subprocess: same greedy text as plain decoding, acceptance rate
+    in /metrics, and SIGINT (Ctrl-C) ends it cleanly with status 0. Bound to the loopback without a key, it
+    refuses a foreign Host header."""
+    with serve_process(random_dir, "--speculative", "mtp", "--num-draft", "2", "--max-model-len", "256") as (proc, url):
         assert httpx.get(url + "/health", headers={"Host": "rebound.example"}).status_code == 400
         kw = dict(model="nanoseek-tiny", prompt="My kingdom for", max_tokens=20, temperature=0)
         spec = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(**kw)
@@ -637,10 +649,6 @@ def test_cli_speculative_greedy_identical_and_ctrl_c(server, random_dir):
             next(r.iter_lines())
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = proc.stdout.read()
     assert "Traceback" not in out, out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import socket
@@ -33,7 +32,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.server.api import ServeConfig, ServerThread
 from nanoseek.tokenizer import load_tokenizer
 
-from test_server import KEY, _free_port, random_dir  # noqa: F401  (random_dir: a fixture)
+from test_server import KEY, random_dir, serve_process  # noqa: F401  (random_dir: a fixture)
 
 LIMIT = 16 << 20  # the stall tests send 8 MB: above the 4 MiB default on purpose, to show it is handled off-loop
 
@@ -224,22 +223,7 @@ def test_incremental_stop_matcher_equals_a_full_rescan():
 
 # ---- 6. shutdown -----------------------------------------------------------------------------------------------------
 def test_ctrl_c_ends_open_streams_with_an_error_event_and_done(random_dir):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(random_dir), "--port", str(port),
-                             "--max-model-len", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1"}.items()
-                                 if k != "NANOSEEK_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t_end = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < t_end
-            time.sleep(0.1)
+    with serve_process(random_dir, "--max-model-len", "256", stderr=subprocess.PIPE) as (proc, url):
         lines = []
         body = {"prompt": "My kingdom for", "max_tokens": 250, "ignore_eos": True, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -248,10 +232,6 @@ def test_ctrl_c_ends_open_streams_with_an_error_event_and_done(random_dir):
             proc.send_signal(signal.SIGINT)
             lines += list(it)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = proc.stderr.read() + proc.stdout.read()
     assert "Traceback" not in err and "CancelledError" not in err, err
     events = [ln[len("data: "):] for ln in lines if ln.startswith("data: ")]
