@@ -17,8 +17,8 @@ Per language (a folder of ../shared/data with one sentence or document a line):
   stage, a tenth of the steps, then full training, with --replay-ratio of each batch from the base domain);
 - (c) `nanoseek train --preset P` from scratch with (b)'s extended tokenizer (so (b) and (c) differ only in their
   start: the base's weights or random ones), P and any --layers / --index-topk found from the base's config;
-- (d) `nanoseek train --init BASE --lora-rank R` (the base tokenizer: an adapter cannot train new vocabulary rows),
-  then `nanoseek lora merge`, evaluated merged.
+- (d) `nanoseek adapt --lora-rank R` with (b)'s extended tokenizer and replay: a LoRA adapter on the frozen base
+  plus the new tokens' rows (PEFT's trainable tokens), then `nanoseek lora merge`, evaluated merged.
 All evaluation is `nanoseek eval MODEL --data FILE --json` (keys file, bits_per_byte, tokens_per_word,
 tokens_per_byte), at the training --seq-len, so every arm predicts with the context length it trained at.
 
@@ -306,8 +306,9 @@ def run_language(lang: str, a: argparse.Namespace, r: Runner, base_eval: Path, r
                          "--replay-ratio", a.replay_ratio, *lr(a.adapt_lr)], lambda run: run / "final")
     trained("scratch", ["train", *scratch, "--tokenizer", tok, "--data", ld.train_dir, *lr(a.scratch_lr)],
             lambda run: run / "final")
-    trained("lora", ["train", "--init", base, "--data", ld.train_dir, "--lora-rank", a.lora_rank,
-                     "--lora-alpha", 2 * a.lora_rank, *lr(a.lora_lr)], merged)
+    trained("lora", ["adapt", "--init", base, "--tokenizer", tok, "--data", ld.train_dir, "--replay", replay,
+                     "--replay-ratio", a.replay_ratio, "--lora-rank", a.lora_rank, "--lora-alpha", 2 * a.lora_rank,
+                     *lr(a.lora_lr)], merged)
     return {"files": ld.files, "train_lines": ld.train_lines, "heldout_lines": ld.heldout_lines,
             "heldout_file": str(ld.heldout), "added_tokens": added, "tokenizer_extend_s": extend_s, "arms": arms}
 
@@ -402,11 +403,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, help="seconds of training steps per arm (default 180; --quick 6)")
     ap.add_argument("--calibration-steps", type=int, help="steps of each arm's timing run (default 8; --quick 3)")
     ap.add_argument("--add", type=int, help="tokens the extended tokenizer adds (default 2000; --quick 300)")
-    ap.add_argument("--replay-ratio", type=float, default=0.25, help="(b): share of each batch from the base domain")
+    ap.add_argument("--replay-ratio", type=float, default=0.25, help="(b), (d): share of each batch from the base domain")
     ap.add_argument("--lora-rank", type=int, default=16, help="(d): adapter rank (alpha = 2 x rank)")
     ap.add_argument("--adapt-lr", type=float, help="(b) peak lr (default: nanoseek adapt's)")
     ap.add_argument("--scratch-lr", type=float, help="(c) peak lr (default: nanoseek train's)")
-    ap.add_argument("--lora-lr", type=float, help="(d) peak lr (default: nanoseek train's)")
+    ap.add_argument("--lora-lr", type=float, help="(d) peak lr (default: nanoseek adapt's)")
     ap.add_argument("--scratch-preset", help="(c): `nanoseek train` architecture flags, e.g. \"--preset small\" "
                     "(default: found from the base's config)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per row, in training and evaluation")
@@ -489,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = dict(ARMS, extended=f"{ARMS['extended']} (+{a.add} tokens, replay {a.replay_ratio:g})",
                   scratch=f"{ARMS['scratch']} ({' '.join(scratch)}, extended tokenizer)",
-                  lora=f"{ARMS['lora']} (rank {a.lora_rank}, base tokenizer)")
+                  lora=f"{ARMS['lora']} (rank {a.lora_rank}, extended tokenizer, replay {a.replay_ratio:g})")
     try:
         for lang in a.languages.split(","):
             res = run_language(lang, a, r, base_eval, replay, base_rec, scratch)

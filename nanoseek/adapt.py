@@ -9,9 +9,11 @@ trainer's own):
 1. the model of --init is resized to the extended tokenizer, new rows initialised as the mean of their base
    pieces' rows (`vocab.extend_model`);
 2. the first --new-rows-steps steps train only those new embedding and head rows, everything else frozen, so the
-   new tokens catch up with the model before it moves (default: a tenth of the steps);
-3. then everything trains, at the same schedule (with --lora-rank, a LoRA adapter and the new rows train instead,
-   the base frozen; DIR/final/ is then the adapter in PEFT's format with the new rows and the tokenizer);
+   new tokens catch up with the model before it moves (default: a tenth of the steps), at --new-rows-lr;
+3. then everything trains, the schedule starting again over the remaining steps (warm-up, then decay: the weights
+   that join here have no optimizer moments yet and would otherwise take the peak rate on their first step); with
+   --lora-rank, a LoRA adapter and the new rows train instead, the base frozen, and DIR/final/ is the adapter in
+   PEFT's format with the new rows and the tokenizer;
 4. --replay mixes that share of each batch's rows from base-domain text, which limits forgetting; the report shows
    held-out bits per byte of the new language and of the base domain (the replay data's held-out part, or
    --base-eval) at every evaluation.
@@ -47,6 +49,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--new-rows-steps", type=int,
                     help="first steps that train only the new tokens' rows (default: a tenth of --max-steps when "
                     "the tokenizer adds tokens)")
+    ap.add_argument("--new-rows-lr", type=float,
+                    help="peak learning rate of the new-rows stage (default: --lr)")
     ap.add_argument("--replay", nargs="+", default=[], help="base-domain text mixed into every batch")
     ap.add_argument("--replay-ratio", type=float, default=0.0, help="share of each batch's rows from --replay")
     ap.add_argument("--base-eval", nargs="+", default=[],

@@ -16,6 +16,7 @@ optimizer state <-> safetensors.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -36,15 +37,27 @@ class Schedule:
     total: int
     kind: str = "cosine"  # cosine | wsd
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    # steps of a first stage with its own warm-up (over at most its length) at the peak, after which the schedule
+    # starts again, warm-up included, over the remaining steps: `adapt`'s new-rows stage, where most weights join
+    # only at its end (their optimizer moments empty) and would otherwise take the peak rate on their first step
+    stage: int = 0
+    stage_lr: Optional[float] = None  # the first stage's peak (default lr)
 
     def __post_init__(self) -> None:
         if self.kind not in ("cosine", "wsd"):
             raise ValueError(f"unknown schedule {self.kind!r}; choose cosine or wsd")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if not 0 <= self.stage <= self.total:
+            raise ValueError(f"need 0 <= stage <= total (stage={self.stage}, total={self.total})")
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
+        if self.stage:
+            if step < self.stage:
+                peak = self.lr if self.stage_lr is None else self.stage_lr
+                return peak * min(1.0, (step + 1) / max(1, min(self.warmup, self.stage)))
+            return dataclasses.replace(self, stage=0, stage_lr=None, total=self.total - self.stage)(step - self.stage)
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         if self.kind == "cosine":

@@ -120,6 +120,7 @@ class TrainConfig:
     base_eval: list[str] = field(default_factory=list)  # base-domain text evaluated beside the held-out set
     #   (default: the held-out part of `replay`)
     new_rows_steps: int = 0  # first steps train only the rows of the tokens a --tokenizer adds to --init's
+    new_rows_lr: Optional[float] = None  # peak lr of those steps (default: lr)
     samples: int = 0  # sampled completions in the report
     sample_tokens: int = 48
     progress: bool = True
@@ -243,6 +244,7 @@ def validate(tc: TrainConfig) -> None:
              f"gives {rows} replay rows; it must leave at least one row of each kind")
     need(0 <= tc.new_rows_steps <= tc.max_steps, "--new-rows-steps must be in [0, max-steps]")
     need(tc.new_rows_steps == 0 or tc.init is not None, "--new-rows-steps needs --init (the model to extend)")
+    need(tc.new_rows_lr is None or tc.new_rows_lr > 0, "--new-rows-lr must be > 0")
     for flag, paths in (("--data", tc.data), ("--replay", tc.replay), ("--base-eval", tc.base_eval)):
         for p in paths:
             need(Path(p).exists(), f"{flag} {p}: not found")
@@ -893,7 +895,8 @@ def train(tc: TrainConfig) -> dict:
     only_new = NewRowsOnly(model, new_rows) if tc.new_rows_steps else None
     group_decay = [g["weight_decay"] for g in opt.param_groups]
     warmup = tc.warmup if tc.warmup is not None else min(100, tc.max_steps // 10)
-    sched = Schedule(tc.lr, tc.min_lr if tc.min_lr is not None else tc.lr / 10, warmup, tc.max_steps, tc.schedule)
+    sched = Schedule(tc.lr, tc.min_lr if tc.min_lr is not None else tc.lr / 10, warmup, tc.max_steps, tc.schedule,
+                     stage=tc.new_rows_steps, stage_lr=tc.new_rows_lr)
     start = 0
     if saved is not None:
         _, tstate, js = saved

@@ -75,6 +75,15 @@ def test_new_rows_stage_trains_only_the_new_rows(env, tmp_path, capsys, dtype):
             assert torch.equal(after[k], v), k  # frozen, the routers' balancing bias included
 
 
+def test_new_rows_stage_has_its_lr_and_the_rest_warms_up_again(env, tmp_path):
+    recs = run(env, tmp_path / "lr", "--max-steps", "6", "--new-rows-steps", "2", "--new-rows-lr", "1e-2",
+               "--warmup", "2", "--min-lr", "3e-4", "--eval-tokens", "0")
+    lrs = [r["lr"] for r in sorted(recs, key=lambda r: r["step"]) if "lr" in r]
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2])  # the stage: its own warm-up to --new-rows-lr
+    assert lrs[2:4] == pytest.approx([1.5e-3, 3e-3])  # full training starts its warm-up again, to --lr
+    assert lrs[4] == pytest.approx(3e-3) and lrs[5] < 3e-3  # then the decay
+
+
 def _initial_rows(env, key: str) -> torch.Tensor:
     from nanoseek.tokenizer import load_tokenizer
     model = nanoseek.from_pretrained(env["model"])

@@ -182,7 +182,7 @@ def test_bench_end_to_end_on_a_tiny_base(tmp_path, capsys):
     for k in ("extended", "scratch", "lora"):
         assert arms[k]["steps"] >= 1 and arms[k]["bits_per_byte"] > 0
     assert arms["extended"]["tokens_per_word"] < arms["base"]["tokens_per_word"]
-    assert arms["lora"]["tokens_per_word"] == arms["base"]["tokens_per_word"]  # the base tokenizer
+    assert arms["lora"]["tokens_per_word"] == arms["extended"]["tokens_per_word"]  # the extended tokenizer
     assert len(res["checks"]) == 4 and res["all_pass"] == all(c["passed"] for c in res["checks"])
     printed = capsys.readouterr().out
     assert "### madeup: 40 tokens added" in printed and "### Targets" in printed

@@ -225,3 +225,28 @@ def test_state_dict_round_trip_keeps_the_masters():
     step(twin, other)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- learning-rate schedule --------------------------------------------------------------------------------
+def test_schedule_warms_up_then_decays_to_min_lr():
+    s = O.Schedule(1.0, 0.1, warmup=4, total=20)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == 1.0 and s(19) > 0.1 and abs(s(20) - 0.1) < 1e-12
+    lrs = [s(i) for i in range(4, 21)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    w = O.Schedule(1.0, 0.1, warmup=2, total=10, kind="wsd", decay_fraction=0.2)
+    assert [w(i) for i in range(8)] == [0.5] + [1.0] * 7 and w(9) == pytest.approx(0.55) and w(10) == pytest.approx(0.1)
+
+
+def test_schedule_stage_warms_up_again_when_the_rest_joins():
+    """adapt's new-rows stage: its own warm-up then the peak; from the stage's end the plain schedule over the
+    remaining steps, warm-up included, so weights that join then never start at the peak rate."""
+    s = O.Schedule(1.0, 0.1, warmup=4, total=20, stage=6)
+    assert [s(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    rest = O.Schedule(1.0, 0.1, warmup=4, total=14)
+    assert [s(i) for i in range(6, 21)] == [rest(i) for i in range(15)]
+    short = O.Schedule(1.0, 0.1, warmup=4, total=20, stage=2)  # a stage shorter than the warm-up ramps over itself
+    assert [short(0), short(1), short(2)] == [0.5, 1.0, 0.25]
+    assert O.Schedule(1.0, 0.1, 4, 20, stage=0)(3) == O.Schedule(1.0, 0.1, 4, 20)(3)
+    with pytest.raises(ValueError, match="stage"):
+        O.Schedule(1.0, 0.1, 4, 20, stage=21)
