@@ -204,13 +204,13 @@ class CacheView:
         return self.pool.rows.take(layer, self.read_slots)  # [B, S, C]
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows for `decode_plan` (plain caches only): (kv [L, slots, C], index_k
-        [L, slots, I] or None, write slots [B*T], read slots [B*S] or None with the first row's slot when one
-        request's rows are contiguous). Counts the caller's reads: full_layers layers that read every row, and
+        """The cache as pools of rows for `decode_plan`: (kv, index_k or None, write slots [B*T], read slots [B*S]
+        or None with the first row's slot when one request's rows are contiguous), kv and index_k the stores'
+        `RowStore.planes` (values [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads: full_layers layers that read every row, and
         `gathered` rows that DSA's selection reads in the others."""
         self.rows_read += full_layers * len(self._tables) * self._S + gathered
-        kv = self.pool.rows.plain
-        ik = self.pool.index_rows.plain if self.pool.index_rows is not None else None
+        kv = self.pool.rows.planes()
+        ik = self.pool.index_rows.planes() if self.pool.index_rows is not None else None
         if self._span is not None:
             return kv, ik, self.write_slots, None, self._span.start
         return kv, ik, self.write_slots, self.read_slots.reshape(-1), 0

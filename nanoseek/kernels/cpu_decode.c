@@ -217,6 +217,69 @@ static inline const wt *row_at(const wt *rows, const int64_t *ri, int64_t s, int
     return rows + (ri ? ri[s] : s) * C;
 }
 
+/* An 8-bit cache plane (kv_quant.py `RowStore` with a format): per row, C bytes (fp8 e4m3 or int8 values) and
+ * ns fp32 scales; columns [0, R) (c_kv, or the whole indexer key) in groups of g0 columns, [R, C) (k_pe) in
+ * groups of g1, one scale each. lut: the 256 byte values as fp32. Reads give each value as the dequantize-on-read
+ * path does, wt(value * scale) (kv_quant.py `KVFormat.dequantize` into the model's dtype), computed in registers
+ * or a row's worth of stack: the row is never widened in memory. */
+#define NS_KV8_MAXC 1536 /* the widest row read: R (at most 1024, att_qlat's bound) + P (at most 512) */
+enum { NS_KV_PLAIN = 0, NS_KV_FP8 = 1, NS_KV_INT8 = 2 };
+typedef struct { const uint8_t *q; const float *s; const float *lut; int64_t C, ns, R, g0, g1; } ns_kv8;
+
+/* out[0, n) = the dequantized columns [c0, c0 + n) of row r */
+static inline void kv8_cols(const ns_kv8 *k, int64_t r, int64_t c0, int64_t n, float *out) {
+    const uint8_t *q = k->q + r * k->C;
+    const float *s = k->s + r * k->ns;
+    for (int64_t c = c0; c < c0 + n;) { /* one group at a time */
+        const int64_t g = c < k->R ? c / k->g0 : k->R / k->g0 + (c - k->R) / k->g1;
+        const int64_t end = imin(c0 + n, c < k->R ? imin((c / k->g0 + 1) * k->g0, k->R)
+                                                  : k->R + ((c - k->R) / k->g1 + 1) * k->g1);
+        const float sc = s[g];
+        for (; c < end; c++) out[c - c0] = RW(k->lut[q[c]] * sc);
+    }
+}
+
+/* the 256 byte values of a format as fp32: e4m3fn (bias 7, subnormals of 2^-9, 0x7f/0xff NaN) or int8 */
+static void kv8_lut(int fmt, float *lut) {
+    for (int b = 0; b < 256; b++) {
+        if (fmt == NS_KV_INT8) { lut[b] = (float)(int8_t)b; continue; }
+        const int e = (b >> 3) & 15, m = b & 7;
+        const float a = (e == 15 && m == 7) ? NAN : e == 0 ? ldexpf((float)m, -9) : ldexpf(1.f + m / 8.f, e - 7);
+        lut[b] = b & 0x80 ? -a : a;
+    }
+}
+
+/* fp32 -> e4m3fn, to nearest even, as PyTorch's cast (past 448 + half an ulp: NaN; the caller's values are
+ * scaled to at most 448 up to an fp32 ulp, which rounds to 448) */
+static inline uint8_t f2e4m3(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7fffffffu;
+    float a;
+    memcpy(&a, &u, 4);
+    if (a < 0.015625f) return sign | (uint8_t)nearbyintf(a * 512.f); /* below 2^-6: steps of 2^-9 (8: 2^-6) */
+    u += 0x7ffffu + ((u >> 20) & 1); /* the mantissa to 3 bits, ties to even */
+    const uint32_t e = (u >> 20) - ((127 - 7) << 3);
+    return sign | (uint8_t)(e > 0x7e ? 0x7f : e);
+}
+
+/* one part of a row into 8 bits, as `KVFormat.quantize`: per group of g values, scale = max(amax, FLT_MIN) / qmax
+ * (448 for e4m3, 127 for int8), values x / scale, rounded to nearest even (int8: to an integer) */
+static void kv8_quantize(const wt *x, int64_t n, int64_t g, int fmt, uint8_t *q, float *s) {
+    const float qmax = fmt == NS_KV_FP8 ? 448.f : 127.f;
+    for (int64_t a = 0; a < n; a += g) {
+        float amax = 0.f;
+        for (int64_t i = a; i < a + g; i++) amax = fmaxf(amax, fabsf(w2f(x[i])));
+        const float sc = fmaxf(amax, 1.17549435e-38f) / qmax;
+        s[a / g] = sc;
+        for (int64_t i = a; i < a + g; i++) {
+            const float y = w2f(x[i]) / sc;
+            q[i] = fmt == NS_KV_FP8 ? f2e4m3(y) : (uint8_t)(int8_t)nearbyintf(y);
+        }
+    }
+}
+
 /* The phases of absorbed attention for one query, each over a range of heads [h0, h1) (and of rows or columns
  * where noted), so that a thread can run them for its own heads without waiting for the others. */
 static void att_qlat(const wt *qm, const wt *w_kvb, int64_t N, int64_t P, int64_t V, int64_t R, int64_t h0,
@@ -236,9 +299,22 @@ static void att_qlat(const wt *qm, const wt *w_kvb, int64_t N, int64_t P, int64_
     }
 }
 
-static void att_scores(const wt *qc, const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S,
-                       int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
-                       ns_pf *pf) { /* rows [s0, s1) */
+static void att_scores(const wt *qc, const wt *rm, const ns_kv8 *k8, const int64_t *ri, const uint8_t *mk,
+                       int64_t S, int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
+                       ns_pf *pf) { /* rows [s0, s1); k8: an 8-bit plane instead of rm */
+    if (k8) { /* each visible row dequantized once into the stack, then read by every head */
+        float row[NS_KV8_MAXC];
+        for (int64_t s = s0; s < s1; s++) {
+            pf_next(pf);
+            if (!mk[s]) {
+                for (int64_t h = h0; h < h1; h++) sc[h * S + s] = -INFINITY;
+                continue;
+            }
+            kv8_cols(k8, ri ? ri[s] : s, 0, C, row);
+            for (int64_t h = h0; h < h1; h++) sc[h * S + s] = RW(dot_wf(qc + h * C, row, C)) * scale;
+        }
+        return;
+    }
     for (int64_t s = s0; s < s1; s++) {
         const wt *row = row_at(rm, ri, s, C);
         pf_next(pf);
@@ -262,9 +338,30 @@ static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int
 }
 
 /* ol[h, c0:c1] = wt(p[h] . rows[:, c0:c1]) for heads [h0, h1), columns [c0, c1) (multiples of NS_CHUNK) */
-static void att_olat(const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C, const float *sc,
-                     const wt *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol,
-                     ns_pf *pf) {
+static void att_olat(const wt *rm, const ns_kv8 *k8, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C,
+                     const float *sc, const wt *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0,
+                     int64_t c1, float *ol, ns_pf *pf) {
+    if (k8) { /* NS_CHUNK columns of each visible row dequantized once for a block of 8 heads */
+        for (int64_t c = c0; c < c1; c += NS_CHUNK) {
+            const int64_t nc = imin(NS_CHUNK, c1 - c);
+            for (int64_t hb = h0; hb < h1; hb += 8) {
+                const int64_t nb = imin(8, h1 - hb);
+                float acc[8][NS_CHUNK] = {{0.f}}, r[NS_CHUNK];
+                for (int64_t s = 0; s < S; s++) {
+                    if (s % 2 == 0) pf_next(pf);
+                    if (!mk[s]) continue; /* p = 0 */
+                    kv8_cols(k8, ri ? ri[s] : s, c, nc, r);
+                    for (int64_t j = 0; j < nb; j++) {
+                        const float p = sc[(hb + j) * S + s];
+                        for (int64_t i = 0; i < nc; i++) acc[j][i] += p * r[i];
+                    }
+                }
+                for (int64_t j = 0; j < nb; j++)
+                    for (int64_t i = 0; i < nc; i++) ol[(hb + j) * R + c + i] = RW(acc[j][i]);
+            }
+        }
+        return;
+    }
 #ifdef NS_AVX512BF16
     if (pb) { /* VDPBF16PS: each instruction takes two consecutive rows, interleaved column by column, against the
                * head's broadcast probability pair; heads in blocks of 8 accumulators kept in registers */
@@ -359,15 +456,16 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * scores by rows and o_lat by columns, so that the rows stream from memory once, not once per thread. Both
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
-void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                     const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
-                     int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
-                     float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
-                     wt *y, int nt) {
+/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache) */
+static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                         const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const ns_kv8 *k8,
+                         const int64_t *row_idx, int64_t S, int per_query, const uint8_t *mask, float scale, wt *out,
+                         wt *qc, float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid, wt *y,
+                         int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
-    wt *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
+    wt *pbv = R % 16 == 0 && !k8 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
 #else
     wt *pbv = NULL; /* (o_lat below reads the fp32 probabilities) */
     (void)pb;
@@ -388,24 +486,30 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                            w_o ? (d1 - d0) * H * V * W : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
             const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
-            const wt *rm = row_idx ? rows : rows + rq * S * C;
+            const wt *rm = row_idx || !rows ? rows : rows + rq * S * C;
+            ns_kv8 kq;
+            if (k8) { /* this query's rows: through the slots, or the request's S rows */
+                kq = *k8;
+                if (!row_idx) kq.q += rq * S * C, kq.s += rq * S * kq.ns;
+            }
+            const ns_kv8 *kr = k8 ? &kq : NULL;
             const int64_t *ri = row_idx ? row_idx + rq * S : NULL;
             const uint8_t *mk = mask + m * S;
             att_qlat(q + m * H * (N + P), w_kvb, N, P, V, R, h0, h1, qc);
             if (by_heads) {
-                att_scores(qc, rm, ri, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
+                att_scores(qc, rm, kr, ri, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
-                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
+                att_olat(rm, kr, ri, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
             } else {
                 int64_t s0, s1, c0, c1;
                 part(S, t, n, &s0, &s1);
                 part((R + NS_CHUNK - 1) / NS_CHUNK, t, n, &c0, &c1);
 #pragma omp barrier
-                att_scores(qc, rm, ri, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
+                att_scores(qc, rm, kr, ri, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
 #pragma omp barrier
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
 #pragma omp barrier
-                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
+                att_olat(rm, kr, ri, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
                          ol, &pf);
 #pragma omp barrier
             }
@@ -424,6 +528,41 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                 }
             }
         }
+    }
+}
+
+void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                     const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
+                     int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
+                     float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
+                     wt *y, int nt) {
+    mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, NULL, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
+                 w_o, Dm, resid, y, nt);
+}
+
+/* The same over the 8-bit rows of a cache plane (fmt NS_KV_FP8 or NS_KV_INT8): values rows8 [.., R + P] and
+ * scales [.., ns] (c_kv in groups of g0, k_pe in groups of g1), indexed as `rows` above. The kernels' path over an
+ * 8-bit cache (ns_decode_stack); exported for the self-test against the dequantized rows. */
+void ns_mla_absorbed8(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                      const wt *w_kvb, int64_t R, int64_t V, const uint8_t *rows8, const float *scales, int fmt,
+                      int64_t ns, int64_t g0, int64_t g1, const int64_t *row_idx, int64_t S, int per_query,
+                      const uint8_t *mask, float scale, wt *out, wt *qc, float *sc, float *ol, wt *pb,
+                      const wt *w_o, int64_t Dm, const wt *resid, wt *y, int nt) {
+    float lut[256];
+    kv8_lut(fmt, lut);
+    const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1};
+    mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, NULL, &k8, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
+                 w_o, Dm, resid, y, nt);
+}
+
+/* rows [M, R + P] into an 8-bit plane (fmt, groups g0 and g1 as ns_mla_absorbed8) at slots [M]: values
+ * q [slots, R + P], scales s [slots, ns] */
+void ns_kv8_write(const wt *rows, int64_t M, int64_t R, int64_t P, int fmt, int64_t g0, int64_t g1,
+                  const int64_t *slots, uint8_t *q, float *s) {
+    const int64_t C = R + P, ns = R / g0 + (P ? P / g1 : 0);
+    for (int64_t m = 0; m < M; m++) {
+        kv8_quantize(rows + m * C, R, g0, fmt, q + slots[m] * C, s + slots[m] * ns);
+        if (P) kv8_quantize(rows + m * C + R, P, g1, fmt, q + slots[m] * C + R, s + slots[m] * ns + R / g0);
     }
 }
 
@@ -822,11 +961,11 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
  * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
  * ord [M, S] (the first K of each row), sel_mask [M, K], and the slots of their latent rows sel [M, K].
  * Keys are read through the slots (read_slots [B, S], or span0). */
-void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
-                   int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
-                   const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
-                   const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
-                   uint8_t *sel_mask, int64_t *sel, int nt) {
+static void dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                       int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                       const float *cos, const float *sin, const uint8_t *mask, const wt *iplane, const ns_kv8 *ik8,
+                       const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
+                       uint8_t *sel_mask, int64_t *sel, int nt) {
     const int64_t M = B * T, half = P / 2;
     const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
 #pragma omp parallel num_threads(nt)
@@ -845,7 +984,7 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
             iw[t] = RW(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
         }
 #ifdef NS_AVX512BF16
-        if (Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
+        if (!ik8 && Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
             const int64_t nb = (S + 15) / 16, Dp = Di / 2;
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < M * nb; blk++) {
@@ -882,11 +1021,20 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
                 const int64_t m = i / S, s = i % S;
                 if (!mask[i]) { isc[i] = -INFINITY; continue; }
                 const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
-                const wt *key = iplane + slot * Di;
                 float acc = 0.f;
-                for (int64_t j = 0; j < Hi; j++) {
-                    const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
-                    if (l > 0.f) acc += l * iw[m * Hi + j];
+                if (ik8) { /* an 8-bit key: dequantized once into the stack for every head */
+                    float key[NS_KV8_MAXC];
+                    kv8_cols(ik8, slot, 0, Di, key);
+                    for (int64_t j = 0; j < Hi; j++) {
+                        const float l = RW(dot_wf(iq + (m * Hi + j) * Di, key, Di));
+                        if (l > 0.f) acc += l * iw[m * Hi + j];
+                    }
+                } else {
+                    const wt *key = iplane + slot * Di;
+                    for (int64_t j = 0; j < Hi; j++) {
+                        const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
+                        if (l > 0.f) acc += l * iw[m * Hi + j];
+                    }
                 }
                 isc[i] = RW(acc);
             }
@@ -916,11 +1064,21 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
     }
 }
 
+void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                   int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                   const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
+                   const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
+                   uint8_t *sel_mask, int64_t *sel, int nt) {
+    dsa_select(iwq, iwp, Hi, Di, P, K, B, T, D, Oq, S, cq, xn, cos, sin, mask, iplane, NULL, read_slots, span0, iq,
+               iw, isc, ord, sel_mask, sel, nt);
+}
+
 void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
                      int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
                      const uint8_t *mask, int64_t S,
-                     wt *kv_pool, wt *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                     const int64_t *read_slots, int64_t span0, int64_t *sel, wt *rows, wt *ik, wt *xn,
+                     void *kv_pool, void *ik_pool, int64_t n_slots, const int64_t *write_slots,
+                     const int64_t *read_slots, int64_t span0, int kv_fmt, int64_t kv_group, float *kv_scales,
+                     float *ik_scales, int64_t *sel, wt *rows, wt *ik, wt *xn,
                      wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
                      wt *fxn, wt *act, float *ys, float *rs, float *gw,
                      wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
@@ -933,28 +1091,44 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         memcpy(cos + m * half, cos_tab + pos[m] * half, half * sizeof(float));
         memcpy(sin + m * half, sin_tab + pos[m] * half, half * sizeof(float));
     }
+    float lut[256];
+    if (kv_fmt) kv8_lut(kv_fmt, lut);
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
+        /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
+        const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
+                      gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
+        const ns_kv8 k8 = {(const uint8_t *)kv_pool + b->layer * n_slots * C, kv_fmt ? kv_scales + b->layer * n_slots * ns : NULL,
+                           lut, C, ns, b->R, g0, g1};
+        const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
+                            kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
+                            b->Di ? b->Di / gi : 0, b->Di, gi, 1};
         ns_mla_project(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
                             b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
                             xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
-        wt *plane = kv_pool + b->layer * n_slots * C;
-        for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(wt));
-        if (b->Di) {
-            wt *iplane = ik_pool + b->layer * n_slots * b->Di;
-            for (int64_t m = 0; m < M; m++)
-                memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(wt));
+        wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
+        wt *iplane = kv_fmt || !b->Di ? NULL : (wt *)ik_pool + b->layer * n_slots * b->Di;
+        if (kv_fmt) { /* the new rows quantized as `RowStore.write` does, each part with its own scales */
+            ns_kv8_write(rows, M, b->R, b->P, kv_fmt, g0, g1, write_slots, (uint8_t *)k8.q, (float *)k8.s);
+            if (b->Di) ns_kv8_write(ik, M, b->Di, 0, kv_fmt, gi, 1, write_slots, (uint8_t *)ik8.q, (float *)ik8.s);
+        } else {
+            for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(wt));
+            if (b->Di)
+                for (int64_t m = 0; m < M; m++)
+                    memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(wt));
         }
         if (b->topk > 0 && S > b->topk) { /* DSA: each query attends to its top-k rows only */
-            ns_dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin,
-                               mask, ik_pool + b->layer * n_slots * b->Di, read_slots, span0, iq, iw, isc, ord,
-                               sel_mask, sel, nt);
-            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, sel, b->topk, 1, sel_mask,
-                                 b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+            dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin, mask,
+                       iplane, kv_fmt ? &ik8 : NULL, read_slots, span0, iq, iw, isc, ord, sel_mask, sel, nt);
+            mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, kv_fmt ? &k8 : NULL, sel, b->topk,
+                         1, sel_mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
-            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, read_slots ? plane : plane + span0 * C,
-                                 read_slots, S, 0, mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+            ns_kv8 span = k8;
+            if (!read_slots) span.q += span0 * C, span.s = kv_fmt ? span.s + span0 * ns : NULL;
+            mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V,
+                         kv_fmt || read_slots ? plane : plane + span0 * C, kv_fmt ? &span : NULL, read_slots, S, 0,
+                         mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         }
         ns_ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
                           b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,
