@@ -183,7 +183,10 @@ static void quantize_pool(const char *name, int fmt, wt *rows, int64_t n, int64_
         for (int64_t c = 0; c < C; c++) {
             const int64_t g = c < R ? c / *g0 : *ns - 1, a = c < R ? g * *g0 : R, w = c < R ? *g0 : P;
             double amax = 0.0;
-            for (int64_t j = a; j < a + w; j++) amax = fmax(amax, fabs(w2f(rows[i * C + j])));
+            for (int64_t j = a; j < a + w; j++) {
+                const double v = fabs(w2f(rows[i * C + j]));
+                if (v > amax) amax = v;
+            }
             const double x = w2f(rows[i * C + c]), y = kv8_value(fmt, (*q)[i * C + c]) * (*s)[i * *ns + g];
             const double sub = (*s)[i * *ns + g] * pow(2.0, -10); /* half e4m3's subnormal step */
             ok &= fabs(y - x) <= (fmt == NS_KV_FP8 ? fmax(fabs(x) / 16, sub) : amax / 254) * 1.001;

@@ -270,7 +270,10 @@ static void kv8_quantize(const wt *x, int64_t n, int64_t g, int fmt, uint8_t *q,
     const float qmax = fmt == NS_KV_FP8 ? 448.f : 127.f;
     for (int64_t a = 0; a < n; a += g) {
         float amax = 0.f;
-        for (int64_t i = a; i < a + g; i++) amax = fmaxf(amax, fabsf(w2f(x[i])));
+        for (int64_t i = a; i < a + g; i++) { /* (not fmaxf: GCC 12's vectorizer fails on it for NEON BF16) */
+            const float v = fabsf(w2f(x[i]));
+            amax = v > amax ? v : amax;
+        }
         const float sc = fmaxf(amax, 1.17549435e-38f) / qmax;
         s[a / g] = sc;
         for (int64_t i = a; i < a + g; i++) {
