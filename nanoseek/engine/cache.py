@@ -4,8 +4,9 @@ MLA caches per token and layer one latent row of C = kv_lora_rank + qk_rope_head
 plus the lightning indexer's key (I = index_head_dim values) on DSA models (V3.2 §2.1). The pool holds, for every
 layer, `num_blocks * block_size` such rows; a request owns a list of blocks (its block table), so requests of any
 length share one budget without fragmentation (the PagedAttention idea, Kwon et al. 2023). With a `kv_format`
-(--kv-cache-dtype fp8 | int8) the rows are stored in 8 bits and dequantized on read (`nanoseek.model.kv_quant`),
-so the same budget holds about twice the tokens.
+(--kv-cache-dtype fp8 | int8) the rows are stored in 8 bits and dequantized on read (`nanoseek.model.kv_quant`;
+the whole-stack CPU decode reads the 8-bit planes in place, `CacheView.slots`), so the same budget holds about
+twice the tokens.
 
 Prefix caching: a full block is identified by a hash chained over all token ids up to its end (plus `lookahead`
 following tokens when the MTP layers are cached too: their row i also depends on token i+1). Finished requests

@@ -6,7 +6,10 @@
  *   ns_mla_absorbed  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block     a block's feed-forward half: norm, router, routed + shared experts, residual
  *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
- *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads
+ *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads, the cache in
+ *                    the model's dtype or in 8 bits (fp8 e4m3 / int8 with fp32 scales per group, kv_quant.py)
+ *   ns_kv8_write, ns_mla_absorbed8  the 8-bit cache's write and attention over it (ns_decode_stack's, exported
+ *                    for the tests)
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
  * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
@@ -912,7 +915,11 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * queries see more than its top-k rows selects them first (ns_dsa_select) into sel [M, topk] (slots).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block.
  * idx [L, M, K'] receives each MoE block's expert ids. The angles of RoPE come from tables of every position
- * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. Then the model's final norm,
+ * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. With kv_fmt NS_KV_FP8 or NS_KV_INT8
+ * the pools hold 8-bit values (bytes, same layout) and kv_scales [L, slots, R/g0 + P/g1], ik_scales
+ * [L, slots, Di/gi] their fp32 scales, each part in groups of kv_group values or whole when its width is not a
+ * multiple (kv_quant.py `KVFormat.groups`): the new rows are quantized into them and attention and the DSA
+ * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
  * hn [M, D], and with head_w [V, D] the logits [B, n_logits, V] of each request's last n_logits rows (hl
  * [B * n_logits, D] scratch). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
