@@ -225,7 +225,8 @@ static inline const wt *row_at(const wt *rows, const int64_t *ri, int64_t s, int
  * groups of g1, one scale each. lut: the 256 byte values as fp32. Reads give each value as the dequantize-on-read
  * path does, wt(value * scale) (kv_quant.py `KVFormat.dequantize` into the model's dtype), computed in registers
  * or a row's worth of stack: the row is never widened in memory. */
-#define NS_KV8_MAXC 1536 /* the widest row read: R (at most 1024, att_qlat's bound) + P (at most 512) */
+#define NS_KV8_MAXC 1536 /* the widest row read: R <= 1024 plus P <= 512 (or an index key <= 1024), the
+                           * bounds modules.py `_decode_build` keeps the kernels to */
 enum { NS_KV_PLAIN = 0, NS_KV_FP8 = 1, NS_KV_INT8 = 2 };
 typedef struct { const uint8_t *q; const float *s; const float *lut; int64_t C, ns, R, g0, g1; } ns_kv8;
 
