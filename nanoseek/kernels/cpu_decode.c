@@ -224,14 +224,15 @@ static inline const wt *row_at(const wt *rows, const int64_t *ri, int64_t s, int
  * ns fp32 scales; columns [0, R) (c_kv, or the whole indexer key) in groups of g0 columns, [R, C) (k_pe) in
  * groups of g1, one scale each. lut: the 256 byte values as fp32. Reads give each value as the dequantize-on-read
  * path does, wt(value * scale) (kv_quant.py `KVFormat.dequantize` into the model's dtype), computed in registers
- * or a row's worth of stack: the row is never widened in memory. */
+ * or a row's worth of stack: no dequantized copy of the cache is made. */
 #define NS_KV8_MAXC 1536 /* the widest row read: R <= 1024 plus P <= 512 (or an index key <= 1024), the
                            * bounds modules.py `_decode_build` keeps the kernels to */
 enum { NS_KV_PLAIN = 0, NS_KV_FP8 = 1, NS_KV_INT8 = 2 };
-typedef struct { const uint8_t *q; const float *s; const float *lut; int64_t C, ns, R, g0, g1; } ns_kv8;
+typedef struct { const uint8_t *q; const float *s; const float *lut; int64_t C, ns, R, g0, g1; int int8; } ns_kv8;
 
-/* out[0, n) = the dequantized columns [c0, c0 + n) of row r */
-static inline void kv8_cols(const ns_kv8 *k, int64_t r, int64_t c0, int64_t n, float *out) {
+/* out[0, n) = the dequantized columns [c0, c0 + n) of row r, as wt: exactly the rows the dequantize-on-read path
+ * gives, so that the dot products over them are the plain cache's (`dot`, VDPBF16PS where the CPU has it) */
+static inline void kv8_cols(const ns_kv8 *k, int64_t r, int64_t c0, int64_t n, wt *out) {
     const uint8_t *q = k->q + r * k->C;
     const float *s = k->s + r * k->ns;
     for (int64_t c = c0; c < c0 + n;) { /* one group at a time */
@@ -239,7 +240,10 @@ static inline void kv8_cols(const ns_kv8 *k, int64_t r, int64_t c0, int64_t n, f
         const int64_t end = imin(c0 + n, c < k->R ? imin((c / k->g0 + 1) * k->g0, k->R)
                                                   : k->R + ((c - k->R) / k->g1 + 1) * k->g1);
         const float sc = s[g];
-        for (; c < end; c++) out[c - c0] = RW(k->lut[q[c]] * sc);
+        if (k->int8)
+            for (; c < end; c++) out[c - c0] = f2w((float)(int8_t)q[c] * sc);
+        else
+            for (; c < end; c++) out[c - c0] = f2w(k->lut[q[c]] * sc);
     }
 }
 
@@ -310,7 +314,7 @@ static void att_scores(const wt *qc, const wt *rm, const ns_kv8 *k8, const int64
                        int64_t S, int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
                        ns_pf *pf) { /* rows [s0, s1); k8: an 8-bit plane instead of rm */
     if (k8) { /* each visible row dequantized once into the stack, then read by every head */
-        float row[NS_KV8_MAXC];
+        wt row[NS_KV8_MAXC];
         for (int64_t s = s0; s < s1; s++) {
             pf_next(pf);
             if (!mk[s]) {
@@ -318,7 +322,7 @@ static void att_scores(const wt *qc, const wt *rm, const ns_kv8 *k8, const int64
                 continue;
             }
             kv8_cols(k8, ri ? ri[s] : s, 0, C, row);
-            for (int64_t h = h0; h < h1; h++) sc[h * S + s] = RW(dot_wf(qc + h * C, row, C)) * scale;
+            for (int64_t h = h0; h < h1; h++) sc[h * S + s] = RW(dot(qc + h * C, row, C)) * scale;
         }
         return;
     }
@@ -353,14 +357,15 @@ static void att_olat(const wt *rm, const ns_kv8 *k8, const int64_t *ri, const ui
             const int64_t nc = imin(NS_CHUNK, c1 - c);
             for (int64_t hb = h0; hb < h1; hb += 8) {
                 const int64_t nb = imin(8, h1 - hb);
-                float acc[8][NS_CHUNK] = {{0.f}}, r[NS_CHUNK];
+                float acc[8][NS_CHUNK] = {{0.f}};
+                wt r[NS_CHUNK];
                 for (int64_t s = 0; s < S; s++) {
                     if (s % 2 == 0) pf_next(pf);
                     if (!mk[s]) continue; /* p = 0 */
                     kv8_cols(k8, ri ? ri[s] : s, c, nc, r);
                     for (int64_t j = 0; j < nb; j++) {
                         const float p = sc[(hb + j) * S + s];
-                        for (int64_t i = 0; i < nc; i++) acc[j][i] += p * r[i];
+                        for (int64_t i = 0; i < nc; i++) acc[j][i] += p * w2f(r[i]);
                     }
                 }
                 for (int64_t j = 0; j < nb; j++)
@@ -557,7 +562,7 @@ void ns_mla_absorbed8(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, i
                       const wt *w_o, int64_t Dm, const wt *resid, wt *y, int nt) {
     float lut[256];
     kv8_lut(fmt, lut);
-    const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1};
+    const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1, fmt == NS_KV_INT8};
     mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, NULL, &k8, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
                  w_o, Dm, resid, y, nt);
 }
@@ -995,20 +1000,25 @@ static void dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int
             iw[t] = RW(dot(xn + m * D, iwp + (t % Hi) * D, D) * wscale);
         }
 #ifdef NS_AVX512BF16
-        if (!ik8 && Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
+        if (Di % 2 == 0 && Di <= 1024) { /* 16 keys at a time, their dims transposed by pairs: no reductions */
             const int64_t nb = (S + 15) / 16, Dp = Di / 2;
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < M * nb; blk++) {
                 const int64_t m = blk / nb, s0 = (blk % nb) * 16, n = S - s0 < 16 ? S - s0 : 16;
                 const __mmask16 live = (__mmask16)((1u << n) - 1);
                 int32_t off[16] = {0};
-                for (int64_t r = 0; r < n; r++)
-                    off[r] = (int32_t)((read_slots ? read_slots[(m / T) * S + s0 + r] : span0 + s0 + r) * Dp);
+                wt keys8[ik8 ? 16 * Di : 1]; /* 8-bit keys: the block's 16 dequantized, gathered from here */
+                for (int64_t r = 0; r < n; r++) {
+                    const int64_t slot = read_slots ? read_slots[(m / T) * S + s0 + r] : span0 + s0 + r;
+                    if (ik8) kv8_cols(ik8, slot, 0, Di, keys8 + r * Di);
+                    off[r] = (int32_t)((ik8 ? r : slot) * Dp);
+                }
                 const __m512i vo = _mm512_loadu_si512(off);
+                const void *kbase = ik8 ? (const void *)keys8 : (const void *)iplane;
                 __m512i kt[512]; /* kt[j] lane r = dims (2j, 2j+1) of key s0 + r */
                 for (int64_t j = 0; j < Dp; j++)
                     kt[j] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
-                                                         _mm512_add_epi32(vo, _mm512_set1_epi32((int)j)), iplane, 4);
+                                                         _mm512_add_epi32(vo, _mm512_set1_epi32((int)j)), kbase, 4);
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t h = 0; h < Hi; h++) {
                     const uint32_t *qh = (const uint32_t *)(iq + (m * Hi + h) * Di);
@@ -1034,10 +1044,10 @@ static void dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int
                 const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
                 float acc = 0.f;
                 if (ik8) { /* an 8-bit key: dequantized once into the stack for every head */
-                    float key[NS_KV8_MAXC];
+                    wt key[NS_KV8_MAXC];
                     kv8_cols(ik8, slot, 0, Di, key);
                     for (int64_t j = 0; j < Hi; j++) {
-                        const float l = RW(dot_wf(iq + (m * Hi + j) * Di, key, Di));
+                        const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
                         if (l > 0.f) acc += l * iw[m * Hi + j];
                     }
                 } else {
@@ -1111,10 +1121,10 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
                       gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
         const ns_kv8 k8 = {(const uint8_t *)kv_pool + b->layer * n_slots * C, kv_fmt ? kv_scales + b->layer * n_slots * ns : NULL,
-                           lut, C, ns, b->R, g0, g1};
+                           lut, C, ns, b->R, g0, g1, kv_fmt == NS_KV_INT8};
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
-                            b->Di ? b->Di / gi : 0, b->Di, gi, 1};
+                            b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
         ns_mla_project(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
                             b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
                             xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
