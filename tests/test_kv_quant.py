@@ -7,7 +7,7 @@ import torch
 
 from nanoseek import DenseCache, get_preset
 from nanoseek.engine import BlockPool, CacheView, Engine
-from nanoseek.kernels import cpu_decode, decode_plan
+from nanoseek.kernels import cpu_decode, decode_plan, isa
 from nanoseek.model.kv_quant import FORMATS, RowStore, kv_format
 from test_engine import alone, damped_model, greedy, prompts, tiny_model
 
@@ -252,15 +252,32 @@ def test_kernel_writes_the_bytes_and_scales_of_the_format(name, dt):
     assert torch.equal(s[slots], torch.cat([s0, s1], -1))
 
 
+@pytest.fixture(params=[v for v in cpu_decode.VARIANTS[torch.bfloat16] if isa.VARIANTS[v][0] == isa.arch()])
+def kernel_variant(request, monkeypatch):
+    """The kernels of one variant this CPU runs (NANOSEEK_KERNEL_ISA caps the choice; the float32 build's next one
+    down covers a variant it has no build of)."""
+    v, dt = request.param, request.node.callspec.params.get("dt")
+    if not isa.runs(v):
+        pytest.skip(f"this CPU does not run {v} code")
+    if dt is torch.float32 and v not in cpu_decode.VARIANTS[dt]:
+        pytest.skip(f"the float32 build has no {v} variant")
+    monkeypatch.setenv("NANOSEEK_KERNEL_ISA", v)
+    cpu_decode.reset()
+    yield v
+    cpu_decode.reset()
+
+
 @pytest.mark.parametrize("dt", KERNEL_DTYPES)
 @pytest.mark.parametrize("name", FMTS)
 @pytest.mark.parametrize("dsa", [True, False])
-def test_whole_stack_decode_on_the_8bit_cache_equals_the_blocks(dsa, name, dt, monkeypatch):
+def test_whole_stack_decode_on_the_8bit_cache_equals_the_blocks(dsa, name, dt, kernel_variant, monkeypatch):
     """The plan takes an 8-bit cache (one ns_decode_stack call per step) and agrees with the block-by-block path:
     one request (contiguous rows), a ragged batch (1 and 3 tokens: rows through the slots of blocks of 4), DSA past
     its top-k (16: the kernel scores the 8-bit index keys and attends to the selected 8-bit rows), and the
-    DenseCache. The rows it writes are the blocks' rows, byte for byte, where their inputs are (the first layer)."""
+    DenseCache. The rows it writes are the blocks' rows, byte for byte, where their inputs are (the first layer).
+    On each kernel variant this CPU runs."""
     from test_cpu_decode import earliest_on_ties, kernel_model
+    assert cpu_decode.variant(dt) == kernel_variant
     earliest_on_ties(monkeypatch)
     m = kernel_model(dt, **({"index_topk": 16} if dsa else {"index_topk": 0, "index_n_heads": 0}))
     fmt = FORMATS[name]
