@@ -4,7 +4,8 @@
  * includes the kernels' source and compares their vector code with plain loops (sums in double, roundings to the
  * model's dtype where the kernels round) on random inputs: the dot products, the row batching of `dot_k` (bit for
  * bit), ns_linear, ns_rmsnorm, ns_mla_absorbed (rows shared, per query, through slots, the long-context split,
- * a latent width without whole vectors), ns_ffn_block (dense, and MoE with a shared expert) and ns_dsa_select's
+ * a latent width without whole vectors; and over an 8-bit cache's fp8 and int8 rows, ns_mla_absorbed8 after
+ * ns_kv8_write, against the same loops over the dequantized rows), ns_ffn_block (dense, and MoE with a shared expert) and ns_dsa_select's
  * scores and selection. Prints each failure and "N passed, N failed"; exits 1 on a failure, 2 on bad usage.
  *
  *   ./selftest <variant>    the variant it must have been built for (ns_isa(): avx2, neon, scalar, ...)
@@ -155,12 +156,59 @@ static void test_rmsnorm(void) {
     free(x), free(w), free(y), free(ref), free(g);
 }
 
+/* A value of an 8-bit cache as plain arithmetic: e4m3fn (sign, 4 exponent bits of bias 7, 3 mantissa bits;
+ * exponent 0: subnormal) or int8 */
+static double kv8_value(int fmt, uint8_t b) {
+    if (fmt == NS_KV_INT8) return (int8_t)b;
+    const int e = (b >> 3) & 15, m = b & 7;
+    const double a = e ? (8 + m) * pow(2.0, e - 10) : m * pow(2.0, -9);
+    return b & 0x80 ? -a : a;
+}
+
+/* The rows of a pool into 8 bits (ns_kv8_write: c_kv in groups of 128, or one when R is not a multiple, k_pe in
+ * one group): each value back within the format's error (e4m3: 2^-4 of it, or half its subnormal step; int8: half
+ * a step, amax / 254, of its group's largest magnitude), and the rows replaced by their dequantized values wt(value * scale), what the
+ * 8-bit reads must see. Returns the planes through q and s; ns scales per row. */
+static void quantize_pool(const char *name, int fmt, wt *rows, int64_t n, int64_t R, int64_t P, uint8_t **q,
+                          float **s, int64_t *ns, int64_t *g0) {
+    const int64_t C = R + P;
+    *g0 = R % 128 ? R : 128;
+    *ns = R / *g0 + 1;
+    *q = malloc(n * C), *s = malloc(n * *ns * sizeof(float));
+    int64_t *slots = malloc(n * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) slots[i] = i;
+    ns_kv8_write(rows, n, R, P, fmt, *g0, P, slots, *q, *s);
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t g = c < R ? c / *g0 : *ns - 1, a = c < R ? g * *g0 : R, w = c < R ? *g0 : P;
+            double amax = 0.0;
+            for (int64_t j = a; j < a + w; j++) {
+                const double v = fabs(w2f(rows[i * C + j]));
+                if (v > amax) amax = v;
+            }
+            const double x = w2f(rows[i * C + c]), y = kv8_value(fmt, (*q)[i * C + c]) * (*s)[i * *ns + g];
+            const double sub = (*s)[i * *ns + g] * pow(2.0, -10); /* half e4m3's subnormal step */
+            ok &= fabs(y - x) <= (fmt == NS_KV_FP8 ? fmax(fabs(x) / 16, sub) : amax / 254) * 1.001;
+            rows[i * C + c] = f2w((float)(kv8_value(fmt, (*q)[i * C + c]) * (*s)[i * *ns + g]));
+        }
+    char what[96];
+    snprintf(what, sizeof what, "%s: ns_kv8_write within the format's error", name);
+    expect(ok, what);
+    free(slots);
+}
+
 /* Absorbed attention with o_proj and the residual (cpu_decode.c ns_mla_absorbed), each query's rows at
- * rows_of(query) */
-static void test_absorbed(const char *name, int64_t S, int64_t R, int per_query, int gather) {
+ * rows_of(query); with fmt (NS_KV_FP8, NS_KV_INT8) the rows from an 8-bit plane (ns_mla_absorbed8), against the
+ * same loops over the dequantized rows */
+static void test_absorbed(const char *name, int64_t S, int64_t R, int per_query, int gather, int fmt) {
     const int64_t B = 2, T = 2, H = 3, N = 8, P = 8, V = 8, Dm = 24, C = R + P, M = B * T;
     const int64_t nsets = per_query ? M : B, pool = nsets * S;
     wt *q = rand_w(M * H * (N + P), 1.f), *w_kvb = rand_w(H * (N + V) * R, 0.3f), *rows = rand_w(pool * C, 1.f);
+    uint8_t *q8 = NULL;
+    float *s8 = NULL;
+    int64_t ns = 0, g0 = 0;
+    if (fmt) quantize_pool(name, fmt, rows, pool, R, P, &q8, &s8, &ns, &g0);
     wt *w_o = rand_w(Dm * H * V, 0.3f), *resid = rand_w(M * Dm, 1.f), *y = malloc(M * Dm * sizeof(wt));
     uint8_t *mask = malloc(M * S);
     int64_t *slots = malloc(pool * sizeof(int64_t));
@@ -169,8 +217,12 @@ static void test_absorbed(const char *name, int64_t S, int64_t R, int per_query,
     const float scale = 0.3f;
     wt *out = malloc(M * H * V * sizeof(wt)), *qc = malloc(H * C * sizeof(wt)), *pb = malloc(H * (S + 1) * sizeof(wt));
     float *sc = malloc(H * S * sizeof(float)), *ol = malloc(H * R * sizeof(float));
-    ns_mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, gather ? slots : NULL, S, per_query, mask, scale, out, qc, sc,
-                    ol, pb, w_o, Dm, resid, y, NT);
+    if (fmt)
+        ns_mla_absorbed8(q, B, T, H, N, P, w_kvb, R, V, q8, s8, fmt, ns, g0, P, gather ? slots : NULL, S, per_query,
+                         mask, scale, out, qc, sc, ol, pb, w_o, Dm, resid, y, NT);
+    else
+        ns_mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, gather ? slots : NULL, S, per_query, mask, scale, out, qc,
+                        sc, ol, pb, w_o, Dm, resid, y, NT);
     double *ref = malloc(M * Dm * sizeof(double)), *lat = malloc(C * sizeof(double)), *p = malloc(S * sizeof(double));
     double *o = malloc(H * V * sizeof(double)), *olr = malloc(R * sizeof(double));
     for (int64_t m = 0; m < M; m++) {
@@ -213,7 +265,7 @@ static void test_absorbed(const char *name, int64_t S, int64_t R, int per_query,
     float *g = widen(y, M * Dm);
     close_to(name, g, ref, M * Dm, TOL);
     free(q), free(w_kvb), free(rows), free(w_o), free(resid), free(y), free(mask), free(slots), free(out), free(qc);
-    free(pb), free(sc), free(ol), free(ref), free(lat), free(p), free(o), free(olr), free(g);
+    free(pb), free(sc), free(ol), free(ref), free(lat), free(p), free(o), free(olr), free(g), free(q8), free(s8);
 }
 
 /* The feed-forward half (ns_ffn_block): E = 0, the dense MLP as the shared expert; else sigmoid routing, greedy
@@ -353,11 +405,25 @@ int main(int argc, char **argv) {
     test_linear();
     test_rmsnorm();
     /* latent widths: 64 (whole vectors everywhere), 18 (the scalar o_lat); 2000 rows: the long-context split */
-    test_absorbed("ns_mla_absorbed: rows shared", 21, 64, 0, 0);
-    test_absorbed("ns_mla_absorbed: rows per query", 21, 64, 1, 0);
-    test_absorbed("ns_mla_absorbed: rows through slots", 21, 64, 0, 1);
-    test_absorbed("ns_mla_absorbed: long context, split by rows", 2000, 64, 0, 1);
-    test_absorbed("ns_mla_absorbed: R = 18", 21, 18, 0, 0);
+    test_absorbed("ns_mla_absorbed: rows shared", 21, 64, 0, 0, 0);
+    test_absorbed("ns_mla_absorbed: rows per query", 21, 64, 1, 0, 0);
+    test_absorbed("ns_mla_absorbed: rows through slots", 21, 64, 0, 1, 0);
+    test_absorbed("ns_mla_absorbed: long context, split by rows", 2000, 64, 0, 1, 0);
+    test_absorbed("ns_mla_absorbed: R = 18", 21, 18, 0, 0, 0);
+    /* the 8-bit cache's reads: c_kv of two groups of 128 or one of 18, rows shared, per query, through slots, and
+     * the long-context split */
+    for (int fmt = NS_KV_FP8; fmt <= NS_KV_INT8; fmt++) {
+        const char *f = fmt == NS_KV_FP8 ? "fp8" : "int8";
+        char what[96];
+        snprintf(what, sizeof what, "ns_mla_absorbed8 %s: rows shared, R = 256", f);
+        test_absorbed(what, 21, 256, 0, 0, fmt);
+        snprintf(what, sizeof what, "ns_mla_absorbed8 %s: rows per query", f);
+        test_absorbed(what, 21, 64, 1, 0, fmt);
+        snprintf(what, sizeof what, "ns_mla_absorbed8 %s: rows through slots, R = 18", f);
+        test_absorbed(what, 21, 18, 0, 1, fmt);
+        snprintf(what, sizeof what, "ns_mla_absorbed8 %s: long context, split by rows", f);
+        test_absorbed(what, 2000, 256, 0, 1, fmt);
+    }
     test_ffn("ns_ffn_block: dense", 0, 40);
     test_ffn("ns_ffn_block: MoE + shared", 8, 32);
     test_ffn("ns_ffn_block: MoE", 8, 0);

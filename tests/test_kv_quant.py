@@ -1,12 +1,13 @@
 """8-bit KV cache (--kv-cache-dtype fp8 | int8, nanoseek/model/kv_quant.py): round-trip error bounds per format,
 decode against the full-precision cache, pool capacity, prefix caching, MTP speculation, DSA's sparse reads,
-the whole-stack CPU decode's bypass, and the CLI/server wiring."""
+the whole-stack CPU decode over the 8-bit planes (against the block-by-block dequantize-on-read path), and the
+CLI/server wiring."""
 import pytest
 import torch
 
 from nanoseek import DenseCache, get_preset
 from nanoseek.engine import BlockPool, CacheView, Engine
-from nanoseek.kernels import cpu_decode, decode_plan
+from nanoseek.kernels import cpu_decode, decode_plan, isa
 from nanoseek.model.kv_quant import FORMATS, RowStore, kv_format
 from test_engine import alone, damped_model, greedy, prompts, tiny_model
 
@@ -176,28 +177,166 @@ def test_sparse_decode_gathers_the_same_dequantized_rows(name):
         assert keys.dtype == torch.float32 and keys.shape == (1, len(ids), m.config.index_head_dim)
 
 
-def test_whole_stack_cpu_decode_is_bypassed_and_blocks_agree():
-    """bf16 on the CPU kernels: the whole-stack plan does not take an 8-bit cache; the block-by-block kernels
-    read its dequantized rows and agree with the plain PyTorch path on the same cache."""
-    if not cpu_decode.available(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("no CPU decode kernels on this machine")
-    m = tiny_model().to(torch.bfloat16)
-    x = torch.zeros(1, 1, m.config.hidden_size, dtype=torch.bfloat16)
-    Engine(m, None, cache_bytes=1 << 20)  # installs the kernels on m
+# ---- the whole-stack CPU decode over the 8-bit cache (decode_plan.py, ns_decode_stack) -----------------------
+# Against the block-by-block path on the same cache (PyTorch's dequantize-on-read rows into the same kernels): the
+# kernel dequantizes the same values (the model's dtype of value * scale) but sums them in another order, so
+# float32 logits agree within 1e-5 of their scale and bf16 ones within 2^-6 (a bf16 rounding of a score or an
+# output that the order flips, grown through the layers); greedy tokens are equal.
+KERNEL_DTYPES = [pytest.param(dt, marks=pytest.mark.skipif(cpu_decode.library(dt) is None,
+                                                            reason="CPU decode kernels unavailable here"))
+                 for dt in (torch.float32, torch.bfloat16)]
+
+
+_PLAN_RUN = decode_plan.run
+
+
+def _plan_runs(monkeypatch, on: bool) -> dict:
+    """The plan on (its runs counted) or off (every step block by block)."""
+    runs = {"n": 0}
+
+    def counted(*a):
+        y = _PLAN_RUN(*a)
+        runs["n"] += y is not None
+        return y
+
+    monkeypatch.setattr(decode_plan, "run", counted if on else (lambda *a: None))
+    return runs
+
+
+def _decode_steps(m, ids, n0, feeds, fmt):
+    """Prefill ids[:, :n0] into a paged 8-bit cache (blocks of 4), then decode calls where request b feeds
+    feeds[c][b] tokens (padded to the longest): the logits of the real tokens per request, and the pool."""
+    B, L = ids.shape
+    pool = BlockPool(m.config, m.config.num_hidden_layers, 4, 1 << 22, m.embed_tokens.weight.dtype, "cpu",
+                     kv_format=fmt)
+    tables = [[] for _ in range(B)]
+    for t in tables:
+        assert pool.grow(t, L)
+    outs, n = [[] for _ in range(B)], [n0] * B
     with torch.no_grad():
-        for fmt in (None, FORMATS["fp8"]):
-            view = CacheView(BlockPool(m.config, 3, 4, 1 << 20, torch.bfloat16, "cpu", kv_format=fmt), [[1]], [0], [1])
-            assert (decode_plan.run(m, x, view, 1) is None) == (fmt is not None)
-    p = prompts(1, 10, 11)[0]
-    fast = alone(m, p, greedy(12, logprobs=1), kv_cache_dtype="fp8")
-    was = cpu_decode.set_enabled(False)
-    try:
-        plain = alone(m, p, greedy(12, logprobs=1), kv_cache_dtype="fp8")
-    finally:
-        cpu_decode.set_enabled(was)
-    assert fast.new_token_ids[:4] == plain.new_token_ids[:4]
-    for x, y in zip(fast.new_logprobs[:4], plain.new_logprobs[:4]):
-        assert x.logprob == pytest.approx(y.logprob, abs=0.05)  # bf16: kernels and PyTorch round differently
+        m(ids[:, :n0], cache=CacheView(pool, tables, [0] * B, [n0] * B))
+        for k in feeds:
+            feed = torch.stack([torch.nn.functional.pad(ids[b, n[b]:n[b] + k[b]], (0, max(k) - k[b]))
+                                for b in range(B)])
+            out = m(feed, cache=CacheView(pool, tables, n, k)).logits.float()
+            for b in range(B):
+                outs[b].append(out[b, :k[b]])
+                n[b] += k[b]
+    return [torch.cat(o) for o in outs], pool
+
+
+def _agree(a, b, dt):
+    """Logits [steps, V] of the plan (a) and the blocks (b): within the tolerance above, the same greedy tokens."""
+    rel = 1e-5 if dt == torch.float32 else 2 ** -6
+    assert ((a - b).abs().amax(-1) <= rel * b.abs().amax(-1)).all(), (a - b).abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("dt", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", FMTS)
+def test_kernel_writes_the_bytes_and_scales_of_the_format(name, dt):
+    """The kernel's cache write (ns_kv8_write, what ns_decode_stack runs per block) quantizes as
+    `KVFormat.quantize`: the same bytes and scales, for rows from 1e-30 to 1e3, an all-zero row, c_kv in groups of
+    128 and a k_pe part narrower than a group (one scale)."""
+    fmt, lib = FORMATS[name], cpu_decode.library(dt)
+    torch.manual_seed(0)
+    R, P, M = 256, 16, 64
+    x = (torch.randn(M, R + P) * torch.logspace(-30, 3, M)[:, None]).to(dt)
+    x[3] = 0
+    (q0, s0), (q1, s1) = fmt.quantize(x[:, :R]), fmt.quantize(x[:, R:])
+    slots = torch.randperm(M)
+    q, s = torch.zeros(M, R + P, dtype=torch.uint8), torch.zeros(M, R // 128 + 1)
+    lib.ns_kv8_write(x.data_ptr(), M, R, P, decode_plan._KV_FORMATS[name], 128, P, slots.data_ptr(), q.data_ptr(),
+                     s.data_ptr())
+    assert torch.equal(q[slots].view(fmt.container), torch.cat([q0, q1], -1))
+    assert torch.equal(s[slots], torch.cat([s0, s1], -1))
+
+
+@pytest.fixture(params=[v for v in cpu_decode.VARIANTS[torch.bfloat16] if isa.VARIANTS[v][0] == isa.arch()])
+def kernel_variant(request, monkeypatch):
+    """The kernels of one variant this CPU runs (NANOSEEK_KERNEL_ISA caps the choice; the float32 build's next one
+    down covers a variant it has no build of)."""
+    v, dt = request.param, request.node.callspec.params.get("dt")
+    if not isa.runs(v):
+        pytest.skip(f"this CPU does not run {v} code")
+    if dt is torch.float32 and v not in cpu_decode.VARIANTS[dt]:
+        pytest.skip(f"the float32 build has no {v} variant")
+    monkeypatch.setenv("NANOSEEK_KERNEL_ISA", v)
+    cpu_decode.reset()
+    yield v
+    cpu_decode.reset()
+
+
+@pytest.mark.parametrize("dt", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", FMTS)
+@pytest.mark.parametrize("dsa", [True, False])
+def test_whole_stack_decode_on_the_8bit_cache_equals_the_blocks(dsa, name, dt, kernel_variant, monkeypatch):
+    """The plan takes an 8-bit cache (one ns_decode_stack call per step) and agrees with the block-by-block path:
+    one request (contiguous rows), a ragged batch (1 and 3 tokens: rows through the slots of blocks of 4), DSA past
+    its top-k (16: the kernel scores the 8-bit index keys and attends to the selected 8-bit rows), and the
+    DenseCache. The rows it writes are the blocks' rows, byte for byte, where their inputs are (the first layer).
+    On each kernel variant this CPU runs."""
+    from test_cpu_decode import earliest_on_ties, kernel_model
+    assert cpu_decode.variant(dt) == kernel_variant
+    earliest_on_ties(monkeypatch)
+    m = kernel_model(dt, **({"index_topk": 16} if dsa else {"index_topk": 0, "index_n_heads": 0}))
+    fmt = FORMATS[name]
+    ids = torch.randint(0, m.config.vocab_size, (2, 40))
+    for rows, feeds in ((ids[:1], [[1]] * 6), (ids, [[1, 3]] * 4)):
+        runs = _plan_runs(monkeypatch, True)
+        planned, pool_p = _decode_steps(m, rows, 20, feeds, fmt)
+        assert runs["n"] == len(feeds)
+        _plan_runs(monkeypatch, False)
+        reference, pool_r = _decode_steps(m, rows, 20, feeds, fmt)
+        for a, b in zip(planned, reference):
+            _agree(a, b, dt)
+        assert torch.equal(pool_p.rows.q[0], pool_r.rows.q[0]) and torch.equal(pool_p.rows.scale[0],
+                                                                                   pool_r.rows.scale[0])
+        if dsa:
+            assert torch.equal(pool_p.index_rows.q[0], pool_r.index_rows.q[0])
+
+    def dense_cache_steps():  # batch rows at slot b * max_len + p
+        c = DenseCache(m.config, 2, 32, dt, kv_cache_dtype=name)
+        with torch.no_grad():
+            m(ids[:, :20], cache=c.step(20))
+            return torch.stack([m(ids[:, 20 + i:21 + i], cache=c.step(1)).logits[:, 0].float() for i in range(6)])
+
+    runs = _plan_runs(monkeypatch, True)
+    planned = dense_cache_steps()
+    assert runs["n"] == 6
+    _plan_runs(monkeypatch, False)
+    reference = dense_cache_steps()
+    for b in range(2):
+        _agree(planned[:, b], reference[:, b], dt)
+
+
+@pytest.mark.parametrize("name", FMTS)
+def test_engine_on_the_8bit_cache_equals_the_blocks(name, monkeypatch):
+    """bf16 through the engine (paged blocks of 4, a batch of two, then a prompt that hits the prefix cache, DSA
+    past top-k): with the plan the greedy tokens are the block-by-block path's, their logprobs within bf16
+    roundings of the order of sums."""
+    from test_cpu_decode import earliest_on_ties, kernel_model
+    if cpu_decode.library(torch.bfloat16) is None:
+        pytest.skip("no CPU decode kernels on this machine")
+    earliest_on_ties(monkeypatch)
+    m = kernel_model(torch.bfloat16)
+    base, other = prompts(2, 36, 41)
+    params = greedy(10, logprobs=1)
+
+    def serve():
+        e = Engine(m, None, block_size=4, cache_bytes=4 << 20, kv_cache_dtype=name)
+        outs = e.generate([base, other], params) + e.generate([base + [5, 6, 7]], params)
+        assert e.stats()["prefix_cache_hits"] >= 32
+        return outs
+
+    runs = _plan_runs(monkeypatch, True)
+    fast = serve()
+    assert runs["n"] >= 2 * 9  # the 9 decode steps of both calls (at least) ran through the plan
+    _plan_runs(monkeypatch, False)
+    for x, y in zip(fast, serve()):
+        assert x.new_token_ids == y.new_token_ids
+        for a, b in zip(x.new_logprobs, y.new_logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=2e-2)
 
 
 def test_engine_rejects_unknown_cache_dtype():

@@ -4,8 +4,9 @@ MLA caches per token and layer one latent row of C = kv_lora_rank + qk_rope_head
 plus the lightning indexer's key (I = index_head_dim values) on DSA models (V3.2 §2.1). The pool holds, for every
 layer, `num_blocks * block_size` such rows; a request owns a list of blocks (its block table), so requests of any
 length share one budget without fragmentation (the PagedAttention idea, Kwon et al. 2023). With a `kv_format`
-(--kv-cache-dtype fp8 | int8) the rows are stored in 8 bits and dequantized on read (`nanoseek.model.kv_quant`),
-so the same budget holds about twice the tokens.
+(--kv-cache-dtype fp8 | int8) the rows are stored in 8 bits and dequantized on read (`nanoseek.model.kv_quant`;
+the whole-stack CPU decode reads the 8-bit planes in place, `CacheView.slots`), so the same budget holds about
+twice the tokens.
 
 Prefix caching: a full block is identified by a hash chained over all token ids up to its end (plus `lookahead`
 following tokens when the MTP layers are cached too: their row i also depends on token i+1). Finished requests
@@ -204,13 +205,13 @@ class CacheView:
         return self.pool.rows.take(layer, self.read_slots)  # [B, S, C]
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows for `decode_plan` (plain caches only): (kv [L, slots, C], index_k
-        [L, slots, I] or None, write slots [B*T], read slots [B*S] or None with the first row's slot when one
-        request's rows are contiguous). Counts the caller's reads: full_layers layers that read every row, and
+        """The cache as pools of rows for `decode_plan`: (kv, index_k or None, write slots [B*T], read slots [B*S]
+        or None with the first row's slot when one request's rows are contiguous), kv and index_k the stores'
+        `RowStore.planes` (values [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads: full_layers layers that read every row, and
         `gathered` rows that DSA's selection reads in the others."""
         self.rows_read += full_layers * len(self._tables) * self._S + gathered
-        kv = self.pool.rows.plain
-        ik = self.pool.index_rows.plain if self.pool.index_rows is not None else None
+        kv = self.pool.rows.planes()
+        ik = self.pool.index_rows.planes() if self.pool.index_rows is not None else None
         if self._span is not None:
             return kv, ik, self.write_slots, None, self._span.start
         return kv, ik, self.write_slots, self.read_slots.reshape(-1), 0

@@ -6,7 +6,10 @@
  *   ns_mla_absorbed  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block     a block's feed-forward half: norm, router, routed + shared experts, residual
  *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
- *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads
+ *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads, the cache in
+ *                    the model's dtype or in 8 bits (fp8 e4m3 / int8 with fp32 scales per group, kv_quant.py)
+ *   ns_kv8_write, ns_mla_absorbed8  the 8-bit cache's write and attention over it (ns_decode_stack's, exported
+ *                    for the tests)
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
  * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
@@ -217,6 +220,77 @@ static inline const wt *row_at(const wt *rows, const int64_t *ri, int64_t s, int
     return rows + (ri ? ri[s] : s) * C;
 }
 
+/* An 8-bit cache plane (kv_quant.py `RowStore` with a format): per row, C bytes (fp8 e4m3 or int8 values) and
+ * ns fp32 scales; columns [0, R) (c_kv, or the whole indexer key) in groups of g0 columns, [R, C) (k_pe) in
+ * groups of g1, one scale each. lut: the 256 byte values as fp32. Reads give each value as the dequantize-on-read
+ * path does, wt(value * scale) (kv_quant.py `KVFormat.dequantize` into the model's dtype), computed in registers
+ * or a row's worth of stack: no dequantized copy of the cache is made. */
+#define NS_KV8_MAXC 1536 /* the widest row read: R <= 1024 plus P <= 512 (or an index key <= 1024), the
+                           * bounds modules.py `_decode_build` keeps the kernels to */
+enum { NS_KV_PLAIN = 0, NS_KV_FP8 = 1, NS_KV_INT8 = 2 };
+typedef struct { const uint8_t *q; const float *s; const float *lut; int64_t C, ns, R, g0, g1; int int8; } ns_kv8;
+
+/* out[0, n) = the dequantized columns [c0, c0 + n) of row r, as wt: exactly the rows the dequantize-on-read path
+ * gives, so that the dot products over them are the plain cache's (`dot`, VDPBF16PS where the CPU has it) */
+static inline void kv8_cols(const ns_kv8 *k, int64_t r, int64_t c0, int64_t n, wt *out) {
+    const uint8_t *q = k->q + r * k->C;
+    const float *s = k->s + r * k->ns;
+    for (int64_t c = c0; c < c0 + n;) { /* one group at a time */
+        const int64_t g = c < k->R ? c / k->g0 : k->R / k->g0 + (c - k->R) / k->g1;
+        const int64_t end = imin(c0 + n, c < k->R ? imin((c / k->g0 + 1) * k->g0, k->R)
+                                                  : k->R + ((c - k->R) / k->g1 + 1) * k->g1);
+        const float sc = s[g];
+        if (k->int8)
+            for (; c < end; c++) out[c - c0] = f2w((float)(int8_t)q[c] * sc);
+        else
+            for (; c < end; c++) out[c - c0] = f2w(k->lut[q[c]] * sc);
+    }
+}
+
+/* the 256 byte values of a format as fp32: e4m3fn (bias 7, subnormals of 2^-9, 0x7f/0xff NaN) or int8 */
+static void kv8_lut(int fmt, float *lut) {
+    for (int b = 0; b < 256; b++) {
+        if (fmt == NS_KV_INT8) { lut[b] = (float)(int8_t)b; continue; }
+        const int e = (b >> 3) & 15, m = b & 7;
+        const float a = (e == 15 && m == 7) ? NAN : e == 0 ? ldexpf((float)m, -9) : ldexpf(1.f + m / 8.f, e - 7);
+        lut[b] = b & 0x80 ? -a : a;
+    }
+}
+
+/* fp32 -> e4m3fn, to nearest even, as PyTorch's cast (past 448 + half an ulp: NaN; the caller's values are
+ * scaled to at most 448 up to an fp32 ulp, which rounds to 448) */
+static inline uint8_t f2e4m3(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7fffffffu;
+    float a;
+    memcpy(&a, &u, 4);
+    if (a < 0.015625f) return sign | (uint8_t)nearbyintf(a * 512.f); /* below 2^-6: steps of 2^-9 (8: 2^-6) */
+    u += 0x7ffffu + ((u >> 20) & 1); /* the mantissa to 3 bits, ties to even */
+    const uint32_t e = (u >> 20) - ((127 - 7) << 3);
+    return sign | (uint8_t)(e > 0x7e ? 0x7f : e);
+}
+
+/* one part of a row into 8 bits, as `KVFormat.quantize`: per group of g values, scale = max(amax, FLT_MIN) / qmax
+ * (448 for e4m3, 127 for int8), values x / scale, rounded to nearest even (int8: to an integer) */
+static void kv8_quantize(const wt *x, int64_t n, int64_t g, int fmt, uint8_t *q, float *s) {
+    const float qmax = fmt == NS_KV_FP8 ? 448.f : 127.f;
+    for (int64_t a = 0; a < n; a += g) {
+        float amax = 0.f;
+        for (int64_t i = a; i < a + g; i++) { /* (not fmaxf: GCC 12's vectorizer fails on it for NEON BF16) */
+            const float v = fabsf(w2f(x[i]));
+            amax = v > amax ? v : amax;
+        }
+        const float sc = fmaxf(amax, 1.17549435e-38f) / qmax;
+        s[a / g] = sc;
+        for (int64_t i = a; i < a + g; i++) {
+            const float y = w2f(x[i]) / sc;
+            q[i] = fmt == NS_KV_FP8 ? f2e4m3(y) : (uint8_t)(int8_t)nearbyintf(y);
+        }
+    }
+}
+
 /* The phases of absorbed attention for one query, each over a range of heads [h0, h1) (and of rows or columns
  * where noted), so that a thread can run them for its own heads without waiting for the others. */
 static void att_qlat(const wt *qm, const wt *w_kvb, int64_t N, int64_t P, int64_t V, int64_t R, int64_t h0,
@@ -236,9 +310,22 @@ static void att_qlat(const wt *qm, const wt *w_kvb, int64_t N, int64_t P, int64_
     }
 }
 
-static void att_scores(const wt *qc, const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S,
-                       int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
-                       ns_pf *pf) { /* rows [s0, s1) */
+static void att_scores(const wt *qc, const wt *rm, const ns_kv8 *k8, const int64_t *ri, const uint8_t *mk,
+                       int64_t S, int64_t C, float scale, int64_t h0, int64_t h1, int64_t s0, int64_t s1, float *sc,
+                       ns_pf *pf) { /* rows [s0, s1); k8: an 8-bit plane instead of rm */
+    if (k8) { /* each visible row dequantized once into the stack, then read by every head */
+        wt row[NS_KV8_MAXC];
+        for (int64_t s = s0; s < s1; s++) {
+            pf_next(pf);
+            if (!mk[s]) {
+                for (int64_t h = h0; h < h1; h++) sc[h * S + s] = -INFINITY;
+                continue;
+            }
+            kv8_cols(k8, ri ? ri[s] : s, 0, C, row);
+            for (int64_t h = h0; h < h1; h++) sc[h * S + s] = RW(dot(qc + h * C, row, C)) * scale;
+        }
+        return;
+    }
     for (int64_t s = s0; s < s1; s++) {
         const wt *row = row_at(rm, ri, s, C);
         pf_next(pf);
@@ -262,9 +349,31 @@ static void att_softmax(float *sc, const uint8_t *mk, int64_t S, int64_t h0, int
 }
 
 /* ol[h, c0:c1] = wt(p[h] . rows[:, c0:c1]) for heads [h0, h1), columns [c0, c1) (multiples of NS_CHUNK) */
-static void att_olat(const wt *rm, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C, const float *sc,
-                     const wt *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0, int64_t c1, float *ol,
-                     ns_pf *pf) {
+static void att_olat(const wt *rm, const ns_kv8 *k8, const int64_t *ri, const uint8_t *mk, int64_t S, int64_t C,
+                     const float *sc, const wt *pb, int64_t S2, int64_t R, int64_t h0, int64_t h1, int64_t c0,
+                     int64_t c1, float *ol, ns_pf *pf) {
+    if (k8) { /* NS_CHUNK columns of each visible row dequantized once for a block of 8 heads */
+        for (int64_t c = c0; c < c1; c += NS_CHUNK) {
+            const int64_t nc = imin(NS_CHUNK, c1 - c);
+            for (int64_t hb = h0; hb < h1; hb += 8) {
+                const int64_t nb = imin(8, h1 - hb);
+                float acc[8][NS_CHUNK] = {{0.f}};
+                wt r[NS_CHUNK];
+                for (int64_t s = 0; s < S; s++) {
+                    if (s % 2 == 0) pf_next(pf);
+                    if (!mk[s]) continue; /* p = 0 */
+                    kv8_cols(k8, ri ? ri[s] : s, c, nc, r);
+                    for (int64_t j = 0; j < nb; j++) {
+                        const float p = sc[(hb + j) * S + s];
+                        for (int64_t i = 0; i < nc; i++) acc[j][i] += p * w2f(r[i]);
+                    }
+                }
+                for (int64_t j = 0; j < nb; j++)
+                    for (int64_t i = 0; i < nc; i++) ol[(hb + j) * R + c + i] = RW(acc[j][i]);
+            }
+        }
+        return;
+    }
 #ifdef NS_AVX512BF16
     if (pb) { /* VDPBF16PS: each instruction takes two consecutive rows, interleaved column by column, against the
                * head's broadcast probability pair; heads in blocks of 8 accumulators kept in registers */
@@ -359,15 +468,16 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * scores by rows and o_lat by columns, so that the rows stream from memory once, not once per thread. Both
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
-void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
-                     const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
-                     int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
-                     float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
-                     wt *y, int nt) {
+/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache) */
+static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                         const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const ns_kv8 *k8,
+                         const int64_t *row_idx, int64_t S, int per_query, const uint8_t *mask, float scale, wt *out,
+                         wt *qc, float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid, wt *y,
+                         int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
-    wt *pbv = R % 16 == 0 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
+    wt *pbv = R % 16 == 0 && !k8 ? pb : NULL; /* o_lat with VDPBF16PS reads the probabilities as bf16 pairs */
 #else
     wt *pbv = NULL; /* (o_lat below reads the fp32 probabilities) */
     (void)pb;
@@ -388,24 +498,30 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                            w_o ? (d1 - d0) * H * V * W : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
             const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
-            const wt *rm = row_idx ? rows : rows + rq * S * C;
+            const wt *rm = row_idx || !rows ? rows : rows + rq * S * C;
+            ns_kv8 kq;
+            if (k8) { /* this query's rows: through the slots, or the request's S rows */
+                kq = *k8;
+                if (!row_idx) kq.q += rq * S * C, kq.s += rq * S * kq.ns;
+            }
+            const ns_kv8 *kr = k8 ? &kq : NULL;
             const int64_t *ri = row_idx ? row_idx + rq * S : NULL;
             const uint8_t *mk = mask + m * S;
             att_qlat(q + m * H * (N + P), w_kvb, N, P, V, R, h0, h1, qc);
             if (by_heads) {
-                att_scores(qc, rm, ri, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
+                att_scores(qc, rm, kr, ri, mk, S, C, scale, h0, h1, 0, S, sc, &pf);
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
-                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
+                att_olat(rm, kr, ri, mk, S, C, sc, pbv, S2, R, h0, h1, 0, R, ol, &pf);
             } else {
                 int64_t s0, s1, c0, c1;
                 part(S, t, n, &s0, &s1);
                 part((R + NS_CHUNK - 1) / NS_CHUNK, t, n, &c0, &c1);
 #pragma omp barrier
-                att_scores(qc, rm, ri, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
+                att_scores(qc, rm, kr, ri, mk, S, C, scale, 0, H, s0, s1, sc, &pf);
 #pragma omp barrier
                 att_softmax(sc, mk, S, h0, h1, pbv, S2);
 #pragma omp barrier
-                att_olat(rm, ri, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
+                att_olat(rm, kr, ri, mk, S, C, sc, pbv, S2, R, 0, H, c0 * NS_CHUNK, c1 * NS_CHUNK < R ? c1 * NS_CHUNK : R,
                          ol, &pf);
 #pragma omp barrier
             }
@@ -424,6 +540,41 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                 }
             }
         }
+    }
+}
+
+void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                     const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const int64_t *row_idx,
+                     int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
+                     float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
+                     wt *y, int nt) {
+    mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, NULL, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
+                 w_o, Dm, resid, y, nt);
+}
+
+/* The same over the 8-bit rows of a cache plane (fmt NS_KV_FP8 or NS_KV_INT8): values rows8 [.., R + P] and
+ * scales [.., ns] (c_kv in groups of g0, k_pe in groups of g1), indexed as `rows` above. The kernels' path over an
+ * 8-bit cache (ns_decode_stack); exported for the self-test against the dequantized rows. */
+void ns_mla_absorbed8(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
+                      const wt *w_kvb, int64_t R, int64_t V, const uint8_t *rows8, const float *scales, int fmt,
+                      int64_t ns, int64_t g0, int64_t g1, const int64_t *row_idx, int64_t S, int per_query,
+                      const uint8_t *mask, float scale, wt *out, wt *qc, float *sc, float *ol, wt *pb,
+                      const wt *w_o, int64_t Dm, const wt *resid, wt *y, int nt) {
+    float lut[256];
+    kv8_lut(fmt, lut);
+    const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1, fmt == NS_KV_INT8};
+    mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, NULL, &k8, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
+                 w_o, Dm, resid, y, nt);
+}
+
+/* rows [M, R + P] into an 8-bit plane (fmt, groups g0 and g1 as ns_mla_absorbed8) at slots [M]: values
+ * q [slots, R + P], scales s [slots, ns] */
+void ns_kv8_write(const wt *rows, int64_t M, int64_t R, int64_t P, int fmt, int64_t g0, int64_t g1,
+                  const int64_t *slots, uint8_t *q, float *s) {
+    const int64_t C = R + P, ns = R / g0 + (P ? P / g1 : 0);
+    for (int64_t m = 0; m < M; m++) {
+        kv8_quantize(rows + m * C, R, g0, fmt, q + slots[m] * C, s + slots[m] * ns);
+        if (P) kv8_quantize(rows + m * C + R, P, g1, fmt, q + slots[m] * C + R, s + slots[m] * ns + R / g0);
     }
 }
 
@@ -770,7 +921,11 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * queries see more than its top-k rows selects them first (ns_dsa_select) into sel [M, topk] (slots).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block.
  * idx [L, M, K'] receives each MoE block's expert ids. The angles of RoPE come from tables of every position
- * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. Then the model's final norm,
+ * (cos_tab, sin_tab [positions, P/2]) at pos [M]; cs [2, M, P/2] is scratch. With kv_fmt NS_KV_FP8 or NS_KV_INT8
+ * the pools hold 8-bit values (bytes, same layout) and kv_scales [L, slots, R/g0 + P/g1], ik_scales
+ * [L, slots, Di/gi] their fp32 scales, each part in groups of kv_group values or whole when its width is not a
+ * multiple (kv_quant.py `KVFormat.groups`): the new rows are quantized into them and attention and the DSA
+ * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
  * hn [M, D], and with head_w [V, D] the logits [B, n_logits, V] of each request's last n_logits rows (hl
  * [B * n_logits, D] scratch). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
@@ -822,11 +977,11 @@ static void topk_positions(const float *v, int64_t S, int64_t K, int64_t *ord) {
  * then the top K rows of each query (ties at the K-th score to the earliest positions), in position order:
  * ord [M, S] (the first K of each row), sel_mask [M, K], and the slots of their latent rows sel [M, K].
  * Keys are read through the slots (read_slots [B, S], or span0). */
-void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
-                   int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
-                   const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
-                   const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
-                   uint8_t *sel_mask, int64_t *sel, int nt) {
+static void dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                       int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                       const float *cos, const float *sin, const uint8_t *mask, const wt *iplane, const ns_kv8 *ik8,
+                       const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
+                       uint8_t *sel_mask, int64_t *sel, int nt) {
     const int64_t M = B * T, half = P / 2;
     const float qscale = 1.f / sqrtf((float)Di), wscale = 1.f / sqrtf((float)Hi);
 #pragma omp parallel num_threads(nt)
@@ -852,13 +1007,18 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
                 const int64_t m = blk / nb, s0 = (blk % nb) * 16, n = S - s0 < 16 ? S - s0 : 16;
                 const __mmask16 live = (__mmask16)((1u << n) - 1);
                 int32_t off[16] = {0};
-                for (int64_t r = 0; r < n; r++)
-                    off[r] = (int32_t)((read_slots ? read_slots[(m / T) * S + s0 + r] : span0 + s0 + r) * Dp);
+                wt keys8[ik8 ? 16 * Di : 1]; /* 8-bit keys: the block's 16 dequantized, gathered from here */
+                for (int64_t r = 0; r < n; r++) {
+                    const int64_t slot = read_slots ? read_slots[(m / T) * S + s0 + r] : span0 + s0 + r;
+                    if (ik8) kv8_cols(ik8, slot, 0, Di, keys8 + r * Di);
+                    off[r] = (int32_t)((ik8 ? r : slot) * Dp);
+                }
                 const __m512i vo = _mm512_loadu_si512(off);
+                const void *kbase = ik8 ? (const void *)keys8 : (const void *)iplane;
                 __m512i kt[512]; /* kt[j] lane r = dims (2j, 2j+1) of key s0 + r */
                 for (int64_t j = 0; j < Dp; j++)
                     kt[j] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
-                                                         _mm512_add_epi32(vo, _mm512_set1_epi32((int)j)), iplane, 4);
+                                                         _mm512_add_epi32(vo, _mm512_set1_epi32((int)j)), kbase, 4);
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t h = 0; h < Hi; h++) {
                     const uint32_t *qh = (const uint32_t *)(iq + (m * Hi + h) * Di);
@@ -882,11 +1042,20 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
                 const int64_t m = i / S, s = i % S;
                 if (!mask[i]) { isc[i] = -INFINITY; continue; }
                 const int64_t slot = read_slots ? read_slots[(m / T) * S + s] : span0 + s;
-                const wt *key = iplane + slot * Di;
                 float acc = 0.f;
-                for (int64_t j = 0; j < Hi; j++) {
-                    const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
-                    if (l > 0.f) acc += l * iw[m * Hi + j];
+                if (ik8) { /* an 8-bit key: dequantized once into the stack for every head */
+                    wt key[NS_KV8_MAXC];
+                    kv8_cols(ik8, slot, 0, Di, key);
+                    for (int64_t j = 0; j < Hi; j++) {
+                        const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
+                        if (l > 0.f) acc += l * iw[m * Hi + j];
+                    }
+                } else {
+                    const wt *key = iplane + slot * Di;
+                    for (int64_t j = 0; j < Hi; j++) {
+                        const float l = RW(dot(key, iq + (m * Hi + j) * Di, Di));
+                        if (l > 0.f) acc += l * iw[m * Hi + j];
+                    }
                 }
                 isc[i] = RW(acc);
             }
@@ -916,11 +1085,21 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
     }
 }
 
+void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t P, int64_t K,
+                   int64_t B, int64_t T, int64_t D, int64_t Oq, int64_t S, const wt *cq, const wt *xn,
+                   const float *cos, const float *sin, const uint8_t *mask, const wt *iplane,
+                   const int64_t *read_slots, int64_t span0, wt *iq, float *iw, float *isc, int64_t *ord,
+                   uint8_t *sel_mask, int64_t *sel, int nt) {
+    dsa_select(iwq, iwp, Hi, Di, P, K, B, T, D, Oq, S, cq, xn, cos, sin, mask, iplane, NULL, read_slots, span0, iq,
+               iw, isc, ord, sel_mask, sel, nt);
+}
+
 void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
                      int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
                      const uint8_t *mask, int64_t S,
-                     wt *kv_pool, wt *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                     const int64_t *read_slots, int64_t span0, int64_t *sel, wt *rows, wt *ik, wt *xn,
+                     void *kv_pool, void *ik_pool, int64_t n_slots, const int64_t *write_slots,
+                     const int64_t *read_slots, int64_t span0, int kv_fmt, int64_t kv_group, float *kv_scales,
+                     float *ik_scales, int64_t *sel, wt *rows, wt *ik, wt *xn,
                      wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
                      wt *fxn, wt *act, float *ys, float *rs, float *gw,
                      wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
@@ -933,28 +1112,44 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         memcpy(cos + m * half, cos_tab + pos[m] * half, half * sizeof(float));
         memcpy(sin + m * half, sin_tab + pos[m] * half, half * sizeof(float));
     }
+    float lut[256];
+    if (kv_fmt) kv8_lut(kv_fmt, lut);
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
+        /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
+        const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
+                      gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
+        const ns_kv8 k8 = {(const uint8_t *)kv_pool + b->layer * n_slots * C, kv_fmt ? kv_scales + b->layer * n_slots * ns : NULL,
+                           lut, C, ns, b->R, g0, g1, kv_fmt == NS_KV_INT8};
+        const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
+                            kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
+                            b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
         ns_mla_project(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
                             b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
                             xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
-        wt *plane = kv_pool + b->layer * n_slots * C;
-        for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(wt));
-        if (b->Di) {
-            wt *iplane = ik_pool + b->layer * n_slots * b->Di;
-            for (int64_t m = 0; m < M; m++)
-                memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(wt));
+        wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
+        wt *iplane = kv_fmt || !b->Di ? NULL : (wt *)ik_pool + b->layer * n_slots * b->Di;
+        if (kv_fmt) { /* the new rows quantized as `RowStore.write` does, each part with its own scales */
+            ns_kv8_write(rows, M, b->R, b->P, kv_fmt, g0, g1, write_slots, (uint8_t *)k8.q, (float *)k8.s);
+            if (b->Di) ns_kv8_write(ik, M, b->Di, 0, kv_fmt, gi, 1, write_slots, (uint8_t *)ik8.q, (float *)ik8.s);
+        } else {
+            for (int64_t m = 0; m < M; m++) memcpy(plane + write_slots[m] * C, rows + m * C, C * sizeof(wt));
+            if (b->Di)
+                for (int64_t m = 0; m < M; m++)
+                    memcpy(iplane + write_slots[m] * b->Di, ik + m * b->Di, b->Di * sizeof(wt));
         }
         if (b->topk > 0 && S > b->topk) { /* DSA: each query attends to its top-k rows only */
-            ns_dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin,
-                               mask, ik_pool + b->layer * n_slots * b->Di, read_slots, span0, iq, iw, isc, ord,
-                               sel_mask, sel, nt);
-            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, sel, b->topk, 1, sel_mask,
-                                 b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+            dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin, mask,
+                       iplane, kv_fmt ? &ik8 : NULL, read_slots, span0, iq, iw, isc, ord, sel_mask, sel, nt);
+            mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, kv_fmt ? &k8 : NULL, sel, b->topk,
+                         1, sel_mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
-            ns_mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, read_slots ? plane : plane + span0 * C,
-                                 read_slots, S, 0, mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+            ns_kv8 span = k8;
+            if (!read_slots) span.q += span0 * C, span.s = kv_fmt ? span.s + span0 * ns : NULL;
+            mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V,
+                         kv_fmt || read_slots ? plane : plane + span0 * C, kv_fmt ? &span : NULL, read_slots, S, 0,
+                         mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
         }
         ns_ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
                           b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,

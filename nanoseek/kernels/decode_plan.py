@@ -17,8 +17,14 @@ Same kernels, same arguments: within top-k the result is bit-identical to the bl
 path runs on the kernels too: calls of at most MAX_ROWS rows), which stays the reference (tests/test_cpu_decode.py
 compares them); past it the two select alike up to ties at the k-th score and bf16 ulps of the scores. The
 blocks run one by one wherever the plan does not apply: training, grad mode, more than ABSORB_MAX_QUERIES new
-tokens per request or MAX_PLAN_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, a cache without a
-slot view, or an 8-bit cache (`kv_quant.py`: its rows are dequantized on read, which the blocks do one by one).
+tokens per request or MAX_PLAN_ROWS rows, the indexer's loss, a DSA layer without q-LoRA, or a cache without a
+slot view.
+
+An 8-bit cache (`--kv-cache-dtype fp8|int8`, `kv_quant.py`) goes through the plan too: the call gets its value
+planes and scales and the format, quantizes the new rows as `KVFormat.quantize` (same bytes, same scales) and
+dequantizes each value it reads as `KVFormat.dequantize` (the model's dtype of value * scale) inside attention's
+dot products and the indexer's, without a dequantized copy. Against the block-by-block path over the same cache
+(PyTorch's dequantized rows into the same kernels) it differs by the order of fp32 sums only.
 
 Legend: B requests, T new tokens each, M = B*T rows, S visible cache rows, D model width, H heads, L blocks.
 """
@@ -33,6 +39,7 @@ import torch
 from nanoseek.kernels import cpu_decode
 from nanoseek.kernels.cpu_decode import kernel_weights
 from nanoseek.kernels.fused import derived
+from nanoseek.model.kv_quant import GROUP
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
 
@@ -41,6 +48,8 @@ _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakK
 # prompts (engine.py `_prefill_groups`). The kernels compute every row on its own, so the bound only caps the
 # scratch (a few MB at `small`'s size); past it the blocks run one by one.
 MAX_PLAN_ROWS = 256
+# the cache's formats as ns_decode_stack takes them (cpu_decode.c NS_KV_*): rows in the model's dtype, fp8, int8
+_KV_FORMATS = {None: 0, "fp8": 1, "int8": 2}
 MAX_PLAN_SCORES = 1 << 22  # rows x visible cache rows of a call past MAX_ROWS rows (48 MB of DSA selection scratch)
 
 # A plan holds the tensors it was built from. An assignment of a parameter, buffer or submodule anywhere
@@ -68,8 +77,8 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
     if model.training or torch.is_grad_enabled() or T > ABSORB_MAX_QUERIES or B * T > MAX_PLAN_ROWS or \
             not cpu_decode.available(x):
         return None
-    if not hasattr(cache, "slots") or getattr(cache, "kv_format", None) is not None:
-        return None  # the kernels read the cache's planes in the model's dtype: an 8-bit cache runs block by block
+    if not hasattr(cache, "slots"):
+        return None
     if B * T > cpu_decode.MAX_ROWS and B * T * cache.mask.shape[-1] > MAX_PLAN_SCORES:
         return None  # DSA's selection scratch is [rows, S]: a big group over a long context runs block by block
     plan = _PLANS.get(model)
@@ -221,7 +230,10 @@ class DecodePlan:
         mask = cache.mask.contiguous()  # bool [B, T, S]
         S = mask.shape[-1]
         selecting = [k for k in self.topks if 0 < k < S]  # DSA blocks that read only their top-k rows
-        kv_pool, ik_pool, write, read, span0 = cache.slots(len(self.topks) - len(selecting), M * sum(selecting))
+        (kv_pool, kv_scales), ik, write, read, span0 = cache.slots(len(self.topks) - len(selecting),
+                                                                   M * sum(selecting))
+        ik_pool, ik_scales = ik if ik is not None else (None, None)
+        fmt = getattr(cache, "kv_format", None)
         cos, sin = rotary.cached(S)  # fp32 [positions, P/2], every position < S
         pos = cache.positions.contiguous()
         norm_w, norm_eps, head_w, V = self.final
@@ -244,7 +256,8 @@ class DecodePlan:
         cpu_decode.library(x.dtype).ns_decode_stack(
             self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
             pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
-            write.data_ptr(), _ptr(read), span0, *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
+            write.data_ptr(), _ptr(read), span0, _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,
+            _ptr(kv_scales), _ptr(ik_scales), *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
             hn.data_ptr(), head_w, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
         expert_ids = []  # per MoE block, [M, K]: what `LayerStats.expert_ids` holds
         for moe, ids in zip(self.moes, idx.unbind(0)):

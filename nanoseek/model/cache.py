@@ -35,10 +35,11 @@ class LatentCache(Protocol):
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """Only the selected rows: idx [B, T, K] (values in [0, S)) -> [B, T, K, C]. O(K) reads, for DSA decode."""
 
-    # optional: slots(num_layers) -> (kv [L, slots, C], index_k [L, slots, I] or None, write slots [B*T], read
-    # slots [B*S] or None, first slot of a single request's contiguous rows): the whole-stack CPU decode
-    # (`decode_plan.py`) reads and writes the cache itself through it; a cache without it takes the blocks one
-    # by one. A cache with a `kv_format` (8-bit rows, `kv_quant.py`) is never read through it.
+    # optional: slots(num_layers) -> (kv, index_k or None, write slots [B*T], read slots [B*S] or None, first
+    # slot of a single request's contiguous rows), kv and index_k each `RowStore.planes` flattened to slots
+    # (values [L, slots, W], fp32 scales [L, slots, G] or None): the whole-stack CPU decode (`decode_plan.py`)
+    # reads and writes the cache itself through it, in the cache's `kv_format` (8-bit rows, `kv_quant.py`) or
+    # the model's dtype; a cache without it takes the blocks one by one.
 
 
 class DenseCache:
@@ -91,17 +92,18 @@ class DenseCache:
         return self.index_rows.read(layer, (slice(None), slice(0, self.length)))
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows (see `CacheView.slots`; plain caches only): batch row b's position p is
-        slot b * max_len + p."""
-        kv = self.rows.plain
-        L, B, S_max, C = kv.shape
-        base = torch.arange(B, device=kv.device)[:, None] * S_max
-        write = (base + torch.arange(self.length - self._t, self.length, device=kv.device)).reshape(-1)
-        ik = None if self.index_rows is None else self.index_rows.plain.view(L, B * S_max, -1)
+        """The cache as pools of rows (see `CacheView.slots`): batch row b's position p is slot b * max_len + p."""
+        kv = self.rows.planes()
+        L, B, S_max, _ = kv[0].shape
+        base = torch.arange(B, device=kv[0].device)[:, None] * S_max
+        write = (base + torch.arange(self.length - self._t, self.length, device=kv[0].device)).reshape(-1)
+        ik = None if self.index_rows is None else self.index_rows.planes()
+        kv, ik = (None if p is None else tuple(None if t is None else t.view(L, B * S_max, t.shape[-1]) for t in p)
+                  for p in (kv, ik))
         if B == 1:
-            return kv.view(L, S_max, C), ik, write, None, 0
-        read = (base + torch.arange(self.length, device=kv.device)).reshape(-1)
-        return kv.view(L, B * S_max, C), ik, write, read, 0
+            return kv, ik, write, None, 0
+        read = (base + torch.arange(self.length, device=base.device)).reshape(-1)
+        return kv, ik, write, read, 0
 
     def gather(self, layer, idx):
         B, T, K = idx.shape

@@ -19,9 +19,12 @@ Per V3.2 row in bf16: 512 + 16 (scales) + 64 + 4 (k_pe) bytes, + 128 + 4 for the
 1.93x the tokens for the same budget.
 
 Dequantization happens on read: every attention path (naive, absorbed, DSA's gather, the indexer's scores)
-gets rows in the model's dtype from `RowStore.read`/`take`, so all of them see the same values. The whole-stack
-CPU decode (`kernels/decode_plan.py`) reads the cache's planes itself in the model's dtype: it does not apply to
-an 8-bit cache, whose decode steps run block by block (the per-block fused kernels take the dequantized rows).
+gets rows in the model's dtype from `RowStore.read`/`take`, so all of them see the same values; that path is the
+reference. The whole-stack CPU decode (`kernels/decode_plan.py`, `ns_decode_stack` in kernels/cpu_decode.c) reads
+and writes the 8-bit planes and scales itself (`RowStore.planes`): it quantizes new rows as `KVFormat.quantize`
+does, byte for byte, and dequantizes each value as `KVFormat.dequantize` does (the model's dtype of value * scale)
+in registers or a row's worth of stack, inside its dot products: no dequantized copy of the cache is made. Its
+results equal the reference's up to the order of fp32 sums (tests/test_kv_quant.py).
 """
 from __future__ import annotations
 
@@ -94,8 +97,8 @@ class RowStore:
     """Rows for L layers, addressed by a leading shape (`lead`: [slots] for the paged pool, [B, S_max] for
     DenseCache), each row the concatenation of `parts` (widths: [R, P] for MLA's c_kv and k_pe, [I] for the
     indexer key). With a format, every part is stored in 8 bits with its own scales (`KVFormat.groups` of them);
-    without one, the rows are one plain tensor (`plain`, [L, *lead, width]) that the whole-stack CPU decode
-    reads directly.
+    without one, the rows are one plain tensor (`plain`, [L, *lead, width]). The whole-stack CPU decode reads
+    either in place (`planes`).
 
     Indices: a LongTensor of slots into the flattened lead dimensions (index_select / index_copy_), or a basic
     index (slices) of the lead dimensions.
@@ -151,6 +154,12 @@ class RowStore:
             out = self._dequantize(self.q[layer].view(-1, self.width).index_select(0, flat),
                                    self.scale[layer].view(-1, self.scale.shape[-1]).index_select(0, flat))
         return out.view(*slots.shape, self.width)
+
+    def planes(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The storage itself, for the whole-stack CPU decode that reads and writes it in place: (the rows
+        [L, *lead, width] in `dtype`, None) when plain, else (the 8-bit values [L, *lead, width] as `container`,
+        their fp32 scales [L, *lead, sum(groups)])."""
+        return (self.plain, None) if self.fmt is None else (self.q, self.scale)
 
     def _dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=self.dtype, device=q.device)
