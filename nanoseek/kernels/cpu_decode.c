@@ -64,10 +64,17 @@ static inline vw vw_loadu(const wt *p) { return vbf2_loadu(p); }
 static inline vf vw_madd(vf acc, vw a, vw b) { return vf_dot2(acc, a, b); }
 static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
 #endif
-/* int8 weight rows (the quantized stack, see `mdots`): cpu_quant.c's dot products over rows of x in wt */
+/* int8 weight rows (the quantized stack, see `mdots`): cpu_quant.c's dot products over rows of x in wt (dot_s8),
+ * and in fp32 (dot_s8_f: the routed experts' activations of an int8 model) */
 #define NQ_X wt
 #define NQ_XLOAD vf_loadu_w
 #define NQ_X2F w2f
+#define NQ_DOT dot_s8
+#include "quant_dot.h"
+#define NQ_X float
+#define NQ_XLOAD vf_loadu
+#define NQ_X2F(v) (v)
+#define NQ_DOT dot_s8_f
 #include "quant_dot.h"
 
 /* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator
@@ -180,26 +187,29 @@ static inline const void *mrow(const void *w, const bf16 *s, int64_t o, int64_t 
     return s ? (const void *)((const int8_t *)w + o * D) : (const void *)((const wt *)w + o * D);
 }
 
-/* out[j] = row o of (w, s) . x[j] for j < nx: `dots` for wt rows; for int8 rows dot_s8's sum times the row's
- * scale, four rows of x per pass as cpu_quant.c's nq_int8 (the same arithmetic: a row's result equals nq_int8's
- * on x widened to fp32, which is exact) */
+/* out[j] = (int8 row o of (w, s), width D) . x[j] for j < nx through `dot` (dot_s8, dot_s8_f): its sum times the
+ * row's scale, four rows of x per pass, as cpu_quant.c's nq_int8 (the same arithmetic: a row's result equals
+ * nq_int8's on x widened to fp32, which is exact) */
+#define NS_QDOTS(dot, x, nx, w, s, o, D, out)                                                                      \
+    do {                                                                                                           \
+        const int8_t *c_ = (const int8_t *)(w) + (o) * (D);                                                        \
+        for (int64_t j_ = 0; j_ < (nx); j_ += NQ_ROWS) {                                                           \
+            switch ((nx) - j_ < NQ_ROWS ? (nx) - j_ : NQ_ROWS) { /* a constant row count per call: registers */    \
+            case 4: dot((x) + j_, 4, c_, D, (out) + j_); break;                                                    \
+            case 3: dot((x) + j_, 3, c_, D, (out) + j_); break;                                                    \
+            case 2: dot((x) + j_, 2, c_, D, (out) + j_); break;                                                    \
+            default: dot((x) + j_, 1, c_, D, (out) + j_); break;                                                   \
+            }                                                                                                      \
+        }                                                                                                          \
+        const float sc_ = bf2f((s)[o]);                                                                            \
+        for (int64_t j_ = 0; j_ < (nx); j_++) (out)[j_] *= sc_;                                                   \
+    } while (0)
+
+/* out[j] = row o of (w, s) . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones */
 static inline __attribute__((always_inline)) void mdots(const wt *const *x, int64_t nx, const void *w,
                                                          const bf16 *s, int64_t o, int64_t D, float *out) {
-    if (!s) {
-        dots(x, nx, (const wt *)w + o * D, D, out);
-        return;
-    }
-    const int8_t *c = (const int8_t *)w + o * D;
-    for (int64_t j = 0; j < nx; j += NQ_ROWS) {
-        switch (nx - j < NQ_ROWS ? nx - j : NQ_ROWS) { /* a constant row count per call: registers */
-        case 4: dot_s8(x + j, 4, c, D, out + j); break;
-        case 3: dot_s8(x + j, 3, c, D, out + j); break;
-        case 2: dot_s8(x + j, 2, c, D, out + j); break;
-        default: dot_s8(x + j, 1, c, D, out + j); break;
-        }
-    }
-    const float sc = bf2f(s[o]);
-    for (int64_t j = 0; j < nx; j++) out[j] *= sc;
+    if (s) NS_QDOTS(dot_s8, x, nx, w, s, o, D, out);
+    else dots(x, nx, (const wt *)w + o * D, D, out);
 }
 
 /* y[M, O] = x[M, D] @ W[O, D]^T for W = (w, s) (see mrow), wt in and out. Each weight row is read once for all M
@@ -659,34 +669,49 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { /* pairs[first, first + count); the matrices as (w, s): mrow */
+typedef struct { /* pairs[first, first + count); the matrices as (w, s): mrow; f32: see ffn_block */
     const void *gate_up, *down;
     const bf16 *gu_s, *dn_s;
     int64_t I, first, count;
+    int f32;
 } ns_group;
-typedef struct { const wt *xn; wt *act; float *ys; const int64_t *pairs; int64_t NKr, K, D, I, Is; } ns_pairs;
+typedef struct {
+    const wt *xn;
+    wt *act;
+    float *ys;
+    const int64_t *pairs;
+    int64_t NKr, K, D, I, Is;
+    int f32; /* the routed pairs' activations are fp32 (an int8 model's experts, see ffn_block) */
+} ns_pairs;
 
 static inline const wt *pair_x(const ns_pairs *c, int64_t p) {
     return c->xn + (p < c->NKr ? p / c->K : p - c->NKr) * c->D;
 }
-static inline wt *pair_act(const ns_pairs *c, int64_t p) {
-    return p < c->NKr ? c->act + p * c->I : c->act + c->NKr * c->I + (p - c->NKr) * c->Is;
+static inline wt *pair_act(const ns_pairs *c, int64_t p) { /* (pair_actf for fp32 routed activations) */
+    wt *shared = c->f32 ? (wt *)((float *)c->act + c->NKr * c->I) : c->act + c->NKr * c->I;
+    return p < c->NKr ? c->act + p * c->I : shared + (p - c->NKr) * c->Is;
 }
+static inline float *pair_actf(const ns_pairs *c, int64_t p) { return (float *)c->act + p * c->I; }
 
 static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
     const int64_t n = g->count;
     const wt *xs[n];
     wt *acts[n];
-    float ga[n], ua[n];
+    float *actf[n], ga[n], ua[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         xs[j] = pair_x(c, p);
         acts[j] = pair_act(c, p);
+        actf[j] = pair_actf(c, p);
     }
     for (int64_t r = r0; r < r1; r++) {
         mdots(xs, n, g->gate_up, g->gu_s, r, c->D, ga);
         mdots(xs, n, g->gate_up, g->gu_s, g->I + r, c->D, ua);
         for (int64_t j = 0; j < n; j++) {
+            if (g->f32) { /* nq_experts' arithmetic: nothing rounded */
+                actf[j][r] = ga[j] / (1.f + expf(-ga[j])) * ua[j];
+                continue;
+            }
             const float a = RW(ga[j]), u = RW(ua[j]);
             acts[j][r] = f2w(RW(a / (1.f + expf(-a))) * u);
         }
@@ -696,15 +721,18 @@ static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int6
 static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t d1) { /* y rows [d0, d1) */
     const int64_t n = g->count;
     const wt *acts[n];
+    const float *actf[n];
     float *ys[n], r[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         acts[j] = pair_act(c, p);
+        actf[j] = pair_actf(c, p);
         ys[j] = c->ys + p * c->D;
     }
     for (int64_t d = d0; d < d1; d++) {
-        mdots(acts, n, g->down, g->dn_s, d, g->I, r);
-        for (int64_t j = 0; j < n; j++) ys[j][d] = RW(r[j]);
+        if (g->f32) NS_QDOTS(dot_s8_f, actf, n, g->down, g->dn_s, d, g->I, r);
+        else mdots(acts, n, g->down, g->dn_s, d, g->I, r);
+        for (int64_t j = 0; j < n; j++) ys[j][d] = g->f32 ? r[j] : RW(r[j]);
     }
 }
 
@@ -727,7 +755,9 @@ static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) 
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64.
  * Quantized (ffn_block with scales): each matrix as (w, s) (mrow), gate_up [E, 2I, D] codes with scales gu_s
- * [E, 2I], down with dn_s [E, D], the shared expert's with s_gu_s [2Is], s_dn_s [D]. */
+ * [E, 2I], down with dn_s [E, D], the shared expert's with s_gu_s [2Is], s_dn_s [D]. int8 routed experts compute
+ * as cpu_quant.c's nq_experts, the per-op path of a quantized model: gate, up, their activation and each y stay
+ * fp32 (act holds fp32 routed rows then: [N*K', I] fp32 before the shared rows), the weighted sum is rounded once. */
 static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
                       int64_t K, int norm, float scaling, const void *gate_up, const bf16 *gu_s, const void *down,
@@ -738,7 +768,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
     float *ys_s = ys + NKr * D;
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
     ns_group groups[E + 2];
-    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is};
+    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, gu_s != NULL};
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp single
@@ -761,7 +791,8 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
                 slot[e] = G;
                 if (count[e])
                     groups[G++] = (ns_group){mrow(gate_up, gu_s, e * 2 * I, D), mrow(down, dn_s, e * D, I),
-                                             gu_s ? gu_s + e * 2 * I : NULL, dn_s ? dn_s + e * D : NULL, I, first, 0};
+                                             gu_s ? gu_s + e * 2 * I : NULL, dn_s ? dn_s + e * D : NULL, I, first, 0,
+                                             gu_s != NULL};
                 first += count[e];
             }
             for (int64_t p = 0; p < NKr; p++) {
@@ -770,7 +801,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             }
             if (Ns) {
                 for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
-                groups[G++] = (ns_group){s_gate_up, s_down, s_gu_s, s_dn_s, Is, NKr, N};
+                groups[G++] = (ns_group){s_gate_up, s_down, s_gu_s, s_dn_s, Is, NKr, N, 0};
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;

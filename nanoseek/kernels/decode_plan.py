@@ -273,13 +273,14 @@ class DecodePlan:
         nl = T if num_logits is None else min(num_logits, T)
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
-        # (w: bytes of the model's dtype; 4 and 8: fp32 and int64 buffers)
+        # (w: bytes of the model's dtype; 4 and 8: fp32 and int64 buffers; the experts' activations: fp32 for an int8
+        # model's routed ones, ns_ffn_block)
         w = x.element_size()
         sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
         scratch = cpu_decode._scratch(
             max(sel, 1) * 8, M * C * w, M * max(Di, 1) * w, M * D * w, M * self.Ow * w, M * self.Oq * w,
             M * self.Q * w, M * self.HV * w, H * C * w, H * S * 4, H * self.R * 4, H * (S + 1) * w,
-            M * D * w, M * KI * w, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
+            M * D * w, M * KI * 4, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
             M * max(self.HiDi, 1) * w, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
             max(sel, 1), M * self.P * 4, M * D * w, M * D * w, M * D * w)
         cs, h, out, hl = scratch[-4:]  # RoPE's angles, the stream after attention, after each block, head rows

@@ -2,14 +2,15 @@
  * by cpu_quant.c (nq_int8, nq_experts) and cpu_decode.c (the quantized decode stack, ns_decode_stack), so that
  * both compute a row the same way: the codes widened to fp32 in registers, fp32 FMAs, no dequantized copy.
  * Include after simd.h. The rows of x are NQ_X values, loaded NS_VW at a time as fp32 by NQ_XLOAD and one by one
- * by NQ_X2F: fp32 by default (cpu_quant.c widens x once per call); cpu_decode.c sets its model dtype.
+ * by NQ_X2F, and the function is named NQ_DOT: by default fp32 rows and dot_s8 (cpu_quant.c widens x once per
+ * call). A file may include it again with other definitions of the four for another row type (cpu_decode.c: its
+ * model dtype's rows, and fp32 ones); each include undefines them.
  */
-#ifndef NS_QUANT_DOT_H
-#define NS_QUANT_DOT_H
 #ifndef NQ_X
 #define NQ_X float
 #define NQ_XLOAD(p) vf_loadu(p)
 #define NQ_X2F(v) (v)
+#define NQ_DOT dot_s8
 #endif
 
 #define NQ_ROWS 4                      /* rows of x per pass over a weight row */
@@ -19,7 +20,7 @@
 #define NQ_AHEAD 2048                  /* prefetch distance in bytes of codes (cpu_decode.c measured 2 KB best) */
 
 /* out[j] = sum_k x[j][k] * w[k] for j < r (r <= NQ_ROWS), w int8 */
-static inline __attribute__((always_inline)) void dot_s8(const NQ_X *const *x, const int r, const int8_t *w,
+static inline __attribute__((always_inline)) void NQ_DOT(const NQ_X *const *x, const int r, const int8_t *w,
                                                           int64_t K, float *out) {
     vf acc[NQ_ROWS][NQ_ACC];
     for (int j = 0; j < r; j++)
@@ -45,4 +46,7 @@ static inline __attribute__((always_inline)) void dot_s8(const NQ_X *const *x, c
         out[j] = s;
     }
 }
-#endif
+#undef NQ_X
+#undef NQ_XLOAD
+#undef NQ_X2F
+#undef NQ_DOT
