@@ -6,7 +6,9 @@
  *   ns_mla_absorbed  absorbed MLA attention over the latent rows (all of them, or DSA's selected ones)
  *   ns_ffn_block     a block's feed-forward half: norm, router, routed + shared experts, residual
  *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
- *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads
+ *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads; for a model
+ *                    quantized to int8 (nanoseek/quant.py) its matrices are int8 codes with per-row scales, read
+ *                    by cpu_quant.c's dot products (quant_dot.h; `mdots`)
  *
  * At decode a token reads every activated weight once, so a step is bound by memory bandwidth plus the fixed
  * cost of each call; in PyTorch a layer is ~100 small ops (~5-25 us each, mostly overhead). Rounding follows the
