@@ -301,9 +301,8 @@ def holders(model: nn.Module) -> set[int]:
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Module:
     """Swap the large linears and routed experts of `model` (a Transformer) for quantized ones, in place (see
     the module docstring for which); returns the model, with `model.quantization` its QuantConfig."""
-    from nanoseek.kernels.modules import FAST, REFERENCE, CachedAbsorbMLA
+    from nanoseek.kernels.modules import FAST, HELD_FAST, REFERENCE
     from nanoseek.model.dsa import Indexer
-    from nanoseek.model.mla import MLA
     qc = QuantConfig(fmt, group_size)
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quantization.format})")
@@ -332,8 +331,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 32) -> nn.Modul
                 m.__class__ = FAST[type(m)]
         elif id(m) in held and type(m) in REFERENCE:
             m.__class__ = REFERENCE[type(m)]
-            if installed and m.__class__ is MLA:  # as kernels.install gives an MLA with quantized projections
-                m.__class__ = CachedAbsorbMLA
+            if installed and m.__class__ in HELD_FAST:  # as kernels.install gives a holder of quantized modules
+                m.__class__ = HELD_FAST[m.__class__]
     model.quantization = qc
     return model
 

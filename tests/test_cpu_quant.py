@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from nanoseek import kernels, quant
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.kernels import cpu_quant, isa
+from nanoseek.kernels import cpu_quant, decode_plan, isa
 from nanoseek.kernels.modules import CachedAbsorbMLA, FastQuantExperts, FastQuantLinear
 from nanoseek.model.transformer import Transformer
 
@@ -153,15 +153,17 @@ def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
     m = kernels.install(quant.quantize_model(tiny(), fmt))
     assert type(m.layers[1].self_attn.o_proj) is FastQuantLinear and type(m.lm_head) is FastQuantLinear
     assert type(m.layers[1].mlp.experts) is FastQuantExperts
-    # holders keep their reference class, but attention caches its absorbed weights (kv_b_proj stays float)
-    assert type(m.layers[1].mlp).__name__ == "MoE" and type(m).__name__ == "Transformer"
+    # holders keep their reference class, but attention caches its absorbed weights (kv_b_proj stays float) and
+    # the model runs its decode steps through the whole-stack plan (decode_plan.py: int8)
+    assert type(m.layers[1].mlp).__name__ == "MoE" and type(m).__name__ == "PlannedTransformer"
     assert type(m.layers[1].self_attn) is CachedAbsorbMLA
     kernels.uninstall(m)
     assert type(m.lm_head) is quant.QuantLinear and type(m.layers[1].self_attn).__name__ == "MLA"
+    assert type(m).__name__ == "Transformer"
     # quantizing an installed model: its quantized modules come fast, its holders go back to reference
     m2 = quant.quantize_model(kernels.install(tiny()), fmt)
     assert type(m2.lm_head) is FastQuantLinear and type(m2.layers[1].mlp.experts) is FastQuantExperts
-    assert type(m2).__name__ == "Transformer" and type(m2.layers[1].self_attn) is CachedAbsorbMLA
+    assert type(m2).__name__ == "PlannedTransformer" and type(m2.layers[1].self_attn) is CachedAbsorbMLA
 
 
 @pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
@@ -272,15 +274,23 @@ def test_int4_experts_on_int8_activations_stay_close_to_the_float_path(G):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_greedy_decode_on_the_kernels_equals_the_reference_path(fmt, monkeypatch, float_path):
     """The engine (which installs the fast classes) decodes what full forwards on the reference classes pick,
-    with the kernels seen running."""
+    with the kernels seen running (int8: the whole-stack call, decode_plan.py; int4: the quantized linears)."""
     m = quant.quantize_model(tiny(), fmt)
     ref = quant.quantize_model(tiny(), fmt)
     p = [5, 17, 99, 3, 250, 41]
     calls = []
-    real = cpu_quant.linear
-    monkeypatch.setattr(cpu_quant, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_run = cpu_quant.linear, decode_plan.run
+
+    def plan_run(*a):
+        y = real_run(*a)
+        if y is not None:
+            calls.append("stack")
+        return y
+
+    monkeypatch.setattr(cpu_quant, "linear", lambda *a, **k: calls.append("linear") or real(*a, **k))
+    monkeypatch.setattr(decode_plan, "run", plan_run)
     out = Engine(m, None, cache_bytes=4 << 20).generate([p], SamplingParams(max_tokens=10, temperature=0))[0]
-    assert calls and type(m.lm_head) is FastQuantLinear
+    assert ("stack" if fmt == "int8" else "linear") in calls and type(m.lm_head) is FastQuantLinear
     ids = list(p)
     with torch.no_grad():
         for _ in range(10):

@@ -7,7 +7,9 @@
  *   ns_ffn_block     a block's feed-forward half: norm, router, routed + shared experts, residual
  *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
  *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads, the cache in
- *                    the model's dtype or in 8 bits (fp8 e4m3 / int8 with fp32 scales per group, kv_quant.py)
+ *                    the model's dtype or in 8 bits (fp8 e4m3 / int8 with fp32 scales per group, kv_quant.py); for
+ *                    a model quantized to int8 (nanoseek/quant.py) its matrices are int8 codes with per-row scales,
+ *                    read by cpu_quant.c's dot products (quant_dot.h; `mdots`)
  *   ns_kv8_write, ns_mla_absorbed8  the 8-bit cache's write and attention over it (ns_decode_stack's, exported
  *                    for the tests)
  *
@@ -67,6 +69,18 @@ static inline vw vw_loadu(const wt *p) { return vbf2_loadu(p); }
 static inline vf vw_madd(vf acc, vw a, vw b) { return vf_dot2(acc, a, b); }
 static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
 #endif
+/* int8 weight rows (the quantized stack, see `mdots`): cpu_quant.c's dot products over rows of x in wt (dot_s8),
+ * and in fp32 (dot_s8_f: the routed experts' activations of an int8 model) */
+#define NQ_X wt
+#define NQ_XLOAD vf_loadu_w
+#define NQ_X2F w2f
+#define NQ_DOT dot_s8
+#include "quant_dot.h"
+#define NQ_X float
+#define NQ_XLOAD vf_loadu
+#define NQ_X2F(v) (v)
+#define NQ_DOT dot_s8_f
+#include "quant_dot.h"
 
 /* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator
  * (op % NS_DOT_ACC), a prefetch 2 KB ahead per line (b streams weight rows one after another: asking 2 KB ahead
@@ -171,17 +185,55 @@ static inline void row_ptrs(const wt *x, int64_t M, int64_t ld, const wt **xs) {
     for (int64_t m = 0; m < M; m++) xs[m] = x + m * ld;
 }
 
-/* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out. Each weight row is read once for all M rows. */
-void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
+/* The weight matrices of a model quantized to int8 (quant.py: codes int8 [O, D], a bf16 scale per row, W'[o] =
+ * codes[o] * scale[o]) go through the same kernels as wt ones: a matrix is (w, s), wt rows where s is NULL, int8
+ * codes where s holds the scales. mrow: the address of row o of such a matrix of width D. */
+static inline const void *mrow(const void *w, const bf16 *s, int64_t o, int64_t D) {
+    return s ? (const void *)((const int8_t *)w + o * D) : (const void *)((const wt *)w + o * D);
+}
+
+/* out[j] = (int8 row o of (w, s), width D) . x[j] for j < nx through `dot` (dot_s8, dot_s8_f): its sum times the
+ * row's scale, four rows of x per pass, as cpu_quant.c's nq_int8 (the same arithmetic: a row's result equals
+ * nq_int8's on x widened to fp32, which is exact) */
+#define NS_QDOTS(dot, x, nx, w, s, o, D, out)                                                                      \
+    do {                                                                                                           \
+        const int8_t *c_ = (const int8_t *)(w) + (o) * (D);                                                        \
+        for (int64_t j_ = 0; j_ < (nx); j_ += NQ_ROWS) {                                                           \
+            switch ((nx) - j_ < NQ_ROWS ? (nx) - j_ : NQ_ROWS) { /* a constant row count per call: registers */    \
+            case 4: dot((x) + j_, 4, c_, D, (out) + j_); break;                                                    \
+            case 3: dot((x) + j_, 3, c_, D, (out) + j_); break;                                                    \
+            case 2: dot((x) + j_, 2, c_, D, (out) + j_); break;                                                    \
+            default: dot((x) + j_, 1, c_, D, (out) + j_); break;                                                   \
+            }                                                                                                      \
+        }                                                                                                          \
+        const float sc_ = bf2f((s)[o]);                                                                            \
+        for (int64_t j_ = 0; j_ < (nx); j_++) (out)[j_] *= sc_;                                                   \
+    } while (0)
+
+/* out[j] = row o of (w, s) . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones */
+static inline __attribute__((always_inline)) void mdots(const wt *const *x, int64_t nx, const void *w,
+                                                         const bf16 *s, int64_t o, int64_t D, float *out) {
+    if (s) NS_QDOTS(dot_s8, x, nx, w, s, o, D, out);
+    else dots(x, nx, (const wt *)w + o * D, D, out);
+}
+
+/* y[M, O] = x[M, D] @ W[O, D]^T for W = (w, s) (see mrow), wt in and out. Each weight row is read once for all M
+ * rows. */
+static void linear_m(const wt *x, int64_t M, int64_t D, const void *W, const bf16 *s, int64_t O, wt *y, int nt) {
     if (M <= 0) return;
     const wt *xs[M];
     row_ptrs(x, M, D, xs);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t o = 0; o < O; o++) {
         float r[M];
-        dots(xs, M, W + o * D, D, r);
+        mdots(xs, M, W, s, o, D, r);
         for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(r[m]);
     }
+}
+
+/* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out */
+void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
+    linear_m(x, M, D, W, NULL, O, y, nt);
 }
 
 #define NS_CHUNK 16
@@ -468,12 +520,13 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * scores by rows and o_lat by columns, so that the rows stream from memory once, not once per thread. Both
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
-/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache) */
+/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache; w_o as (w, s):
+ * mrow) */
 static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
                          const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const ns_kv8 *k8,
                          const int64_t *row_idx, int64_t S, int per_query, const uint8_t *mask, float scale, wt *out,
-                         wt *qc, float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid, wt *y,
-                         int nt) {
+                         wt *qc, float *sc, float *ol, wt *pb, const void *w_o, const bf16 *w_o_s, int64_t Dm,
+                         const wt *resid, wt *y, int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
@@ -493,9 +546,9 @@ static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N
          * o_lat, one per pair of rows, vector of columns and block of 8 heads */
         const int64_t chunks = (R + NS_VW - 1) / NS_VW, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
                                                                : S / n + S / 2 * (chunks / n + 1) * ((H + 7) / 8);
-        const int64_t W = sizeof(wt);
-        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * W, w_o ? w_o + d0 * H * V : NULL,
-                           w_o ? (d1 - d0) * H * V * W : 0, iters);
+        const int64_t W = sizeof(wt), Wo = w_o_s ? 1 : W;
+        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * W,
+                           w_o ? mrow(w_o, w_o_s, d0, H * V) : NULL, w_o ? (d1 - d0) * H * V * Wo : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
             const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
             const wt *rm = row_idx || !rows ? rows : rows + rq * S * C;
@@ -533,7 +586,7 @@ static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N
             float r[B * T];
             row_ptrs(out, B * T, H * V, xs);
             for (int64_t d = d0; d < d1; d++) { /* the rows `pf` brought to this core */
-                dots(xs, B * T, w_o + d * H * V, H * V, r);
+                mdots(xs, B * T, w_o, w_o_s, d, H * V, r);
                 for (int64_t m = 0; m < B * T; m++) {
                     const float o = RW(r[m]);
                     y[m * Dm + d] = f2w(resid ? w2f(resid[m * Dm + d]) + o : o);
@@ -549,7 +602,7 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                      float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
                      wt *y, int nt) {
     mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, NULL, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
-                 w_o, Dm, resid, y, nt);
+                 w_o, NULL, Dm, resid, y, nt);
 }
 
 /* The same over the 8-bit rows of a cache plane (fmt NS_KV_FP8 or NS_KV_INT8): values rows8 [.., R + P] and
@@ -564,7 +617,7 @@ void ns_mla_absorbed8(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, i
     kv8_lut(fmt, lut);
     const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1, fmt == NS_KV_INT8};
     mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, NULL, &k8, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
-                 w_o, Dm, resid, y, nt);
+                 w_o, NULL, Dm, resid, y, nt);
 }
 
 /* rows [M, R + P] into an 8-bit plane (fmt, groups g0 and g1 as ns_mla_absorbed8) at slots [M]: values
@@ -669,13 +722,16 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  *   q [M, H, N+P] with its last P dims of each head rotated; rows [M, R+P] = [RMSNorm(c_kv) ; rope(k_pe)].
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
  * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
- * cos, sin [M, P/2]. cq is written only with q-LoRA. */
-void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq, int64_t R, int64_t P,
-                    int64_t Di, const wt *qa_norm, float eps_q, const wt *wqb, int64_t H, int64_t N,
-                    const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
-                    const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
-                    wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
-    const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2;
+ * cos, sin [M, P/2]. cq is written only with q-LoRA.
+ * Quantized (mla_project with wx_s): wx holds the int8 codes of [W_qa | W_kva] with their scales wx_s, and the
+ * indexer key's rows, which stay float (quant.py), come from ik_wk [Di, D]; W_qb is (wqb, wqb_s) (mrow). */
+static void mla_project(const wt *x, int64_t M, int64_t D, const void *wx, const bf16 *wx_s, const wt *ik_wk,
+                        int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
+                        const void *wqb, const bf16 *wqb_s, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
+                        const wt *ik_w, const wt *ik_b, float ik_eps, const float *cos, const float *sin,
+                        const wt *in_norm, float in_eps, wt *xn, wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
+    const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2, Oc = Oq + R + P;
+    const int64_t Wx = wx_s ? 1 : (int64_t)sizeof(wt), Wq = wqb_s ? 1 : (int64_t)sizeof(wt);
     const wt *xin = in_norm ? xn : x;
 #pragma omp parallel num_threads(nt)
     {
@@ -689,7 +745,7 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
         part(Q, t, nth, &q0, &q1);
         const int64_t idle = m0 == m1;
         if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
-            ns_pf pf = pf_make(wx + o0 * D, imin(idle ? 4096 : 2048, (o1 - o0) * D * (int64_t)sizeof(wt)), NULL, 0, 1);
+            ns_pf pf = pf_make(mrow(wx, wx_s, o0, D), imin(idle ? 4096 : 2048, (o1 - o0) * D * Wx), NULL, 0, 1);
             pf_next(&pf);
             for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
 #pragma omp barrier
@@ -698,13 +754,14 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
         float r[M];
         row_ptrs(xin, M, D, xs);
         for (int64_t o = o0; o < o1; o++) {
-            dots(xs, M, wx + o * D, D, r);
+            if (wx_s && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
+            else mdots(xs, M, wx, wx_s, o, D, r);
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(r[m]);
         }
 #pragma omp barrier
         if (qa_norm) {
-            const int64_t bytes = (q1 - q0) * Oq * (int64_t)sizeof(wt);
-            ns_pf pf = pf_make(wqb + q0 * Oq, imin(idle ? 32768 : 2048, bytes), NULL, 0, 1);
+            const int64_t bytes = (q1 - q0) * Oq * Wq;
+            ns_pf pf = pf_make(mrow(wqb, wqb_s, q0, Oq), imin(idle ? 32768 : 2048, bytes), NULL, 0, 1);
             pf_next(&pf);
         }
         for (int64_t m = m0; m < m1; m++) {
@@ -729,7 +786,7 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
         if (qa_norm) {
             row_ptrs(cq, M, Oq, xs);
             for (int64_t o = q0; o < q1; o++) { /* the rows asked for above */
-                dots(xs, M, wqb + o * Oq, Oq, r);
+                mdots(xs, M, wqb, wqb_s, o, Oq, r);
                 for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2w(r[m]);
             }
 #pragma omp barrier
@@ -744,34 +801,62 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
     }
 }
 
+void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq, int64_t R, int64_t P,
+                    int64_t Di, const wt *qa_norm, float eps_q, const wt *wqb, int64_t H, int64_t N,
+                    const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
+                    const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
+                    wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
+    mla_project(x, M, D, wx, NULL, NULL, Oq, R, P, Di, qa_norm, eps_q, wqb, NULL, H, N, kv_norm, eps_kv, ik_w, ik_b,
+                ik_eps, cos, sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, nt);
+}
+
 /* The experts' work of a block, as groups: one expert (routed, or the shared one) with every (token, expert) pair
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { const wt *gate_up, *down; int64_t I, first, count; } ns_group; /* pairs[first, first + count) */
-typedef struct { const wt *xn; wt *act; float *ys; const int64_t *pairs; int64_t NKr, K, D, I, Is; } ns_pairs;
+typedef struct { /* pairs[first, first + count); the matrices as (w, s): mrow; f32: see ffn_block */
+    const void *gate_up, *down;
+    const bf16 *gu_s, *dn_s;
+    int64_t I, first, count;
+    int f32;
+} ns_group;
+typedef struct {
+    const wt *xn;
+    wt *act;
+    float *ys;
+    const int64_t *pairs;
+    int64_t NKr, K, D, I, Is;
+    int f32; /* the routed pairs' activations are fp32 (an int8 model's experts, see ffn_block) */
+} ns_pairs;
 
 static inline const wt *pair_x(const ns_pairs *c, int64_t p) {
     return c->xn + (p < c->NKr ? p / c->K : p - c->NKr) * c->D;
 }
-static inline wt *pair_act(const ns_pairs *c, int64_t p) {
-    return p < c->NKr ? c->act + p * c->I : c->act + c->NKr * c->I + (p - c->NKr) * c->Is;
+static inline wt *pair_act(const ns_pairs *c, int64_t p) { /* (pair_actf for fp32 routed activations) */
+    wt *shared = c->f32 ? (wt *)((float *)c->act + c->NKr * c->I) : c->act + c->NKr * c->I;
+    return p < c->NKr ? c->act + p * c->I : shared + (p - c->NKr) * c->Is;
 }
+static inline float *pair_actf(const ns_pairs *c, int64_t p) { return (float *)c->act + p * c->I; }
 
 static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
     const int64_t n = g->count;
     const wt *xs[n];
     wt *acts[n];
-    float ga[n], ua[n];
+    float *actf[n], ga[n], ua[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         xs[j] = pair_x(c, p);
         acts[j] = pair_act(c, p);
+        actf[j] = pair_actf(c, p);
     }
     for (int64_t r = r0; r < r1; r++) {
-        dots(xs, n, g->gate_up + r * c->D, c->D, ga);
-        dots(xs, n, g->gate_up + (g->I + r) * c->D, c->D, ua);
+        mdots(xs, n, g->gate_up, g->gu_s, r, c->D, ga);
+        mdots(xs, n, g->gate_up, g->gu_s, g->I + r, c->D, ua);
         for (int64_t j = 0; j < n; j++) {
+            if (g->f32) { /* nq_experts' arithmetic: nothing rounded */
+                actf[j][r] = ga[j] / (1.f + expf(-ga[j])) * ua[j];
+                continue;
+            }
             const float a = RW(ga[j]), u = RW(ua[j]);
             acts[j][r] = f2w(RW(a / (1.f + expf(-a))) * u);
         }
@@ -781,15 +866,18 @@ static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int6
 static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t d1) { /* y rows [d0, d1) */
     const int64_t n = g->count;
     const wt *acts[n];
+    const float *actf[n];
     float *ys[n], r[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         acts[j] = pair_act(c, p);
+        actf[j] = pair_actf(c, p);
         ys[j] = c->ys + p * c->D;
     }
     for (int64_t d = d0; d < d1; d++) {
-        dots(acts, n, g->down + d * g->I, g->I, r);
-        for (int64_t j = 0; j < n; j++) ys[j][d] = RW(r[j]);
+        if (g->f32) NS_QDOTS(dot_s8_f, actf, n, g->down, g->dn_s, d, g->I, r);
+        else mdots(acts, n, g->down, g->dn_s, d, g->I, r);
+        for (int64_t j = 0; j < n; j++) ys[j][d] = g->f32 ? r[j] : RW(r[j]);
     }
 }
 
@@ -810,17 +898,22 @@ static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) 
  * One parallel region: the norm, the router's logits, the routing and the grouping of the pairs by expert (one
  * thread), the expert groups (see below), then the weighted sums and the residual. Scratch: xn [N, D] wt;
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
- * idx [N, K] int64. */
-void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
-                  int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
-                  int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
-                  const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
-                  float *ys, float *rs, float *gw, int64_t *idx, int nt) {
+ * idx [N, K] int64.
+ * Quantized (ffn_block with scales): each matrix as (w, s) (mrow), gate_up [E, 2I, D] codes with scales gu_s
+ * [E, 2I], down with dn_s [E, D], the shared expert's with s_gu_s [2Is], s_dn_s [D]. int8 routed experts compute
+ * as cpu_quant.c's nq_experts, the per-op path of a quantized model: gate, up, their activation and each y stay
+ * fp32 (act holds fp32 routed rows then: [N*K', I] fp32 before the shared rows), the weighted sum is rounded once. */
+static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
+                      int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
+                      int64_t K, int norm, float scaling, const void *gate_up, const bf16 *gu_s, const void *down,
+                      const bf16 *dn_s, int64_t I, const void *s_gate_up, const bf16 *s_gu_s, const void *s_down,
+                      const bf16 *s_dn_s, int64_t Is, wt *out, wt *xn, wt *act, float *ys, float *rs, float *gw,
+                      int64_t *idx, int nt) {
     const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
     float *ys_s = ys + NKr * D;
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
     ns_group groups[E + 2];
-    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is};
+    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, gu_s != NULL};
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp single
@@ -841,7 +934,10 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
             for (int64_t p = 0; p < NKr; p++) count[idx[p]]++;
             for (int64_t e = 0; e < E; e++) {
                 slot[e] = G;
-                if (count[e]) groups[G++] = (ns_group){gate_up + e * 2 * I * D, down + e * D * I, I, first, 0};
+                if (count[e])
+                    groups[G++] = (ns_group){mrow(gate_up, gu_s, e * 2 * I, D), mrow(down, dn_s, e * D, I),
+                                             gu_s ? gu_s + e * 2 * I : NULL, dn_s ? dn_s + e * D : NULL, I, first, 0,
+                                             gu_s != NULL};
                 first += count[e];
             }
             for (int64_t p = 0; p < NKr; p++) {
@@ -850,7 +946,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
             }
             if (Ns) {
                 for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
-                groups[G++] = (ns_group){s_gate_up, s_down, Is, NKr, N};
+                groups[G++] = (ns_group){s_gate_up, s_down, s_gu_s, s_dn_s, Is, NKr, N, 0};
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
@@ -859,7 +955,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
              * 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
             for (int64_t g = 0; g < G; g++) {
                 const char *gp = (const char *)groups[g].gate_up;
-                const char *up = (const char *)(groups[g].gate_up + groups[g].I * D);
+                const char *up = (const char *)mrow(groups[g].gate_up, groups[g].gu_s, groups[g].I, D);
                 const char *dn = (const char *)groups[g].down;
                 for (int64_t b = 0; b < 1024; b += 64) {
                     __builtin_prefetch(gp + b, 0, 2);
@@ -913,6 +1009,15 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
     }
 }
 
+void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
+                  int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
+                  int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
+                  const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
+                  float *ys, float *rs, float *gw, int64_t *idx, int nt) {
+    ffn_block(h, N, D, norm_w, eps, router_w32, E, bias, scoring, method, n_group, topk_group, K, norm, scaling,
+              gate_up, NULL, down, NULL, I, s_gate_up, NULL, s_down, NULL, Is, out, xn, act, ys, rs, gw, idx, nt);
+}
+
 /* The decoder blocks of a decode step in one call (decode_plan.py): per block, the projections, the cache write,
  * absorbed attention with o_proj and the residual, and the feed-forward half, exactly the calls the blocks make
  * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
@@ -926,11 +1031,12 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * [L, slots, Di/gi] their fp32 scales, each part in groups of kv_group values or whole when its width is not a
  * multiple (kv_quant.py `KVFormat.groups`): the new rows are quantized into them and attention and the DSA
  * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
- * hn [M, D], and with head_w [V, D] the logits [B, n_logits, V] of each request's last n_logits rows (hl
- * [B * n_logits, D] scratch). */
+ * hn [M, D], and with head_w [V, D] (int8 codes where head_s holds their scales) the logits [B, n_logits, V] of
+ * each request's last n_logits rows (hl [B * n_logits, D] scratch). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
  * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
- * topk 0: none). */
+ * topk 0: none). A model quantized to int8 (quant.py) sets the scales after Kp: a matrix whose scale is set holds
+ * int8 codes, not wt values (`mrow`); wx_s: then wx is [W_qa | W_kva] and ik_wk the indexer key's float rows. */
 #define NS_BLOCK_FIELDS(F)                                                                                         \
     F(int64_t, layer)                                                                                              \
     F(const wt *, wx) F(int64_t, q_out) F(int64_t, R) F(int64_t, P) F(int64_t, Di) F(const wt *, qa_norm)          \
@@ -941,6 +1047,8 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
     F(int, scoring) F(int, method) F(int64_t, n_group) F(int64_t, topk_group) F(int64_t, K) F(int, norm)           \
     F(float, scaling) F(const wt *, gate_up) F(const wt *, down) F(int64_t, I) F(const wt *, s_gate_up)            \
     F(const wt *, s_down) F(int64_t, Is) F(int64_t, Kp)                                                            \
+    F(const bf16 *, wx_s) F(const wt *, ik_wk) F(const bf16 *, wqb_s) F(const bf16 *, w_o_s)                       \
+    F(const bf16 *, gate_up_s) F(const bf16 *, down_s) F(const bf16 *, s_gate_up_s) F(const bf16 *, s_down_s)     \
     F(const wt *, iwq) F(const wt *, iwp) F(int64_t, Hi) F(int64_t, topk)
 #define NS_DECLARE(type, name) type name;
 typedef struct { NS_BLOCK_FIELDS(NS_DECLARE) } ns_block;
@@ -1104,7 +1212,7 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
                      wt *fxn, wt *act, float *ys, float *rs, float *gw,
                      wt *iq, float *iw, float *isc, int64_t *ord, uint8_t *sel_mask, wt *h, wt *out,
                      int64_t *idx, const wt *norm_w, float norm_eps, wt *hn, const wt *head_w,
-                     int64_t V, int64_t n_logits, wt *hl, wt *logits, int nt) {
+                     const bf16 *head_s, int64_t V, int64_t n_logits, wt *hl, wt *logits, int nt) {
     const int64_t M = B * T, half = blocks[0].P / 2;
     const wt *x = x_in;
     float *cos = cs, *sin = cs + M * half; /* the angles of the queries' positions, from the tables */
@@ -1125,9 +1233,9 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
                             b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
-        ns_mla_project(x, M, D, b->wx, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb, b->H, b->N,
-                            b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
-                            xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
+        mla_project(x, M, D, b->wx, b->wx_s, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb,
+                    b->wqb_s, b->H, b->N, b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm,
+                    b->in_eps, xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
         wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
         wt *iplane = kv_fmt || !b->Di ? NULL : (wt *)ik_pool + b->layer * n_slots * b->Di;
         if (kv_fmt) { /* the new rows quantized as `RowStore.write` does, each part with its own scales */
@@ -1143,18 +1251,18 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
             dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin, mask,
                        iplane, kv_fmt ? &ik8 : NULL, read_slots, span0, iq, iw, isc, ord, sel_mask, sel, nt);
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, kv_fmt ? &k8 : NULL, sel, b->topk,
-                         1, sel_mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+                         1, sel_mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->w_o_s, b->Dm, x, h, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
             ns_kv8 span = k8;
             if (!read_slots) span.q += span0 * C, span.s = kv_fmt ? span.s + span0 * ns : NULL;
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V,
                          kv_fmt || read_slots ? plane : plane + span0 * C, kv_fmt ? &span : NULL, read_slots, S, 0,
-                         mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->Dm, x, h, nt);
+                         mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->w_o_s, b->Dm, x, h, nt);
         }
-        ns_ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method,
-                          b->n_group, b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->down, b->I,
-                          b->s_gate_up, b->s_down, b->Is, out, fxn, act, ys, rs, gw,
-                          idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
+        ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method, b->n_group,
+                  b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->gate_up_s, b->down, b->down_s, b->I,
+                  b->s_gate_up, b->s_gate_up_s, b->s_down, b->s_down_s, b->Is, out, fxn, act, ys, rs, gw,
+                  idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
         x = out;
     }
     /* the final norm (hn [M, D]) and the head over each request's last n_logits rows (logits [B, n_logits, V]) */
@@ -1166,7 +1274,7 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
                 memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(wt));
             xl = hl;
         }
-        ns_linear(xl, B * n_logits, D, head_w, V, logits, nt);
+        linear_m(xl, B * n_logits, D, head_w, head_s, V, logits, nt); /* head_s: an int8 head's scales */
     }
 }
 

@@ -38,39 +38,7 @@
 /* the variant this library was built for (isa.py's name) */
 const char *nq_isa(void) { return NS_SIMD_NAME; }
 
-#define NQ_ROWS 4                      /* rows of x per pass over a weight row */
-#define NQ_STEP 64                     /* int8 codes per step: one cache line */
-#define NQ_OPS (NQ_STEP / NS_VW)       /* vector ops per step */
-#define NQ_ACC (NS_VW >= 8 ? 2 : 4)    /* accumulators per row (as cpu_decode.c: NEON's narrow vectors take 4) */
-#define NQ_AHEAD 2048                  /* prefetch distance in bytes of codes (cpu_decode.c measured 2 KB best) */
-
-/* out[j] = sum_k x[j][k] * w[k] for j < r (r <= NQ_ROWS), w int8 */
-static inline __attribute__((always_inline)) void dot_s8(const float *const *x, const int r, const int8_t *w,
-                                                          int64_t K, float *out) {
-    vf acc[NQ_ROWS][NQ_ACC];
-    for (int j = 0; j < r; j++)
-        for (int u = 0; u < NQ_ACC; u++) acc[j][u] = vf_zero();
-    int64_t i = 0;
-    for (; i + NQ_STEP <= K; i += NQ_STEP) {
-        ns_prefetch(w + i + NQ_AHEAD);
-        for (int v = 0; v < NQ_OPS; v++) {
-            const vf wv = vf_load_s8(w + i + v * NS_VW);
-            for (int j = 0; j < r; j++)
-                acc[j][v % NQ_ACC] = vf_fmadd(vf_loadu(x[j] + i + v * NS_VW), wv, acc[j][v % NQ_ACC]);
-        }
-    }
-    for (; i + NS_VW <= K; i += NS_VW) {
-        const vf wv = vf_load_s8(w + i);
-        for (int j = 0; j < r; j++) acc[j][0] = vf_fmadd(vf_loadu(x[j] + i), wv, acc[j][0]);
-    }
-    for (int j = 0; j < r; j++) {
-        vf t = acc[j][0];
-        for (int u = 1; u < NQ_ACC; u++) t = vf_add(t, acc[j][u]);
-        float s = vf_reduce_add(t);
-        for (int64_t k = i; k < K; k++) s += x[j][k] * (float)w[k];
-        out[j] = s;
-    }
-}
+#include "quant_dot.h" /* NQ_ROWS, NQ_AHEAD, dot_s8: shared with cpu_decode.c's quantized decode stack */
 
 /* out[j] = sum_k x[j][k] * (q[k] * scale[g] + mn[g]) for j < r, q packed two a byte, K a multiple of G and G of
  * 2 * NS_VW. x[j] is deinterleaved per block of 2 * NS_VW values (`widen`): the block's even k first, then its

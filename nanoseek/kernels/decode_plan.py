@@ -12,6 +12,10 @@ runs the blocks' kernels in order, does the cache's writes and reads itself, thr
 (`slots()`), and ends with the final norm and the head. Past DSA's top-k the call also runs the lightning indexer
 and the selection (`ns_dsa_select`): each query scores the cached index keys and attends to its top-k rows.
 RoPE's angles come from the rotary module's table of every position (`RotaryEmbedding.cached`).
+A model quantized to int8 (`nanoseek.quant`) takes the same call: its structs hold the int8 codes and per-row
+scales of the quantized matrices (projections, o_proj, experts, head), which the kernels read in registers
+(cpu_decode.c `mdots`, over cpu_quant.c's dot products); the per-op quantized path (QuantLinear, QuantExperts,
+block by block) stays the reference (tests/test_quant_decode.py). int4 runs block by block.
 
 Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path (where that
 path runs on the kernels too: calls of at most MAX_ROWS rows), which stays the reference (tests/test_cpu_decode.py
@@ -42,6 +46,7 @@ from nanoseek.kernels.fused import derived
 from nanoseek.model.kv_quant import GROUP
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
+from nanoseek.quant import QuantExperts, QuantLinear
 
 _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodePlan]" = weakref.WeakKeyDictionary()
 # Rows (requests x new tokens, each at most ABSORB_MAX_QUERIES) of one call: a decode batch, or a group of short
@@ -100,8 +105,10 @@ class _Block(ctypes.Structure):
                 ("scale", _f), ("w_o", _p), ("Dm", _i), ("post_w", _p), ("post_eps", _f), ("router_w32", _p),
                 ("E", _i), ("bias", _p), ("scoring", _c), ("method", _c), ("n_group", _i), ("topk_group", _i),
                 ("K", _i), ("norm", _c), ("scaling", _f), ("gate_up", _p), ("down", _p), ("I", _i),
-                ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i), ("iwq", _p), ("iwp", _p), ("Hi", _i),
-                ("topk", _i)]
+                ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i),
+                ("wx_s", _p), ("ik_wk", _p), ("wqb_s", _p), ("w_o_s", _p), ("gate_up_s", _p), ("down_s", _p),
+                ("s_gate_up_s", _p), ("s_down_s", _p),
+                ("iwq", _p), ("iwp", _p), ("Hi", _i), ("topk", _i)]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -114,7 +121,8 @@ class DecodePlan:
     def __init__(self, dtype: torch.dtype, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list,
                  keep: list, layers: list[int], final: tuple):
         self.dtype, self.sources, self.modes = dtype, sources, modes
-        self.final = final  # (final norm's weight address, its eps, the head's weight address, vocabulary size)
+        self.final = final  # (final norm's weight address, its eps, the head's weight and scales (int8) addresses,
+        # vocabulary size)
         self.assignments = _assignments[0]
         self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
         self.key = self.current_key()
@@ -153,18 +161,25 @@ class DecodePlan:
             if attn.indexer_loss_on:
                 return None
             # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
-            src = attn._decode_sources(norm)
-            w = derived(attn, "_decode_weights", src, attn._decode_build)
+            if isinstance(attn.o_proj, QuantLinear):  # projections quantized (quant.py): int8 codes and scales
+                got = _int8_attention(attn, norm)
+                if got is None:
+                    return None
+                w, src = got
+            else:
+                src = attn._decode_sources(norm)
+                w = derived(attn, "_decode_weights", src, attn._decode_build)
             if w is None or not kernel_weights(w["check"], dtype):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
-            Di = w["wx"].shape[0] - w["q_out"] - R - P
+            Di = w["wx"].shape[0] - w["q_out"] - R - P if w.get("ik_wk") is None else w["ik_wk"].shape[0]
             kv_b = w["kv_b"]
             b = dict(layer=attn.layer_id, wx=_ptr(w["wx"]), q_out=w["q_out"], R=R, P=P, Di=Di,
                      qa_norm=_ptr(w["qa_norm"]), qa_eps=w["qa_eps"], wqb=_ptr(w["wqb"]), H=H, N=attn.N,
                      kv_norm=_ptr(w["kv_norm"]), kv_eps=w["kv_eps"], in_norm=_ptr(norm.weight), in_eps=norm.eps,
                      Nk=kv_b.shape[0] // H - V, kv_b=_ptr(kv_b), V=V, scale=attn.scale, w_o=_ptr(w["o"]),
-                     Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps)
+                     Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps, wx_s=_ptr(w.get("wx_s")),
+                     ik_wk=_ptr(w.get("ik_wk")), wqb_s=_ptr(w.get("wqb_s")), w_o_s=_ptr(w.get("o_s")))
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
@@ -179,10 +194,20 @@ class DecodePlan:
             # feed-forward: the arguments MoE.fused_block / MLP.fused_block pass
             I, Is, K = 0, 0, 0
             if isinstance(ffn, MoE):
-                g, (gate_up, down) = ffn.gate, ffn.experts.weights()
-                w32 = g.weight_fp32()
-                if (w32 is None or gate_up.shape[0] != g.E or g.n_group > 256
-                        or not kernel_weights([gate_up, down], dtype)):
+                g, ex = ffn.gate, ffn.experts
+                if isinstance(ex, QuantExperts):  # int8 codes with a scale per row
+                    if not (_int8_codes(ex.gate_up_proj, ex.gate_up_proj_scale)
+                            and _int8_codes(ex.down_proj, ex.down_proj_scale)):
+                        return None
+                    gate_up, down = ex.gate_up_proj, ex.down_proj
+                    b.update(gate_up_s=_ptr(ex.gate_up_proj_scale), down_s=_ptr(ex.down_proj_scale))
+                    sources += [ex.gate_up_proj_scale, ex.down_proj_scale]
+                else:
+                    gate_up, down = ex.weights()
+                    if not kernel_weights([gate_up, down], dtype):
+                        return None
+                w32 = g.weight_fp32() if hasattr(g, "weight_fp32") else None
+                if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256:
                     return None
                 E, K, I = g.E, g.K, down.shape[-1]
                 bias = g.e_score_correction_bias
@@ -197,8 +222,21 @@ class DecodePlan:
                 b.update(n_group=1, topk_group=1, scaling=1.0)
                 moes.append(None)
                 s = ffn  # the dense MLP runs as the "shared" expert
-            if s is not None:
-                s_gate_up = s.fused_gate_up()
+            if s is not None and isinstance(s.down_proj, QuantLinear):
+                lins = (s.gate_proj, s.up_proj, s.down_proj)
+                if not all(_int8(lin) for lin in lins):
+                    return None
+                src = [t for lin in lins for t in (lin.weight, lin.weight_scale)]
+                s_gate_up = derived(s, "_int8_gate_up", src[:4], _cat_int8)
+                if s_gate_up is None:
+                    return None
+                Is = s.down_proj.weight.shape[-1]
+                b.update(s_gate_up=_ptr(s_gate_up[0]), s_gate_up_s=_ptr(s_gate_up[1]), s_down=_ptr(s.down_proj.weight),
+                         s_down_s=_ptr(s.down_proj.weight_scale), Is=Is)
+                sources += src
+                keep.append(s_gate_up)
+            elif s is not None:
+                s_gate_up = s.fused_gate_up() if hasattr(s, "fused_gate_up") else None
                 if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight], dtype):
                     return None
                 Is = s.down_proj.weight.shape[-1]
@@ -216,13 +254,20 @@ class DecodePlan:
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-        # the final norm and the head
-        norm, head = model.norm, model.lm_head.weight
-        if not kernel_weights([norm.weight, head], dtype):
+        # the final norm and the head (an int8 head: its codes and scales)
+        norm, head, head_s = model.norm, model.lm_head.weight, None
+        if isinstance(model.lm_head, QuantLinear):
+            if not _int8(model.lm_head):
+                return None
+            head_s = model.lm_head.weight_scale
+            sources.append(head_s)
+        elif not kernel_weights([head], dtype):
+            return None
+        if not kernel_weights([norm.weight], dtype):
             return None
         sources += [norm.weight, head]
         return DecodePlan(dtype, sources, modes, blocks, moes, keep, [id(b) for b in model.layers],
-                          (norm.weight.data_ptr(), norm.eps, head.data_ptr(), head.shape[0]))
+                          (norm.weight.data_ptr(), norm.eps, head.data_ptr(), _ptr(head_s), head.shape[0]))
 
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
         B, T, D = x.shape
@@ -236,17 +281,18 @@ class DecodePlan:
         fmt = getattr(cache, "kv_format", None)
         cos, sin = rotary.cached(S)  # fp32 [positions, P/2], every position < S
         pos = cache.positions.contiguous()
-        norm_w, norm_eps, head_w, V = self.final
+        norm_w, norm_eps, head_w, head_s, V = self.final
         nl = T if num_logits is None else min(num_logits, T)
         C, Di, H, Kp, KI, E = self.C, self.Di, self.H, self.Kp, self.KI, self.E
         # the scratch of every kernel of the step, carved once: the blocks run one after another and share it
-        # (w: bytes of the model's dtype; 4 and 8: fp32 and int64 buffers)
+        # (w: bytes of the model's dtype; 4 and 8: fp32 and int64 buffers; the experts' activations: fp32 for an int8
+        # model's routed ones, ns_ffn_block)
         w = x.element_size()
         sel = M * self.topk if S > self.topk > 0 else 0  # DSA-selected rows, when a block selects
         scratch = cpu_decode._scratch(
             max(sel, 1) * 8, M * C * w, M * max(Di, 1) * w, M * D * w, M * self.Ow * w, M * self.Oq * w,
             M * self.Q * w, M * self.HV * w, H * C * w, H * S * 4, H * self.R * 4, H * (S + 1) * w,
-            M * D * w, M * KI * w, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
+            M * D * w, M * KI * 4, M * (Kp + 1) * D * 4, M * 2 * E * 4, M * Kp * 4,
             M * max(self.HiDi, 1) * w, M * max(self.Hi, 1) * 4, (M * S if sel else 1) * 4, (M * S if sel else 1) * 8,
             max(sel, 1), M * self.P * 4, M * D * w, M * D * w, M * D * w)
         cs, h, out, hl = scratch[-4:]  # RoPE's angles, the stream after attention, after each block, head rows
@@ -258,7 +304,7 @@ class DecodePlan:
             pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
             write.data_ptr(), _ptr(read), span0, _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,
             _ptr(kv_scales), _ptr(ik_scales), *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
-            hn.data_ptr(), head_w, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
+            hn.data_ptr(), head_w, head_s, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
         expert_ids = []  # per MoE block, [M, K]: what `LayerStats.expert_ids` holds
         for moe, ids in zip(self.moes, idx.unbind(0)):
             if moe is not None:
@@ -266,3 +312,47 @@ class DecodePlan:
                 expert_ids.append(ids if K == Kp else ids.view(-1)[:M * K].view(M, K))
         return logits, hn, expert_ids
 
+
+
+# ---- int8 models (quant.py): the matrices the kernels read as codes and per-row scales (cpu_decode.c `mrow`) ----
+def _int8_codes(codes: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (codes.dtype is torch.int8 and scale.dtype is torch.bfloat16 and codes.is_cpu and scale.is_cpu
+            and codes.is_contiguous() and scale.is_contiguous())
+
+
+def _int8(lin) -> bool:
+    """Whether `lin` is a QuantLinear in int8 that the kernels read as it is (int4 runs block by block)."""
+    return isinstance(lin, QuantLinear) and lin.format == "int8" and _int8_codes(lin.weight, lin.weight_scale)
+
+
+def _cat_int8(c1, s1, c2, s2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two int8 matrices stacked by rows: (codes, scales)."""
+    return torch.cat((c1, c2)), torch.cat((s1, s2))
+
+
+def _int8_attention(attn, norm) -> Optional[tuple[dict, list]]:
+    """An MLA with int8 projections as FastMLA._decode_build's dict, plus the scales (wx_s, wqb_s, o_s): wx the
+    codes of [q_a (or q) | kv_a] (cached per weight version), ik_wk the indexer key's float weight (the indexer
+    stays float); and the tensors it reads. None where its projections are not all int8 or its shapes exceed the
+    kernels'."""
+    lora, idx = hasattr(attn, "q_a_proj"), attn.indexer
+    first, kv_a = (attn.q_a_proj if lora else attn.q_proj), attn.kv_a_proj_with_mqa
+    lins = [first, kv_a, attn.o_proj] + ([attn.q_b_proj] if lora else [])
+    if (not all(_int8(lin) for lin in lins) or attn.P > 512 or attn.R > cpu_decode.MAX_LATENT
+            or (idx is not None and (idx.head_dim > 1024 or idx.rope_dim != attn.P))):
+        return None
+    xsrc = [first.weight, first.weight_scale, kv_a.weight, kv_a.weight_scale]
+    wx = derived(attn, "_int8_x_proj", xsrc, _cat_int8)
+    if wx is None:
+        return None
+    floats = [attn.kv_a_layernorm.weight, attn.kv_b_proj.weight] + ([norm.weight] if norm is not None else [])
+    floats += [attn.q_a_layernorm.weight] if lora else []
+    floats += [idx.wk.weight, idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
+    w = {"wx": wx[0], "wx_s": wx[1], "ik_wk": idx.wk.weight if idx is not None else None,
+         "q_out": first.weight.shape[0], "qa_norm": attn.q_a_layernorm.weight if lora else None,
+         "qa_eps": attn.q_a_layernorm.eps if lora else 0.0, "wqb": attn.q_b_proj.weight if lora else None,
+         "wqb_s": attn.q_b_proj.weight_scale if lora else None, "kv_norm": attn.kv_a_layernorm.weight,
+         "kv_eps": attn.kv_a_layernorm.eps, "kv_b": attn.kv_b_proj.weight, "o": attn.o_proj.weight,
+         "o_s": attn.o_proj.weight_scale, "check": floats}
+    quantized = [t for lin in lins[2:] for t in (lin.weight, lin.weight_scale)]
+    return w, xsrc + floats + quantized

@@ -257,10 +257,10 @@ class FastBlock(Block):
         return h + mlp(self.post_attention_layernorm(h), stats)
 
 
-class FastTransformer(Transformer):
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self, "_lm_head", hidden, self.lm_head.weight)
-
+class PlannedTransformer(Transformer):
+    """A Transformer whose decode calls run the whole stack in one C call where `decode_plan` applies: the fast
+    class of a model quantized to int8 (its other modules keep their reference classes), and the base of
+    FastTransformer."""
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
                 path: str = "auto", segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         if cache is not None and path != "naive" and input_ids.dtype in (torch.int32, torch.int64):
@@ -269,6 +269,11 @@ class FastTransformer(Transformer):
             if out is not None:
                 return CausalLMOutput(logits=out[0], hidden=out[1], stats=LayerStats(expert_ids=out[2]))
         return super().forward(input_ids, cache, num_logits, path, segment_ids)
+
+
+class FastTransformer(PlannedTransformer):
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(self, "_lm_head", hidden, self.lm_head.weight)
 
 
 class FastQuantLinear(QuantLinear):
@@ -299,7 +304,9 @@ class FastQuantExperts(QuantExperts):
 FAST: dict[type, type] = {RMSNorm: FastRMSNorm, MLP: FastMLP, Router: FastRouter, Experts: FastExperts, MoE: FastMoE,
                           MLA: FastMLA, Block: FastBlock, Transformer: FastTransformer, QuantLinear: FastQuantLinear,
                           QuantExperts: FastQuantExperts}
-REFERENCE: dict[type, type] = {**{v: k for k, v in FAST.items()}, CachedAbsorbMLA: MLA}
+REFERENCE: dict[type, type] = {**{v: k for k, v in FAST.items()}, CachedAbsorbMLA: MLA, PlannedTransformer: Transformer}
+# the fast class of a reference class whose module holds quantized ones (its FAST class reads float weights)
+HELD_FAST: dict[type, type] = {MLA: CachedAbsorbMLA, Transformer: PlannedTransformer}
 
 
 def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
@@ -308,15 +315,16 @@ def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
     faster, bit-identical; fp32 prefill GEMMs ~2x faster; twice the weight memory); ignored where oneDNN's bf16
     support is missing. The quantized modules (`nanoseek.quant`) get their fast classes (`cpu_quant.py`); the
     modules that hold them keep their reference class, their fast paths reading plain float weights, except
-    attention, which keeps the cached absorbed weights (CachedAbsorbMLA)."""
+    attention, which keeps the cached absorbed weights (CachedAbsorbMLA), and the model, whose decode steps run
+    through the whole-stack plan where it takes int8 weights (PlannedTransformer)."""
     from nanoseek.quant import holders
     held = holders(model)
     for m in model.modules():
         fast = FAST.get(type(m))
         if fast is not None and (id(m) not in held or isinstance(m, QUANTIZED)):
             m.__class__ = fast
-        elif type(m) is MLA:  # its projections are quantized
-            m.__class__ = CachedAbsorbMLA
+        elif type(m) in HELD_FAST:  # holds quantized modules
+            m.__class__ = HELD_FAST[type(m)]
     pack_weights_(model, pack_weights)
     return model
 
