@@ -403,7 +403,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, help="seconds of training steps per arm (default 180; --quick 6)")
     ap.add_argument("--calibration-steps", type=int, help="steps of each arm's timing run (default 8; --quick 3)")
     ap.add_argument("--add", type=int, help="tokens the extended tokenizer adds (default 2000; --quick 300)")
-    ap.add_argument("--replay-ratio", type=float, default=0.25, help="(b), (d): share of each batch from the base domain")
+    ap.add_argument("--replay-ratio", type=float, default=0.25,
+                    help="(b), (d): share of each batch from the base domain")
     ap.add_argument("--lora-rank", type=int, default=16, help="(d): adapter rank (alpha = 2 x rank)")
     ap.add_argument("--adapt-lr", type=float, help="(b) peak lr (default: nanoseek adapt's)")
     ap.add_argument("--scratch-lr", type=float, help="(c) peak lr (default: nanoseek train's)")

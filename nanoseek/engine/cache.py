@@ -207,8 +207,8 @@ class CacheView:
     def slots(self, full_layers: int, gathered: int = 0):
         """The cache as pools of rows for `decode_plan`: (kv, index_k or None, write slots [B*T], read slots [B*S]
         or None with the first row's slot when one request's rows are contiguous), kv and index_k the stores'
-        `RowStore.planes` (values [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads: full_layers layers that read every row, and
-        `gathered` rows that DSA's selection reads in the others."""
+        `RowStore.planes` (values [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads:
+        full_layers layers that read every row, and `gathered` rows that DSA's selection reads in the others."""
         self.rows_read += full_layers * len(self._tables) * self._S + gathered
         kv = self.pool.rows.planes()
         ik = self.pool.index_rows.planes() if self.pool.index_rows is not None else None

@@ -1228,7 +1228,8 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
         const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
                       gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
-        const ns_kv8 k8 = {(const uint8_t *)kv_pool + b->layer * n_slots * C, kv_fmt ? kv_scales + b->layer * n_slots * ns : NULL,
+        const ns_kv8 k8 = {(const uint8_t *)kv_pool + b->layer * n_slots * C,
+                           kv_fmt ? kv_scales + b->layer * n_slots * ns : NULL,
                            lut, C, ns, b->R, g0, g1, kv_fmt == NS_KV_INT8};
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,

@@ -313,7 +313,6 @@ class DecodePlan:
         return logits, hn, expert_ids
 
 
-
 # ---- int8 models (quant.py): the matrices the kernels read as codes and per-row scales (cpu_decode.c `mrow`) ----
 def _int8_codes(codes: torch.Tensor, scale: torch.Tensor) -> bool:
     return (codes.dtype is torch.int8 and scale.dtype is torch.bfloat16 and codes.is_cpu and scale.is_cpu
