@@ -2,18 +2,21 @@
 
     nanoseek tokenizer extend BASE_MODEL --data TEXT --add N --out TOK        (new tokens: nanoseek/vocab.py)
     nanoseek adapt --init BASE_MODEL --tokenizer TOK --data TEXT --max-steps N --out DIR \
-        [--replay BASE_TEXT --replay-ratio 0.25] [--new-rows-steps K] [--save-every S] [--resume]
+        [--replay BASE_TEXT --replay-ratio 0.375] [--new-rows-steps K] [--save-every S] [--resume]
 
 The steps (all in `train.train`, so metrics, plots, report, atomic checkpoints, exact resume and torchrun are the
 trainer's own):
 1. the model of --init is resized to the extended tokenizer, new rows initialised as the mean of their base
    pieces' rows (`vocab.extend_model`);
-2. the first --new-rows-steps steps train only those new embedding and head rows, everything else frozen, so the
-   new tokens catch up with the model before it moves (default: a tenth of the steps), at --new-rows-lr;
+2. with --new-rows-steps K, the first K steps train only those new embedding and head rows, everything else
+   frozen, at --new-rows-lr. Off by default: in bench/adapt.py's short runs the stage cost held-out bits per byte
+   in every language, the mean-of-pieces rows being a good enough start;
 3. then everything trains, the schedule starting again over the remaining steps (warm-up, then decay: the weights
    that join here have no optimizer moments yet and would otherwise take the peak rate on their first step); with
    --lora-rank, a LoRA adapter and the new rows train instead, the base frozen, and DIR/final/ is the adapter in
-   PEFT's format with the new rows and the tokenizer;
+   PEFT's format with the new rows and the tokenizer. The token embedding and output head train at
+   --embed-lr-scale times the lr (default 3): the new tokens' rows have the most to learn, and raising their rate
+   alone forgets less than raising the lr of the whole model;
 4. --replay mixes that share of each batch's rows from base-domain text, which limits forgetting; the report shows
    held-out bits per byte of the new language and of the base domain (the replay data's held-out part, or
    --base-eval) at every evaluation.
@@ -22,18 +25,9 @@ DIR/final/ is the adapted model in Hugging Face layout with its tokenizer.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nanoseek.precision import CHOICES as DTYPE_CHOICES
 from nanoseek.train import TrainConfig, add_lora_arguments, run_command, validate
-
-
-def _default_new_rows_steps(init: str, tokenizer: str, max_steps: int) -> int:
-    """A tenth of the steps when the tokenizer adds tokens to the model's own, else none."""
-    from nanoseek.tokenizer import load_tokenizer
-    if not (Path(init) / "tokenizer.json").exists() or not Path(tokenizer).exists():
-        return 0  # validate() and train() say what is missing
-    return max_steps // 10 if load_tokenizer(tokenizer).vocab_size > load_tokenizer(init).vocab_size else 0
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
@@ -46,9 +40,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--out", required=True, help="run folder")
     ap.add_argument("--max-steps", type=int, default=d.max_steps)
     ap.add_argument("--stop-after", type=int, help="stop after this step (schedule still spans --max-steps)")
-    ap.add_argument("--new-rows-steps", type=int,
-                    help="first steps that train only the new tokens' rows (default: a tenth of --max-steps when "
-                    "the tokenizer adds tokens)")
+    ap.add_argument("--new-rows-steps", type=int, default=0,
+                    help="first steps that train only the new tokens' rows, the rest frozen")
     ap.add_argument("--new-rows-lr", type=float,
                     help="peak learning rate of the new-rows stage (default: --lr)")
     ap.add_argument("--replay", nargs="+", default=[], help="base-domain text mixed into every batch")
@@ -59,6 +52,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch rows per process")
     ap.add_argument("--grad-accum", type=int, default=0, help="micro-batches per step (default 1)")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (lower than pre-training's)")
+    ap.add_argument("--embed-lr-scale", type=float, default=3.0,
+                    help="the token embedding's and output head's lr as a multiple of --lr (where the new tokens' "
+                    "rows learn)")
     ap.add_argument("--min-lr", type=float, help="final lr (default lr/10)")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(100, max_steps/10))")
     ap.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "muon"])
@@ -79,8 +75,6 @@ def parse_args(argv: list[str]) -> TrainConfig:
                     help="run the training step eagerly (default: torch.compile its blocks when single-process)")
     add_lora_arguments(ap)
     a = vars(ap.parse_args(argv))
-    if a["new_rows_steps"] is None:
-        a["new_rows_steps"] = _default_new_rows_steps(a["init"], a["tokenizer"], a["max_steps"])
     tc = TrainConfig(**a)
     validate(tc)
     return tc

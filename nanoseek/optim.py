@@ -75,10 +75,12 @@ def _decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and "embed_tokens" not in name
 
 
-def _groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_experts: bool = False):
+def _groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_experts: bool = False,
+            embed_lr_scale: float = 1.0):
     """(groups, blocks): AdamW's decayed and undecayed parameters; with `muon`, first a group of `kind` 'muon'
     (the others 'adamw') of the matrices Muon takes (`muon.matrices`; the routed experts only with
-    `muon_experts`), blocks giving each one's matrix blocks."""
+    `muon_experts`), blocks giving each one's matrix blocks. embed_lr_scale != 1: the token embedding and output
+    head (their LoRA trainable-token rows too) go into groups of their own whose `lr_scale` `set_lr` applies."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("no trainable parameters")
@@ -93,6 +95,10 @@ def _groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_expe
     decay = [p for n, p in named if p not in blocks and _decays(n, p)]
     other = [p for n, p in named if p not in blocks and not _decays(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if embed_lr_scale != 1.0:
+        rows = {p for n, p in named if "embed_tokens" in n or "lm_head" in n}
+        groups = [{**g, "params": [p for p in g["params"] if p not in rows]} for g in groups] + \
+                 [{**g, "params": [p for p in g["params"] if p in rows], "lr_scale": embed_lr_scale} for g in groups]
     if muon:
         groups = [{"params": list(blocks), "weight_decay": weight_decay, "kind": "muon"},
                   *({**g, "kind": "adamw"} for g in groups)]
@@ -100,12 +106,13 @@ def _groups(model: nn.Module, weight_decay: float, muon: bool = False, muon_expe
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                fused: bool | None = None, bf16_weights: bool = False) -> torch.optim.Optimizer:
+                fused: bool | None = None, bf16_weights: bool = False, embed_lr_scale: float = 1.0
+                ) -> torch.optim.Optimizer:
     """AdamW over the parameters that require grad; the fused kernel where torch has one (CPU and CUDA).
     bf16_weights: `MasterWeightAdamW`, which turns the model's matmul weights into bf16 working copies."""
     if bf16_weights:
-        return MasterWeightAdamW(model, lr, weight_decay, betas, eps)
-    groups, _ = _groups(model, weight_decay)
+        return MasterWeightAdamW(model, lr, weight_decay, betas, eps, embed_lr_scale=embed_lr_scale)
+    groups, _ = _groups(model, weight_decay, embed_lr_scale=embed_lr_scale)
     params = [p for g in groups for p in g["params"]]
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not _has_dtensor(params)
@@ -133,8 +140,10 @@ class MuonAdamW(torch.optim.Optimizer):
     masters: `MasterWeightAdamW(..., muon=True)`.)"""
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, momentum: float = _muon.MOMENTUM,
-                 betas=(0.9, 0.95), eps: float = 1e-8, experts: bool = False, ns_steps: int = 5):
-        groups, self.blocks = _groups(model, weight_decay, muon=True, muon_experts=experts)
+                 betas=(0.9, 0.95), eps: float = 1e-8, experts: bool = False, ns_steps: int = 5,
+                 embed_lr_scale: float = 1.0):
+        groups, self.blocks = _groups(model, weight_decay, muon=True, muon_experts=experts,
+                                      embed_lr_scale=embed_lr_scale)
         super().__init__(groups, dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, ns_steps=ns_steps))
         self.register_step_post_hook(_bump_versions)  # fused AdamW writes behind autograd's back
 
@@ -211,8 +220,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                  muon: bool = False, muon_experts: bool = False, momentum: float = _muon.MOMENTUM,
-                 ns_steps: int = 5):
-        groups, self.blocks = _groups(model, weight_decay, muon, muon_experts)
+                 ns_steps: int = 5, embed_lr_scale: float = 1.0):
+        groups, self.blocks = _groups(model, weight_decay, muon, muon_experts, embed_lr_scale)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, ns_steps=ns_steps))
         self.master: dict[nn.Parameter, torch.Tensor] = {}
@@ -378,8 +387,9 @@ def adamw_master_reference(p: torch.Tensor, w: torch.Tensor, m: torch.Tensor, v:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: `lr` times the group's `lr_scale` (1 where it has none)."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 # ---- state (de)serialisation ------------------------------------------------------------------------------

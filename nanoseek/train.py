@@ -95,6 +95,7 @@ class TrainConfig:
     warmup: Optional[int] = None  # default min(100, max_steps // 10)
     schedule: str = "cosine"
     weight_decay: float = 0.1
+    embed_lr_scale: float = 1.0  # the token embedding's and output head's lr, as a multiple of the schedule's
     optimizer: str = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on the rest: nanoseek/muon.py)
     muon_experts: bool = False  # muon: the routed experts' matrices too (costly at small batches)
     clip: float = 1.0
@@ -162,6 +163,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(100, max_steps/10))")
     ap.add_argument("--schedule", default=d.schedule, choices=["cosine", "wsd"])
     ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--embed-lr-scale", type=float, default=d.embed_lr_scale,
+                    help="the token embedding's and output head's lr as a multiple of --lr")
     ap.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "muon"],
                     help="muon: Muon on the blocks' matrices with Moonlight's AdamW-matched update size, AdamW on "
                     "embeddings, head, norms and routers (one process)")
@@ -237,6 +240,7 @@ def validate(tc: TrainConfig) -> None:
     if tc.tokenizer is not None:
         need(Path(tc.tokenizer).exists(), f"--tokenizer {tc.tokenizer}: not found")
     need(0 <= tc.replay_ratio < 1, "--replay-ratio must be in [0, 1)")
+    need(tc.embed_lr_scale > 0, "--embed-lr-scale must be > 0")
     need(bool(tc.replay) == (tc.replay_ratio > 0), "--replay and --replay-ratio go together")
     if tc.replay:
         rows = replay_rows(tc)
@@ -770,7 +774,7 @@ def train(tc: TrainConfig) -> dict:
         prev = saved[2].get("train_config") or {}
         default = TrainConfig(out="")
         for k in ("dsa_stage", "seq_len", "preset", "layers", "index_topk", "replay_ratio",
-                  "new_rows_steps"):  # batch: the loader checks
+                  "new_rows_steps", "embed_lr_scale"):  # batch: the loader checks; the last: optimizer groups
             if prev.get(k, getattr(default, k)) != getattr(tc, k):
                 raise ValueError(f"--resume: {k} was {prev.get(k)!r} in {resume_from}, now {getattr(tc, k)!r}")
         if tc.lora_rank or prev.get("lora_rank"):  # the adapter resumes on the same base
@@ -886,11 +890,12 @@ def train(tc: TrainConfig) -> dict:
     dtype = DTYPES[tc.dtype]
     muon = tc.optimizer == "muon"
     if master_weights(tc, device, world):
-        opt = MasterWeightAdamW(model, tc.lr, tc.weight_decay, muon=muon, muon_experts=tc.muon_experts)
+        opt = MasterWeightAdamW(model, tc.lr, tc.weight_decay, muon=muon, muon_experts=tc.muon_experts,
+                                embed_lr_scale=tc.embed_lr_scale)
     elif muon:
-        opt = MuonAdamW(model, tc.lr, tc.weight_decay, experts=tc.muon_experts)
+        opt = MuonAdamW(model, tc.lr, tc.weight_decay, experts=tc.muon_experts, embed_lr_scale=tc.embed_lr_scale)
     else:
-        opt = build_adamw(model, tc.lr, tc.weight_decay)
+        opt = build_adamw(model, tc.lr, tc.weight_decay, embed_lr_scale=tc.embed_lr_scale)
     names = {id(p): n for n, p in model.named_parameters()}
     only_new = NewRowsOnly(model, new_rows) if tc.new_rows_steps else None
     group_decay = [g["weight_decay"] for g in opt.param_groups]

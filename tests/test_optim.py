@@ -250,3 +250,36 @@ def test_schedule_stage_warms_up_again_when_the_rest_joins():
     assert O.Schedule(1.0, 0.1, 4, 20, stage=0)(3) == O.Schedule(1.0, 0.1, 4, 20)(3)
     with pytest.raises(ValueError, match="stage"):
         O.Schedule(1.0, 0.1, 4, 20, stage=21)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "bf16_weights", "muon"])
+def test_embed_lr_scale_multiplies_the_embedding_and_head_updates(kind):
+    """--embed-lr-scale k: the token embedding and output head step k times as far as at scale 1 (Adam's update
+    and decoupled decay are both proportional to lr), every other weight exactly as far; each trainable parameter
+    is in one group."""
+    def stepped(scale):
+        torch.manual_seed(0)
+        model = tiny(num_nextn_predict_layers=0)
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        if kind == "muon":
+            opt = O.MuonAdamW(model, 1e-3, 0.1, embed_lr_scale=scale)
+        else:
+            opt = O.build_adamw(model, 1e-3, 0.1, bf16_weights=kind == "bf16_weights", embed_lr_scale=scale)
+        owned = [p for g in opt.param_groups for p in g["params"]]
+        assert len(owned) == len({id(p) for p in owned}) == sum(p.requires_grad for p in model.parameters())
+        O.set_lr(opt, 1e-3)
+        x, y = batch(model.config, B=2, T=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "bf16_weights"):
+            torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        after = opt.full_precision_state(model) if kind == "bf16_weights" else model.state_dict()
+        return {n: after[n].float() - before[n] for n in before}
+
+    one, three = stepped(1.0), stepped(3.0)
+    rows = [n for n in one if "embed_tokens" in n or "lm_head" in n]
+    assert sorted(rows) == ["embed_tokens.weight", "lm_head.weight"]
+    for n in one:
+        if n in rows:
+            torch.testing.assert_close(three[n], 3 * one[n], rtol=1e-3, atol=1e-9)
+        else:
+            torch.testing.assert_close(three[n], one[n], rtol=0, atol=0)
