@@ -1,5 +1,6 @@
 """bench/decode.py's llama.cpp peer, the parts that need no network and no build: llama-bench's JSON into rates, the
-skip lines where llama.cpp cannot be had, the table, and the pre-tokenizer check of the converter wrapper."""
+skip lines where llama.cpp (or one float or quantized arm) cannot be had, the tables, the weight bytes per token
+of a GGUF against nanoseek's count, and the pre-tokenizer check of the converter wrapper."""
 import argparse
 import json
 import subprocess
