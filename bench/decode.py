@@ -4,6 +4,7 @@ decode of several sequences at once), same weights, one run.
     python bench/decode.py [--preset small | --model FOLDER] [--prompt 64] [--tokens 64] [--threads N]
     python bench/decode.py --dtypes all --quantize int8,int4 [--quant-group-size 32]  # weight-only arms too
     python bench/decode.py --peer llamacpp [--dtypes float32] [--peer-threads 1,2] [--sequences 8]  # or --peer all
+    python bench/decode.py --peer llamacpp --quantize int8,int4  # + nanoseek int8 / Q8_0, int4 / Q4_1
 
 Builds the preset with random weights, saves it in HF layout, loads it with nanoseek.from_pretrained and with
 transformers' AutoModelForCausalLM, and times greedy decoding (float32 and bfloat16). Decode rate excludes the
@@ -28,8 +29,16 @@ bf16 for bfloat16, and nanoseek loading that same GGUF file), with nanoseek at t
 it, one thread count at a time: `llama-bench` decodes --tokens - 1 tokens after a --prompt-token context (`-d`),
 the positions of nanoseek's timed steps, best of --repeats on both sides; then `llama-batched-bench` prefills 1
 and --sequences prompts of --prompt tokens at once and decodes --tokens - 1 steps of one token per sequence, with
-nanoseek's engine doing the same with as many requests (prefill and decode tokens/s, two ratios). Where llama.cpp
-cannot be fetched, built, fed or run, one line says why and the rest of the bench runs.
+nanoseek's engine doing the same with as many requests (prefill and decode tokens/s, two ratios). With
+`--quantize`, the same two tables get quantized arms, each file read by both sides, nanoseek quantizing it at
+load into its own format (`nanoseek.gguf` dequantizes, `nanoseek.quant` quantizes) and its activations in each
+--dtypes dtype: "int8 / Q8_0" is the converter's --outtype q8_0 file, nanoseek int8 (one scale per row) against
+llama.cpp's Q8_0 (one scale per 32 values); "int4 G32 / Q4_1" is llama-quantize's Q4_1 of the f32 file (head
+Q8_0, as nanoseek keeps an int4 model's head int8), nanoseek int4 at group 32 (a scale and a min per 32 values,
+as Q4_1's blocks; --quant-group-size is for the transformers arms). A third table gives, per arm, the weight bytes
+a decode token reads on each side: nanoseek's `activated_bytes`, llama.cpp's the same count over the GGUF's
+tensor sizes, by tensor type. Where llama.cpp cannot be fetched, built, fed or run, or nanoseek cannot read a
+file, one line says why (per arm, where it is the arm's) and the rest of the bench runs.
 
 `--kv-cache-dtypes auto,fp8,int8` adds nanoseek's decode rate with each KV-cache dtype (`--peer none`: only that).
 """
@@ -46,6 +55,7 @@ import torch
 import llamacpp
 import nanoseek
 from nanoseek import precision, quant
+from nanoseek.checkpoint import CheckpointError
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.engine import Engine, SamplingParams
 
@@ -316,9 +326,10 @@ def kv_cache_comparison(args, cfg, prompt) -> None:
 
 
 def llamacpp_comparison(args, cfg, prompt) -> None:
-    """nanoseek against llama.cpp on the same GGUF file (nanoseek reads it with `nanoseek.gguf`), per dtype and
-    thread count: decode at batch 1 (llama-bench), then prefill and decode of 1 and --sequences sequences at once
-    (llama-batched-bench); a line saying why where llama.cpp cannot run here."""
+    """nanoseek against llama.cpp on the same GGUF file (nanoseek reads it with `nanoseek.gguf`), per arm (each
+    dtype, then each --quantize format against its llama.cpp type) and thread count: decode at batch 1
+    (llama-bench), then prefill and decode of 1 and --sequences sequences at once (llama-batched-bench), and the
+    weight bytes a token reads on each side; a line saying why where llama.cpp, or an arm, cannot run here."""
     try:
         src, tools = llamacpp.prepare()
     except llamacpp.Unavailable as e:
@@ -340,14 +351,37 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(max(n_seqs))]
     prev_threads = torch.get_num_threads()
-    rows, batched_rows, info = [], [], None
+    dtypes = args.dtypes.split(",")
+    # (row name, GGUF type, nanoseek dtype, nanoseek format): the float arms, then per format one arm per dtype
+    # (nanoseek's activations in it; llama.cpp's file is the same for all)
+    arms = [(name, llamacpp.OUTTYPES[name], name, None) for name in dtypes]
+    for q in args.quantize:
+        qtype = llamacpp.QUANT_TYPES[q]
+        fmt = q + (f" G{llamacpp.INT4_GROUP}" if q == "int4" else "")
+        arms += [(f"{name} {fmt} / {qtype}", qtype, name, q) for name in dtypes]
+    rows, batched_rows, byte_rows, info = [], [], [], None
     with tempfile.TemporaryDirectory() as d:
         nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
         llamacpp.add_tokenizer(d, cfg.vocab_size)
-        for name in args.dtypes.split(","):
+        files: dict[str, Path] = {}
+
+        def gguf_file(kind: str) -> Path:
+            """The model as a GGUF of this kind (f32, bf16, Q8_0, Q4_1), made once and kept for the other arms."""
+            if kind not in files:
+                out = Path(d) / f"model-{kind}.gguf"
+                if kind == "Q4_1":
+                    files[kind] = llamacpp.quantize(tools["llama-quantize"], gguf_file("f32"), out, kind, max(threads))
+                else:
+                    files[kind] = llamacpp.convert(src, d, out, kind.lower())
+            return files[kind]
+
+        for i, (arm, kind, name, q) in enumerate(arms):
             try:
-                gguf = llamacpp.convert(src, d, Path(d) / f"model-{name}.gguf", llamacpp.OUTTYPES[name])
-                ns = nanoseek.from_pretrained(gguf, dtype=getattr(torch, name))
+                gguf = gguf_file(kind)
+                ns = nanoseek.from_pretrained(gguf, dtype=getattr(torch, name), quantize=q,
+                                              group_size=llamacpp.INT4_GROUP)
+                byte_rows.append((arm, activated_bytes(ns), *llamacpp.weight_bytes_per_token(
+                    gguf, cfg.num_experts_per_tok)))
                 # one thread count at a time, the two engines back to back, so that load from other processes
                 # meets both alike
                 for t in threads:
@@ -357,19 +391,23 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
                     # and the first token: the same positions, prompt .. prompt + tokens - 2
                     res = llamacpp.run_bench(tools["llama-bench"], gguf, t, depth=len(prompt),
                                              n_gen=args.tokens - 1, repeats=args.repeats)
-                    rows.append((name, t, r_ns, llamacpp.rates(res)[t]))
+                    rows.append((arm, t, r_ns, llamacpp.rates(res)[t]))
                     info = res[0]
                     ll = {r["pl"]: r for r in llamacpp.run_batched_bench(
                         tools["llama-batched-bench"], gguf, t, args.prompt, args.tokens - 1, n_seqs)}
                     for n in n_seqs:
                         pp, tg = nanoseek_batched_rates(ns, prompts[:n], args.tokens - 1, args.repeats)
-                        batched_rows.append((name, t, n, pp, ll[n]["speed_pp"], tg, ll[n]["speed_tg"]))
+                        batched_rows.append((arm, t, n, pp, ll[n]["speed_pp"], tg, ll[n]["speed_tg"]))
                 del ns
-                gguf.unlink()
-            except llamacpp.Unavailable as e:
-                print(f"llama.cpp peer skipped for {name}: {e}")
+            except (llamacpp.Unavailable, CheckpointError) as e:
+                print(f"llama.cpp peer skipped for {arm}: {e}")
             finally:
                 torch.set_num_threads(prev_threads)
+            # a file no later arm reads (nor llama-quantize, for a Q4_1 still to make) goes: a preset's files add up
+            needed = {k for _, k, _, _ in arms[i + 1:]}
+            needed |= {"f32"} if "Q4_1" in needed and "Q4_1" not in files else set()
+            for k in [k for k in files if k not in needed]:
+                files.pop(k).unlink()
     if not rows:
         return
     print(f"\nDecode at batch 1 against llama.cpp ({args.preset}, {args.prompt}-token context, {args.tokens - 1} "
@@ -381,6 +419,13 @@ def llamacpp_comparison(args, cfg, prompt) -> None:
           f"run after its warm-up)")
     print(llamacpp.format_batched_table(batched_rows))
     print(llamacpp.describe(info))
+    print("\nWeight bytes a decode token reads (each tensor at its stored size; the embedding one row, the routed "
+          "experts num_experts_per_tok of E): nanoseek's model as loaded, llama.cpp's GGUF file")
+    print("| weights | nanoseek MB/token | llama.cpp MB/token | llama.cpp's by tensor type |")
+    print("|---|---:|---:|---|")
+    for arm, b_ns, b_ll, by_type in byte_rows:
+        types = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]))
+        print(f"| {arm} | {b_ns / 1e6:.2f} | {b_ll / 1e6:.2f} | {types} |")
     if "bfloat16" in args.dtypes and not precision.native_bf16_cpu():
         print("bfloat16: this CPU has no native bf16 arithmetic; both widen the bf16 weights to fp32 for fp32 FMAs")
 

@@ -3,9 +3,11 @@ built from it, the bench's model converted by llama.cpp's own converter, and the
 
 The source comes from the llama-cpp-python sdist on PyPI (pinned below; its vendor/llama.cpp is the whole llama.cpp
 tree, converter and gguf-py included), fetched with pip and unpacked once into ~/.cache/nanoseek/llamacpp/<version>
-(or $NANOSEEK_CACHE/llamacpp/<version>), where `llama-bench` and `llama-batched-bench` alone are built with cmake,
-once, and reused; `llamacpp_greedy.c` is compiled against the static libraries that build leaves. The converter
-runs under the transformers its requirements pin, installed with pip once beside the source. Every step that
+(or $NANOSEEK_CACHE/llamacpp/<version>), where the TOOLS alone (`llama-bench`, `llama-batched-bench`,
+`llama-quantize`) are built with cmake, once, and reused; `llamacpp_greedy.c` is compiled against the static
+libraries that build leaves. The converter runs under the transformers its requirements pin, installed with pip
+once beside the source. Quantized files: Q8_0 from the converter (--outtype q8_0), Q4_1 from llama-quantize on
+the f32 file (QUANT_TYPES says which llama.cpp type stands against which nanoseek format). Every step that
 cannot run here (no pip download, no cmake or C++ compiler, a failed build, conversion or run) raises
 `Unavailable` with a one-line reason, which the bench prints before going on without llama.cpp.
 """
@@ -27,9 +29,16 @@ VERSION = "0.3.36"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_APP=OFF")
-# llama-bench: decode at batch 1; llama-batched-bench: prefill and decode of several sequences at once
-TOOLS = ("llama-bench", "llama-batched-bench")
+# llama-bench: decode at batch 1; llama-batched-bench: prefill and decode of several sequences at once;
+# llama-quantize: the quantized files the converter cannot write (Q4_1)
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16"}  # torch dtype name -> the converter's --outtype
+# nanoseek's weight-only format (nanoseek/quant.py) -> the llama.cpp type closest to it. int8 (symmetric, one scale
+# per row) -> Q8_0 (symmetric, one f16 scale per block of 32), written by the converter (--outtype q8_0). int4
+# (asymmetric: a scale and a min per group) -> Q4_1 (an f16 scale and min per block of 32; Q4_0 has no min), made
+# by llama-quantize from the f32 file; nanoseek loads it with groups of Q4_1's 32
+QUANT_TYPES = {"int8": "Q8_0", "int4": "Q4_1"}
+INT4_GROUP = 32
 _HERE = Path(__file__).resolve().parent
 
 
@@ -183,6 +192,33 @@ def convert(src: Path, hf_dir: str | Path, out: Path, outtype: str) -> Path:
     return out
 
 
+def quantize(binary: Path, src: Path, out: Path, qtype: str, threads: int) -> Path:
+    """src (an f32 GGUF) as a GGUF of llama.cpp's `qtype` (Q4_1, ...), by llama-quantize with its own choice of type
+    per tensor, except the output head: Q8_0, as nanoseek keeps its int4 models' head int8 (llama-quantize's own
+    pick for a Q4_x file is Q6_K)."""
+    cmd = [str(binary), "--output-tensor-type", "q8_0", str(src), str(out), qtype, str(threads)]
+    got = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if got.returncode or not out.is_file():
+        raise Unavailable(f"llama-quantize to {qtype} failed ({got.returncode}): {_last_line(got.stderr)}")
+    return out
+
+
+def weight_bytes_per_token(gguf_file: Path, experts_per_token: int) -> tuple[int, dict[str, int]]:
+    """Bytes of the GGUF's tensors a decode token reads, each at its size in the file (its blocks' codes, scales
+    and mins), as nanoseek's `activated_bytes` counts its own: the token embedding one row, the routed experts
+    (`*_exps`, [E, ...]) experts_per_token of E, every other tensor whole; and those bytes by tensor type."""
+    import gguf
+    by_type: dict[str, int] = {}
+    for t in gguf.GGUFReader(gguf_file).tensors:
+        b = int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            b //= int(t.shape[-1])  # GGUF lists dimensions innermost first: the last is the rows
+        elif "_exps." in t.name:
+            b = b // int(t.shape[-1]) * experts_per_token
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + b
+    return sum(by_type.values()), by_type
+
+
 def run_bench(binary: Path, gguf: Path, threads: int, depth: int, n_gen: int, repeats: int) -> list[dict]:
     """llama-bench's JSON results for decoding n_gen tokens one at a time after `depth` tokens of context (-d: a
     prefill outside the timing; -p 0: no prompt test), best of `repeats` after its own warm-up run."""
@@ -228,9 +264,9 @@ def describe(result: dict) -> str:
 
 
 def format_batched_table(rows: list[tuple[str, int, int, float, float, float, float]]) -> str:
-    """Markdown table of (dtype, threads, sequences, nanoseek prefill, llama.cpp prefill, nanoseek decode, llama.cpp
-    decode) tokens/s rows; ratios = nanoseek / llama.cpp."""
-    lines = ["| dtype | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
+    """Markdown table of (weights, threads, sequences, nanoseek prefill, llama.cpp prefill, nanoseek decode,
+    llama.cpp decode) tokens/s rows; ratios = nanoseek / llama.cpp."""
+    lines = ["| weights | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
              "decode llama.cpp | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {t} | {n} | {p_ns:.1f} | {p_ll:.1f} | {p_ns / p_ll:.2f}x | {d_ns:.1f} | {d_ll:.1f} | "
               f"{d_ns / d_ll:.2f}x |" for name, t, n, p_ns, p_ll, d_ns, d_ll in rows]
@@ -238,7 +274,7 @@ def format_batched_table(rows: list[tuple[str, int, int, float, float, float, fl
 
 
 def format_table(rows: list[tuple[str, int, float, float]]) -> str:
-    """Markdown table of (dtype, threads, nanoseek tok/s, llama.cpp tok/s) rows; ratio = nanoseek / llama.cpp."""
-    lines = ["| dtype | threads | nanoseek tok/s | llama.cpp tok/s | ratio |", "|---|---:|---:|---:|---:|"]
+    """Markdown table of (weights, threads, nanoseek tok/s, llama.cpp tok/s) rows; ratio = nanoseek / llama.cpp."""
+    lines = ["| weights | threads | nanoseek tok/s | llama.cpp tok/s | ratio |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {name} | {t} | {r_ns:.1f} | {r_ll:.1f} | {r_ns / r_ll:.2f}x |" for name, t, r_ns, r_ll in rows]
     return "\n".join(lines)

@@ -23,8 +23,8 @@ does not store because they are off (YaRN's without YaRN, the indexer's without 
 ModelConfig's defaults. float32 metadata is read back as the shortest decimal that gives the same float32
 (1e-06, not 9.99999997e-07).
 
-Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (dequantized by `gguf.quants`); any other type
-stops the load with one line naming it and the tensor. Written: what the converter writes for --outtype f32,
+Tensor types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K (dequantized by `gguf.quants`); any other
+type stops the load with one line naming it and the tensor. Written: what the converter writes for --outtype f32,
 bf16 or q8_0, tensor by tensor (norms, biases, the router and the indexer's head weights stay F32; a Q8_0 tensor
 whose rows are not a multiple of 32 is written F16, as the converter falls back); for a folder of one
 safetensors file, the very same bytes.
@@ -48,7 +48,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import SPLIT_PATTERN, Tokenizer
 
 T = gguf.GGMLQuantizationType
-READ_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K)
+READ_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K)
 WRITE_TYPES = {"f32": (T.F32, gguf.LlamaFileType.ALL_F32), "bf16": (T.BF16, gguf.LlamaFileType.MOSTLY_BF16),
                "q8_0": (T.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 ARCHS = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "deepseek_v32": "deepseek32"}

@@ -1,5 +1,6 @@
 """bench/decode.py's llama.cpp peer, the parts that need no network and no build: llama-bench's JSON into rates, the
-skip lines where llama.cpp cannot be had, the table, and the pre-tokenizer check of the converter wrapper."""
+skip lines where llama.cpp (or one float or quantized arm) cannot be had, the tables, the weight bytes per token
+of a GGUF against nanoseek's count, and the pre-tokenizer check of the converter wrapper."""
 import argparse
 import json
 import subprocess
@@ -39,7 +40,7 @@ def test_describe_names_the_build():
 
 def test_format_table():
     assert llamacpp.format_table([("float32", 1, 150.0, 120.0), ("float32", 2, 250.0, 200.0)]) == (
-        "| dtype | threads | nanoseek tok/s | llama.cpp tok/s | ratio |\n"
+        "| weights | threads | nanoseek tok/s | llama.cpp tok/s | ratio |\n"
         "|---|---:|---:|---:|---:|\n"
         "| float32 | 1 | 150.0 | 120.0 | 1.25x |\n"
         "| float32 | 2 | 250.0 | 200.0 | 1.25x |")
@@ -68,7 +69,8 @@ def test_bench_prints_one_line_and_goes_on_without_llamacpp(tmp_path, monkeypatc
     def offline(root):
         raise llamacpp.Unavailable("pip download llama-cpp-python==0.3.36 failed: no network")
     monkeypatch.setattr(llamacpp, "fetch_source", offline)
-    args = argparse.Namespace(preset="tiny", prompt=8, tokens=8, repeats=1, dtypes="float32", peer_threads="1,2")
+    args = argparse.Namespace(preset="tiny", prompt=8, tokens=8, repeats=1, dtypes="float32", peer_threads="1,2",
+                              quantize=[])
     decode.llamacpp_comparison(args, get_preset("tiny"), list(range(3, 11)))
     out = capsys.readouterr().out
     assert out == "llama.cpp peer skipped: pip download llama-cpp-python==0.3.36 failed: no network\n"
@@ -108,7 +110,7 @@ def test_batched_bench_results_are_its_json_lines_among_the_log(monkeypatch):
 
 def test_format_batched_table():
     assert llamacpp.format_batched_table([("float32", 2, 8, 600.0, 300.0, 100.0, 200.0)]) == (
-        "| dtype | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
+        "| weights | threads | sequences | prefill nanoseek | prefill llama.cpp | ratio | decode nanoseek | "
         "decode llama.cpp | ratio |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         "| float32 | 2 | 8 | 600.0 | 300.0 | 2.00x | 100.0 | 200.0 | 0.50x |")
@@ -120,6 +122,8 @@ def test_nanoseek_batched_rates_finish_every_sequence(one_thread):
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 7)]
     pp, tg = decode.nanoseek_batched_rates(model, prompts, 4, repeats=1)
     assert pp > 0 and tg > 0
+
+
 def test_activated_bytes_count_the_stored_sizes_of_a_quantized_model():
     """The bandwidth bound of bench/decode.py's quantized arms counts what a decode token reads: codes, scales and
     mins at their stored sizes, and num_experts_per_tok of the E routed experts."""
@@ -139,3 +143,46 @@ def test_activated_bytes_count_the_stored_sizes_of_a_quantized_model():
     q.config = cfg.replace(num_experts_per_tok=cfg.num_experts_per_tok + 1)
     n_moe = sum(1 for layer in q.layers if hasattr(layer.mlp, "experts"))
     assert decode.activated_bytes(q) - int8 == n_moe * per_expert
+
+
+def test_each_arm_that_cannot_run_prints_one_line_and_the_rest_runs(tmp_path, monkeypatch, capsys):
+    """The float arm and the quantized ones (`--quantize int8,int4`), each named by both sides' formats, fail one
+    at a time: the Q4_1 arm through the f32 file llama-quantize would start from."""
+    monkeypatch.setattr(llamacpp, "prepare", lambda: (tmp_path, {t: tmp_path / t for t in llamacpp.TOOLS}))
+    monkeypatch.setattr(llamacpp, "add_tokenizer", lambda d, vocab_size: None)
+
+    def convert(src, hf_dir, out, outtype):
+        raise llamacpp.Unavailable(f"converting to a {outtype} GGUF failed: no converter here")
+    monkeypatch.setattr(llamacpp, "convert", convert)
+    args = argparse.Namespace(preset="tiny", prompt=8, tokens=8, repeats=1, dtypes="float32", peer_threads="1",
+                              sequences=2, quantize=["int8", "int4"])
+    decode.llamacpp_comparison(args, get_preset("tiny"), list(range(3, 11)))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["llama.cpp peer skipped for float32: converting to a f32 GGUF failed: no converter here",
+                         "llama.cpp peer skipped for float32 int8 / Q8_0: converting to a q8_0 GGUF failed: no "
+                         "converter here",
+                         "llama.cpp peer skipped for float32 int4 G32 / Q4_1: converting to a f32 GGUF failed: no "
+                         "converter here"]
+    assert lines[0].startswith("llama.cpp: both sides run tiny as deepseek_v3")  # tiny's indexer heads are 16
+
+
+def test_gguf_weight_bytes_per_token_count_as_nanoseek_counts_its_model(tmp_path):
+    """llama.cpp's column of the bytes table: over an f32 GGUF of a model, exactly nanoseek's activated_bytes of
+    that model (kv_b_proj split into attn_k_b and attn_v_b, the embedding one row, k of E experts); over its Q8_0
+    file, the types the converter writes, Q8_0 the most."""
+    import torch
+
+    from nanoseek.gguf import write_gguf
+    from nanoseek.model.transformer import Transformer
+    from test_vocab import base_docs
+    tok = tokenizer.train_from_documents(base_docs(), 400)
+    cfg = get_preset("tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    total, by_type = llamacpp.weight_bytes_per_token(write_gguf(m, tok, tmp_path / "f32.gguf", "f32"),
+                                                     cfg.num_experts_per_tok)
+    assert by_type == {"F32": total} and total == decode.activated_bytes(m)
+    q_total, q_types = llamacpp.weight_bytes_per_token(write_gguf(m, tok, tmp_path / "q8.gguf", "q8_0"),
+                                                       cfg.num_experts_per_tok)
+    assert set(q_types) == {"Q8_0", "F16", "F32"} and max(q_types, key=q_types.get) == "Q8_0"
+    assert total / 4 < q_total < total / 2

@@ -178,7 +178,8 @@ def _random_blocks(qtype, rows: int, cols: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K],
+                         ids=lambda t: t.name)
 def test_each_read_type_dequantizes_like_gguf_quants_in_a_model(tok, tmp_path, qtype):
     """One weight of a model file stored in `qtype`: the loaded parameter is gguf.quants' dequantization of
     those bytes, in torch's dimension order (ffn_down [64, 256]: not square, so a transpose would show)."""
@@ -193,7 +194,7 @@ def test_each_read_type_dequantizes_like_gguf_quants_in_a_model(tok, tmp_path, q
     assert have.shape == want.shape == (64, 256)
     assert torch.equal(have, want) and torch.isfinite(have).all()
     if qtype not in (T.Q4_K, T.Q5_K, T.Q6_K):  # quantized from the weight: close to it, within the type's step
-        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 1e-2, T.Q8_0: 1e-2, T.Q4_0: 0.2}[qtype]
+        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 1e-2, T.Q8_0: 1e-2, T.Q4_0: 0.2, T.Q4_1: 0.1}[qtype]
         assert (have - m.layers[0].mlp.down_proj.weight).abs().max() <= bound * np.abs(w).max()
 
 

@@ -1,7 +1,8 @@
 """llama.cpp interop on a tiny V3.2 model (indexer heads widened to 64, as llama.cpp's deepseek32 needs): llama.cpp's
 own converter without the wrapper stops at the pre-tokenizer and nowhere else; with it, the GGUF names the
 pre-tokenizer and BOS, nanoseek reads it back to the same logits, and llama.cpp decodes the same greedy tokens as
-nanoseek's engine (bench/llamacpp_greedy.py's pieces). These need the pinned llama.cpp tree, its converter's
+nanoseek's engine (bench/llamacpp_greedy.py's pieces); llama-quantize's Q4_1 of that file reads back within Q4_1's
+rounding. These need the pinned llama.cpp tree, its converter's
 transformers and its build under the bench's cache (`bench/llamacpp.py`; made by running bench/decode.py --peer
 llamacpp once); they skip where those are missing, and never download or build anything but the small greedy tool."""
 import os
@@ -108,3 +109,22 @@ def test_model_without_indexer_computes_the_same_within_top_k(hf_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert tokenizer.load_tokenizer(v3_dir).encode("the fox") == tokenizer.load_tokenizer(hf_dir).encode("the fox")
+
+
+def test_llama_quantize_q4_1_file_reads_back_close_to_its_f32_source(gguf_file, tmp_path):
+    """The int4 arm's file of bench/decode.py --peer llamacpp: llama-quantize's Q4_1 of the f32 file (head Q8_0) reads
+    into nanoseek with every weight within Q4_1's rounding of the f32 one (half a step of a 32-value block: at most
+    1/15 of the largest magnitude) and loads as nanoseek int4 at group 32."""
+    import gguf
+    binary = llamacpp.cache_root() / "build" / "bin" / "llama-quantize"
+    if not binary.is_file():
+        pytest.skip(f"no {binary} (run bench/decode.py --peer llamacpp once)")
+    q4 = llamacpp.quantize(binary, gguf_file, tmp_path / "q4_1.gguf", "Q4_1", 1)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(q4).tensors}
+    assert types["output.weight"] == "Q8_0" and types["blk.1.ffn_gate_exps.weight"] == "Q4_1", types
+    want = dict(nanoseek.from_pretrained(gguf_file, dtype=torch.float32).named_parameters())
+    for name, p in nanoseek.from_pretrained(q4, dtype=torch.float32).named_parameters():
+        assert (p - want[name]).abs().max() <= want[name].abs().max() / 15 + 1e-6, name
+    model = nanoseek.from_pretrained(q4, dtype=torch.float32, quantize="int4", group_size=llamacpp.INT4_GROUP)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[0, 5, 17, 300]])).logits).all()
