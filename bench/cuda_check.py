@@ -73,6 +73,7 @@ def kv8_decode(cfg, cpu, ids):
 
 @guarded
 def quantized(cfg, cpu, ids):
+    full = cpu(ids).logits
     with tempfile.TemporaryDirectory() as d:
         nanoseek.save_pretrained(cpu, d)
         for fmt in ("int8", "int4"):
@@ -82,7 +83,7 @@ def quantized(cfg, cpu, ids):
             out = q_gpu(ids.cuda()).logits.float().cpu()
             err = (out - ref).abs().max().item()
             derr = (decode(q_gpu, ids, torch.float32, "cuda") - out).abs().max().item()
-            off = (ref - cpu(ids).logits).abs().max().item()
+            off = (ref - full).abs().max().item()
             report(err < 1e-4 and derr < 1e-4, f"{fmt} weights: max|cuda-cpu| {err:.2e}, decode-vs-full {derr:.2e} "
                    f"(quantization itself moves logits by {off:.2e})")
 

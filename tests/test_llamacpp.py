@@ -2,9 +2,9 @@
 own converter without the wrapper stops at the pre-tokenizer and nowhere else; with it, the GGUF names the
 pre-tokenizer and BOS, nanoseek reads it back to the same logits, and llama.cpp decodes the same greedy tokens as
 nanoseek's engine (bench/llamacpp_greedy.py's pieces); llama-quantize's Q4_1 of that file reads back within Q4_1's
-rounding. These need the pinned llama.cpp tree, its converter's
-transformers and its build under the bench's cache (`bench/llamacpp.py`; made by running bench/decode.py --peer
-llamacpp once); they skip where those are missing, and never download or build anything but the small greedy tool."""
+rounding. These need the pinned llama.cpp tree, its converter's transformers and its build under the bench's cache
+(`bench/llamacpp.py`; made by running bench/decode.py --peer llamacpp once); they skip where those are missing, and
+never download or build anything but the small greedy tool."""
 import os
 import subprocess
 import sys
