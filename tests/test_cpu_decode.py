@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
-from nanoseek.kernels import abi, cpu_decode, install, isa
+from nanoseek.kernels import abi, cpu_decode, cpu_quant, install, isa
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -47,10 +47,12 @@ def variant(request, monkeypatch):
         pytest.skip(f"the float32 build has no {v} variant: its test with the next variant down covers it")
     monkeypatch.setenv("NANOSEEK_KERNEL_ISA", v)
     cpu_decode.reset()
+    cpu_quant.reset()  # (a quantized model's per-op path: its variant follows the cap too)
     assert cpu_decode.variant(BF) == v, f"the {v} kernels were not built"
     cpu_decode.library(torch.float32)  # (loaded, as at import: the kernel wrappers read the loaded libraries)
     yield v
     cpu_decode.reset()
+    cpu_quant.reset()
 
 
 @contextlib.contextmanager

@@ -1,19 +1,23 @@
-"""The whole-stack decode call (`decode_plan.py`, cpu_decode.c `ns_decode_stack`) on int8 models (`nanoseek.quant`)
-against the per-op quantized path it replaces (the blocks one by one: QuantLinear / QuantExperts on cpu_quant.c,
-everything between them in PyTorch), on tiny random models with a dense block, MoE blocks and DSA, float32 and
-bf16, on every kernel variant this CPU runs (test_cpu_decode.py's `variant` fixture).
+"""The whole-stack decode call (`decode_plan.py`, cpu_decode.c `ns_decode_stack`) on int8 and int4 models
+(`nanoseek.quant`) against the per-op quantized path it replaces (the blocks one by one: QuantLinear / QuantExperts
+on cpu_quant.c, everything between them in PyTorch), on tiny random models with a dense block, MoE blocks and DSA,
+float32 and bf16, on every kernel variant this CPU runs (test_cpu_decode.py's `variant` fixture). int4 runs both
+of cpu_quant's arithmetics: on int8 activations (where the variant has VNNI; elsewhere the float path) and on the
+float path (`cpu_quant.set_int8_activations(False)`); `tiny`'s q_b_proj (input 48, no multiple of 32) stays int8
+in an int4 model, so its stack reads both formats.
 
-Tolerance: the int8 matvecs are cpu_quant.c's own dot products (quant_dot.h), and the routed experts keep
-nq_experts' fp32 intermediates, so the two paths differ only where the float kernels do (the order of fp32 sums:
-attention, router, norms): float32 logits within 1e-5 of the largest |logit| (`close`; measured: under 1e-6),
-bf16 within 2^-6 of it, a bf16 ulp or two (measured: most bf16 runs bit-identical, the others an ulp apart);
-greedy tokens equal at every step.
+Tolerance: the quantized matvecs are cpu_quant.c's own dot products (quant_dot.h, quant4.h; int4's activations
+prepared, int8-quantized included, by the same code), and the routed experts keep nq_experts' fp32
+intermediates, so the two paths differ only where the float kernels do (the order of fp32 sums: attention,
+router, norms): float32 logits within 1e-5 of the largest |logit| (`close`; measured: under 1e-6), bf16 within
+2^-6 of it, a bf16 ulp or two (measured: most bf16 runs bit-identical, the others an ulp apart); greedy tokens
+equal at every step.
 """
 import pytest
 import torch
 
 from nanoseek import quant
-from nanoseek.kernels import decode_plan
+from nanoseek.kernels import cpu_quant, decode_plan
 from nanoseek.kernels.modules import PlannedTransformer
 from nanoseek.model.moe import MoE
 from test_cpu_decode import DTYPES, counting, decode, earliest_on_ties, kernel_model, variant  # noqa: F401
@@ -25,16 +29,24 @@ def close(a, b, dt):
     assert (a - b).abs().max() <= tol * b.abs().max(), ((a - b).abs().max(), b.abs().max())
 
 
+@pytest.fixture(params=["int8", "int4", "int4-float"])
+def fmt(request):
+    """The format, and for int4 its arithmetic (int4: int8 activations where this variant has VNNI)"""
+    prev = cpu_quant.set_int8_activations(request.param != "int4-float")
+    yield request.param.split("-")[0]
+    cpu_quant.set_int8_activations(prev)
+
+
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "index_topk": 0, "index_n_heads": 0},
                                 {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy"},
                                 {"tie_word_embeddings": True}])
-def test_int8_stack_equals_the_per_op_quantized_path(kw, dt, monkeypatch):
+def test_quantized_stack_equals_the_per_op_quantized_path(fmt, kw, dt, monkeypatch):
     """One ns_decode_stack call per step (no per-block kernel), logits close to the per-op path and the same
     greedy tokens and expert ids: one request, a ragged batch (1 and 3 tokens), and past DSA's top-k (32), where
     the kernel selects the rows (the reference with the kernel's tie rule)."""
     earliest_on_ties(monkeypatch)
-    m = quant.quantize_model(kernel_model(dt, **kw), "int8")
+    m = quant.quantize_model(kernel_model(dt, **kw), fmt)
     assert type(m) is PlannedTransformer
     ids = torch.randint(0, m.config.vocab_size, (2, 52))
     n_moe = sum(isinstance(b.mlp, MoE) for b in m.layers)
@@ -55,18 +67,16 @@ def test_int8_stack_equals_the_per_op_quantized_path(kw, dt, monkeypatch):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-def test_int4_and_changed_weights_fall_back_or_rebuild(dt, monkeypatch):
-    """int4 weights are not read by the stack: its decode runs block by block (no ns_decode_stack call). An int8
-    weight changed in place (its codes) makes the plan rebuild its concatenated projection: the logits follow."""
-    m4 = quant.quantize_model(kernel_model(dt), "int4")
-    ids = torch.randint(0, m4.config.vocab_size, (1, 30))
-    with counting("ns_decode_stack", dt) as stacks:
-        decode(m4, ids, 20, [[1]] * 2, True)
-    assert stacks["n"] == 0
-    m = quant.quantize_model(kernel_model(dt), "int8")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_changed_weights_or_arithmetic_rebuild_the_plan(fmt, dt, monkeypatch):
+    """A quantized weight changed in place (its codes) makes the plan rebuild its concatenated projection: the
+    logits follow. Switching int4's arithmetic (`set_int8_activations`) rebuilds the plan with it."""
+    ids = torch.randint(0, 64, (1, 30))
+    m = quant.quantize_model(kernel_model(dt), fmt)
     before = decode(m, ids, 20, [[1]] * 2, True)[0]
     with torch.no_grad():
-        m.layers[1].self_attn.kv_a_proj_with_mqa.weight.mul_(-1)
+        w = m.layers[1].self_attn.kv_a_proj_with_mqa.weight
+        w.copy_(w.flip(-1))  # (int4: each code byte's two codes swap places; int8: the row reversed)
     with counting("ns_decode_stack", dt) as stacks:
         after = decode(m, ids, 20, [[1]] * 2, True)[0]
     assert stacks["n"] == 2
@@ -74,3 +84,13 @@ def test_int4_and_changed_weights_fall_back_or_rebuild(dt, monkeypatch):
     reference = decode(m, ids, 20, [[1]] * 2, True)[0]
     assert not torch.equal(before, after)
     close(after, reference, dt)
+    monkeypatch.undo()
+    if fmt == "int4":
+        prev = cpu_quant.set_int8_activations(not cpu_quant._int8_activations)
+        try:
+            switched = decode(m, ids, 20, [[1]] * 2, True)[0]
+            assert decode_plan._PLANS[m].q8 == cpu_quant.int8_activations()
+            monkeypatch.setattr(decode_plan, "run", lambda *a: None)
+            close(switched, decode(m, ids, 20, [[1]] * 2, True)[0], dt)
+        finally:
+            cpu_quant.set_int8_activations(prev)

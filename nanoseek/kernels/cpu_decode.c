@@ -8,8 +8,8 @@
  *   ns_dsa_select    DSA's lightning indexer at decode: scores over the cached keys, top-k, their slots
  *   ns_decode_stack  all decoder blocks of a decode step, with the latent cache's writes and reads, the cache in
  *                    the model's dtype or in 8 bits (fp8 e4m3 / int8 with fp32 scales per group, kv_quant.py); for
- *                    a model quantized to int8 (nanoseek/quant.py) its matrices are int8 codes with per-row scales,
- *                    read by cpu_quant.c's dot products (quant_dot.h; `mdots`)
+ *                    a model quantized to int8 or int4 (nanoseek/quant.py) its matrices are codes with their scales,
+ *                    read by cpu_quant.c's dot products (quant_dot.h, quant4.h; `ns_mat`, `mdots`)
  *   ns_kv8_write, ns_mla_absorbed8  the 8-bit cache's write and attention over it (ns_decode_stack's, exported
  *                    for the tests)
  *
@@ -81,6 +81,13 @@ static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
 #define NQ_X2F(v) (v)
 #define NQ_DOT dot_s8_f
 #include "quant_dot.h"
+/* int4 weight rows (the quantized stack, see `mdots`): cpu_quant.c's dot products over prepared rows of x */
+#include "quant4.h"
+#ifdef NS_F32
+#define NS_WT_BF 0 /* nq_a4_row's bf for rows of wt */
+#else
+#define NS_WT_BF 1
+#endif
 
 /* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator
  * (op % NS_DOT_ACC), a prefetch 2 KB ahead per line (b streams weight rows one after another: asking 2 KB ahead
@@ -185,11 +192,30 @@ static inline void row_ptrs(const wt *x, int64_t M, int64_t ld, const wt **xs) {
     for (int64_t m = 0; m < M; m++) xs[m] = x + m * ld;
 }
 
-/* The weight matrices of a model quantized to int8 (quant.py: codes int8 [O, D], a bf16 scale per row, W'[o] =
- * codes[o] * scale[o]) go through the same kernels as wt ones: a matrix is (w, s), wt rows where s is NULL, int8
- * codes where s holds the scales. mrow: the address of row o of such a matrix of width D. */
-static inline const void *mrow(const void *w, const bf16 *s, int64_t o, int64_t D) {
-    return s ? (const void *)((const int8_t *)w + o * D) : (const void *)((const wt *)w + o * D);
+/* A weight matrix of the kernels, W [O, D]: wt rows (s NULL), or a model quantized by quant.py: int8 codes [O, D]
+ * with a bf16 scale per row (s set, mn NULL: W'[o] = codes[o] * s[o]), or int4 codes two a byte [O, D/2] with a
+ * bf16 scale and min per group of G input values (s and mn [O, D/G]: W' = q * s + min). */
+typedef struct {
+    const void *w;
+    const bf16 *s, *mn;
+    int64_t G;
+    int q8; /* int4: its products on int8 activations (quant4.h) */
+} ns_mat;
+static inline ns_mat mat_f(const wt *w) { return (ns_mat){w, NULL, NULL, 0, 0}; }
+
+/* the address of row o of W (width D), and the bytes of n rows */
+static inline const void *mrow(const ns_mat *W, int64_t o, int64_t D) {
+    if (W->mn) return (const uint8_t *)W->w + o * (D / 2);
+    return W->s ? (const void *)((const int8_t *)W->w + o * D) : (const void *)((const wt *)W->w + o * D);
+}
+static inline int64_t mbytes(const ns_mat *W, int64_t n, int64_t D) {
+    return W->mn ? n * (D / 2) : W->s ? n * D : n * D * (int64_t)sizeof(wt);
+}
+
+/* W's rows from o on, as a matrix of its own (an expert of the experts' stacked weights) */
+static inline ns_mat msub(const ns_mat *W, int64_t o, int64_t D) {
+    const int64_t per = W->mn ? D / W->G : 1; /* scales per row */
+    return (ns_mat){mrow(W, o, D), W->s ? W->s + o * per : NULL, W->mn ? W->mn + o * per : NULL, W->G, W->q8};
 }
 
 /* out[j] = (int8 row o of (w, s), width D) . x[j] for j < nx through `dot` (dot_s8, dot_s8_f): its sum times the
@@ -210,30 +236,39 @@ static inline const void *mrow(const void *w, const bf16 *s, int64_t o, int64_t 
         for (int64_t j_ = 0; j_ < (nx); j_++) (out)[j_] *= sc_;                                                   \
     } while (0)
 
-/* out[j] = row o of (w, s) . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones */
-static inline __attribute__((always_inline)) void mdots(const wt *const *x, int64_t nx, const void *w,
-                                                         const bf16 *s, int64_t o, int64_t D, float *out) {
-    if (s) NS_QDOTS(dot_s8, x, nx, w, s, o, D, out);
-    else dots(x, nx, (const wt *)w + o * D, D, out);
+/* out[j] = row o of W . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones; an int4 W reads the same
+ * rows prepared in a (quant4.h), x[j] being row ar[j] of a (cpu_quant.c's nq_int4 / nq_int4_q8 arithmetic) */
+static inline __attribute__((always_inline)) void mdots(const wt *const *x, const nq_a4 *a, const int64_t *ar,
+                                                         int64_t nx, const ns_mat *W, int64_t o, int64_t D,
+                                                         float *out) {
+    if (W->mn) {
+        const int64_t ng = D / W->G;
+        nq_a4_dots(a, ar, nx, (const uint8_t *)W->w + o * (D / 2), W->s + o * ng, W->mn + o * ng, out);
+    } else if (W->s) NS_QDOTS(dot_s8, x, nx, W->w, W->s, o, D, out);
+    else dots(x, nx, (const wt *)W->w + o * D, D, out);
 }
 
-/* y[M, O] = x[M, D] @ W[O, D]^T for W = (w, s) (see mrow), wt in and out. Each weight row is read once for all M
- * rows. */
-static void linear_m(const wt *x, int64_t M, int64_t D, const void *W, const bf16 *s, int64_t O, wt *y, int nt) {
+/* ar[m] = m for m < M: the rows of an nq_a4 in order (`mdots`) */
+static inline void row_ids(int64_t M, int64_t *ar) {
+    for (int64_t m = 0; m < M; m++) ar[m] = m;
+}
+
+/* y[M, O] = x[M, D] @ W[O, D]^T for a wt or int8 W, wt in and out. Each weight row is read once for all M rows. */
+static void linear_m(const wt *x, int64_t M, int64_t D, const ns_mat W, int64_t O, wt *y, int nt) {
     if (M <= 0) return;
     const wt *xs[M];
     row_ptrs(x, M, D, xs);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t o = 0; o < O; o++) {
         float r[M];
-        mdots(xs, M, W, s, o, D, r);
+        mdots(xs, NULL, NULL, M, &W, o, D, r);
         for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(r[m]);
     }
 }
 
 /* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out */
 void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
-    linear_m(x, M, D, W, NULL, O, y, nt);
+    linear_m(x, M, D, mat_f(W), O, y, nt);
 }
 
 #define NS_CHUNK 16
@@ -520,13 +555,13 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * scores by rows and o_lat by columns, so that the rows stream from memory once, not once per thread. Both
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
-/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache; w_o as (w, s):
- * mrow) */
+/* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache; w_o: see ns_mat,
+ * NULL for none; a4buf: scratch for an int4 w_o's activations, nq_a4_bytes(B * T, H * V, ...)) */
 static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
                          const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const ns_kv8 *k8,
                          const int64_t *row_idx, int64_t S, int per_query, const uint8_t *mask, float scale, wt *out,
-                         wt *qc, float *sc, float *ol, wt *pb, const void *w_o, const bf16 *w_o_s, int64_t Dm,
-                         const wt *resid, wt *y, int nt) {
+                         wt *qc, float *sc, float *ol, wt *pb, const ns_mat *w_o, int64_t Dm,
+                         const wt *resid, wt *y, void *a4buf, int nt) {
     const int64_t C = R + P, S2 = S + (S & 1);
     const int by_heads = S * C * (int64_t)sizeof(wt) <= NS_ROWS_SPLIT;
 #ifdef NS_AVX512BF16
@@ -546,9 +581,8 @@ static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N
          * o_lat, one per pair of rows, vector of columns and block of 8 heads */
         const int64_t chunks = (R + NS_VW - 1) / NS_VW, iters = by_heads ? S + S / 2 * chunks * ((h1 - h0 + 7) / 8)
                                                                : S / n + S / 2 * (chunks / n + 1) * ((H + 7) / 8);
-        const int64_t W = sizeof(wt), Wo = w_o_s ? 1 : W;
-        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * W,
-                           w_o ? mrow(w_o, w_o_s, d0, H * V) : NULL, w_o ? (d1 - d0) * H * V * Wo : 0, iters);
+        ns_pf pf = pf_make(w_kvb + (h0 * (N + V) + N) * R, (h1 - h0) * (N + V) * R * (int64_t)sizeof(wt),
+                           w_o ? mrow(w_o, d0, H * V) : NULL, w_o ? mbytes(w_o, d1 - d0, H * V) : 0, iters);
         for (int64_t m = 0; m < B * T; m++) {
             const int64_t rq = per_query ? m : m / T; /* the query's set of rows */
             const wt *rm = row_idx || !rows ? rows : rows + rq * S * C;
@@ -584,9 +618,19 @@ static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N
 #pragma omp barrier
             const wt *xs[B * T];
             float r[B * T];
+            int64_t ar[B * T];
             row_ptrs(out, B * T, H * V, xs);
+            row_ids(B * T, ar);
+            nq_a4 a;
+            if (w_o->mn) { /* int4: the rows of `out` prepared first, each thread its share */
+                int64_t m0, m1;
+                part(B * T, t, n, &m0, &m1);
+                nq_a4_carve(&a, a4buf, B * T, H * V, w_o->G, w_o->q8);
+                for (int64_t m = m0; m < m1; m++) nq_a4_row(&a, m, out + m * H * V, NS_WT_BF);
+#pragma omp barrier
+            }
             for (int64_t d = d0; d < d1; d++) { /* the rows `pf` brought to this core */
-                mdots(xs, B * T, w_o, w_o_s, d, H * V, r);
+                mdots(xs, &a, ar, B * T, w_o, d, H * V, r);
                 for (int64_t m = 0; m < B * T; m++) {
                     const float o = RW(r[m]);
                     y[m * Dm + d] = f2w(resid ? w2f(resid[m * Dm + d]) + o : o);
@@ -601,8 +645,9 @@ void ns_mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, in
                      int64_t S, int per_query, const uint8_t *mask, float scale, wt *out, wt *qc,
                      float *sc, float *ol, wt *pb, const wt *w_o, int64_t Dm, const wt *resid,
                      wt *y, int nt) {
+    const ns_mat wo = mat_f(w_o);
     mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, rows, NULL, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
-                 w_o, NULL, Dm, resid, y, nt);
+                 w_o ? &wo : NULL, Dm, resid, y, NULL, nt);
 }
 
 /* The same over the 8-bit rows of a cache plane (fmt NS_KV_FP8 or NS_KV_INT8): values rows8 [.., R + P] and
@@ -616,8 +661,9 @@ void ns_mla_absorbed8(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, i
     float lut[256];
     kv8_lut(fmt, lut);
     const ns_kv8 k8 = {rows8, scales, lut, R + P, ns, R, g0, g1, fmt == NS_KV_INT8};
+    const ns_mat wo = mat_f(w_o);
     mla_absorbed(q, B, T, H, N, P, w_kvb, R, V, NULL, &k8, row_idx, S, per_query, mask, scale, out, qc, sc, ol, pb,
-                 w_o, NULL, Dm, resid, y, nt);
+                 w_o ? &wo : NULL, Dm, resid, y, NULL, nt);
 }
 
 /* rows [M, R + P] into an 8-bit plane (fmt, groups g0 and g1 as ns_mla_absorbed8) at slots [M]: values
@@ -723,15 +769,16 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
  * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
  * cos, sin [M, P/2]. cq is written only with q-LoRA.
- * Quantized (mla_project with wx_s): wx holds the int8 codes of [W_qa | W_kva] with their scales wx_s, and the
- * indexer key's rows, which stay float (quant.py), come from ik_wk [Di, D]; W_qb is (wqb, wqb_s) (mrow). */
-static void mla_project(const wt *x, int64_t M, int64_t D, const void *wx, const bf16 *wx_s, const wt *ik_wk,
+ * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of [W_qa | W_kva], and the indexer key's rows,
+ * which stay float (quant.py), come from ik_wk [Di, D]; W_qb may be quantized too. a4buf: scratch for the
+ * activations of int4 matrices (nq_a4_bytes of M rows of the wider of D and Oq). */
+static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const wt *ik_wk,
                         int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
-                        const void *wqb, const bf16 *wqb_s, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
+                        const ns_mat *wqb, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
                         const wt *ik_w, const wt *ik_b, float ik_eps, const float *cos, const float *sin,
-                        const wt *in_norm, float in_eps, wt *xn, wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
+                        const wt *in_norm, float in_eps, wt *xn, wt *xo, wt *cq, wt *q, wt *rows, wt *ik,
+                        void *a4buf, int nt) {
     const int64_t Ow = Oq + R + P + Di, Q = H * (N + P), half = P / 2, Oc = Oq + R + P;
-    const int64_t Wx = wx_s ? 1 : (int64_t)sizeof(wt), Wq = wqb_s ? 1 : (int64_t)sizeof(wt);
     const wt *xin = in_norm ? xn : x;
 #pragma omp parallel num_threads(nt)
     {
@@ -745,29 +792,39 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const void *wx, const
         part(Q, t, nth, &q0, &q1);
         const int64_t idle = m0 == m1;
         if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
-            ns_pf pf = pf_make(mrow(wx, wx_s, o0, D), imin(idle ? 4096 : 2048, (o1 - o0) * D * Wx), NULL, 0, 1);
+            ns_pf pf = pf_make(mrow(wx, o0, D), imin(idle ? 4096 : 2048, mbytes(wx, o1 - o0, D)), NULL, 0, 1);
             pf_next(&pf);
             for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
 #pragma omp barrier
         }
         const wt *xs[M];
         float r[M];
+        int64_t ar[M];
         row_ptrs(xin, M, D, xs);
+        row_ids(M, ar);
+        nq_a4 a; /* the rows of xin, then of cq, for int4 matrices (each thread its share of rows) */
+        if (wx->mn) {
+            nq_a4_carve(&a, a4buf, M, D, wx->G, wx->q8);
+            for (int64_t m = m0; m < m1; m++) nq_a4_row(&a, m, xin + m * D, NS_WT_BF);
+#pragma omp barrier
+        }
         for (int64_t o = o0; o < o1; o++) {
-            if (wx_s && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
-            else mdots(xs, M, wx, wx_s, o, D, r);
+            if (wx->s && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
+            else mdots(xs, &a, ar, M, wx, o, D, r);
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(r[m]);
         }
 #pragma omp barrier
         if (qa_norm) {
-            const int64_t bytes = (q1 - q0) * Oq * Wq;
-            ns_pf pf = pf_make(mrow(wqb, wqb_s, q0, Oq), imin(idle ? 32768 : 2048, bytes), NULL, 0, 1);
+            ns_pf pf = pf_make(mrow(wqb, q0, Oq), imin(idle ? 32768 : 2048, mbytes(wqb, q1 - q0, Oq)), NULL, 0, 1);
             pf_next(&pf);
+            if (wqb->mn) nq_a4_carve(&a, a4buf, M, Oq, wqb->G, wqb->q8); /* (xin's rows are read: the barrier) */
         }
         for (int64_t m = m0; m < m1; m++) {
             const wt *xm = xo + m * Ow;
-            if (qa_norm) rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
-            else memcpy(q + m * Q, xm, Q * sizeof(wt));
+            if (qa_norm) {
+                rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
+                if (wqb->mn) nq_a4_row(&a, m, cq + m * Oq, NS_WT_BF);
+            } else memcpy(q + m * Q, xm, Q * sizeof(wt));
             rmsnorm_row(xm + Oq, R, kv_norm, eps_kv, rows + m * (R + P));
             rope_row(xm + Oq + R, half, cos + m * half, sin + m * half, rows + m * (R + P) + R);
             if (Di > 0) {
@@ -786,7 +843,7 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const void *wx, const
         if (qa_norm) {
             row_ptrs(cq, M, Oq, xs);
             for (int64_t o = q0; o < q1; o++) { /* the rows asked for above */
-                mdots(xs, M, wqb, wqb_s, o, Oq, r);
+                mdots(xs, &a, ar, M, wqb, o, Oq, r);
                 for (int64_t m = 0; m < M; m++) q[m * Q + o] = f2w(r[m]);
             }
 #pragma omp barrier
@@ -806,17 +863,17 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
                     const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
                     const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
                     wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
-    mla_project(x, M, D, wx, NULL, NULL, Oq, R, P, Di, qa_norm, eps_q, wqb, NULL, H, N, kv_norm, eps_kv, ik_w, ik_b,
-                ik_eps, cos, sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, nt);
+    const ns_mat mx = mat_f(wx), mq = mat_f(wqb);
+    mla_project(x, M, D, &mx, NULL, Oq, R, P, Di, qa_norm, eps_q, &mq, H, N, kv_norm, eps_kv, ik_w, ik_b, ik_eps, cos,
+                sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, NULL, nt);
 }
 
 /* The experts' work of a block, as groups: one expert (routed, or the shared one) with every (token, expert) pair
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { /* pairs[first, first + count); the matrices as (w, s): mrow; f32: see ffn_block */
-    const void *gate_up, *down;
-    const bf16 *gu_s, *dn_s;
+typedef struct { /* pairs[first, first + count); the expert's matrices (ns_mat); f32: see ffn_block */
+    ns_mat gate_up, down;
     int64_t I, first, count;
     int f32;
 } ns_group;
@@ -826,32 +883,46 @@ typedef struct {
     float *ys;
     const int64_t *pairs;
     int64_t NKr, K, D, I, Is;
-    int f32; /* the routed pairs' activations are fp32 (an int8 model's experts, see ffn_block) */
+    int f32; /* the routed pairs' activations are fp32 (an int8 or int4 model's experts, see ffn_block) */
+    /* for int4 matrices (quant4.h): xn's rows (row n: token n), the routed pairs' activations (row p), the shared
+     * ones' (row n) */
+    const nq_a4 *ax, *ah, *ahs;
 } ns_pairs;
 
-static inline const wt *pair_x(const ns_pairs *c, int64_t p) {
-    return c->xn + (p < c->NKr ? p / c->K : p - c->NKr) * c->D;
-}
+static inline int64_t pair_token(const ns_pairs *c, int64_t p) { return p < c->NKr ? p / c->K : p - c->NKr; }
+static inline const wt *pair_x(const ns_pairs *c, int64_t p) { return c->xn + pair_token(c, p) * c->D; }
 static inline wt *pair_act(const ns_pairs *c, int64_t p) { /* (pair_actf for fp32 routed activations) */
     wt *shared = c->f32 ? (wt *)((float *)c->act + c->NKr * c->I) : c->act + c->NKr * c->I;
     return p < c->NKr ? c->act + p * c->I : shared + (p - c->NKr) * c->Is;
 }
 static inline float *pair_actf(const ns_pairs *c, int64_t p) { return (float *)c->act + p * c->I; }
 
+/* the activations of the group's pairs [j0, j1) prepared for its int4 down projection */
+static void group_prepare(const ns_pairs *c, const ns_group *g, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t p = c->pairs[g->first + j];
+        if (p < c->NKr) nq_a4_row(c->ah, p, g->f32 ? (const void *)pair_actf(c, p) : pair_act(c, p),
+                                  g->f32 ? 0 : NS_WT_BF);
+        else nq_a4_row(c->ahs, p - c->NKr, pair_act(c, p), NS_WT_BF);
+    }
+}
+
 static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int64_t r1) { /* act rows [r0, r1) */
     const int64_t n = g->count;
     const wt *xs[n];
     wt *acts[n];
     float *actf[n], ga[n], ua[n];
+    int64_t xr[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         xs[j] = pair_x(c, p);
+        xr[j] = pair_token(c, p);
         acts[j] = pair_act(c, p);
         actf[j] = pair_actf(c, p);
     }
     for (int64_t r = r0; r < r1; r++) {
-        mdots(xs, n, g->gate_up, g->gu_s, r, c->D, ga);
-        mdots(xs, n, g->gate_up, g->gu_s, g->I + r, c->D, ua);
+        mdots(xs, c->ax, xr, n, &g->gate_up, r, c->D, ga);
+        mdots(xs, c->ax, xr, n, &g->gate_up, g->I + r, c->D, ua);
         for (int64_t j = 0; j < n; j++) {
             if (g->f32) { /* nq_experts' arithmetic: nothing rounded */
                 actf[j][r] = ga[j] / (1.f + expf(-ga[j])) * ua[j];
@@ -868,15 +939,18 @@ static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t
     const wt *acts[n];
     const float *actf[n];
     float *ys[n], r[n];
+    int64_t hr[n];
     for (int64_t j = 0; j < n; j++) {
         const int64_t p = c->pairs[g->first + j];
         acts[j] = pair_act(c, p);
         actf[j] = pair_actf(c, p);
         ys[j] = c->ys + p * c->D;
+        hr[j] = p < c->NKr ? p : p - c->NKr;
     }
+    const nq_a4 *ha = g->first < c->NKr ? c->ah : c->ahs; /* (a group is routed pairs only, or the shared ones) */
     for (int64_t d = d0; d < d1; d++) {
-        if (g->f32) NS_QDOTS(dot_s8_f, actf, n, g->down, g->dn_s, d, g->I, r);
-        else mdots(acts, n, g->down, g->dn_s, d, g->I, r);
+        if (g->f32 && !g->down.mn) NS_QDOTS(dot_s8_f, actf, n, g->down.w, g->down.s, d, g->I, r);
+        else mdots(acts, ha, hr, n, &g->down, d, g->I, r);
         for (int64_t j = 0; j < n; j++) ys[j][d] = g->f32 ? r[j] : RW(r[j]);
     }
 }
@@ -899,25 +973,39 @@ static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) 
  * thread), the expert groups (see below), then the weighted sums and the residual. Scratch: xn [N, D] wt;
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64.
- * Quantized (ffn_block with scales): each matrix as (w, s) (mrow), gate_up [E, 2I, D] codes with scales gu_s
- * [E, 2I], down with dn_s [E, D], the shared expert's with s_gu_s [2Is], s_dn_s [D]. int8 routed experts compute
- * as cpu_quant.c's nq_experts, the per-op path of a quantized model: gate, up, their activation and each y stay
- * fp32 (act holds fp32 routed rows then: [N*K', I] fp32 before the shared rows), the weighted sum is rounded once. */
+ * Quantized (ffn_block with quantized matrices, ns_mat): gate_up [E, 2I, D], down [E, D, I] and the shared expert's
+ * (s_gate_up->w NULL: none). Quantized routed experts compute as cpu_quant.c's nq_experts, the per-op path of a
+ * quantized model: gate, up, their activation and each y stay fp32 (act holds fp32 routed rows then: [N*K', I] fp32
+ * before the shared rows), the weighted sum is rounded once. int4 matrices read their activations prepared in
+ * a4buf (at most the nq_a4_bytes of xn, of the routed rows [N*K, I] and of the shared ones [N, Is]). */
 static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
-                      int64_t K, int norm, float scaling, const void *gate_up, const bf16 *gu_s, const void *down,
-                      const bf16 *dn_s, int64_t I, const void *s_gate_up, const bf16 *s_gu_s, const void *s_down,
-                      const bf16 *s_dn_s, int64_t Is, wt *out, wt *xn, wt *act, float *ys, float *rs, float *gw,
-                      int64_t *idx, int nt) {
-    const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
+                      int64_t K, int norm, float scaling, const ns_mat *gate_up, const ns_mat *down, int64_t I,
+                      const ns_mat *s_gate_up, const ns_mat *s_down, int64_t Is, wt *out, wt *xn, wt *act,
+                      float *ys, float *rs, float *gw, int64_t *idx, void *a4buf, int nt) {
+    const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up->w ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
     float *ys_s = ys + NKr * D;
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
     ns_group groups[E + 2];
-    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, gu_s != NULL};
+    const int f32 = gate_up->s != NULL;
+    /* int4 matrices' activations: xn's rows (any int4 gate_up: one group size and arithmetic per model), the
+     * routed and the shared hidden rows */
+    const ns_mat *gx = Kr > 0 && gate_up->mn ? gate_up : Ns && s_gate_up->mn ? s_gate_up : NULL;
+    nq_a4 ax, ah, ahs;
+    char *ab = a4buf;
+    if (gx) nq_a4_carve(&ax, ab, N, D, gx->G, gx->q8), ab += nq_a4_bytes(N, D, gx->G, gx->q8);
+    if (Kr > 0 && down->mn)
+        nq_a4_carve(&ah, ab, NKr, I, down->G, down->q8), ab += nq_a4_bytes(NKr, I, down->G, down->q8);
+    if (Ns && s_down->mn) nq_a4_carve(&ahs, ab, N, Is, s_down->G, s_down->q8);
+    const int prep_down = (Kr > 0 && down->mn) || (Ns && s_down->mn);
+    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, f32, &ax, &ah, &ahs};
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp single
-        for (int64_t n = 0; n < N; n++) rmsnorm_row(h + n * D, D, norm_w, eps, xn + n * D);
+        for (int64_t n = 0; n < N; n++) {
+            rmsnorm_row(h + n * D, D, norm_w, eps, xn + n * D);
+            if (gx) nq_a4_row(&ax, n, xn + n * D, NS_WT_BF);
+        }
         if (Kr > 0) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < N * E; t++) rs[t] = dot_wf(xn + (t / E) * D, router_w32 + (t % E) * D, D);
@@ -935,9 +1023,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             for (int64_t e = 0; e < E; e++) {
                 slot[e] = G;
                 if (count[e])
-                    groups[G++] = (ns_group){mrow(gate_up, gu_s, e * 2 * I, D), mrow(down, dn_s, e * D, I),
-                                             gu_s ? gu_s + e * 2 * I : NULL, dn_s ? dn_s + e * D : NULL, I, first, 0,
-                                             gu_s != NULL};
+                    groups[G++] = (ns_group){msub(gate_up, e * 2 * I, D), msub(down, e * D, I), I, first, 0, f32};
                 first += count[e];
             }
             for (int64_t p = 0; p < NKr; p++) {
@@ -946,7 +1032,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             }
             if (Ns) {
                 for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
-                groups[G++] = (ns_group){s_gate_up, s_down, s_gu_s, s_dn_s, Is, NKr, N, 0};
+                groups[G++] = (ns_group){*s_gate_up, *s_down, Is, NKr, N, 0};
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
@@ -954,9 +1040,9 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
              * that their memory latencies overlap instead of stalling one after another (the block stack: median
              * 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
             for (int64_t g = 0; g < G; g++) {
-                const char *gp = (const char *)groups[g].gate_up;
-                const char *up = (const char *)mrow(groups[g].gate_up, groups[g].gu_s, groups[g].I, D);
-                const char *dn = (const char *)groups[g].down;
+                const char *gp = (const char *)groups[g].gate_up.w;
+                const char *up = (const char *)mrow(&groups[g].gate_up, groups[g].I, D);
+                const char *dn = (const char *)groups[g].down.w;
                 for (int64_t b = 0; b < 1024; b += 64) {
                     __builtin_prefetch(gp + b, 0, 2);
                     __builtin_prefetch(up + b, 0, 2);
@@ -982,11 +1068,22 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
         for (int64_t g = 0; g < G; g++) {
             if (!straddles(cost, g, C, nth) && lo <= cost[g] && cost[g] < hi) {
                 group_gate_up(&pc, &groups[g], 0, groups[g].I);
+                if (groups[g].down.mn) group_prepare(&pc, &groups[g], 0, groups[g].count);
                 group_down(&pc, &groups[g], 0, D);
             }
         }
         if (any_split) {
 #pragma omp barrier
+            if (prep_down) { /* a split group's activations, prepared by all threads (a share of its pairs each) */
+                for (int64_t g = 0; g < G; g++) {
+                    if (straddles(cost, g, C, nth) && groups[g].down.mn) {
+                        int64_t j0, j1;
+                        part(groups[g].count, t, nth, &j0, &j1);
+                        group_prepare(&pc, &groups[g], j0, j1);
+                    }
+                }
+#pragma omp barrier
+            }
             for (int64_t g = 0; g < G; g++) {
                 if (straddles(cost, g, C, nth)) {
                     int64_t d0, d1;
@@ -1014,8 +1111,9 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
                   int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
                   const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
                   float *ys, float *rs, float *gw, int64_t *idx, int nt) {
+    const ns_mat gu = mat_f(gate_up), dn = mat_f(down), sgu = mat_f(s_gate_up), sdn = mat_f(s_down);
     ffn_block(h, N, D, norm_w, eps, router_w32, E, bias, scoring, method, n_group, topk_group, K, norm, scaling,
-              gate_up, NULL, down, NULL, I, s_gate_up, NULL, s_down, NULL, Is, out, xn, act, ys, rs, gw, idx, nt);
+              &gu, &dn, I, &sgu, &sdn, Is, out, xn, act, ys, rs, gw, idx, NULL, nt);
 }
 
 /* The decoder blocks of a decode step in one call (decode_plan.py): per block, the projections, the cache write,
@@ -1032,11 +1130,13 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * multiple (kv_quant.py `KVFormat.groups`): the new rows are quantized into them and attention and the DSA
  * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
  * hn [M, D], and with head_w [V, D] (int8 codes where head_s holds their scales) the logits [B, n_logits, V] of
- * each request's last n_logits rows (hl [B * n_logits, D] scratch). */
+ * each request's last n_logits rows (hl [B * n_logits, D] scratch). Returns 0, or -2 when out of memory for the
+ * activations of int4 matrices (allocated per call). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
  * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
- * topk 0: none). A model quantized to int8 (quant.py) sets the scales after Kp: a matrix whose scale is set holds
- * int8 codes, not wt values (`mrow`); wx_s: then wx is [W_qa | W_kva] and ik_wk the indexer key's float rows. */
+ * topk 0: none). A model quantized by quant.py sets the scales after Kp: a matrix whose scale is set holds int8
+ * codes, not wt values, and one whose min (the _m fields) is set too int4 codes in groups of qg, its products on
+ * int8 activations where q8 (ns_mat); wx_s: then wx is [W_qa | W_kva] and ik_wk the indexer key's float rows. */
 #define NS_BLOCK_FIELDS(F)                                                                                         \
     F(int64_t, layer)                                                                                              \
     F(const wt *, wx) F(int64_t, q_out) F(int64_t, R) F(int64_t, P) F(int64_t, Di) F(const wt *, qa_norm)          \
@@ -1049,6 +1149,8 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
     F(const wt *, s_down) F(int64_t, Is) F(int64_t, Kp)                                                            \
     F(const bf16 *, wx_s) F(const wt *, ik_wk) F(const bf16 *, wqb_s) F(const bf16 *, w_o_s)                       \
     F(const bf16 *, gate_up_s) F(const bf16 *, down_s) F(const bf16 *, s_gate_up_s) F(const bf16 *, s_down_s)     \
+    F(const bf16 *, wx_m) F(const bf16 *, wqb_m) F(const bf16 *, w_o_m) F(const bf16 *, gate_up_m)                 \
+    F(const bf16 *, down_m) F(const bf16 *, s_gate_up_m) F(const bf16 *, s_down_m) F(int64_t, qg) F(int, q8)       \
     F(const wt *, iwq) F(const wt *, iwp) F(int64_t, Hi) F(int64_t, topk)
 #define NS_DECLARE(type, name) type name;
 typedef struct { NS_BLOCK_FIELDS(NS_DECLARE) } ns_block;
@@ -1202,7 +1304,26 @@ void ns_dsa_select(const wt *iwq, const wt *iwp, int64_t Hi, int64_t Di, int64_t
                iw, isc, ord, sel_mask, sel, nt);
 }
 
-void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
+/* a block's matrix as ns_mat from its fields (w, s, m) */
+static inline ns_mat bmat(const ns_block *b, const void *w, const bf16 *s, const bf16 *m) {
+    return (ns_mat){w, s, m, m ? b->qg : 0, m ? b->q8 : 0};
+}
+
+/* bytes of the int4 activations of block b's matrices for M rows, the larger of its attention's and its FFN's */
+static int64_t block_a4_bytes(const ns_block *b, int64_t M, int64_t D) {
+    const int64_t G = b->qg;
+    const int q8 = b->q8;
+    int64_t att = 0, ffn = 0;
+    if (b->wx_m) att = nq_a4_bytes(M, D, G, q8);
+    if (b->wqb_m && nq_a4_bytes(M, b->q_out, G, q8) > att) att = nq_a4_bytes(M, b->q_out, G, q8);
+    if (b->w_o_m && nq_a4_bytes(M, b->H * b->V, G, q8) > att) att = nq_a4_bytes(M, b->H * b->V, G, q8);
+    if ((b->E > 0 && b->gate_up_m) || (b->s_gate_up && b->s_gate_up_m)) ffn += nq_a4_bytes(M, D, G, q8);
+    if (b->E > 0 && b->down_m) ffn += nq_a4_bytes(M * b->K, b->I, G, q8);
+    if (b->s_gate_up && b->s_down_m) ffn += nq_a4_bytes(M, b->Is, G, q8);
+    return att > ffn ? att : ffn;
+}
+
+int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
                      int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
                      const uint8_t *mask, int64_t S,
                      void *kv_pool, void *ik_pool, int64_t n_slots, const int64_t *write_slots,
@@ -1222,9 +1343,19 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
     }
     float lut[256];
     if (kv_fmt) kv8_lut(kv_fmt, lut);
+    int64_t a4n = 0;
+    for (int64_t l = 0; l < n_blocks; l++)
+        if (block_a4_bytes(&blocks[l], M, D) > a4n) a4n = block_a4_bytes(&blocks[l], M, D);
+    void *a4buf = a4n ? malloc((size_t)a4n) : NULL;
+    if (a4n && !a4buf) return -2;
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
+        const ns_mat wx = bmat(b, b->wx, b->wx_s, b->wx_m), wqb = bmat(b, b->wqb, b->wqb_s, b->wqb_m),
+                     w_o = bmat(b, b->w_o, b->w_o_s, b->w_o_m), gu = bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m),
+                     dn = bmat(b, b->down, b->down_s, b->down_m),
+                     sgu = bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m),
+                     sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m);
         /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
         const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
                       gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
@@ -1234,9 +1365,9 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
                             b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
-        mla_project(x, M, D, b->wx, b->wx_s, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, b->wqb,
-                    b->wqb_s, b->H, b->N, b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm,
-                    b->in_eps, xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, nt);
+        mla_project(x, M, D, &wx, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, &wqb, b->H, b->N,
+                    b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps, xn, xo,
+                    b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, a4buf, nt);
         wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
         wt *iplane = kv_fmt || !b->Di ? NULL : (wt *)ik_pool + b->layer * n_slots * b->Di;
         if (kv_fmt) { /* the new rows quantized as `RowStore.write` does, each part with its own scales */
@@ -1252,18 +1383,17 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
             dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin, mask,
                        iplane, kv_fmt ? &ik8 : NULL, read_slots, span0, iq, iw, isc, ord, sel_mask, sel, nt);
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, kv_fmt ? &k8 : NULL, sel, b->topk,
-                         1, sel_mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->w_o_s, b->Dm, x, h, nt);
+                         1, sel_mask, b->scale, att, qc, sc, ol, pb, &w_o, b->Dm, x, h, a4buf, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
             ns_kv8 span = k8;
             if (!read_slots) span.q += span0 * C, span.s = kv_fmt ? span.s + span0 * ns : NULL;
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V,
                          kv_fmt || read_slots ? plane : plane + span0 * C, kv_fmt ? &span : NULL, read_slots, S, 0,
-                         mask, b->scale, att, qc, sc, ol, pb, b->w_o, b->w_o_s, b->Dm, x, h, nt);
+                         mask, b->scale, att, qc, sc, ol, pb, &w_o, b->Dm, x, h, a4buf, nt);
         }
         ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method, b->n_group,
-                  b->topk_group, b->K, b->norm, b->scaling, b->gate_up, b->gate_up_s, b->down, b->down_s, b->I,
-                  b->s_gate_up, b->s_gate_up_s, b->s_down, b->s_down_s, b->Is, out, fxn, act, ys, rs, gw,
-                  idx + l * M * b->Kp, nt); /* Kp: the largest K of the blocks */
+                  b->topk_group, b->K, b->norm, b->scaling, &gu, &dn, b->I, &sgu, &sdn, b->Is, out, fxn, act, ys,
+                  rs, gw, idx + l * M * b->Kp, a4buf, nt); /* Kp: the largest K of the blocks */
         x = out;
     }
     /* the final norm (hn [M, D]) and the head over each request's last n_logits rows (logits [B, n_logits, V]) */
@@ -1275,11 +1405,17 @@ void ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, i
                 memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(wt));
             xl = hl;
         }
-        linear_m(xl, B * n_logits, D, head_w, head_s, V, logits, nt); /* head_s: an int8 head's scales */
+        const ns_mat head = {head_w, head_s, NULL, 0, 0}; /* head_s: an int8 head's scales */
+        linear_m(xl, B * n_logits, D, head, V, logits, nt);
     }
+    free(a4buf);
+    return 0;
 }
 
 const char *ns_isa(void) { return NS_SIMD_NAME; } /* the variant this library was built for */
+
+/* whether int4 matrices can take their products on int8 activations here (ns_block's q8; quant4.h) */
+int ns_q8(void) { return nq_a4_vnni(); }
 
 /* The layout of the structs Python passes by pointer, for the check of its ctypes mirrors at load (kernels/abi.py).
  * ns_abi_fields(which): "struct field field ..." (which 0: ns_block), NULL past the last struct;

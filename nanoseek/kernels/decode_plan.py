@@ -12,10 +12,11 @@ runs the blocks' kernels in order, does the cache's writes and reads itself, thr
 (`slots()`), and ends with the final norm and the head. Past DSA's top-k the call also runs the lightning indexer
 and the selection (`ns_dsa_select`): each query scores the cached index keys and attends to its top-k rows.
 RoPE's angles come from the rotary module's table of every position (`RotaryEmbedding.cached`).
-A model quantized to int8 (`nanoseek.quant`) takes the same call: its structs hold the int8 codes and per-row
-scales of the quantized matrices (projections, o_proj, experts, head), which the kernels read in registers
-(cpu_decode.c `mdots`, over cpu_quant.c's dot products); the per-op quantized path (QuantLinear, QuantExperts,
-block by block) stays the reference (tests/test_quant_decode.py). int4 runs block by block.
+A model quantized to int8 or int4 (`nanoseek.quant`) takes the same call: its structs hold the codes, scales
+(and int4's mins) of the quantized matrices (projections, o_proj, experts, head), which the kernels read in
+registers (cpu_decode.c `mdots`, over cpu_quant.c's dot products: quant_dot.h, quant4.h; int4 on int8 activations
+where cpu_quant does it, `cpu_quant.int8_activations`); the per-op quantized path (QuantLinear, QuantExperts,
+block by block) stays the reference (tests/test_quant_decode.py).
 
 Same kernels, same arguments: within top-k the result is bit-identical to the block-by-block path (where that
 path runs on the kernels too: calls of at most MAX_ROWS rows), which stays the reference (tests/test_cpu_decode.py
@@ -40,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from nanoseek.kernels import cpu_decode
+from nanoseek.kernels import cpu_decode, cpu_quant
 from nanoseek.kernels.cpu_decode import kernel_weights
 from nanoseek.kernels.fused import derived
 from nanoseek.model.kv_quant import GROUP
@@ -88,7 +89,8 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
         return None  # DSA's selection scratch is [rows, S]: a big group over a long context runs block by block
     plan = _PLANS.get(model)
     if plan is None or plan.dtype is not x.dtype or plan.assignments != _assignments[0] or \
-            plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers]:
+            plan.key != plan.current_key() or plan.layers != [id(b) for b in model.layers] or \
+            plan.q8 != cpu_quant.int8_activations():
         plan = DecodePlan.build(model, x.dtype)
         if plan is None:
             return None
@@ -107,7 +109,8 @@ class _Block(ctypes.Structure):
                 ("K", _i), ("norm", _c), ("scaling", _f), ("gate_up", _p), ("down", _p), ("I", _i),
                 ("s_gate_up", _p), ("s_down", _p), ("Is", _i), ("Kp", _i),
                 ("wx_s", _p), ("ik_wk", _p), ("wqb_s", _p), ("w_o_s", _p), ("gate_up_s", _p), ("down_s", _p),
-                ("s_gate_up_s", _p), ("s_down_s", _p),
+                ("s_gate_up_s", _p), ("s_down_s", _p), ("wx_m", _p), ("wqb_m", _p), ("w_o_m", _p),
+                ("gate_up_m", _p), ("down_m", _p), ("s_gate_up_m", _p), ("s_down_m", _p), ("qg", _i), ("q8", _c),
                 ("iwq", _p), ("iwp", _p), ("Hi", _i), ("topk", _i)]
 
 
@@ -124,6 +127,7 @@ class DecodePlan:
         self.final = final  # (final norm's weight address, its eps, the head's weight and scales (int8) addresses,
         # vocabulary size)
         self.assignments = _assignments[0]
+        self.q8 = cpu_quant.int8_activations()  # what the int4 matrices' products were planned on
         self.layers = layers  # ids of the blocks it was built from: a model can swap or add blocks
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
@@ -156,13 +160,14 @@ class DecodePlan:
     def build(model, dtype: torch.dtype) -> Optional["DecodePlan"]:
         sources: list[torch.Tensor] = []
         blocks, moes, keep, modes, kps = [], [], [], [], []
+        groups: set[int] = set()  # the int4 matrices' group sizes (one per model: ns_block's qg)
         for layer in model.layers:
             attn, ffn, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
             if attn.indexer_loss_on:
                 return None
             # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
-            if isinstance(attn.o_proj, QuantLinear):  # projections quantized (quant.py): int8 codes and scales
-                got = _int8_attention(attn, norm)
+            if isinstance(attn.o_proj, QuantLinear):  # projections quantized (quant.py): codes, scales (, mins)
+                got = _quantized_attention(attn, norm, groups)
                 if got is None:
                     return None
                 w, src = got
@@ -179,7 +184,8 @@ class DecodePlan:
                      kv_norm=_ptr(w["kv_norm"]), kv_eps=w["kv_eps"], in_norm=_ptr(norm.weight), in_eps=norm.eps,
                      Nk=kv_b.shape[0] // H - V, kv_b=_ptr(kv_b), V=V, scale=attn.scale, w_o=_ptr(w["o"]),
                      Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps, wx_s=_ptr(w.get("wx_s")),
-                     ik_wk=_ptr(w.get("ik_wk")), wqb_s=_ptr(w.get("wqb_s")), w_o_s=_ptr(w.get("o_s")))
+                     ik_wk=_ptr(w.get("ik_wk")), wqb_s=_ptr(w.get("wqb_s")), w_o_s=_ptr(w.get("o_s")),
+                     wx_m=_ptr(w.get("wx_m")), wqb_m=_ptr(w.get("wqb_m")), w_o_m=_ptr(w.get("o_m")))
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
@@ -195,13 +201,12 @@ class DecodePlan:
             I, Is, K = 0, 0, 0
             if isinstance(ffn, MoE):
                 g, ex = ffn.gate, ffn.experts
-                if isinstance(ex, QuantExperts):  # int8 codes with a scale per row
-                    if not (_int8_codes(ex.gate_up_proj, ex.gate_up_proj_scale)
-                            and _int8_codes(ex.down_proj, ex.down_proj_scale)):
+                if isinstance(ex, QuantExperts):  # codes with their scales (, mins)
+                    (gate_up, gs, gm), (down, ds, dm) = ex._weights("gate_up_proj"), ex._weights("down_proj")
+                    if not (_readable(gate_up, gs, gm, ex.D, groups) and _readable(down, ds, dm, ex.I, groups)):
                         return None
-                    gate_up, down = ex.gate_up_proj, ex.down_proj
-                    b.update(gate_up_s=_ptr(ex.gate_up_proj_scale), down_s=_ptr(ex.down_proj_scale))
-                    sources += [ex.gate_up_proj_scale, ex.down_proj_scale]
+                    b.update(gate_up_s=_ptr(gs), down_s=_ptr(ds), gate_up_m=_ptr(gm), down_m=_ptr(dm))
+                    sources += [t for t in (gs, gm, ds, dm) if t is not None]
                 else:
                     gate_up, down = ex.weights()
                     if not kernel_weights([gate_up, down], dtype):
@@ -209,7 +214,7 @@ class DecodePlan:
                 w32 = g.weight_fp32() if hasattr(g, "weight_fp32") else None
                 if w32 is None or gate_up.shape[0] != g.E or g.n_group > 256:
                     return None
-                E, K, I = g.E, g.K, down.shape[-1]
+                E, K, I = g.E, g.K, (ex.I if isinstance(ex, QuantExperts) else down.shape[-1])
                 bias = g.e_score_correction_bias
                 b.update(router_w32=_ptr(w32), E=E, bias=_ptr(bias), scoring=cpu_decode._SCORING[g.scoring],
                          method=cpu_decode._METHOD[g.method], n_group=g.n_group, topk_group=g.topk_group, K=K,
@@ -224,16 +229,17 @@ class DecodePlan:
                 s = ffn  # the dense MLP runs as the "shared" expert
             if s is not None and isinstance(s.down_proj, QuantLinear):
                 lins = (s.gate_proj, s.up_proj, s.down_proj)
-                if not all(_int8(lin) for lin in lins):
+                if not all(_quantized(lin, groups) for lin in lins) or not _same_format(*lins[:2]):
                     return None
-                src = [t for lin in lins for t in (lin.weight, lin.weight_scale)]
-                s_gate_up = derived(s, "_int8_gate_up", src[:4], _cat_int8)
+                src = [_parts(lin) for lin in lins]
+                s_gate_up = derived(s, "_quant_gate_up", src[0] + src[1], _cat)
                 if s_gate_up is None:
                     return None
-                Is = s.down_proj.weight.shape[-1]
-                b.update(s_gate_up=_ptr(s_gate_up[0]), s_gate_up_s=_ptr(s_gate_up[1]), s_down=_ptr(s.down_proj.weight),
-                         s_down_s=_ptr(s.down_proj.weight_scale), Is=Is)
-                sources += src
+                Is = s.down_proj.in_features
+                b.update(s_gate_up=_ptr(s_gate_up[0]), s_gate_up_s=_ptr(s_gate_up[1]),
+                         s_gate_up_m=_ptr(s_gate_up[2] if len(s_gate_up) > 2 else None), s_down=_ptr(src[2][0]),
+                         s_down_s=_ptr(src[2][1]), s_down_m=_ptr(src[2][2] if len(src[2]) > 2 else None), Is=Is)
+                sources += [t for part in src for t in part]
                 keep.append(s_gate_up)
             elif s is not None:
                 s_gate_up = s.fused_gate_up() if hasattr(s, "fused_gate_up") else None
@@ -252,12 +258,18 @@ class DecodePlan:
         # come from the config)
         if not blocks or len({(b["R"] + b["P"], b["Di"]) for b in blocks}) != 1:
             return None
+        # int4 matrices: one group size, and the arithmetic of cpu_quant's int4 calls (the per-op path), which this
+        # library must offer
+        q8 = cpu_quant.int8_activations()
+        if len(groups) > 1 or (groups and q8 and not cpu_decode.library(dtype).ns_q8()):
+            return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-        # the final norm and the head (an int8 head: its codes and scales)
+            b.update(qg=min(groups, default=0), q8=int(q8))
+        # the final norm and the head (an int8 head: its codes and scales; quant.py keeps an int4 model's head int8)
         norm, head, head_s = model.norm, model.lm_head.weight, None
         if isinstance(model.lm_head, QuantLinear):
-            if not _int8(model.lm_head):
+            if not _quantized(model.lm_head, groups) or model.lm_head.format != "int8":
                 return None
             head_s = model.lm_head.weight_scale
             sources.append(head_s)
@@ -299,12 +311,14 @@ class DecodePlan:
         hn = torch.empty(B, T, D, dtype=x.dtype)  # the result: the normed hidden state ...
         logits = torch.empty(B, nl, V, dtype=x.dtype)  # ... and the logits of the last nl rows of each request
         idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
-        cpu_decode.library(x.dtype).ns_decode_stack(
+        rc = cpu_decode.library(x.dtype).ns_decode_stack(
             self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
             pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
             write.data_ptr(), _ptr(read), span0, _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,
             _ptr(kv_scales), _ptr(ik_scales), *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
             hn.data_ptr(), head_w, head_s, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("ns_decode_stack: no memory for the int4 matrices' activations")
         expert_ids = []  # per MoE block, [M, K]: what `LayerStats.expert_ids` holds
         for moe, ids in zip(self.moes, idx.unbind(0)):
             if moe is not None:
@@ -313,45 +327,68 @@ class DecodePlan:
         return logits, hn, expert_ids
 
 
-# ---- int8 models (quant.py): the matrices the kernels read as codes and per-row scales (cpu_decode.c `mrow`) ----
-def _int8_codes(codes: torch.Tensor, scale: torch.Tensor) -> bool:
-    return (codes.dtype is torch.int8 and scale.dtype is torch.bfloat16 and codes.is_cpu and scale.is_cpu
-            and codes.is_contiguous() and scale.is_contiguous())
+# ---- quantized models (quant.py): the matrices the kernels read as codes, scales and int4's mins (cpu_decode.c
+# `ns_mat`) ----
+def _readable(codes: torch.Tensor, scale: torch.Tensor, mn: Optional[torch.Tensor], width: int, groups: set) -> bool:
+    """Whether the kernels read these codes as they are: int8 [..., K] with bf16 scales, or int4 [..., K/2] with bf16
+    scales and mins per group (its group size added to `groups`), contiguous on the CPU."""
+    parts = (codes, scale) if mn is None else (codes, scale, mn)
+    if not all(t.is_cpu and t.is_contiguous() for t in parts) or scale.dtype is not torch.bfloat16:
+        return False
+    if mn is None:
+        return codes.dtype is torch.int8
+    if codes.dtype is not torch.uint8 or mn.dtype is not torch.bfloat16 or mn.shape != scale.shape:
+        return False
+    groups.add(width // scale.shape[-1])
+    return True
 
 
-def _int8(lin) -> bool:
-    """Whether `lin` is a QuantLinear in int8 that the kernels read as it is (int4 runs block by block)."""
-    return isinstance(lin, QuantLinear) and lin.format == "int8" and _int8_codes(lin.weight, lin.weight_scale)
+def _quantized(lin, groups: set) -> bool:
+    """Whether `lin` is a QuantLinear (int8 or int4) that the kernels read as it is."""
+    return isinstance(lin, QuantLinear) and _readable(*lin._weights("weight"), lin.in_features, groups)
 
 
-def _cat_int8(c1, s1, c2, s2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two int8 matrices stacked by rows: (codes, scales)."""
-    return torch.cat((c1, c2)), torch.cat((s1, s2))
+def _parts(lin: QuantLinear) -> list[torch.Tensor]:
+    """codes, scale (, min)"""
+    return [t for t in lin._weights("weight") if t is not None]
 
 
-def _int8_attention(attn, norm) -> Optional[tuple[dict, list]]:
-    """An MLA with int8 projections as FastMLA._decode_build's dict, plus the scales (wx_s, wqb_s, o_s): wx the
-    codes of [q_a (or q) | kv_a] (cached per weight version), ik_wk the indexer key's float weight (the indexer
-    stays float); and the tensors it reads. None where its projections are not all int8 or its shapes exceed the
-    kernels'."""
+def _same_format(a: QuantLinear, b: QuantLinear) -> bool:
+    """Whether a and b (of one input width) stack by rows: one format, one group size"""
+    return a.format == b.format and (a.format == "int8" or a.weight_scale.shape[-1] == b.weight_scale.shape[-1])
+
+
+def _cat(*parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Two quantized matrices of one format (codes, scale (, min) each, in that order) stacked by rows."""
+    n = len(parts) // 2
+    return tuple(torch.cat((parts[i], parts[n + i])) for i in range(n))
+
+
+def _quantized_attention(attn, norm, groups: set) -> Optional[tuple[dict, list]]:
+    """An MLA with quantized projections as FastMLA._decode_build's dict, plus the scales and int4's mins (wx_s,
+    wx_m, wqb_s, ...): wx the codes of [q_a (or q) | kv_a] (cached per weight version), ik_wk the indexer key's float
+    weight (the indexer stays float); and the tensors it reads. None where its projections are not all readable
+    quantized ones or its shapes exceed the kernels'."""
     lora, idx = hasattr(attn, "q_a_proj"), attn.indexer
     first, kv_a = (attn.q_a_proj if lora else attn.q_proj), attn.kv_a_proj_with_mqa
     lins = [first, kv_a, attn.o_proj] + ([attn.q_b_proj] if lora else [])
-    if (not all(_int8(lin) for lin in lins) or attn.P > 512 or attn.R > cpu_decode.MAX_LATENT
-            or (idx is not None and (idx.head_dim > 1024 or idx.rope_dim != attn.P))):
+    if (not all(_quantized(lin, groups) for lin in lins) or not _same_format(first, kv_a) or attn.P > 512
+            or attn.R > cpu_decode.MAX_LATENT or (idx is not None and (idx.head_dim > 1024 or idx.rope_dim != attn.P))):
         return None
-    xsrc = [first.weight, first.weight_scale, kv_a.weight, kv_a.weight_scale]
-    wx = derived(attn, "_int8_x_proj", xsrc, _cat_int8)
+    xsrc = _parts(first) + _parts(kv_a)
+    wx = derived(attn, "_quant_x_proj", xsrc, _cat)
     if wx is None:
         return None
     floats = [attn.kv_a_layernorm.weight, attn.kv_b_proj.weight] + ([norm.weight] if norm is not None else [])
     floats += [attn.q_a_layernorm.weight] if lora else []
     floats += [idx.wk.weight, idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
-    w = {"wx": wx[0], "wx_s": wx[1], "ik_wk": idx.wk.weight if idx is not None else None,
-         "q_out": first.weight.shape[0], "qa_norm": attn.q_a_layernorm.weight if lora else None,
-         "qa_eps": attn.q_a_layernorm.eps if lora else 0.0, "wqb": attn.q_b_proj.weight if lora else None,
-         "wqb_s": attn.q_b_proj.weight_scale if lora else None, "kv_norm": attn.kv_a_layernorm.weight,
-         "kv_eps": attn.kv_a_layernorm.eps, "kv_b": attn.kv_b_proj.weight, "o": attn.o_proj.weight,
-         "o_s": attn.o_proj.weight_scale, "check": floats}
-    quantized = [t for lin in lins[2:] for t in (lin.weight, lin.weight_scale)]
+    wqb = _parts(attn.q_b_proj) + [None] * 3 if lora else [None] * 3
+    o = _parts(attn.o_proj) + [None]
+    w = {"wx": wx[0], "wx_s": wx[1], "wx_m": wx[2] if len(wx) > 2 else None,
+         "ik_wk": idx.wk.weight if idx is not None else None, "q_out": first.weight.shape[0],
+         "qa_norm": attn.q_a_layernorm.weight if lora else None, "qa_eps": attn.q_a_layernorm.eps if lora else 0.0,
+         "wqb": wqb[0], "wqb_s": wqb[1], "wqb_m": wqb[2], "kv_norm": attn.kv_a_layernorm.weight,
+         "kv_eps": attn.kv_a_layernorm.eps, "kv_b": attn.kv_b_proj.weight, "o": o[0], "o_s": o[1], "o_m": o[2],
+         "check": floats}
+    quantized = [t for lin in lins[2:] for t in _parts(lin)]
     return w, xsrc + floats + quantized

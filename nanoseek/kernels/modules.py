@@ -259,7 +259,7 @@ class FastBlock(Block):
 
 class PlannedTransformer(Transformer):
     """A Transformer whose decode calls run the whole stack in one C call where `decode_plan` applies: the fast
-    class of a model quantized to int8 (its other modules keep their reference classes), and the base of
+    class of a model quantized to int8 or int4 (its other modules keep their reference classes), and the base of
     FastTransformer."""
     def forward(self, input_ids: torch.Tensor, cache=None, num_logits: Optional[int] = None,
                 path: str = "auto", segment_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
@@ -316,7 +316,7 @@ def install(model: nn.Module, pack_weights: bool = False) -> nn.Module:
     support is missing. The quantized modules (`nanoseek.quant`) get their fast classes (`cpu_quant.py`); the
     modules that hold them keep their reference class, their fast paths reading plain float weights, except
     attention, which keeps the cached absorbed weights (CachedAbsorbMLA), and the model, whose decode steps run
-    through the whole-stack plan where it takes int8 weights (PlannedTransformer)."""
+    through the whole-stack plan (PlannedTransformer)."""
     from nanoseek.quant import holders
     held = holders(model)
     for m in model.modules():
