@@ -93,10 +93,12 @@ def auto_dtype(device: torch.device | str = "cpu") -> tuple[torch.dtype, str]:
 
 
 def resolve(name: Optional[str], device: torch.device | str = "cpu", what: str = "nanoseek",
-            out=sys.stderr) -> torch.dtype:
+            out=None) -> torch.dtype:
     """The dtype for `--dtype name` ("auto" or None, "float32", "bfloat16") on `device`. Prints the choice and
     its reason in one line for `auto`, and a one-line warning for an explicit bfloat16 on a CPU that computes it
-    slowly."""
+    slowly, to `out` (default: sys.stderr as it is at the call, not at import: a redirected stream may be closed
+    since)."""
+    out = sys.stderr if out is None else out
     if name in (None, "auto"):
         dtype, why = auto_dtype(device)
         print(f"{what}: dtype auto -> {str(dtype).split('.')[-1]}: {why}", file=out)

@@ -218,6 +218,19 @@ static inline ns_mat msub(const ns_mat *W, int64_t o, int64_t D) {
     return (ns_mat){mrow(W, o, D), W->s ? W->s + o * per : NULL, W->mn ? W->mn + o * per : NULL, W->G, W->q8};
 }
 
+/* Whether W's products read their activations prepared (quant4.h's nq_a4, once per matmul): int4 always; int8 in
+ * the bf16 build (the rows widened to fp32 once, not once per weight row: the same values, as cpu_quant.c's nq_int8
+ * widens them; the int8 dot products then take fewer instructions per weight) */
+static inline int mprep(const ns_mat *W) { return W->mn || (NS_WT_BF && W->s); }
+
+/* a laid out in buf for M rows of width K as W's products read them (mprep) */
+static inline void mcarve(nq_a4 *a, void *buf, const ns_mat *W, int64_t M, int64_t K) {
+    nq_a4_carve(a, buf, M, K, W->mn ? W->G : 0, W->mn ? W->q8 : 0);
+}
+static inline int64_t mprep_bytes(const ns_mat *W, int64_t M, int64_t K) {
+    return mprep(W) ? nq_a4_bytes(M, K, W->mn ? W->G : 0, W->mn ? W->q8 : 0) : 0;
+}
+
 /* out[j] = (int8 row o of (w, s), width D) . x[j] for j < nx through `dot` (dot_s8, dot_s8_f): its sum times the
  * row's scale, four rows of x per pass, as cpu_quant.c's nq_int8 (the same arithmetic: a row's result equals
  * nq_int8's on x widened to fp32, which is exact) */
@@ -236,14 +249,18 @@ static inline ns_mat msub(const ns_mat *W, int64_t o, int64_t D) {
         for (int64_t j_ = 0; j_ < (nx); j_++) (out)[j_] *= sc_;                                                   \
     } while (0)
 
-/* out[j] = row o of W . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones; an int4 W reads the same
- * rows prepared in a (quant4.h), x[j] being row ar[j] of a (cpu_quant.c's nq_int4 / nq_int4_q8 arithmetic) */
+/* out[j] = row o of W . x[j] for j < nx: `dots` for wt rows, NS_QDOTS for int8 ones; where mprep(W), the same rows
+ * prepared in a (quant4.h), x[j] being row ar[j] of a (cpu_quant.c's nq_int8 / nq_int4 / nq_int4_q8 arithmetic) */
 static inline __attribute__((always_inline)) void mdots(const wt *const *x, const nq_a4 *a, const int64_t *ar,
                                                          int64_t nx, const ns_mat *W, int64_t o, int64_t D,
                                                          float *out) {
     if (W->mn) {
         const int64_t ng = D / W->G;
         nq_a4_dots(a, ar, nx, (const uint8_t *)W->w + o * (D / 2), W->s + o * ng, W->mn + o * ng, out);
+    } else if (W->s && NS_WT_BF) {
+        const float *xf[nx];
+        for (int64_t j = 0; j < nx; j++) xf[j] = a->xf + ar[j] * D;
+        NS_QDOTS(dot_s8_f, xf, nx, W->w, W->s, o, D, out);
     } else if (W->s) NS_QDOTS(dot_s8, x, nx, W->w, W->s, o, D, out);
     else dots(x, nx, (const wt *)W->w + o * D, D, out);
 }
@@ -253,22 +270,30 @@ static inline void row_ids(int64_t M, int64_t *ar) {
     for (int64_t m = 0; m < M; m++) ar[m] = m;
 }
 
-/* y[M, O] = x[M, D] @ W[O, D]^T for a wt or int8 W, wt in and out. Each weight row is read once for all M rows. */
-static void linear_m(const wt *x, int64_t M, int64_t D, const ns_mat W, int64_t O, wt *y, int nt) {
+/* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out. Each weight row is read once for all M rows. a4buf: where
+ * mprep(&W), scratch of mprep_bytes(&W, M, D). */
+static void linear_m(const wt *x, int64_t M, int64_t D, const ns_mat W, int64_t O, wt *y, void *a4buf, int nt) {
     if (M <= 0) return;
     const wt *xs[M];
+    int64_t ar[M];
     row_ptrs(x, M, D, xs);
+    row_ids(M, ar);
+    nq_a4 a;
+    if (mprep(&W)) {
+        mcarve(&a, a4buf, &W, M, D);
+        for (int64_t m = 0; m < M; m++) nq_a4_row(&a, m, x + m * D, NS_WT_BF);
+    }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t o = 0; o < O; o++) {
         float r[M];
-        mdots(xs, NULL, NULL, M, &W, o, D, r);
+        mdots(xs, &a, ar, M, &W, o, D, r);
         for (int64_t m = 0; m < M; m++) y[m * O + o] = f2w(r[m]);
     }
 }
 
 /* y[M, O] = x[M, D] @ W[O, D]^T, wt in and out */
 void ns_linear(const wt *x, int64_t M, int64_t D, const wt *W, int64_t O, wt *y, int nt) {
-    linear_m(x, M, D, mat_f(W), O, y, nt);
+    linear_m(x, M, D, mat_f(W), O, y, NULL, nt);
 }
 
 #define NS_CHUNK 16
@@ -556,7 +581,7 @@ static void att_wuv(const wt *w_kvb, const float *ol, int64_t N, int64_t V, int6
  * schedules compute every value the same way. */
 #define NS_ROWS_SPLIT (256 << 10)
 /* (k8: the rows from an 8-bit plane instead of `rows`, ns_decode_stack's reads of an 8-bit cache; w_o: see ns_mat,
- * NULL for none; a4buf: scratch for an int4 w_o's activations, nq_a4_bytes(B * T, H * V, ...)) */
+ * NULL for none; a4buf: where mprep(w_o), scratch for its activations, mprep_bytes(w_o, B * T, H * V)) */
 static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P,
                          const wt *w_kvb, int64_t R, int64_t V, const wt *rows, const ns_kv8 *k8,
                          const int64_t *row_idx, int64_t S, int per_query, const uint8_t *mask, float scale, wt *out,
@@ -622,10 +647,10 @@ static void mla_absorbed(const wt *q, int64_t B, int64_t T, int64_t H, int64_t N
             row_ptrs(out, B * T, H * V, xs);
             row_ids(B * T, ar);
             nq_a4 a;
-            if (w_o->mn) { /* int4: the rows of `out` prepared first, each thread its share */
+            if (mprep(w_o)) { /* the rows of `out` prepared first, each thread its share */
                 int64_t m0, m1;
                 part(B * T, t, n, &m0, &m1);
-                nq_a4_carve(&a, a4buf, B * T, H * V, w_o->G, w_o->q8);
+                mcarve(&a, a4buf, w_o, B * T, H * V);
                 for (int64_t m = m0; m < m1; m++) nq_a4_row(&a, m, out + m * H * V, NS_WT_BF);
 #pragma omp barrier
             }
@@ -771,7 +796,7 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  * cos, sin [M, P/2]. cq is written only with q-LoRA.
  * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of [W_qa | W_kva], and the indexer key's rows,
  * which stay float (quant.py), come from ik_wk [Di, D]; W_qb may be quantized too. a4buf: scratch for the
- * activations of int4 matrices (nq_a4_bytes of M rows of the wider of D and Oq). */
+ * prepared activations (mprep) of either, the larger of mprep_bytes(wx, M, D) and mprep_bytes(wqb, M, Oq). */
 static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const wt *ik_wk,
                         int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
                         const ns_mat *wqb, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
@@ -802,9 +827,9 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, con
         int64_t ar[M];
         row_ptrs(xin, M, D, xs);
         row_ids(M, ar);
-        nq_a4 a; /* the rows of xin, then of cq, for int4 matrices (each thread its share of rows) */
-        if (wx->mn) {
-            nq_a4_carve(&a, a4buf, M, D, wx->G, wx->q8);
+        nq_a4 a; /* the rows of xin, then of cq, prepared (mprep; each thread its share of rows) */
+        if (mprep(wx)) {
+            mcarve(&a, a4buf, wx, M, D);
             for (int64_t m = m0; m < m1; m++) nq_a4_row(&a, m, xin + m * D, NS_WT_BF);
 #pragma omp barrier
         }
@@ -817,13 +842,13 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, con
         if (qa_norm) {
             ns_pf pf = pf_make(mrow(wqb, q0, Oq), imin(idle ? 32768 : 2048, mbytes(wqb, q1 - q0, Oq)), NULL, 0, 1);
             pf_next(&pf);
-            if (wqb->mn) nq_a4_carve(&a, a4buf, M, Oq, wqb->G, wqb->q8); /* (xin's rows are read: the barrier) */
+            if (mprep(wqb)) mcarve(&a, a4buf, wqb, M, Oq); /* (xin's rows are read: the barrier) */
         }
         for (int64_t m = m0; m < m1; m++) {
             const wt *xm = xo + m * Ow;
             if (qa_norm) {
                 rmsnorm_row(xm, Oq, qa_norm, eps_q, cq + m * Oq);
-                if (wqb->mn) nq_a4_row(&a, m, cq + m * Oq, NS_WT_BF);
+                if (mprep(wqb)) nq_a4_row(&a, m, cq + m * Oq, NS_WT_BF);
             } else memcpy(q + m * Q, xm, Q * sizeof(wt));
             rmsnorm_row(xm + Oq, R, kv_norm, eps_kv, rows + m * (R + P));
             rope_row(xm + Oq + R, half, cos + m * half, sin + m * half, rows + m * (R + P) + R);
@@ -872,10 +897,11 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { /* pairs[first, first + count); the expert's matrices (ns_mat); f32: see ffn_block */
+typedef struct { /* pairs[first, first + count); the expert's matrices (ns_mat); f32: see ffn_block; prep: its
+                  * down projection reads its activations prepared (mprep; fp32 routed rows need it for int4 only) */
     ns_mat gate_up, down;
     int64_t I, first, count;
-    int f32;
+    int f32, prep;
 } ns_group;
 typedef struct {
     const wt *xn;
@@ -884,8 +910,8 @@ typedef struct {
     const int64_t *pairs;
     int64_t NKr, K, D, I, Is;
     int f32; /* the routed pairs' activations are fp32 (an int8 or int4 model's experts, see ffn_block) */
-    /* for int4 matrices (quant4.h): xn's rows (row n: token n), the routed pairs' activations (row p), the shared
-     * ones' (row n) */
+    /* prepared (mprep) for quantized matrices, or NULL: xn's rows (row n: token n), the routed pairs' activations
+     * (row p, int4 only), the shared ones' (row n) */
     const nq_a4 *ax, *ah, *ahs;
 } ns_pairs;
 
@@ -897,7 +923,7 @@ static inline wt *pair_act(const ns_pairs *c, int64_t p) { /* (pair_actf for fp3
 }
 static inline float *pair_actf(const ns_pairs *c, int64_t p) { return (float *)c->act + p * c->I; }
 
-/* the activations of the group's pairs [j0, j1) prepared for its int4 down projection */
+/* the activations of the group's pairs [j0, j1) prepared for its down projection (g->prep) */
 static void group_prepare(const ns_pairs *c, const ns_group *g, int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; j++) {
         const int64_t p = c->pairs[g->first + j];
@@ -988,17 +1014,18 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
     ns_group groups[E + 2];
     const int f32 = gate_up->s != NULL;
-    /* int4 matrices' activations: xn's rows (any int4 gate_up: one group size and arithmetic per model), the
-     * routed and the shared hidden rows */
-    const ns_mat *gx = Kr > 0 && gate_up->mn ? gate_up : Ns && s_gate_up->mn ? s_gate_up : NULL;
+    /* prepared activations (mprep): xn's rows (for the routed and the shared gate_up alike: decode_plan.py gives
+     * them one format), the routed hidden rows (int4: the fp32 rows the others read as they are) and the shared
+     * ones */
+    const ns_mat *gx = Kr > 0 && mprep(gate_up) ? gate_up : Ns && mprep(s_gate_up) ? s_gate_up : NULL;
+    const int prep_r = Kr > 0 && down->mn, prep_s = Ns && mprep(s_down), prep_down = prep_r || prep_s;
     nq_a4 ax, ah, ahs;
     char *ab = a4buf;
-    if (gx) nq_a4_carve(&ax, ab, N, D, gx->G, gx->q8), ab += nq_a4_bytes(N, D, gx->G, gx->q8);
-    if (Kr > 0 && down->mn)
-        nq_a4_carve(&ah, ab, NKr, I, down->G, down->q8), ab += nq_a4_bytes(NKr, I, down->G, down->q8);
-    if (Ns && s_down->mn) nq_a4_carve(&ahs, ab, N, Is, s_down->G, s_down->q8);
-    const int prep_down = (Kr > 0 && down->mn) || (Ns && s_down->mn);
-    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, f32, &ax, &ah, &ahs};
+    if (gx) mcarve(&ax, ab, gx, N, D), ab += mprep_bytes(gx, N, D);
+    if (prep_r) mcarve(&ah, ab, down, NKr, I), ab += mprep_bytes(down, NKr, I);
+    if (prep_s) mcarve(&ahs, ab, s_down, N, Is);
+    const ns_pairs pc = {xn, act, ys, pairs, NKr, K, D, I, Is, f32, gx ? &ax : NULL, prep_r ? &ah : NULL,
+                         prep_s ? &ahs : NULL};
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp single
@@ -1023,7 +1050,8 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             for (int64_t e = 0; e < E; e++) {
                 slot[e] = G;
                 if (count[e])
-                    groups[G++] = (ns_group){msub(gate_up, e * 2 * I, D), msub(down, e * D, I), I, first, 0, f32};
+                    groups[G++] = (ns_group){msub(gate_up, e * 2 * I, D), msub(down, e * D, I), I, first, 0, f32,
+                                             prep_r};
                 first += count[e];
             }
             for (int64_t p = 0; p < NKr; p++) {
@@ -1032,7 +1060,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             }
             if (Ns) {
                 for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
-                groups[G++] = (ns_group){*s_gate_up, *s_down, Is, NKr, N, 0};
+                groups[G++] = (ns_group){*s_gate_up, *s_down, Is, NKr, N, 0, prep_s};
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
@@ -1068,7 +1096,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
         for (int64_t g = 0; g < G; g++) {
             if (!straddles(cost, g, C, nth) && lo <= cost[g] && cost[g] < hi) {
                 group_gate_up(&pc, &groups[g], 0, groups[g].I);
-                if (groups[g].down.mn) group_prepare(&pc, &groups[g], 0, groups[g].count);
+                if (groups[g].prep) group_prepare(&pc, &groups[g], 0, groups[g].count);
                 group_down(&pc, &groups[g], 0, D);
             }
         }
@@ -1076,7 +1104,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
 #pragma omp barrier
             if (prep_down) { /* a split group's activations, prepared by all threads (a share of its pairs each) */
                 for (int64_t g = 0; g < G; g++) {
-                    if (straddles(cost, g, C, nth) && groups[g].down.mn) {
+                    if (straddles(cost, g, C, nth) && groups[g].prep) {
                         int64_t j0, j1;
                         part(groups[g].count, t, nth, &j0, &j1);
                         group_prepare(&pc, &groups[g], j0, j1);
@@ -1131,7 +1159,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
  * hn [M, D], and with head_w [V, D] (int8 codes where head_s holds their scales) the logits [B, n_logits, V] of
  * each request's last n_logits rows (hl [B * n_logits, D] scratch). Returns 0, or -2 when out of memory for the
- * activations of int4 matrices (allocated per call). */
+ * prepared activations of quantized matrices (mprep; allocated per call). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
  * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
  * topk 0: none). A model quantized by quant.py sets the scales after Kp: a matrix whose scale is set holds int8
@@ -1309,17 +1337,21 @@ static inline ns_mat bmat(const ns_block *b, const void *w, const bf16 *s, const
     return (ns_mat){w, s, m, m ? b->qg : 0, m ? b->q8 : 0};
 }
 
-/* bytes of the int4 activations of block b's matrices for M rows, the larger of its attention's and its FFN's */
+/* bytes of the prepared activations (mprep) of block b's matrices for M rows, the larger of its attention's and
+ * its FFN's (as mla_project, mla_absorbed and ffn_block lay them out) */
 static int64_t block_a4_bytes(const ns_block *b, int64_t M, int64_t D) {
-    const int64_t G = b->qg;
-    const int q8 = b->q8;
-    int64_t att = 0, ffn = 0;
-    if (b->wx_m) att = nq_a4_bytes(M, D, G, q8);
-    if (b->wqb_m && nq_a4_bytes(M, b->q_out, G, q8) > att) att = nq_a4_bytes(M, b->q_out, G, q8);
-    if (b->w_o_m && nq_a4_bytes(M, b->H * b->V, G, q8) > att) att = nq_a4_bytes(M, b->H * b->V, G, q8);
-    if ((b->E > 0 && b->gate_up_m) || (b->s_gate_up && b->s_gate_up_m)) ffn += nq_a4_bytes(M, D, G, q8);
-    if (b->E > 0 && b->down_m) ffn += nq_a4_bytes(M * b->K, b->I, G, q8);
-    if (b->s_gate_up && b->s_down_m) ffn += nq_a4_bytes(M, b->Is, G, q8);
+    const ns_mat wx = bmat(b, b->wx, b->wx_s, b->wx_m), wqb = bmat(b, b->wqb, b->wqb_s, b->wqb_m),
+                 w_o = bmat(b, b->w_o, b->w_o_s, b->w_o_m), gu = bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m),
+                 dn = bmat(b, b->down, b->down_s, b->down_m),
+                 sgu = bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m),
+                 sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m);
+    int64_t att = mprep_bytes(&wx, M, D), ffn = 0;
+    if (b->qa_norm && mprep_bytes(&wqb, M, b->q_out) > att) att = mprep_bytes(&wqb, M, b->q_out);
+    if (mprep_bytes(&w_o, M, b->H * b->V) > att) att = mprep_bytes(&w_o, M, b->H * b->V);
+    const ns_mat *gx = b->E > 0 && mprep(&gu) ? &gu : b->s_gate_up && mprep(&sgu) ? &sgu : NULL;
+    if (gx) ffn += mprep_bytes(gx, M, D);
+    if (b->E > 0 && dn.mn) ffn += mprep_bytes(&dn, M * b->K, b->I);
+    if (b->s_gate_up) ffn += mprep_bytes(&sdn, M, b->Is);
     return att > ffn ? att : ffn;
 }
 
@@ -1343,7 +1375,8 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
     }
     float lut[256];
     if (kv_fmt) kv8_lut(kv_fmt, lut);
-    int64_t a4n = 0;
+    const ns_mat head = {head_w, head_s, NULL, 0, 0}; /* head_s: an int8 head's scales */
+    int64_t a4n = head_w ? mprep_bytes(&head, B * n_logits, D) : 0;
     for (int64_t l = 0; l < n_blocks; l++)
         if (block_a4_bytes(&blocks[l], M, D) > a4n) a4n = block_a4_bytes(&blocks[l], M, D);
     void *a4buf = a4n ? malloc((size_t)a4n) : NULL;
@@ -1405,8 +1438,7 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
                 memcpy(hl + b * n_logits * D, hn + (b * T + T - n_logits) * D, n_logits * D * sizeof(wt));
             xl = hl;
         }
-        const ns_mat head = {head_w, head_s, NULL, 0, 0}; /* head_s: an int8 head's scales */
-        linear_m(xl, B * n_logits, D, head, V, logits, nt);
+        linear_m(xl, B * n_logits, D, head, V, logits, a4buf, nt);
     }
     free(a4buf);
     return 0;

@@ -231,6 +231,9 @@ class DecodePlan:
                 lins = (s.gate_proj, s.up_proj, s.down_proj)
                 if not all(_quantized(lin, groups) for lin in lins) or not _same_format(*lins[:2]):
                     return None
+                routed = b.get("gate_up_s")  # the kernel prepares xn once for both gate_ups: one format
+                if routed is not None and (b.get("gate_up_m") is None) != (s.gate_proj.format == "int8"):
+                    return None
                 src = [_parts(lin) for lin in lins]
                 s_gate_up = derived(s, "_quant_gate_up", src[0] + src[1], _cat)
                 if s_gate_up is None:

@@ -5,8 +5,10 @@
  *
  * The rows of x a matrix product reads are prepared once into an `nq_a4` (nq_a4_row, one row at a time, so that
  * threads can share the work), then each weight row is dotted with any of them (nq_a4_dots, up to NQ_ROWS rows
- * per pass over the weight row). Two arithmetics, the a4's `q8` (cpu_quant.py has the measurements that chose
- * them):
+ * per pass over the weight row). An nq_a4 of group size 0 holds rows for int8 weights instead: x widened to fp32,
+ * in order (quant_dot.h's dot products on fp32 rows; cpu_decode.c: rows of a bf16 model, widened once per matmul
+ * rather than once per weight row). Two arithmetics for int4, the a4's `q8` (cpu_quant.py has the measurements that
+ * chose them):
  * - float (every variant): x widened to fp32, deinterleaved per block of 2 * NS_VW values (the block's even k
  *   first, then its odd k: the order in which a load of NS_VW code bytes gives its low and high nibbles); each
  *   group's codes dequantized in registers (one fp32 FMA) and dotted with x in fp32;
@@ -40,10 +42,10 @@ typedef struct {
 
 static inline int64_t a4_up64(int64_t n) { return (n + 63) / 64 * 64; }
 
-/* bytes of scratch an nq_a4 of M rows needs (nq_a4_carve aligns its parts to 64 bytes within them) */
+/* bytes of scratch an nq_a4 of M rows needs (nq_a4_carve aligns its parts to 64 bytes within them); G 0: int8 */
 static inline int64_t nq_a4_bytes(int64_t M, int64_t K, int64_t G, int q8) {
     if (M <= 0 || K <= 0) return 0;
-    if (!q8) return 64 + a4_up64(M * K * 4);
+    if (!q8 || !G) return 64 + a4_up64(M * K * 4);
     const int64_t chunks = (K + 127) / 128, ngp = (K / G + 15) / 16 * 16;
     return 64 + a4_up64(M * chunks * 128) + a4_up64(M * chunks * 16 * 4) + a4_up64(M * ngp * 4);
 }
@@ -51,8 +53,9 @@ static inline int64_t nq_a4_bytes(int64_t M, int64_t K, int64_t G, int q8) {
 /* a's parts laid out in buf (at least nq_a4_bytes(M, K, G, q8) bytes) */
 static inline void nq_a4_carve(nq_a4 *a, void *buf, int64_t M, int64_t K, int64_t G, int q8) {
     char *p = (char *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-    a->q8 = q8, a->K = K, a->G = G, a->chunks = (K + 127) / 128, a->ngp = (K / G + 15) / 16 * 16;
-    for (int i = 0; i < 16; i++) a->lanes[i] = (int32_t)((i / 4) * 32 / G);
+    q8 = q8 && G;
+    a->q8 = q8, a->K = K, a->G = G, a->chunks = (K + 127) / 128, a->ngp = G ? (K / G + 15) / 16 * 16 : 0;
+    for (int i = 0; i < 16; i++) a->lanes[i] = G ? (int32_t)((i / 4) * 32 / G) : 0;
     a->xf = NULL, a->xq = NULL, a->dx = a->xsum = NULL;
     if (!q8) {
         a->xf = (float *)p;
@@ -71,6 +74,10 @@ static inline void nq_a4_row(const nq_a4 *a, int64_t m, const void *x, int bf) {
 #define A4_X(k) (bf ? bf2f(((const bf16 *)x)[k]) : ((const float *)x)[k])
     if (!a->q8) {
         float *xf = a->xf + m * K;
+        if (!a->G) { /* int8 weights: in order */
+            for (int64_t k = 0; k < K; k++) xf[k] = A4_X(k);
+            return;
+        }
         for (int64_t k = 0; k < K; k++) { /* position of value k in its block of 2 * NS_VW */
             const int64_t b = k % (2 * NS_VW);
             xf[k - b + (b & 1) * NS_VW + b / 2] = A4_X(k);
