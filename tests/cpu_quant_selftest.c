@@ -1,13 +1,14 @@
 /* Self-test of cpu_quant.c for any variant, the ones this CPU cannot run included (tests/test_cpu_quant_cross.py
  * runs it natively for the scalar build, under qemu for NEON, with SIMDe's emulated intrinsics for AVX-512):
- * nq_int8, nq_int4 (G = 32, 64, 128) and, where the CPU has AVX512-VNNI, nq_int4_q8 on random codes, scales and activations, fp32 and bf16 activations,
+ * nq_int8, nq_int4 (G = 32, 64, 128) and, where the build has it on this CPU (AVX512-VNNI, AVX2: nq_q8), nq_int4_q8
+ * on random codes, scales and activations, fp32 and bf16 activations,
  * M = 1..8 rows, N not a multiple of any vector width, K with a tail (int8) or several groups (int4), against
  * plain double loops over the dequantized weight. Bound per output: fp32 sums of K products (each rounded
  * once) stay within (K + 2) * 2^-24 * sum_k |x_k w_k| of the exact value (Higham's gamma_K, plus the scale's
  * rounding); a bf16 output adds its own rounding, 2^-8 of the value.
  * Build: <cc> <variant flags> -fopenmp -I nanoseek/kernels this.c nanoseek/kernels/cpu_quant.c -lm
- * Prints "variant <name>", whether it ran VNNI, one line per failing case, "N passed, N failed"; exits 1 if any
- * failed. */
+ * Prints "variant <name>", whether it ran int4 on int8 activations, one line per failing case, "N passed,
+ * N failed"; exits 1 if any failed. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,7 +22,7 @@ int nq_int4(const void *, int64_t, int64_t, const uint8_t *, const bf16 *, const
             int, int);
 int nq_int4_q8(const void *, int64_t, int64_t, const uint8_t *, const bf16 *, const bf16 *, int64_t, int64_t,
                void *, int, int);
-int nq_vnni(void);
+int nq_q8(void);
 
 static uint64_t state = 88172645463325252ull;
 static uint32_t bits(void) {
@@ -107,14 +108,14 @@ static void check(int64_t M, int64_t N, int64_t K, int64_t G, int bf, int q8) {
 }
 
 int main(void) {
-    printf("variant %s\nint4 on int8 activations: %s\n", nq_isa(), nq_vnni() ? "VNNI" : "not on this CPU or build");
+    printf("variant %s\nint4 on int8 activations: %s\n", nq_isa(), nq_q8() ? "yes" : "not on this CPU or build");
     for (int bf = 0; bf < 2; bf++)
         for (int64_t M = 1; M <= 8; M++) {
             check(M, 37, 203, 0, bf, 0);   /* int8: K with a vector tail and a scalar tail */
             check(M, 19, 1024, 0, bf, 0);  /* int8: whole steps of 64 codes */
-            for (int64_t G = 32; G <= 128; G *= 2) { /* int4: three groups (a short last VNNI step of 128) */
+            for (int64_t G = 32; G <= 128; G *= 2) { /* int4: three groups (a short last q8 step of 128) */
                 check(M, 37, 3 * G, G, bf, 0);
-                if (nq_vnni()) check(M, 37, 3 * G, G, bf, 1);
+                if (nq_q8()) check(M, 37, 3 * G, G, bf, 1);
             }
         }
     /* a K that is not a multiple of G: refused */
@@ -122,7 +123,7 @@ int main(void) {
     const uint8_t q[48] = {0};
     const bf16 s[3] = {0};
     float y[1];
-    const int q8_refused = !nq_vnni() || nq_int4_q8(x, 1, 96, q, s, s, 64, 1, y, 0, 1) == -1;
+    const int q8_refused = !nq_q8() || nq_int4_q8(x, 1, 96, q, s, s, 64, 1, y, 0, 1) == -1;
     if (nq_int4(x, 1, 96, q, s, s, 64, 1, y, 0, 1) == -1 && q8_refused) passed++;
     else failed++, printf("FAILED: K = 96 with G = 64 was not refused\n");
     printf("%d passed, %d failed\n", passed, failed);

@@ -7,7 +7,7 @@ by tests/test_cpu_quant_cross.py.
 Tolerances, from the kernels' arithmetic (fp32 products and sums of K terms, each rounded once): against the
 exact product of x and the dequantized weight, |y - exact| <= (K + 2) * 2^-24 * sum_k |x_k w_k| (Higham's
 gamma_K, plus the scale's rounding) in float32; a bf16 output adds its own rounding, 2^-8 of the value. The
-int4 path on int8 activations (VNNI) is held to the same bound against the quantized x it computes with, the
+int4 path on int8 activations (VNNI, or AVX2's VPMADDUBSW) is held to the same bound against the quantized x it computes with, the
 magnitude taken over the codes' and the mins' parts, which it sums separately."""
 import pytest
 import torch
@@ -22,6 +22,7 @@ from nanoseek.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = [v for v in cpu_quant.VARIANTS if isa.runs(v)]
+NO_Q8 = "no int8-activation path here (AVX512-VNNI, AVX2): int4 runs the float path"
 
 
 @pytest.fixture
@@ -117,12 +118,12 @@ def quantized_x(x):
     return ((amax / 127).double() * (b * inv).round().double()).flatten(-2)
 
 
-@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason="no AVX512-VNNI: int4 runs the float path")
+@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason=NO_Q8)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G,K", [(32, 96), (32, 160), (64, 192), (128, 384), (32, 1024)])
 def test_int4_on_int8_activations_is_the_weight_times_the_quantized_x(G, K, dtype):
     """Exactly W' x^ (x^ the quantized x) up to fp32 sums, K not always a multiple of the 128 values a VNNI step
-    takes (a masked last step); and its error against W' x the small one the module docstring states."""
+    takes (a short last step); and its error against W' x the small one the module docstring states."""
     N = 37
     codes, scale, mn = quant.quantize(random_weight(N, K), "int4", G)
     w = quant.dequantize(codes, scale, mn).double()
@@ -241,7 +242,7 @@ def test_fast_experts_match_the_reference(fmt, G, monkeypatch, float_path):
         real(x[:1], w[:1], torch.full((1, K), E), q._weights("gate_up_proj"), q._weights("down_proj"))
 
 
-@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason="no AVX512-VNNI: int4 runs the float path")
+@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason=NO_Q8)
 @pytest.mark.parametrize("G", [32, 64])
 def test_int4_experts_on_int8_activations_stay_close_to_the_float_path(G):
     """The one-call experts kernel on int8 activations (x, then the hidden rows, each quantized per block of 32)

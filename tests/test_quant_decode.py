@@ -7,11 +7,17 @@ float path (`cpu_quant.set_int8_activations(False)`); `tiny`'s q_b_proj (input 4
 in an int4 model, so its stack reads both formats.
 
 Tolerance: the quantized matvecs are cpu_quant.c's own dot products (quant_dot.h, quant4.h; int4's activations
-prepared, int8-quantized included, by the same code), and the routed experts keep nq_experts' fp32
-intermediates, so the two paths differ only where the float kernels do (the order of fp32 sums: attention,
-router, norms): float32 logits within 1e-5 of the largest |logit| (`close`; measured: under 1e-6), bf16 within
-2^-6 of it, a bf16 ulp or two (measured: most bf16 runs bit-identical, the others an ulp apart); greedy tokens
-equal at every step.
+prepared by the same code), and the routed experts keep nq_experts' fp32 intermediates, so the two paths differ
+only where the float kernels do (the order of fp32 sums: attention, router, norms): float32 logits within 1e-5
+of the largest |logit| (`close`; measured: under 1e-6), bf16 within 2^-6 of it, a bf16 ulp or two (measured: most
+bf16 runs bit-identical, the others an ulp apart); greedy tokens and expert ids equal at every step.
+int4 on int8 activations is the exception: rounding x to int8 is a step function, so an ulp of difference
+upstream can move one of its codes by a whole step, and the router can then pick another expert on a near tie,
+which the next layers carry on. Measured over these models, 3 seeds each (avx512 and avx2, float32 and bf16):
+up to 1.6% of the largest |logit| between the two paths, against 1.5-1.7% between int8 activations and the float
+path. Its arm checks the logits within 4% (a wrong scale, group or row moves them by far more) and that the plan
+runs the int8-activation arithmetic; the kernel itself is checked exactly against W' x^ in test_cpu_quant.py and
+the C self-test, and the stack's plumbing by the float-path arm.
 """
 import pytest
 import torch
@@ -23,9 +29,9 @@ from nanoseek.model.moe import MoE
 from test_cpu_decode import DTYPES, counting, decode, earliest_on_ties, kernel_model, variant  # noqa: F401
 
 
-def close(a, b, dt):
+def close(a, b, dt, q8=False):
     """Logits a within the tolerance of the module docstring of the reference b (one step or several)."""
-    tol = 1e-5 if dt is torch.float32 else 2 ** -6
+    tol = 0.04 if q8 else 1e-5 if dt is torch.float32 else 2 ** -6
     assert (a - b).abs().max() <= tol * b.abs().max(), ((a - b).abs().max(), b.abs().max())
 
 
@@ -48,6 +54,7 @@ def test_quantized_stack_equals_the_per_op_quantized_path(fmt, kw, dt, monkeypat
     earliest_on_ties(monkeypatch)
     m = quant.quantize_model(kernel_model(dt, **kw), fmt)
     assert type(m) is PlannedTransformer
+    q8 = fmt == "int4" and cpu_quant.int8_activations()  # (the docstring's exception)
     ids = torch.randint(0, m.config.vocab_size, (2, 52))
     n_moe = sum(isinstance(b.mlp, MoE) for b in m.layers)
     real_run = decode_plan.run
@@ -58,12 +65,14 @@ def test_quantized_stack_equals_the_per_op_quantized_path(fmt, kw, dt, monkeypat
         with counting("ns_decode_stack", dt) as stacks, counting("ns_mla_absorbed", dt) as blocks:
             planned = decode(m, ids[:B], n0, feeds, True, planned_ids)
         assert stacks["n"] == len(feeds) and blocks["n"] == 0
+        assert all(b.q8 == q8 and b.qg == (32 if fmt == "int4" else 0) for b in decode_plan._PLANS[m].structs)
         monkeypatch.setattr(decode_plan, "run", lambda *a: None)
         reference = decode(m, ids[:B], n0, feeds, True, reference_ids)
         for a, b in zip(planned, reference):
-            close(a, b, dt)
-            assert torch.equal(a.argmax(-1), b.argmax(-1))
-        assert len(planned_ids) == n_moe and all(torch.equal(a, b) for a, b in zip(planned_ids, reference_ids))
+            close(a, b, dt, q8)
+            assert q8 or torch.equal(a.argmax(-1), b.argmax(-1))
+        assert len(planned_ids) == n_moe
+        assert q8 or all(torch.equal(a, b) for a, b in zip(planned_ids, reference_ids))
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -91,6 +100,6 @@ def test_changed_weights_or_arithmetic_rebuild_the_plan(fmt, dt, monkeypatch):
             switched = decode(m, ids, 20, [[1]] * 2, True)[0]
             assert decode_plan._PLANS[m].q8 == cpu_quant.int8_activations()
             monkeypatch.setattr(decode_plan, "run", lambda *a: None)
-            close(switched, decode(m, ids, 20, [[1]] * 2, True)[0], dt)
+            close(switched, decode(m, ids, 20, [[1]] * 2, True)[0], dt, cpu_quant.int8_activations())
         finally:
             cpu_quant.set_int8_activations(prev)

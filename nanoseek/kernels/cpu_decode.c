@@ -1447,7 +1447,7 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
 const char *ns_isa(void) { return NS_SIMD_NAME; } /* the variant this library was built for */
 
 /* whether int4 matrices can take their products on int8 activations here (ns_block's q8; quant4.h) */
-int ns_q8(void) { return nq_a4_vnni(); }
+int ns_q8(void) { return nq_a4_q8(); }
 
 /* The layout of the structs Python passes by pointer, for the check of its ctypes mirrors at load (kernels/abi.py).
  * ns_abi_fields(which): "struct field field ..." (which 0: ns_block), NULL past the last struct;

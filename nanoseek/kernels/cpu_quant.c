@@ -2,7 +2,8 @@
  *   nq_int8   y[M, N] = x[M, K] @ (codes * scale)^T    codes int8 [N, K], scale bf16 [N] (symmetric per row)
  *   nq_int4   y[M, N] = x[M, K] @ (q * scale + min)^T  q uint8 [N, K/2] (two codes a byte, k = 2j in the low
  *             nibble), scale and min bf16 [N, K/G] (asymmetric per group of G input values)
- *   nq_int4_q8 nq_int4 on int8 activations with AVX512-VNNI (avx512 builds; nq_vnni() says if this CPU has it)
+ *   nq_int4_q8 nq_int4 on int8 activations (avx512 builds on CPUs with AVX512-VNNI, avx2 builds; nq_q8() says
+ *             whether this library on this CPU has it)
  *   nq_experts the routed experts of a decode batch in one call (DeepSeekMoE, moe.py `Experts`):
  *             y[t] = sum_k w[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = idx[t, k], each projection int8
  *             or int4 as above
@@ -15,15 +16,16 @@
  * - int4: each group's codes are dequantized in registers, w = q * s + min (one FMA, in fp32, no rounding to
  *   x's dtype), then dotted with x.
  * Integer dot products over x quantized to int8 (llama.cpp's Q8 activations) serve int4 where the CPU has
- * AVX512-VNNI (nq_int4_q8; the int4 dot products are quant4.h's, shared with cpu_decode.c); cpu_quant.py has the
- * measurements (speed, added error) that decided it, and why int8 keeps the float path.
+ * AVX512-VNNI, and in the AVX2 build (nq_int4_q8; the int4 dot products are quant4.h's, shared with
+ * cpu_decode.c); cpu_quant.py has the measurements (speed, added error) that decided it, and why int8 keeps the
+ * float path.
  *
  * Decode reads each weight byte once per step, so the loops stream the codes: each widened weight vector serves
  * up to four rows of x (more rows are taken four at a time, re-reading the weight row from L1), threads split the
  * N output rows (OpenMP with the caller's thread count, as cpu_decode.c), and each step prefetches 2 KB ahead.
  * One source for every variant of isa.py over simd.h (AVX-512, AVX2 + FMA, NEON, and a scalar build for the C
  * self-test, tests/cpu_quant_selftest.c). Entry points return 0, -1 for arguments they refuse, -2 when out of
- * memory for their scratch, -3 (nq_int4_q8) where there is no VNNI.
+ * memory for their scratch, -3 (nq_int4_q8) where this library has no int8-activation path on this CPU.
  * Legend: M rows of x, K input values, N output rows, G group size.
  */
 #include <math.h>
@@ -120,15 +122,15 @@ int nq_int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *s
     return int4(x, M, K, q, scale, mn, G, N, y, bf, 0, nt);
 }
 
-/* nq_int4 with int8 activations; -3 where this CPU has no AVX512-VNNI */
+/* nq_int4 with int8 activations; -3 where this library has no such path on this CPU (nq_q8) */
 int nq_int4_q8(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf16 *scale, const bf16 *mn, int64_t G,
                int64_t N, void *y, int bf, int nt) {
     if (G <= 0 || G % 32 || K % G) return -1;
-    if (!nq_a4_vnni()) return -3;
+    if (!nq_a4_q8()) return -3;
     return int4(x, M, K, q, scale, mn, G, N, y, bf, 1, nt);
 }
 
-int nq_vnni(void) { return nq_a4_vnni(); }
+int nq_q8(void) { return nq_a4_q8(); }
 
 /* one projection of the experts (quant.py QuantExperts): codes [E, R, C] (int8, G = 0) or [E, R, C/2] (int4),
  * scale [E, R] or [E, R, C/G], min [E, R, C/G] (int4) */
@@ -157,7 +159,7 @@ static inline float proj_dot(const proj *p, int64_t e, int64_t R, int64_t C, int
 /* x [T, D] (fp32 or bf16: bf), idx [T, K] (int64, < E), w [T, K] fp32; gate_up [E, 2I, D] and down [E, D, I] as
  * `proj` (G_gu, G_dn: 0 for int8) -> y [T, D] in x's dtype. Every intermediate stays fp32 (the reference rounds
  * gate, up, their product and each expert's output to x's dtype). q8: int4 projections on int8 activations
- * (x, then the hidden rows) where the CPU has VNNI, as nq_int4_q8. Returns -1 for an expert id out of range or a
+ * (x, then the hidden rows) where nq_q8(), as nq_int4_q8. Returns -1 for an expert id out of range or a
  * group size that does not divide its width (as nq_int4), -2 out of memory. */
 int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const float *w, int64_t K, int64_t E,
                int64_t I, const void *gu_codes, const bf16 *gu_scale, const bf16 *gu_min, int64_t G_gu,
@@ -166,7 +168,7 @@ int nq_experts(const void *x, int64_t T, int64_t D, const int64_t *idx, const fl
     for (int64_t t = 0; t < T * K; t++)
         if (idx[t] < 0 || idx[t] >= E) return -1;
     if ((G_gu && (G_gu % (2 * NS_VW) || D % G_gu)) || (G_dn && (G_dn % (2 * NS_VW) || I % G_dn))) return -1;
-    q8 = q8 && nq_a4_vnni();
+    q8 = q8 && nq_a4_q8();
     const proj gu = {gu_codes, gu_scale, gu_min, G_gu}, dn = {dn_codes, dn_scale, dn_min, G_dn};
     const int64_t P = T * K; /* (token, expert) pairs */
     float *g = malloc(sizeof(float) * (P * 2 * I > 0 ? P * 2 * I : 1)), *xf = NULL, *h = NULL;

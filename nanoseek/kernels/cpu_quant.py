@@ -12,11 +12,13 @@ autograd, more rows than LINEAR_ROWS / MAX_ROWS).
 Two arithmetics for int4 (`cpu_quant.c`):
 - float (every variant, and every int8 call): x in fp32, the codes widened and dequantized in registers, fp32
   FMAs: W' x up to fp32 sums (tests/test_cpu_quant.py bounds it). It is the reference of the other.
-- int8 activations (the avx512 build on CPUs with AVX512-VNNI, detected at run time; `set_int8_activations`):
-  llama.cpp's Q4_1 x Q8_1, x quantized per block of 32 values to int8, VPDPBUSD over the 4-bit codes. Measured on
-  the Zen 4 here, one thread, a 4096 x 4096 weight (G = 32): 0.41 ms against the float path's 1.20 ms at M = 1
-  (2.9x), 1.03 against 2.76 ms at M = 4; with G = 128, 0.39 against 0.89 ms. The int4 float path is bound by its
-  arithmetic (~7 GB/s of codes on one core), int8's float path is not (~27 GB/s, what one core streams here),
+- int8 activations (`set_int8_activations`; the avx512 build on CPUs with AVX512-VNNI, detected at run time, and
+  the avx2 build): llama.cpp's Q4_1 x Q8_1, x quantized per block of 32 values to int8, VPDPBUSD (AVX2:
+  VPMADDUBSW + VPMADDWD) over the 4-bit codes (quant4.h). Measured on the Zen 4 here, one thread, a 4096 x 4096
+  weight (G = 32): 0.43 ms against the float path's 1.16 ms at M = 1 (2.7x), 1.11 against 2.74 ms at M = 4; with
+  G = 128, 0.40 against 0.94 ms; the avx2 build on the same CPU (NANOSEEK_KERNEL_ISA=avx2): 0.63 against 1.20 ms
+  at M = 1 (1.9x), 1.42 against 2.68 ms at M = 4, G = 128 0.58 against 1.19 ms. The int4 float path is bound by
+  its arithmetic (~7 GB/s of codes on one core), int8's float path is not (~27 GB/s, what one core streams here),
   so int8 keeps the float path. The error it adds, measured (same run, Gaussian x, every G, M = 1..8): the output
   is W' times the quantized x, 0.51-0.58% relative RMS from W' x, against ~7% relative RMS error of the int4
   weights themselves (quant.py); tests/test_cpu_quant.py checks it is exactly W' x^ up to fp32 sums. The experts'
@@ -53,7 +55,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 LINEAR_ROWS = {(torch.int8, torch.bfloat16): 1, (torch.int8, torch.float32): 32, (torch.uint8, torch.bfloat16): 64,
                (torch.uint8, torch.float32): 64}
 MAX_ROWS = 16  # tokens of a decode batch up to which `experts` (one call for all pairs) runs them
-_int8_activations = True  # int4 with VNNI over int8 activations where the CPU has it (module docstring)
+_int8_activations = True  # int4 over int8 activations where the library has it (module docstring)
 _built: dict = {}  # variant -> its library, or None where it cannot be built or run here
 _lib: Optional[ctypes.CDLL] = None
 _variant: Optional[str] = None
@@ -75,7 +77,7 @@ def _build(variant: str) -> Optional[ctypes.CDLL]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.nq_int8.argtypes = [p, i64, i64, p, p, i64, p, i32, i32]
     lib.nq_int4.argtypes = lib.nq_int4_q8.argtypes = [p, i64, i64, p, p, p, i64, i64, p, i32, i32]
-    lib.nq_int4_q8.restype = lib.nq_vnni.restype = i32
+    lib.nq_int4_q8.restype = lib.nq_q8.restype = i32
     lib.nq_experts.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, i64, p, p, p, i64, p, i32, i32, i32]
     lib.nq_int8.restype = lib.nq_int4.restype = lib.nq_experts.restype = i32
     return lib
@@ -99,7 +101,7 @@ def library(variant: Optional[str] = None) -> Optional[ctypes.CDLL]:
 
 
 def set_int8_activations(on: bool) -> bool:
-    """int4 calls on int8 activations with VNNI where the CPU has it (on, the default) or on the float path (off:
+    """int4 calls on int8 activations where the library has them (on, the default) or on the float path (off:
     every call W' x up to fp32 sums). Returns the previous setting."""
     global _int8_activations
     prev, _int8_activations = _int8_activations, on
@@ -109,7 +111,7 @@ def set_int8_activations(on: bool) -> bool:
 def int8_activations(lib: Optional[ctypes.CDLL] = None) -> bool:
     """Whether int4 calls on this library (default: `library()`) run on int8 activations."""
     lib = lib or library()
-    return _int8_activations and lib is not None and bool(lib.nq_vnni())
+    return _int8_activations and lib is not None and bool(lib.nq_q8())
 
 
 def variant() -> Optional[str]:
@@ -157,7 +159,7 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mn: Option
         args = (xf.data_ptr(), xf.shape[0], K, codes.data_ptr(), scale.data_ptr(), mn.data_ptr(), G, N, y.data_ptr(),
                 bf, nt)
         rc = lib.nq_int4_q8(*args) if _int8_activations else -3
-        if rc == -3:  # off, or no VNNI here: the float path
+        if rc == -3:  # off, or not in this library on this CPU: the float path
             rc = lib.nq_int4(*args)
     else:
         if tuple(scale.shape) != (N,):

@@ -268,7 +268,7 @@ class DecodePlan:
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
             b["Kp"] = max(kps)
-            b.update(qg=min(groups, default=0), q8=int(q8))
+            b.update(qg=min(groups, default=0), q8=int(q8 and bool(groups)))
         # the final norm and the head (an int8 head: its codes and scales; quant.py keeps an int4 model's head int8)
         norm, head, head_s = model.norm, model.lm_head.weight, None
         if isinstance(model.lm_head, QuantLinear):

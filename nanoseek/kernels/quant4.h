@@ -12,24 +12,29 @@
  * - float (every variant): x widened to fp32, deinterleaved per block of 2 * NS_VW values (the block's even k
  *   first, then its odd k: the order in which a load of NS_VW code bytes gives its low and high nibbles); each
  *   group's codes dequantized in registers (one fp32 FMA) and dotted with x in fp32;
- * - q8 (AVX-512 builds, on CPUs with AVX512-VNNI, checked at run time: nq_a4_vnni): llama.cpp's Q4_1 x Q8_1. Each
- *   block of 32 values of a row of x is quantized to int8 with its own scale (dx = max |x| / 127, round to nearest)
- *   and VPDPBUSD multiplies 64 unsigned 4-bit codes by 64 signed int8 activations into 16 int32 sums per
- *   instruction; each lane's sum takes its weight group's scale times its block's dx in fp32, and the group mins
- *   multiply the sums of the quantized x over each group. The error this adds is x's rounding (at most dx / 2 per
- *   value): measured and stated in cpu_quant.py.
+ * - q8 (AVX-512 builds on CPUs with AVX512-VNNI, checked at run time, and AVX2 builds: nq_a4_q8): llama.cpp's
+ *   Q4_1 x Q8_1. Each block of 32 values of a row of x is quantized to int8 with its own scale (dx = max |x| / 127,
+ *   round to nearest), and the unsigned 4-bit codes times the signed int8 activations are summed in int32 lanes,
+ *   exactly: VPDPBUSD (64 products into 16 sums per instruction), or on AVX2 VPMADDUBSW (pairs into int16: at most
+ *   2 * 15 * 127, no saturation) then VPMADDWD by ones (into int32); each lane's sum takes its weight group's scale
+ *   times its block's dx in fp32, and the group mins multiply the sums of the quantized x over each group. The
+ *   error this adds is x's rounding (at most dx / 2 per value): measured and stated in cpu_quant.py.
  * Legend: M rows of x, K input values, G group size (32, 64 or 128; K a multiple of it).
  */
 #if NS_VW == 16 && defined(__AVX512VL__) /* (its masked 256-bit loads: every avx512 build, x86-64-v4) */
 #define NQ_VNNI 1
-static inline int nq_a4_vnni(void) { return __builtin_cpu_supports("avx512vnni"); }
+static inline int nq_a4_q8(void) { return __builtin_cpu_supports("avx512vnni"); }
+#elif NS_VW == 8 && defined(__AVX2__)
+#define NQ_MADDUBS 1
+static inline int nq_a4_q8(void) { return 1; }
 #else
-static inline int nq_a4_vnni(void) { return 0; }
+static inline int nq_a4_q8(void) { return 0; }
 #endif
 
 /* Rows of x prepared for int4 weights. q8: 128 values per chunk, x's int8 values laid out as a chunk's 64 code
  * bytes hold them (byte j: k = 2j and 2j + 1): the chunk's even k first (64 bytes), then its odd k; lane i of
- * VPDPBUSD sums bytes 4i..4i+3, k in [8i, 8i + 8): the 32-block i / 4 of the chunk. */
+ * VPDPBUSD sums bytes 4i..4i+3, k in [8i, 8i + 8): the 32-block i / 4 of the chunk (AVX2: lanes 0-7 from the
+ * chunk's first 32 code bytes, 8-15 from the others). */
 typedef struct {
     int q8;
     int64_t K, G, chunks, ngp;
@@ -197,10 +202,90 @@ __attribute__((target("avx512vnni"), noinline)) static void a4_dots_q8(const nq_
 }
 #endif
 
+#ifdef NQ_MADDUBS
+/* n (1 to 4) bf16 values from p as fp32 lanes 0..n-1 (zeros after): loads straight into a register (through a
+ * stack buffer, a wide load of values just stored misses store forwarding: AVX2 q8 ran at half the float path's
+ * speed that way) */
+static inline __m256 bf16_upto4(const bf16 *p, int64_t n) {
+    uint64_t v;
+    uint32_t w;
+    uint16_t h;
+    switch (n) { /* (each memcpy fills its whole variable: a register load, no partial store to read back) */
+    case 4: memcpy(&v, p, 8); break;
+    case 3: memcpy(&w, p, 4), memcpy(&h, p + 2, 2), v = w | (uint64_t)h << 32; break;
+    case 2: memcpy(&w, p, 4), v = w; break;
+    default: memcpy(&h, p, 2), v = h; break;
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_cvtsi64_si128((long long)v)), 16));
+}
+
+/* q8 on AVX2: dot_q4_q8's arithmetic (same int32 sums per lane, fp32 in 8-lane halves) */
+static inline __attribute__((always_inline)) void dot_q4_q8(const nq_a4 *a, const int64_t *rows, const int r,
+                                                             const uint8_t *q, const bf16 *scale, const bf16 *mn,
+                                                             float *out) {
+    const int64_t K = a->K, G = a->G, chunks = a->chunks, ng = K / G, ngp = a->ngp;
+    const __m256i g0 = _mm256_loadu_si256((const __m256i *)a->lanes);
+    const __m256i g1 = _mm256_loadu_si256((const __m256i *)(a->lanes + 8));
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[NQ_ROWS];
+    for (int j = 0; j < r; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t left = K - c * 128, ngc = left >= 128 ? 128 / G : left / G; /* the chunk's groups */
+        const uint8_t *qc = q + c * 64;
+        uint8_t tail[64];
+        if (left < 128) { /* a short last chunk: its own bytes only, zeros after (x's are zero there too) */
+            memset(tail, 0, 64);
+            memcpy(tail, qc, (size_t)(left / 2));
+            qc = tail;
+        }
+        ns_prefetch(q + c * 64 + NQ_AHEAD);
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)qc);
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(qc + 32));
+        const __m256i lo0 = _mm256_and_si256(b0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(b1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+        const __m256 sg = bf16_upto4(scale + c * 128 / G, ngc); /* the chunk's groups' scales (G >= 32: <= 4) */
+        const __m256 sw0 = _mm256_permutevar8x32_ps(sg, g0), sw1 = _mm256_permutevar8x32_ps(sg, g1);
+        for (int j = 0; j < r; j++) {
+            const int8_t *xq = a->xq + (rows[j] * chunks + c) * 128;
+            const float *d = a->dx + (rows[j] * chunks + c) * 16;
+            const __m256i s0 = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo0, _mm256_load_si256((const __m256i *)xq)), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi0, _mm256_load_si256((const __m256i *)(xq + 64))), ones));
+            const __m256i s1 = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo1, _mm256_load_si256((const __m256i *)(xq + 32))), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi1, _mm256_load_si256((const __m256i *)(xq + 96))), ones));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(sw0, _mm256_load_ps(d)), acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(sw1, _mm256_load_ps(d + 8)), acc[j]);
+        }
+    }
+    for (int j = 0; j < r; j++) { /* + sum over groups of min * (the group's sum of x), 8 groups at a time */
+        const float *xs = a->xsum + rows[j] * ngp;
+        __m256 t = acc[j];
+        int64_t g = 0;
+        for (; g + 8 <= ng; g += 8) t = _mm256_fmadd_ps(vf_loadu_bf16(mn + g), _mm256_load_ps(xs + g), t);
+        float o = vf_reduce_add(t);
+        for (; g < ng; g++) o += bf2f(mn[g]) * xs[g];
+        out[j] = o;
+    }
+}
+
+static void a4_dots_q8(const nq_a4 *a, const int64_t *rows, int64_t n, const uint8_t *q, const bf16 *scale,
+                       const bf16 *mn, float *out) {
+    for (int64_t j = 0; j < n; j += NQ_ROWS) {
+        switch (n - j < NQ_ROWS ? n - j : NQ_ROWS) { /* a constant row count per call: registers */
+        case 4: dot_q4_q8(a, rows + j, 4, q, scale, mn, out + j); break;
+        case 3: dot_q4_q8(a, rows + j, 3, q, scale, mn, out + j); break;
+        case 2: dot_q4_q8(a, rows + j, 2, q, scale, mn, out + j); break;
+        default: dot_q4_q8(a, rows + j, 1, q, scale, mn, out + j); break;
+        }
+    }
+}
+#endif
+
 /* out[j] = int4 weight row (q, scale, mn) of width a->K . row rows[j] of a, for j < n */
 static void nq_a4_dots(const nq_a4 *a, const int64_t *rows, int64_t n, const uint8_t *q, const bf16 *scale,
                        const bf16 *mn, float *out) {
-#ifdef NQ_VNNI
+#if defined(NQ_VNNI) || defined(NQ_MADDUBS)
     if (a->q8) {
         a4_dots_q8(a, rows, n, q, scale, mn, out);
         return;
