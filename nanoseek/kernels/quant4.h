@@ -150,22 +150,29 @@ static inline __attribute__((always_inline)) void dot_q4(const float *const *x, 
 static inline __attribute__((always_inline, target("avx512vnni"))) void dot_q4_q8(
     const nq_a4 *a, const int64_t *rows, const int r, const uint8_t *q, const bf16 *scale, const bf16 *mn,
     float *out) {
-    const int64_t K = a->K, G = a->G, chunks = a->chunks, ng = K / G, ngp = a->ngp, per = 128 / G;
+    const int64_t K = a->K, G = a->G, chunks = a->chunks, ng = K / G, ngp = a->ngp;
     const __m512i gidx = _mm512_loadu_si512(a->lanes);
     const __m512i low = _mm512_set1_epi8(15);
     __m512 acc[NQ_ROWS];
     for (int j = 0; j < r; j++) acc[j] = _mm512_setzero_ps();
+    /* the scales of 16 groups at a time (4 to 16 chunks), widened once (4 floats of padding: the last chunks of a
+     * window read past its 16th only into lanes they do not use) */
+    float sg[20] __attribute__((aligned(64))) = {0};
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t left = K - c * 128; /* values left in the row: a last chunk may be short */
-        const __mmask64 mb = left >= 128 ? ~0ull : (1ull << (left / 2)) - 1;
-        const __mmask16 ms = (__mmask16)((1u << (left >= 128 ? per : left / G)) - 1); /* its groups' scales */
+        const int64_t g0 = c * 128 / G;   /* the chunk's first group (G = 128: its one group) */
+        if (g0 % 16 == 0) {
+            const int64_t n = ng - g0 < 16 ? ng - g0 : 16;
+            _mm512_store_ps(sg, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), scale + g0)), 16)));
+        }
+        /* lane i: the chunk's group (i / 4) * 32 / G, within its 128-bit quarter: the chunk's (at most) 4 scales
+         * broadcast to each quarter (a load), then an in-lane permute */
+        const __m512 sw = _mm512_permutevar_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(sg + g0 % 16)), gidx);
         ns_prefetch(q + c * 64 + NQ_AHEAD);
-        const __m512i b = _mm512_maskz_loadu_epi8(mb, q + c * 64);
+        const __m512i b = left >= 128 ? _mm512_loadu_si512(q + c * 64)
+                                      : _mm512_maskz_loadu_epi8((1ull << (left / 2)) - 1, q + c * 64);
         const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
-        const int64_t g0 = c * 128 / G; /* (G = 128: the chunk's one group) */
-        const __m512 sg = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ms, scale + g0)), 16));
-        const __m512 sw = _mm512_permutexvar_ps(gidx, sg);
         for (int j = 0; j < r; j++) {
             const int8_t *xq = a->xq + (rows[j] * chunks + c) * 128;
             __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xq));
