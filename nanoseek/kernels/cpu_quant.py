@@ -15,9 +15,9 @@ Two arithmetics for int4 (`cpu_quant.c`):
 - int8 activations (`set_int8_activations`; the avx512 build on CPUs with AVX512-VNNI, detected at run time, and
   the avx2 build): llama.cpp's Q4_1 x Q8_1, x quantized per block of 32 values to int8, VPDPBUSD (AVX2:
   VPMADDUBSW + VPMADDWD) over the 4-bit codes (quant4.h). Measured on the Zen 4 here, one thread, a 4096 x 4096
-  weight (G = 32): 0.40 ms against the float path's 1.11 ms at M = 1 (2.8x), 1.24 against 2.60 ms at M = 4; with
-  G = 128, 0.34 against 0.89 ms; the avx2 build on the same CPU (NANOSEEK_KERNEL_ISA=avx2): 0.63 against 1.20 ms
-  at M = 1 (1.9x), 1.42 against 2.68 ms at M = 4, G = 128 0.58 against 1.19 ms. The int4 float path is bound by
+  weight (G = 32): 0.37 ms against the float path's 1.11 ms at M = 1 (3.0x), 1.01 against 2.64 ms at M = 4; with
+  G = 128, 0.31 against 0.89 ms; the avx2 build on the same CPU (NANOSEEK_KERNEL_ISA=avx2): 0.44 against 1.20 ms
+  at M = 1 (2.7x), 1.29 against 2.57 ms at M = 4, G = 128 0.39 against 1.17 ms. The int4 float path is bound by
   its arithmetic (~7 GB/s of codes on one core), int8's float path is not (~27 GB/s, what one core streams here),
   so int8 keeps the float path. The error it adds, measured (same run, Gaussian x, every G, M = 1..8): the output
   is W' times the quantized x, 0.51-0.58% relative RMS from W' x, against ~7% relative RMS error of the int4
