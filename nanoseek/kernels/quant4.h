@@ -194,19 +194,7 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void dot_q4_q
     }
 }
 
-__attribute__((target("avx512vnni"), noinline)) static void a4_dots_q8(const nq_a4 *a, const int64_t *rows,
-                                                                        int64_t n, const uint8_t *q,
-                                                                        const bf16 *scale, const bf16 *mn,
-                                                                        float *out) {
-    for (int64_t j = 0; j < n; j += NQ_ROWS) {
-        switch (n - j < NQ_ROWS ? n - j : NQ_ROWS) { /* a constant row count per call: registers */
-        case 4: dot_q4_q8(a, rows + j, 4, q, scale, mn, out + j); break;
-        case 3: dot_q4_q8(a, rows + j, 3, q, scale, mn, out + j); break;
-        case 2: dot_q4_q8(a, rows + j, 2, q, scale, mn, out + j); break;
-        default: dot_q4_q8(a, rows + j, 1, q, scale, mn, out + j); break;
-        }
-    }
-}
+#define NQ_Q8_FN __attribute__((target("avx512vnni"), noinline)) /* (dot_q4_q8 inlines only into its target) */
 #endif
 
 #ifdef NQ_MADDUBS
@@ -276,8 +264,13 @@ static inline __attribute__((always_inline)) void dot_q4_q8(const nq_a4 *a, cons
     }
 }
 
-static void a4_dots_q8(const nq_a4 *a, const int64_t *rows, int64_t n, const uint8_t *q, const bf16 *scale,
-                       const bf16 *mn, float *out) {
+#define NQ_Q8_FN
+#endif
+
+#if defined(NQ_VNNI) || defined(NQ_MADDUBS)
+/* q8: out[j] for j < n, up to NQ_ROWS rows of a per pass over the weight row */
+NQ_Q8_FN static void a4_dots_q8(const nq_a4 *a, const int64_t *rows, int64_t n, const uint8_t *q, const bf16 *scale,
+                                const bf16 *mn, float *out) {
     for (int64_t j = 0; j < n; j += NQ_ROWS) {
         switch (n - j < NQ_ROWS ? n - j : NQ_ROWS) { /* a constant row count per call: registers */
         case 4: dot_q4_q8(a, rows + j, 4, q, scale, mn, out + j); break;
