@@ -12,6 +12,7 @@ ctypes mirrors: `test_abi_*`.
 """
 import contextlib
 import ctypes
+import os
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.engine.cache import BlockPool, CacheView
-from nanoseek.kernels import abi, cpu_decode, cpu_quant, install, isa
+from nanoseek.kernels import abi, build, cpu_decode, cpu_quant, install, isa
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -42,6 +43,8 @@ def variant(request, monkeypatch):
     v = request.param
     if not isa.runs(v):
         pytest.skip(f"this CPU does not run {v} code")
+    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or build.compiler() is None:
+        pytest.skip("no kernels are built here (NANOSEEK_CPU_KERNELS=0, or no C compiler)")
     dt = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dt")
     if dt is torch.float32 and v not in cpu_decode.VARIANTS[dt]:
         pytest.skip(f"the float32 build has no {v} variant: its test with the next variant down covers it")

@@ -21,7 +21,11 @@ from nanoseek.kernels.modules import CachedAbsorbMLA, FastQuantExperts, FastQuan
 from nanoseek.model.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RUN = [v for v in cpu_quant.VARIANTS if isa.runs(v)]
+RUN = [v for v in cpu_quant.VARIANTS if isa.runs(v)]  # the variants this CPU runs (tests that name one build it)
+# the library calls take by default: none without a C compiler, with NANOSEEK_CPU_KERNELS=0 or with
+# NANOSEEK_KERNEL_ISA below every variant (the reference path then serves; tests of the kernels skip)
+USED = cpu_quant.library() is not None
+NO_LIB = "no cpu_quant library here (no variant this CPU runs, no C compiler, or turned off or capped by the env)"
 NO_Q8 = "no int8-activation path here (AVX512-VNNI, AVX2): int4 runs the float path"
 
 
@@ -77,7 +81,7 @@ def test_kernel_is_dequantize_then_matmul(variant, dtype, fmt, G, K, float_path)
         assert_within_bound(y, x, w, dtype)
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 def test_rows_and_threads_do_not_change_a_result():
     """Each output is one thread's sum in a fixed order: the same bits whatever the thread count, and a row's
     result the same alone or among eight (the rows share only the weight loads)."""
@@ -97,7 +101,7 @@ def test_rows_and_threads_do_not_change_a_result():
         assert torch.equal(cpu_quant.linear(x.view(2, 4, K), codes, scale, mn), one.view(2, 4, N))
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 def test_bad_operands_raise_before_the_c_code():
     codes, scale, mn = quant.quantize(random_weight(8, 64), "int4", 32)
     with pytest.raises(ValueError, match="codes"):
@@ -118,7 +122,7 @@ def quantized_x(x):
     return ((amax / 127).double() * (b * inv).round().double()).flatten(-2)
 
 
-@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason=NO_Q8)
+@pytest.mark.skipif(not (USED and cpu_quant.int8_activations()), reason=NO_Q8)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G,K", [(32, 96), (32, 160), (64, 192), (128, 384), (32, 1024)])
 def test_int4_on_int8_activations_is_the_weight_times_the_quantized_x(G, K, dtype):
@@ -148,7 +152,7 @@ def tiny(seed=0, **kw):
     return Transformer(get_preset("tiny", **kw)).eval()
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
     m = kernels.install(quant.quantize_model(tiny(), fmt))
@@ -167,7 +171,7 @@ def test_install_puts_fast_classes_on_quantized_modules_only(fmt):
     assert type(m2).__name__ == "PlannedTransformer" and type(m2.layers[1].self_attn) is CachedAbsorbMLA
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, monkeypatch, float_path):
@@ -201,7 +205,7 @@ def test_fast_linear_runs_the_kernel_and_matches_the_reference(fmt, G, dtype, mo
     assert calls == []
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 @pytest.mark.parametrize("fmt,G", [("int8", 32), ("int4", 32), ("int4", 64)])
 def test_fast_experts_match_the_reference(fmt, G, monkeypatch, float_path):
     """Decode batches (up to MAX_ROWS tokens) take the one-call experts kernel, larger ones the per-expert loop on
@@ -242,7 +246,7 @@ def test_fast_experts_match_the_reference(fmt, G, monkeypatch, float_path):
         real(x[:1], w[:1], torch.full((1, K), E), q._weights("gate_up_proj"), q._weights("down_proj"))
 
 
-@pytest.mark.skipif(not (RUN and cpu_quant.int8_activations()), reason=NO_Q8)
+@pytest.mark.skipif(not (USED and cpu_quant.int8_activations()), reason=NO_Q8)
 @pytest.mark.parametrize("G", [32, 64])
 def test_int4_experts_on_int8_activations_stay_close_to_the_float_path(G):
     """The one-call experts kernel on int8 activations (x, then the hidden rows, each quantized per block of 32)
@@ -271,7 +275,7 @@ def test_int4_experts_on_int8_activations_stay_close_to_the_float_path(G):
     assert 0 < err < 0.02, err
 
 
-@pytest.mark.skipif(not RUN, reason="this CPU runs no variant of cpu_quant")
+@pytest.mark.skipif(not USED, reason=NO_LIB)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_greedy_decode_on_the_kernels_equals_the_reference_path(fmt, monkeypatch, float_path):
     """The engine (which installs the fast classes) decodes what full forwards on the reference classes pick,
