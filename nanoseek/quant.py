@@ -36,9 +36,10 @@ than a dense bf16 matvec on this CPU and needs its own weight layout. The routed
 a batch routes tokens to, never all E.
 `nanoseek.kernels.install` gives the quantized modules fast classes (`nanoseek/kernels/cpu_quant.py`: int8 and
 int4 matmuls in C straight from the codes, float32 or bf16 activations, a few rows on CPU, the routed experts
-included; int4 on int8 activations with VNNI where the CPU has it, its added error stated there) and leaves the
-modules that hold them on their reference classes, whose fused C kernels read plain float weights; a decode step
-of the whole model runs in one C call that reads the codes with the same dot products (kernels/decode_plan.py).
+included; int4 on int8 activations where the CPU has them (AVX512-VNNI, AVX2), its added error stated there) and
+leaves the modules that hold them on their reference classes, whose fused C kernels read plain float weights; a
+decode step of the whole model runs in one C call that reads the codes with the same dot products
+(kernels/decode_plan.py).
 
 Loading a float checkpoint quantized (`from_pretrained(..., quantize=)`) streams (checkpoint.py): the model is
 built quantized on the meta device and each weight is quantized as it is read (`quantize_into`: a block of rows at a

@@ -7,8 +7,8 @@ by tests/test_cpu_quant_cross.py.
 Tolerances, from the kernels' arithmetic (fp32 products and sums of K terms, each rounded once): against the
 exact product of x and the dequantized weight, |y - exact| <= (K + 2) * 2^-24 * sum_k |x_k w_k| (Higham's
 gamma_K, plus the scale's rounding) in float32; a bf16 output adds its own rounding, 2^-8 of the value. The
-int4 path on int8 activations (VNNI, or AVX2's VPMADDUBSW) is held to the same bound against the quantized x it computes with, the
-magnitude taken over the codes' and the mins' parts, which it sums separately."""
+int4 path on int8 activations (VNNI, or AVX2's VPMADDUBSW) is held to the same bound against the quantized x it
+computes with, the magnitude taken over the codes' and the mins' parts, which it sums separately."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,7 +126,7 @@ def quantized_x(x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G,K", [(32, 96), (32, 160), (64, 192), (128, 384), (32, 1024)])
 def test_int4_on_int8_activations_is_the_weight_times_the_quantized_x(G, K, dtype):
-    """Exactly W' x^ (x^ the quantized x) up to fp32 sums, K not always a multiple of the 128 values a VNNI step
+    """Exactly W' x^ (x^ the quantized x) up to fp32 sums, K not always a multiple of the 128 values a q8 step
     takes (a short last step); and its error against W' x the small one the module docstring states."""
     N = 37
     codes, scale, mn = quant.quantize(random_weight(N, K), "int4", G)

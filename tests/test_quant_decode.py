@@ -2,9 +2,9 @@
 (`nanoseek.quant`) against the per-op quantized path it replaces (the blocks one by one: QuantLinear / QuantExperts
 on cpu_quant.c, everything between them in PyTorch), on tiny random models with a dense block, MoE blocks and DSA,
 float32 and bf16, on every kernel variant this CPU runs (test_cpu_decode.py's `variant` fixture). int4 runs both
-of cpu_quant's arithmetics: on int8 activations (where the variant has VNNI; elsewhere the float path) and on the
-float path (`cpu_quant.set_int8_activations(False)`); `tiny`'s q_b_proj (input 48, no multiple of 32) stays int8
-in an int4 model, so its stack reads both formats.
+of cpu_quant's arithmetics: on int8 activations (where the variant has them: AVX512-VNNI, AVX2; elsewhere the
+float path) and on the float path (`cpu_quant.set_int8_activations(False)`); `tiny`'s q_b_proj (input 48, no
+multiple of 32) stays int8 in an int4 model, so its stack reads both formats.
 
 Tolerance: the quantized matvecs are cpu_quant.c's own dot products (quant_dot.h, quant4.h; int4's activations
 prepared by the same code), and the routed experts keep nq_experts' fp32 intermediates, so the two paths differ
@@ -37,7 +37,7 @@ def close(a, b, dt, q8=False):
 
 @pytest.fixture(params=["int8", "int4", "int4-float"])
 def fmt(request):
-    """The format, and for int4 its arithmetic (int4: int8 activations where this variant has VNNI)"""
+    """The format, and for int4 its arithmetic (int4: int8 activations where this variant has them)"""
     prev = cpu_quant.set_int8_activations(request.param != "int4-float")
     yield request.param.split("-")[0]
     cpu_quant.set_int8_activations(prev)
