@@ -78,8 +78,8 @@ def test_quantized_stack_equals_the_per_op_quantized_path(fmt, kw, dt, monkeypat
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_changed_weights_or_arithmetic_rebuild_the_plan(fmt, dt, monkeypatch):
-    """A quantized weight changed in place (its codes) makes the plan rebuild its concatenated projection: the
-    logits follow. Switching int4's arithmetic (`set_int8_activations`) rebuilds the plan with it."""
+    """A quantized weight changed in place (its codes) makes the plan rebuild: the logits follow. Switching int4's
+    arithmetic (`set_int8_activations`) rebuilds the plan with it."""
     ids = torch.randint(0, 64, (1, 30))
     m = quant.quantize_model(kernel_model(dt), fmt)
     before = decode(m, ids, 20, [[1]] * 2, True)[0]

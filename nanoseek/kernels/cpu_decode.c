@@ -794,10 +794,11 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
  * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
  * cos, sin [M, P/2]. cq is written only with q-LoRA.
- * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of [W_qa | W_kva], and the indexer key's rows,
- * which stay float (quant.py), come from ik_wk [Di, D]; W_qb may be quantized too. a4buf: scratch for the
+ * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of W_qa and wkv those of W_kva (wkv->w NULL: wx
+ * holds both, [W_qa | W_kva]), and the indexer key's rows, which stay float (quant.py), come from ik_wk [Di, D];
+ * W_qb may be quantized too. a4buf: scratch for the
  * prepared activations (mprep) of either, the larger of mprep_bytes(wx, M, D) and mprep_bytes(wqb, M, Oq). */
-static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const wt *ik_wk,
+static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const ns_mat *wkv, const wt *ik_wk,
                         int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
                         const ns_mat *wqb, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
                         const wt *ik_w, const wt *ik_b, float ik_eps, const float *cos, const float *sin,
@@ -817,7 +818,9 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, con
         part(Q, t, nth, &q0, &q1);
         const int64_t idle = m0 == m1;
         if (in_norm) { /* the block's input RMSNorm first: the projections read xn */
-            ns_pf pf = pf_make(mrow(wx, o0, D), imin(idle ? 4096 : 2048, mbytes(wx, o1 - o0, D)), NULL, 0, 1);
+            const int64_t ok = wkv->w && o0 >= Oq; /* (a prefetch may run past its matrix's end: harmless) */
+            ns_pf pf = pf_make(mrow(ok ? wkv : wx, ok ? o0 - Oq : o0, D),
+                               imin(idle ? 4096 : 2048, mbytes(wx, o1 - o0, D)), NULL, 0, 1);
             pf_next(&pf);
             for (int64_t m = m0; m < m1; m++) rmsnorm_row(x + m * D, D, in_norm, in_eps, xn + m * D);
 #pragma omp barrier
@@ -835,6 +838,7 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, con
         }
         for (int64_t o = o0; o < o1; o++) {
             if (wx->s && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
+            else if (wkv->w && o >= Oq) mdots(xs, &a, ar, M, wkv, o - Oq, D, r);
             else mdots(xs, &a, ar, M, wx, o, D, r);
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(r[m]);
         }
@@ -888,8 +892,8 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
                     const wt *kv_norm, float eps_kv, const wt *ik_w, const wt *ik_b, float ik_eps,
                     const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
                     wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
-    const ns_mat mx = mat_f(wx), mq = mat_f(wqb);
-    mla_project(x, M, D, &mx, NULL, Oq, R, P, Di, qa_norm, eps_q, &mq, H, N, kv_norm, eps_kv, ik_w, ik_b, ik_eps, cos,
+    const ns_mat mx = mat_f(wx), mq = mat_f(wqb), none = mat_f(NULL);
+    mla_project(x, M, D, &mx, &none, NULL, Oq, R, P, Di, qa_norm, eps_q, &mq, H, N, kv_norm, eps_kv, ik_w, ik_b, ik_eps, cos,
                 sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, NULL, nt);
 }
 
@@ -897,9 +901,10 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
  * routed to it, so that each weight row is read once for all of them. Pair p: the routed pairs n*K + k
  * (p < NKr), then the shared expert's pair of token n (p = NKr + n); its activations act[p] [I] and output
  * ys[p] [D]. */
-typedef struct { /* pairs[first, first + count); the expert's matrices (ns_mat); f32: see ffn_block; prep: its
-                  * down projection reads its activations prepared (mprep; fp32 routed rows need it for int4 only) */
-    ns_mat gate_up, down;
+typedef struct { /* pairs[first, first + count); the expert's matrices (ns_mat: gate_up holds the gate rows, then
+                  * the up rows unless `up` has them); f32: see ffn_block; prep: its down projection reads its
+                  * activations prepared (mprep; fp32 routed rows need it for int4 only) */
+    ns_mat gate_up, up, down;
     int64_t I, first, count;
     int f32, prep;
 } ns_group;
@@ -948,7 +953,8 @@ static void group_gate_up(const ns_pairs *c, const ns_group *g, int64_t r0, int6
     }
     for (int64_t r = r0; r < r1; r++) {
         mdots(xs, c->ax, xr, n, &g->gate_up, r, c->D, ga);
-        mdots(xs, c->ax, xr, n, &g->gate_up, g->I + r, c->D, ua);
+        if (g->up.w) mdots(xs, c->ax, xr, n, &g->up, r, c->D, ua);
+        else mdots(xs, c->ax, xr, n, &g->gate_up, g->I + r, c->D, ua);
         for (int64_t j = 0; j < n; j++) {
             if (g->f32) { /* nq_experts' arithmetic: nothing rounded */
                 actf[j][r] = ga[j] / (1.f + expf(-ga[j])) * ua[j];
@@ -1000,15 +1006,15 @@ static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) 
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64.
  * Quantized (ffn_block with quantized matrices, ns_mat): gate_up [E, 2I, D], down [E, D, I] and the shared expert's
- * (s_gate_up->w NULL: none). Quantized routed experts compute as cpu_quant.c's nq_experts, the per-op path of a
+ * (s_gate_up->w NULL: none; its up rows in s_up, or after its gate rows in s_gate_up when s_up->w is NULL). Quantized routed experts compute as cpu_quant.c's nq_experts, the per-op path of a
  * quantized model: gate, up, their activation and each y stay fp32 (act holds fp32 routed rows then: [N*K', I] fp32
  * before the shared rows), the weighted sum is rounded once. int4 matrices read their activations prepared in
  * a4buf (at most the nq_a4_bytes of xn, of the routed rows [N*K, I] and of the shared ones [N, Is]). */
 static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
                       int64_t K, int norm, float scaling, const ns_mat *gate_up, const ns_mat *down, int64_t I,
-                      const ns_mat *s_gate_up, const ns_mat *s_down, int64_t Is, wt *out, wt *xn, wt *act,
-                      float *ys, float *rs, float *gw, int64_t *idx, void *a4buf, int nt) {
+                      const ns_mat *s_gate_up, const ns_mat *s_up, const ns_mat *s_down, int64_t Is, wt *out,
+                      wt *xn, wt *act, float *ys, float *rs, float *gw, int64_t *idx, void *a4buf, int nt) {
     const int64_t Kr = E > 0 ? K : 0, Ns = s_gate_up->w ? N : 0, NKr = N * Kr; /* routed pairs; shared pairs */
     float *ys_s = ys + NKr * D;
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
@@ -1050,8 +1056,8 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             for (int64_t e = 0; e < E; e++) {
                 slot[e] = G;
                 if (count[e])
-                    groups[G++] = (ns_group){msub(gate_up, e * 2 * I, D), msub(down, e * D, I), I, first, 0, f32,
-                                             prep_r};
+                    groups[G++] = (ns_group){msub(gate_up, e * 2 * I, D), mat_f(NULL), msub(down, e * D, I), I,
+                                             first, 0, f32, prep_r};
                 first += count[e];
             }
             for (int64_t p = 0; p < NKr; p++) {
@@ -1060,7 +1066,7 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
             }
             if (Ns) {
                 for (int64_t n = 0; n < N; n++) pairs[NKr + n] = NKr + n;
-                groups[G++] = (ns_group){*s_gate_up, *s_down, Is, NKr, N, 0, prep_s};
+                groups[G++] = (ns_group){*s_gate_up, *s_up, *s_down, Is, NKr, N, 0, prep_s};
             }
             cost[0] = 0;
             for (int64_t g = 0; g < G; g++) cost[g + 1] = cost[g] + groups[g].count * groups[g].I;
@@ -1069,7 +1075,8 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
              * 1.00 against 1.04 ms per token over 7 alternating runs; the spread between runs is larger) */
             for (int64_t g = 0; g < G; g++) {
                 const char *gp = (const char *)groups[g].gate_up.w;
-                const char *up = (const char *)mrow(&groups[g].gate_up, groups[g].I, D);
+                const char *up = (const char *)(groups[g].up.w ? groups[g].up.w
+                                                               : mrow(&groups[g].gate_up, groups[g].I, D));
                 const char *dn = (const char *)groups[g].down.w;
                 for (int64_t b = 0; b < 1024; b += 64) {
                     __builtin_prefetch(gp + b, 0, 2);
@@ -1139,9 +1146,10 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
                   int64_t K, int norm, float scaling, const wt *gate_up, const wt *down, int64_t I,
                   const wt *s_gate_up, const wt *s_down, int64_t Is, wt *out, wt *xn, wt *act,
                   float *ys, float *rs, float *gw, int64_t *idx, int nt) {
-    const ns_mat gu = mat_f(gate_up), dn = mat_f(down), sgu = mat_f(s_gate_up), sdn = mat_f(s_down);
+    const ns_mat gu = mat_f(gate_up), dn = mat_f(down), sgu = mat_f(s_gate_up), sup = mat_f(NULL),
+                 sdn = mat_f(s_down);
     ffn_block(h, N, D, norm_w, eps, router_w32, E, bias, scoring, method, n_group, topk_group, K, norm, scaling,
-              &gu, &dn, I, &sgu, &sdn, Is, out, xn, act, ys, rs, gw, idx, NULL, nt);
+              &gu, &dn, I, &sgu, &sup, &sdn, Is, out, xn, act, ys, rs, gw, idx, NULL, nt);
 }
 
 /* The decoder blocks of a decode step in one call (decode_plan.py): per block, the projections, the cache write,
@@ -1179,6 +1187,8 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
     F(const bf16 *, gate_up_s) F(const bf16 *, down_s) F(const bf16 *, s_gate_up_s) F(const bf16 *, s_down_s)     \
     F(const bf16 *, wx_m) F(const bf16 *, wqb_m) F(const bf16 *, w_o_m) F(const bf16 *, gate_up_m)                 \
     F(const bf16 *, down_m) F(const bf16 *, s_gate_up_m) F(const bf16 *, s_down_m) F(int64_t, qg) F(int, q8)       \
+    F(const wt *, wkv) F(const bf16 *, wkv_s) F(const bf16 *, wkv_m) F(const wt *, s_up) F(const bf16 *, s_up_s)     \
+    F(const bf16 *, s_up_m)                                                                                        \
     F(const wt *, iwq) F(const wt *, iwp) F(int64_t, Hi) F(int64_t, topk)
 #define NS_DECLARE(type, name) type name;
 typedef struct { NS_BLOCK_FIELDS(NS_DECLARE) } ns_block;
@@ -1388,7 +1398,8 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
                      w_o = bmat(b, b->w_o, b->w_o_s, b->w_o_m), gu = bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m),
                      dn = bmat(b, b->down, b->down_s, b->down_m),
                      sgu = bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m),
-                     sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m);
+                     sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m), wkv = bmat(b, b->wkv, b->wkv_s, b->wkv_m),
+                     sup = bmat(b, b->s_up, b->s_up_s, b->s_up_m);
         /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
         const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
                       gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
@@ -1398,7 +1409,7 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
                             b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
-        mla_project(x, M, D, &wx, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, &wqb, b->H, b->N,
+        mla_project(x, M, D, &wx, &wkv, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, &wqb, b->H, b->N,
                     b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps, xn, xo,
                     b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, a4buf, nt);
         wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
@@ -1425,7 +1436,7 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
                          mask, b->scale, att, qc, sc, ol, pb, &w_o, b->Dm, x, h, a4buf, nt);
         }
         ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method, b->n_group,
-                  b->topk_group, b->K, b->norm, b->scaling, &gu, &dn, b->I, &sgu, &sdn, b->Is, out, fxn, act, ys,
+                  b->topk_group, b->K, b->norm, b->scaling, &gu, &dn, b->I, &sgu, &sup, &sdn, b->Is, out, fxn, act, ys,
                   rs, gw, idx + l * M * b->Kp, a4buf, nt); /* Kp: the largest K of the blocks */
         x = out;
     }

@@ -111,6 +111,7 @@ class _Block(ctypes.Structure):
                 ("wx_s", _p), ("ik_wk", _p), ("wqb_s", _p), ("w_o_s", _p), ("gate_up_s", _p), ("down_s", _p),
                 ("s_gate_up_s", _p), ("s_down_s", _p), ("wx_m", _p), ("wqb_m", _p), ("w_o_m", _p),
                 ("gate_up_m", _p), ("down_m", _p), ("s_gate_up_m", _p), ("s_down_m", _p), ("qg", _i), ("q8", _c),
+                ("wkv", _p), ("wkv_s", _p), ("wkv_m", _p), ("s_up", _p), ("s_up_s", _p), ("s_up_m", _p),
                 ("iwq", _p), ("iwp", _p), ("Hi", _i), ("topk", _i)]
 
 
@@ -177,7 +178,10 @@ class DecodePlan:
             if w is None or not kernel_weights(w["check"], dtype):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
-            Di = w["wx"].shape[0] - w["q_out"] - R - P if w.get("ik_wk") is None else w["ik_wk"].shape[0]
+            if w.get("ik_wk") is not None or "wkv" in w:  # quantized: the indexer key's float rows (or none)
+                Di = w["ik_wk"].shape[0] if w.get("ik_wk") is not None else 0
+            else:  # wx = [W_qa | W_kva | W_ik]
+                Di = w["wx"].shape[0] - w["q_out"] - R - P
             kv_b = w["kv_b"]
             b = dict(layer=attn.layer_id, wx=_ptr(w["wx"]), q_out=w["q_out"], R=R, P=P, Di=Di,
                      qa_norm=_ptr(w["qa_norm"]), qa_eps=w["qa_eps"], wqb=_ptr(w["wqb"]), H=H, N=attn.N,
@@ -185,7 +189,8 @@ class DecodePlan:
                      Nk=kv_b.shape[0] // H - V, kv_b=_ptr(kv_b), V=V, scale=attn.scale, w_o=_ptr(w["o"]),
                      Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps, wx_s=_ptr(w.get("wx_s")),
                      ik_wk=_ptr(w.get("ik_wk")), wqb_s=_ptr(w.get("wqb_s")), w_o_s=_ptr(w.get("o_s")),
-                     wx_m=_ptr(w.get("wx_m")), wqb_m=_ptr(w.get("wqb_m")), w_o_m=_ptr(w.get("o_m")))
+                     wx_m=_ptr(w.get("wx_m")), wqb_m=_ptr(w.get("wqb_m")), w_o_m=_ptr(w.get("o_m")),
+                     wkv=_ptr(w.get("wkv")), wkv_s=_ptr(w.get("wkv_s")), wkv_m=_ptr(w.get("wkv_m")))
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
@@ -234,16 +239,12 @@ class DecodePlan:
                 routed = b.get("gate_up_s")  # the kernel prepares xn once for both gate_ups: one format
                 if routed is not None and (b.get("gate_up_m") is None) != (s.gate_proj.format == "int8"):
                     return None
-                src = [_parts(lin) for lin in lins]
-                s_gate_up = derived(s, "_quant_gate_up", src[0] + src[1], _cat)
-                if s_gate_up is None:
-                    return None
-                Is = s.down_proj.in_features
-                b.update(s_gate_up=_ptr(s_gate_up[0]), s_gate_up_s=_ptr(s_gate_up[1]),
-                         s_gate_up_m=_ptr(s_gate_up[2] if len(s_gate_up) > 2 else None), s_down=_ptr(src[2][0]),
-                         s_down_s=_ptr(src[2][1]), s_down_m=_ptr(src[2][2] if len(src[2]) > 2 else None), Is=Is)
-                sources += [t for part in src for t in part]
-                keep.append(s_gate_up)
+                (gate, gs, gm), (up, us, um), (dn, ds, dm) = [lin._weights("weight") for lin in lins]
+                Is = s.down_proj.in_features  # the gate and up matrices as they are: no concatenated copy
+                b.update(s_gate_up=_ptr(gate), s_gate_up_s=_ptr(gs), s_gate_up_m=_ptr(gm), s_up=_ptr(up),
+                         s_up_s=_ptr(us), s_up_m=_ptr(um), s_down=_ptr(dn), s_down_s=_ptr(ds), s_down_m=_ptr(dm),
+                         Is=Is)
+                sources += [t for lin in lins for t in _parts(lin)]
             elif s is not None:
                 s_gate_up = s.fused_gate_up() if hasattr(s, "fused_gate_up") else None
                 if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight], dtype):
@@ -361,17 +362,11 @@ def _same_format(a: QuantLinear, b: QuantLinear) -> bool:
     return a.format == b.format and (a.format == "int8" or a.weight_scale.shape[-1] == b.weight_scale.shape[-1])
 
 
-def _cat(*parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Two quantized matrices of one format (codes, scale (, min) each, in that order) stacked by rows."""
-    n = len(parts) // 2
-    return tuple(torch.cat((parts[i], parts[n + i])) for i in range(n))
-
-
 def _quantized_attention(attn, norm, groups: set) -> Optional[tuple[dict, list]]:
     """An MLA with quantized projections as FastMLA._decode_build's dict, plus the scales and int4's mins (wx_s,
-    wx_m, wqb_s, ...): wx the codes of [q_a (or q) | kv_a] (cached per weight version), ik_wk the indexer key's float
-    weight (the indexer stays float); and the tensors it reads. None where its projections are not all readable
-    quantized ones or its shapes exceed the kernels'."""
+    wx_m, wqb_s, ...): wx the codes of q_a (or q) and wkv those of kv_a, as the modules hold them (no concatenated
+    copy: the kernel takes the two), ik_wk the indexer key's float weight (the indexer stays float); and the tensors
+    it reads. None where its projections are not all readable quantized ones or its shapes exceed the kernels'."""
     lora, idx = hasattr(attn, "q_a_proj"), attn.indexer
     first, kv_a = (attn.q_a_proj if lora else attn.q_proj), attn.kv_a_proj_with_mqa
     lins = [first, kv_a, attn.o_proj] + ([attn.q_b_proj] if lora else [])
@@ -379,15 +374,13 @@ def _quantized_attention(attn, norm, groups: set) -> Optional[tuple[dict, list]]
             or attn.R > cpu_decode.MAX_LATENT or (idx is not None and (idx.head_dim > 1024 or idx.rope_dim != attn.P))):
         return None
     xsrc = _parts(first) + _parts(kv_a)
-    wx = derived(attn, "_quant_x_proj", xsrc, _cat)
-    if wx is None:
-        return None
+    (wq, qs, qm), (wkv, kvs, kvm) = first._weights("weight"), kv_a._weights("weight")
     floats = [attn.kv_a_layernorm.weight, attn.kv_b_proj.weight] + ([norm.weight] if norm is not None else [])
     floats += [attn.q_a_layernorm.weight] if lora else []
     floats += [idx.wk.weight, idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
     wqb = _parts(attn.q_b_proj) + [None] * 3 if lora else [None] * 3
     o = _parts(attn.o_proj) + [None]
-    w = {"wx": wx[0], "wx_s": wx[1], "wx_m": wx[2] if len(wx) > 2 else None,
+    w = {"wx": wq, "wx_s": qs, "wx_m": qm, "wkv": wkv, "wkv_s": kvs, "wkv_m": kvm,
          "ik_wk": idx.wk.weight if idx is not None else None, "q_out": first.weight.shape[0],
          "qa_norm": attn.q_a_layernorm.weight if lora else None, "qa_eps": attn.q_a_layernorm.eps if lora else 0.0,
          "wqb": wqb[0], "wqb_s": wqb[1], "wqb_m": wqb[2], "kv_norm": attn.kv_a_layernorm.weight,
