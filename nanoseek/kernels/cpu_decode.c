@@ -796,8 +796,8 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  * cos, sin [M, P/2]. cq is written only with q-LoRA.
  * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of W_qa and wkv those of W_kva (wkv->w NULL: wx
  * holds both, [W_qa | W_kva]), and the indexer key's rows, which stay float (quant.py), come from ik_wk [Di, D];
- * W_qb may be quantized too. a4buf: scratch for the
- * prepared activations (mprep) of either, the larger of mprep_bytes(wx, M, D) and mprep_bytes(wqb, M, Oq). */
+ * W_qb may be quantized too. a4buf: scratch for the prepared activations (mprep) of either, the larger of
+ * mprep_bytes(wx, M, D) and mprep_bytes(wqb, M, Oq). */
 static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const ns_mat *wkv, const wt *ik_wk,
                         int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
                         const ns_mat *wqb, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
@@ -893,8 +893,8 @@ void ns_mla_project(const wt *x, int64_t M, int64_t D, const wt *wx, int64_t Oq,
                     const float *cos, const float *sin, const wt *in_norm, float in_eps, wt *xn,
                     wt *xo, wt *cq, wt *q, wt *rows, wt *ik, int nt) {
     const ns_mat mx = mat_f(wx), mq = mat_f(wqb), none = mat_f(NULL);
-    mla_project(x, M, D, &mx, &none, NULL, Oq, R, P, Di, qa_norm, eps_q, &mq, H, N, kv_norm, eps_kv, ik_w, ik_b, ik_eps, cos,
-                sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, NULL, nt);
+    mla_project(x, M, D, &mx, &none, NULL, Oq, R, P, Di, qa_norm, eps_q, &mq, H, N, kv_norm, eps_kv, ik_w, ik_b,
+                ik_eps, cos, sin, in_norm, in_eps, xn, xo, cq, q, rows, ik, NULL, nt);
 }
 
 /* The experts' work of a block, as groups: one expert (routed, or the shared one) with every (token, expert) pair
@@ -1006,9 +1006,10 @@ static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) 
  * act [N, K'*I + Is] wt and ys [N*(K' + 1), D] fp32 with K' = max(K, 1); rs [N, 2E] fp32; gw [N, K] fp32;
  * idx [N, K] int64.
  * Quantized (ffn_block with quantized matrices, ns_mat): gate_up [E, 2I, D], down [E, D, I] and the shared expert's
- * (s_gate_up->w NULL: none; its up rows in s_up, or after its gate rows in s_gate_up when s_up->w is NULL). Quantized routed experts compute as cpu_quant.c's nq_experts, the per-op path of a
- * quantized model: gate, up, their activation and each y stay fp32 (act holds fp32 routed rows then: [N*K', I] fp32
- * before the shared rows), the weighted sum is rounded once. int4 matrices read their activations prepared in
+ * (s_gate_up->w NULL: none; its up rows in s_up, or after its gate rows in s_gate_up when s_up->w is NULL).
+ * Quantized routed experts compute as cpu_quant.c's nq_experts, the per-op path of a quantized model: gate, up,
+ * their activation and each y stay fp32 (act holds fp32 routed rows then: [N*K', I] fp32 before the shared rows),
+ * the weighted sum is rounded once. int4 matrices read their activations prepared in
  * a4buf (at most the nq_a4_bytes of xn, of the routed rows [N*K, I] and of the shared ones [N, Is]). */
 static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps, const float *router_w32,
                       int64_t E, const float *bias, int scoring, int method, int64_t n_group, int64_t topk_group,
