@@ -987,6 +987,13 @@ static void group_down(const ns_pairs *c, const ns_group *g, int64_t d0, int64_t
     }
 }
 
+/* The matrix whose layout the experts' one prepared copy of xn follows (ffn_block; decode_plan.py gives the routed
+ * and the shared gate_up one format): the routed gate_up where it reads prepared activations, else the shared
+ * expert's, else none */
+static inline const ns_mat *ffn_gx(const ns_mat *gate_up, int routed, const ns_mat *s_gate_up) {
+    return routed && mprep(gate_up) ? gate_up : s_gate_up->w && mprep(s_gate_up) ? s_gate_up : NULL;
+}
+
 /* Whether group g (work [cost[g], cost[g + 1]) of C in all) straddles a boundary between the nth threads' shares */
 static inline int straddles(const int64_t *cost, int64_t g, int64_t C, int nth) {
     for (int b = 1; b < nth; b++)
@@ -1021,10 +1028,9 @@ static void ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float
     int64_t pairs[NKr + Ns + 1], cost[E + 2], G = 0;
     ns_group groups[E + 2];
     const int f32 = gate_up->s != NULL;
-    /* prepared activations (mprep): xn's rows (for the routed and the shared gate_up alike: decode_plan.py gives
-     * them one format), the routed hidden rows (int4: the fp32 rows the others read as they are) and the shared
-     * ones */
-    const ns_mat *gx = Kr > 0 && mprep(gate_up) ? gate_up : Ns && mprep(s_gate_up) ? s_gate_up : NULL;
+    /* prepared activations (mprep): xn's rows (ffn_gx), the routed hidden rows (int4: the fp32 rows the others read
+     * as they are) and the shared ones */
+    const ns_mat *gx = ffn_gx(gate_up, Kr > 0, s_gate_up);
     const int prep_r = Kr > 0 && down->mn, prep_s = Ns && mprep(s_down), prep_down = prep_r || prep_s;
     nq_a4 ax, ah, ahs;
     char *ab = a4buf;
@@ -1348,21 +1354,27 @@ static inline ns_mat bmat(const ns_block *b, const void *w, const bf16 *s, const
     return (ns_mat){w, s, m, m ? b->qg : 0, m ? b->q8 : 0};
 }
 
+/* a block's matrices (unset ones have w NULL) */
+typedef struct { ns_mat wx, wkv, wqb, w_o, gu, dn, sgu, sup, sdn; } ns_mats;
+static ns_mats block_mats(const ns_block *b) {
+    return (ns_mats){bmat(b, b->wx, b->wx_s, b->wx_m), bmat(b, b->wkv, b->wkv_s, b->wkv_m),
+                     bmat(b, b->wqb, b->wqb_s, b->wqb_m), bmat(b, b->w_o, b->w_o_s, b->w_o_m),
+                     bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m), bmat(b, b->down, b->down_s, b->down_m),
+                     bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m), bmat(b, b->s_up, b->s_up_s, b->s_up_m),
+                     bmat(b, b->s_down, b->s_down_s, b->s_down_m)};
+}
+
 /* bytes of the prepared activations (mprep) of block b's matrices for M rows, the larger of its attention's and
  * its FFN's (as mla_project, mla_absorbed and ffn_block lay them out) */
 static int64_t block_a4_bytes(const ns_block *b, int64_t M, int64_t D) {
-    const ns_mat wx = bmat(b, b->wx, b->wx_s, b->wx_m), wqb = bmat(b, b->wqb, b->wqb_s, b->wqb_m),
-                 w_o = bmat(b, b->w_o, b->w_o_s, b->w_o_m), gu = bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m),
-                 dn = bmat(b, b->down, b->down_s, b->down_m),
-                 sgu = bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m),
-                 sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m);
-    int64_t att = mprep_bytes(&wx, M, D), ffn = 0;
-    if (b->qa_norm && mprep_bytes(&wqb, M, b->q_out) > att) att = mprep_bytes(&wqb, M, b->q_out);
-    if (mprep_bytes(&w_o, M, b->H * b->V) > att) att = mprep_bytes(&w_o, M, b->H * b->V);
-    const ns_mat *gx = b->E > 0 && mprep(&gu) ? &gu : b->s_gate_up && mprep(&sgu) ? &sgu : NULL;
+    const ns_mats m = block_mats(b);
+    int64_t att = mprep_bytes(&m.wx, M, D), ffn = 0;
+    if (b->qa_norm && mprep_bytes(&m.wqb, M, b->q_out) > att) att = mprep_bytes(&m.wqb, M, b->q_out);
+    if (mprep_bytes(&m.w_o, M, b->H * b->V) > att) att = mprep_bytes(&m.w_o, M, b->H * b->V);
+    const ns_mat *gx = ffn_gx(&m.gu, b->E > 0, &m.sgu);
     if (gx) ffn += mprep_bytes(gx, M, D);
-    if (b->E > 0 && dn.mn) ffn += mprep_bytes(&dn, M * b->K, b->I);
-    if (b->s_gate_up) ffn += mprep_bytes(&sdn, M, b->Is);
+    if (b->E > 0 && m.dn.mn) ffn += mprep_bytes(&m.dn, M * b->K, b->I);
+    if (b->s_gate_up) ffn += mprep_bytes(&m.sdn, M, b->Is);
     return att > ffn ? att : ffn;
 }
 
@@ -1395,12 +1407,7 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
-        const ns_mat wx = bmat(b, b->wx, b->wx_s, b->wx_m), wqb = bmat(b, b->wqb, b->wqb_s, b->wqb_m),
-                     w_o = bmat(b, b->w_o, b->w_o_s, b->w_o_m), gu = bmat(b, b->gate_up, b->gate_up_s, b->gate_up_m),
-                     dn = bmat(b, b->down, b->down_s, b->down_m),
-                     sgu = bmat(b, b->s_gate_up, b->s_gate_up_s, b->s_gate_up_m),
-                     sdn = bmat(b, b->s_down, b->s_down_s, b->s_down_m), wkv = bmat(b, b->wkv, b->wkv_s, b->wkv_m),
-                     sup = bmat(b, b->s_up, b->s_up_s, b->s_up_m);
+        const ns_mats mt = block_mats(b);
         /* an 8-bit cache's groups per part (kv_quant.py `KVFormat.groups`): kv_group values, or the whole part */
         const int64_t g0 = b->R % kv_group ? b->R : kv_group, g1 = b->P % kv_group ? b->P : kv_group,
                       gi = b->Di % kv_group ? b->Di : kv_group, ns = b->R / g0 + b->P / g1;
@@ -1410,9 +1417,9 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
         const ns_kv8 ik8 = {(const uint8_t *)ik_pool + b->layer * n_slots * b->Di,
                             kv_fmt && b->Di ? ik_scales + b->layer * n_slots * (b->Di / gi) : NULL, lut, b->Di,
                             b->Di ? b->Di / gi : 0, b->Di, gi, 1, kv_fmt == NS_KV_INT8};
-        mla_project(x, M, D, &wx, &wkv, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, &wqb, b->H, b->N,
-                    b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps, xn, xo,
-                    b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, a4buf, nt);
+        mla_project(x, M, D, &mt.wx, &mt.wkv, b->ik_wk, b->q_out, b->R, b->P, b->Di, b->qa_norm, b->qa_eps, &mt.wqb,
+                    b->H, b->N, b->kv_norm, b->kv_eps, b->ik_w, b->ik_b, b->ik_eps, cos, sin, b->in_norm, b->in_eps,
+                    xn, xo, b->qa_norm ? cq : NULL, q, rows, b->Di ? ik : NULL, a4buf, nt);
         wt *plane = kv_fmt ? NULL : (wt *)kv_pool + b->layer * n_slots * C;
         wt *iplane = kv_fmt || !b->Di ? NULL : (wt *)ik_pool + b->layer * n_slots * b->Di;
         if (kv_fmt) { /* the new rows quantized as `RowStore.write` does, each part with its own scales */
@@ -1428,17 +1435,17 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
             dsa_select(b->iwq, b->iwp, b->Hi, b->Di, b->P, b->topk, B, T, D, b->q_out, S, cq, xn, cos, sin, mask,
                        iplane, kv_fmt ? &ik8 : NULL, read_slots, span0, iq, iw, isc, ord, sel_mask, sel, nt);
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V, plane, kv_fmt ? &k8 : NULL, sel, b->topk,
-                         1, sel_mask, b->scale, att, qc, sc, ol, pb, &w_o, b->Dm, x, h, a4buf, nt);
+                         1, sel_mask, b->scale, att, qc, sc, ol, pb, &mt.w_o, b->Dm, x, h, a4buf, nt);
         } else { /* the rows through the slots, or one request's contiguous span */
             ns_kv8 span = k8;
             if (!read_slots) span.q += span0 * C, span.s = kv_fmt ? span.s + span0 * ns : NULL;
             mla_absorbed(q, B, T, b->H, b->Nk, b->P, b->kv_b, b->R, b->V,
                          kv_fmt || read_slots ? plane : plane + span0 * C, kv_fmt ? &span : NULL, read_slots, S, 0,
-                         mask, b->scale, att, qc, sc, ol, pb, &w_o, b->Dm, x, h, a4buf, nt);
+                         mask, b->scale, att, qc, sc, ol, pb, &mt.w_o, b->Dm, x, h, a4buf, nt);
         }
         ffn_block(h, M, D, b->post_w, b->post_eps, b->router_w32, b->E, b->bias, b->scoring, b->method, b->n_group,
-                  b->topk_group, b->K, b->norm, b->scaling, &gu, &dn, b->I, &sgu, &sup, &sdn, b->Is, out, fxn, act, ys,
-                  rs, gw, idx + l * M * b->Kp, a4buf, nt); /* Kp: the largest K of the blocks */
+                  b->topk_group, b->K, b->norm, b->scaling, &mt.gu, &mt.dn, b->I, &mt.sgu, &mt.sup, &mt.sdn, b->Is,
+                  out, fxn, act, ys, rs, gw, idx + l * M * b->Kp, a4buf, nt); /* Kp: the largest K of the blocks */
         x = out;
     }
     /* the final norm (hn [M, D]) and the head over each request's last n_logits rows (logits [B, n_logits, V]) */

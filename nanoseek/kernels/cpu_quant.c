@@ -99,19 +99,17 @@ static int int4(const void *x, int64_t M, int64_t K, const uint8_t *q, const bf1
     nq_a4 a;
     void *buf;
     if (!prepare(x, bf, M, K, G, q8, &a, &buf)) return -2;
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(M > 0 ? M : 1));
-    float *o = malloc(sizeof(float) * (size_t)(M * N > 0 ? M * N : 1));
-    if (!rows || !o) {
-        free(buf), free(rows), free(o);
-        return -2;
-    }
-    for (int64_t m = 0; m < M; m++) rows[m] = m;
     const int64_t ng = K / G;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t n = 0; n < N; n++) nq_a4_dots(&a, rows, M, q + n * (K / 2), scale + n * ng, mn + n * ng, o + n * M);
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) store(y, bf, m * N + n, o[n * M + m]);
-    free(buf), free(rows), free(o);
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += NQ_ROWS) {
+            const int64_t r = M - m < NQ_ROWS ? M - m : NQ_ROWS, rows[NQ_ROWS] = {m, m + 1, m + 2, m + 3};
+            float o[NQ_ROWS];
+            nq_a4_dots(&a, rows, r, q + n * (K / 2), scale + n * ng, mn + n * ng, o);
+            for (int64_t j = 0; j < r; j++) store(y, bf, (m + j) * N + n, o[j]);
+        }
+    }
+    free(buf);
     return 0;
 }
 
