@@ -58,13 +58,23 @@ from nanoseek import precision, quant
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.kernels import hugepages
 
 
-def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
-    """Best-of copy bandwidth in GB/s, counting the read and the write."""
-    a = torch.empty(mb << 20, dtype=torch.uint8)
+def buffer(nbytes: int, huge: Optional[bool] = None) -> torch.Tensor:
+    """uint8 [nbytes] in the memory the engine keeps weights in, so that the bound is that memory's: huge pages
+    where this system offers them (`nanoseek/kernels/hugepages.py`; huge=False: 4 KB pages, as a model the engine
+    could not move)."""
+    huge = hugepages.supported() if huge is None else huge and hugepages.supported()
+    return hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+
+
+def bandwidth_gbs(mb: int = 512, repeats: int = 5, huge: Optional[bool] = None) -> float:
+    """Best-of copy bandwidth in GB/s, counting the read and the write (`buffer` memory)."""
+    a = buffer(mb << 20, huge)
     a.fill_(1)
-    b = torch.empty_like(a)
+    b = buffer(mb << 20, huge)
+    b.fill_(0)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -73,9 +83,10 @@ def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return 2 * a.numel() / best / 1e9
 
 
-def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
-    """Best-of read bandwidth in GB/s: a sum over a large fp32 tensor (what streaming weights needs)."""
-    a = torch.ones(mb << 18)
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5, huge: Optional[bool] = None) -> float:
+    """Best-of read bandwidth in GB/s: a sum over a large fp32 tensor (what streaming weights needs; `buffer`
+    memory)."""
+    a = buffer(mb << 20, huge).view(torch.float32).fill_(1)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -92,7 +103,8 @@ def matvec_bandwidth_gbs(dtype: torch.dtype, mb: int = 256, width: int = 384, re
     if cpu_decode.library(dtype) is None:
         return None
     elem = torch.empty((), dtype=dtype).element_size()
-    w = torch.ones((mb << 20) // (elem * width), width, dtype=dtype)
+    rows = (mb << 20) // (elem * width)
+    w = buffer(rows * width * elem).view(dtype).view(rows, width).fill_(1)
     x = torch.ones(1, width, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
@@ -467,7 +479,10 @@ def main() -> None:
           f"{torch.get_num_threads()}")
     print(f"CPU {isa.describe()}; decode kernel variant: "
           + ", ".join(f"{n} {cpu_decode.variant(getattr(torch, n))}" for n in args.dtypes.split(","))
-          + (f"; quantized kernel variant: {cpu_quant.variant()}" if args.quantize else "") + "\n")
+          + (f"; quantized kernel variant: {cpu_quant.variant()}" if args.quantize else ""))
+    print(f"transparent huge pages: {hugepages.mode() or 'none'}; nanoseek's engine keeps its weights "
+          + ("in huge pages (madvise), where the bandwidth bound is measured too" if hugepages.supported() else
+             "in 4 KB pages") + "\n")
     if args.peer in ("transformers", "all"):
         transformers_comparison(args, cfg, prompt)
     if args.peer in ("llamacpp", "all"):

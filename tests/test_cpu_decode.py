@@ -415,8 +415,9 @@ def test_decode_plan_equals_block_by_block(kw, dt, monkeypatch):
     assert runs["n"] == 6
     both_paths(ids, [[1, 3]] * 3)
     assert runs["n"] == 9
-    with torch.no_grad():  # in place, as training or a weight load would: the plan must rebuild the
-        m.layers[1].self_attn.kv_a_proj_with_mqa.weight.mul_(-1)  # concatenated projection it derives from it
+    with torch.no_grad():  # in place, as training or a weight load would: the plan reads the new values (a
+        m.layers[1].self_attn.kv_a_proj_with_mqa.weight.mul_(-1)  # bf16 router's fp32 copy is rebuilt)
+        m.layers[1].mlp.gate.weight.mul_(-1)
     both_paths(ids[:1], [[1]] * 4)
     assert runs["n"] == 13
     def dense_cache_steps():  # the model-level DenseCache (generate, benches): batch rows at slot b * max_len + p

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nanoseek.kernels import hugepages
 from nanoseek.model.kv_quant import KVFormat, RowStore
 
 NULL_BLOCK = 0  # never handed out: padded writes land here
@@ -37,7 +38,7 @@ class BlockPool:
     """Block storage for L layers plus the allocator (free list in LRU order, reference counts, prefix hashes)."""
 
     def __init__(self, cfg, num_layers: int, block_size: int, cache_bytes: int, dtype: torch.dtype,
-                 device, lookahead: int = 0, kv_format: Optional[KVFormat] = None):
+                 device, lookahead: int = 0, kv_format: Optional[KVFormat] = None, huge_pages: bool = False):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.num_layers, self.lookahead = block_size, num_layers, lookahead
@@ -48,9 +49,13 @@ class BlockPool:
         if self.num_blocks < 2:
             raise ValueError(f"cache budget of {cache_bytes} bytes holds fewer than 2 blocks of {block_size} tokens")
         n = self.num_blocks * block_size
-        # [L, slots, C] latent rows [c_kv ; k_pe] and [L, slots, I] indexer keys
-        self.rows = RowStore(num_layers, (n,), (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, kv_format)
-        self.index_rows = (RowStore(num_layers, (n,), (self.index_width,), dtype, device, kv_format)
+        # [L, slots, C] latent rows [c_kv ; k_pe] and [L, slots, I] indexer keys; huge_pages (CPU): in huge pages,
+        # taken as the cache fills (kernels/hugepages.py)
+        huge = huge_pages and torch.device(device).type == "cpu" and hugepages.supported()
+        zeros = hugepages.zeros if huge else None
+        self.rows = RowStore(num_layers, (n,), (cfg.kv_lora_rank, cfg.qk_rope_head_dim), dtype, device, kv_format,
+                             zeros)
+        self.index_rows = (RowStore(num_layers, (n,), (self.index_width,), dtype, device, kv_format, zeros)
                            if self.index_width else None)
         self.device = self.rows.device
         self.ref = [0] * self.num_blocks

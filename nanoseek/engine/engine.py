@@ -31,6 +31,7 @@ from nanoseek.engine.sampling import (SamplingParams, TokenHistory, TokenLogprob
 from nanoseek.engine.scheduler import EngineFull, Request, Scheduler
 from nanoseek.engine.speculative import MTPDrafter
 from nanoseek import kernels
+from nanoseek.kernels import hugepages
 from nanoseek.kernels.decode_plan import MAX_PLAN_ROWS
 from nanoseek.model.kv_quant import kv_format
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
@@ -66,7 +67,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, block_size: int = 16,
                  cache_bytes: Optional[int] = None, max_model_len: Optional[int] = None, max_waiting: int = 64,
                  speculative: Optional[str] = None, num_draft: int = 1, prefill_token_budget: int = 4096,
-                 pack_weights: Optional[bool] = None, kv_cache_dtype: str = "auto"):
+                 pack_weights: Optional[bool] = None, kv_cache_dtype: str = "auto", huge_pages: Optional[bool] = None):
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if max_batch_size < 1 or max_waiting < 0:
@@ -87,6 +88,12 @@ class Engine:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             pack_weights = self.device.type == "cpu" and weight_bytes <= ram // 4
         kernels.install(model, pack_weights=pack_weights)
+        # On CPU the weights move into transparent huge pages (`kernels/hugepages.py`; where Linux offers them and a
+        # second copy fits in free memory), and the KV cache pool is allocated in them: a decode step streams every
+        # weight and its requests' cache rows, and on 4 KB pages that stream misses the TLB every 4 KB.
+        if huge_pages is None:
+            huge_pages = self.device.type == "cpu"
+        self.huge_page_bytes = hugepages.place(model) if huge_pages else 0
         # MTP layers are cached only when they are used for drafting
         n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if speculative else 0)
         if cache_bytes is None:
@@ -95,7 +102,7 @@ class Engine:
             need = (max_batch_size * -(-want_len // block_size) + 1) * per_block
             cache_bytes = default_cache_bytes(self.device, need)
         self.pool = BlockPool(cfg, n_layers, block_size, cache_bytes, self.dtype, self.device,
-                              lookahead=1 if speculative else 0, kv_format=kv_fmt)
+                              lookahead=1 if speculative else 0, kv_format=kv_fmt, huge_pages=huge_pages)
         cap = self.pool.capacity_tokens - (num_draft + 1 if speculative else 0)
         if max_model_len is None:
             max_model_len = min(cfg.max_position_embeddings, cap)

@@ -794,10 +794,11 @@ static void rope_halves(wt *x, int64_t half, const float *cos, const float *sin)
  * With Di > 0 also the DSA indexer key (dsa.py `Indexer.key`): ik [M, Di] = rope_halves(LayerNorm(xo[:, -Di:]))
  * (LayerNorm in fp32, rounded once; the rotation of the first P dims in wt arithmetic, as PyTorch does it).
  * cos, sin [M, P/2]. cq is written only with q-LoRA.
- * Quantized (mla_project with wx->s set: ns_mat): wx holds the codes of W_qa and wkv those of W_kva (wkv->w NULL: wx
- * holds both, [W_qa | W_kva]), and the indexer key's rows, which stay float (quant.py), come from ik_wk [Di, D];
- * W_qb may be quantized too. a4buf: scratch for the prepared activations (mprep) of either, the larger of
- * mprep_bytes(wx, M, D) and mprep_bytes(wqb, M, Oq). */
+ * The projections of x as separate matrices (ns_decode_stack): wx holds W_qa (or W_q), wkv W_kva and ik_wk the
+ * indexer key's rows [Di, D] (float rows: quant.py keeps the indexer float); wkv->w NULL: wx holds all three
+ * concatenated (ns_mla_project). Quantized (wx->s set: ns_mat): wx and wkv hold codes, and W_qb may be quantized
+ * too. a4buf: scratch for the prepared activations (mprep) of either, the larger of mprep_bytes(wx, M, D) and
+ * mprep_bytes(wqb, M, Oq). */
 static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, const ns_mat *wkv, const wt *ik_wk,
                         int64_t Oq, int64_t R, int64_t P, int64_t Di, const wt *qa_norm, float eps_q,
                         const ns_mat *wqb, int64_t H, int64_t N, const wt *kv_norm, float eps_kv,
@@ -837,7 +838,7 @@ static void mla_project(const wt *x, int64_t M, int64_t D, const ns_mat *wx, con
 #pragma omp barrier
         }
         for (int64_t o = o0; o < o1; o++) {
-            if (wx->s && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
+            if (ik_wk && o >= Oc) dots(xs, M, ik_wk + (o - Oc) * D, D, r);
             else if (wkv->w && o >= Oq) mdots(xs, &a, ar, M, wkv, o - Oq, D, r);
             else mdots(xs, &a, ar, M, wx, o, D, r);
             for (int64_t m = 0; m < M; m++) xo[m * Ow + o] = f2w(r[m]);
@@ -1179,7 +1180,8 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
  * topk 0: none). A model quantized by quant.py sets the scales after Kp: a matrix whose scale is set holds int8
  * codes, not wt values, and one whose min (the _m fields) is set too int4 codes in groups of qg, its products on
- * int8 activations where q8 (ns_mat); wx_s: then wx is [W_qa | W_kva] and ik_wk the indexer key's float rows. */
+ * int8 activations where q8 (ns_mat). wx, wkv and ik_wk: W_qa (or W_q), W_kva and the indexer key's float rows
+ * (mla_project); s_gate_up and s_up: the shared expert's (or the dense MLP's) gate and up rows. */
 #define NS_BLOCK_FIELDS(F)                                                                                         \
     F(int64_t, layer)                                                                                              \
     F(const wt *, wx) F(int64_t, q_out) F(int64_t, R) F(int64_t, P) F(int64_t, Di) F(const wt *, qa_norm)          \

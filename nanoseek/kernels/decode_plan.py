@@ -1,12 +1,15 @@
-"""Whole-stack bf16 decode on the CPU kernels: one C call runs every decoder block of a decode step.
+"""Whole-stack decode on the CPU kernels: one C call runs every decoder block of a decode step.
 
 A decode step of a few bf16 rows on CPU runs three fused C calls per decoder block (`cpu_decode.py`): MLA's
 projections, absorbed attention with o_proj, and the feed-forward half. Taken block by block
 (`Block.forward` -> `MLA.decode_block`, `MoE.fused_block`), each call looks up its derived weights, checks them,
 lays out its arguments in Python and writes or reads the cache with PyTorch ops: at `small`'s size that cost as
-much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` resolves the blocks once per
-weight version of the model into an array of C structs (weight addresses, shapes, epsilons, router settings);
-a step checks one key for the model (the address and version of every weight it reads, the attention modes, and
+much as the kernels themselves (about 1.1 ms of a 2.2 ms token). A `DecodePlan` resolves the blocks once into an
+array of C structs (weight addresses, shapes, epsilons, router settings);
+the structs hold the modules' own weights (MLA's q_a, kv_a and indexer key projections, an MLP's gate and up, as
+separate matrices: no concatenated copy; only a bf16 router's fp32 weight is derived);
+a step checks one key for the model (the address of every weight it reads, the version of those a copy derives
+from, the attention modes, and
 a count of parameter, buffer and module assignments anywhere) and makes one call, `ns_decode_stack`, which
 runs the blocks' kernels in order, does the cache's writes and reads itself, through the cache's slot view
 (`slots()`), and ends with the final norm and the head. Past DSA's top-k the call also runs the lightning indexer
@@ -43,7 +46,6 @@ import torch
 
 from nanoseek.kernels import cpu_decode, cpu_quant
 from nanoseek.kernels.cpu_decode import kernel_weights
-from nanoseek.kernels.fused import derived
 from nanoseek.model.kv_quant import GROUP
 from nanoseek.model.mla import ABSORB_MAX_QUERIES
 from nanoseek.model.moe import MoE
@@ -60,8 +62,10 @@ MAX_PLAN_SCORES = 1 << 22  # rows x visible cache rows of a call past MAX_ROWS r
 
 # A plan holds the tensors it was built from. An assignment of a parameter, buffer or submodule anywhere
 # (load_state_dict(assign=True), a swapped layer or expert) puts other tensors in the model and bumps this
-# counter, so every plan is rebuilt; in-place writes and `.data` swaps keep the tensors and show in the key.
+# counter, so every plan is rebuilt; `.data` swaps (hugepages.place) keep the tensors and show in the key (their
+# addresses), and in-place writes need no rebuild but where a copy derives from the weight (its version is keyed).
 _assignments = [0]
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _assigned(*_) -> None:
@@ -122,9 +126,9 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 class DecodePlan:
     """A model's decoder blocks as C structs for `ns_decode_stack`, valid while `key` is current."""
 
-    def __init__(self, dtype: torch.dtype, sources: list[torch.Tensor], modes: list, blocks: list[dict], moes: list,
-                 keep: list, layers: list[int], final: tuple):
-        self.dtype, self.sources, self.modes = dtype, sources, modes
+    def __init__(self, dtype: torch.dtype, sources: list[torch.Tensor], derived_from: list[torch.Tensor], modes: list,
+                 blocks: list[dict], moes: list, keep: list, layers: list[int], final: tuple):
+        self.dtype, self.sources, self.derived_from, self.modes = dtype, sources, derived_from, modes
         self.final = final  # (final norm's weight address, its eps, the head's weight and scales (int8) addresses,
         # vocabulary size)
         self.assignments = _assignments[0]
@@ -134,7 +138,7 @@ class DecodePlan:
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
         self.moes = moes  # per block, its MoE module or None
-        self.keep = keep  # the derived weights whose addresses the structs hold
+        self.keep = keep  # the derived weights whose addresses the structs hold (the routers' fp32 copies)
         # scratch widths, the largest over the blocks
         self.C, self.P, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["P"], blocks[0]["Di"]
         self.Ow = max(b["q_out"] + b["R"] + b["P"] + b["Di"] for b in blocks)
@@ -151,37 +155,32 @@ class DecodePlan:
         self.Hi = max(b.get("Hi", 0) for b in blocks)
 
     def current_key(self) -> tuple:
-        """What the plan's addresses and branches depend on: every weight's address and version, and the
-        attention modes (set_dsa_stage changes them without touching a weight)."""
-        src = self.sources  # (checked every step: flat lists are the cheapest to build and compare)
-        return ([t._version for t in src], [t.data_ptr() for t in src],
+        """What the plan's addresses and branches depend on: every weight's address, the version of those it reads
+        through a derived copy (the routers' fp32 weights: a bf16 router's is a cast; the kernels read every other
+        weight where it is, so an in-place write needs no rebuild), and the attention modes (set_dsa_stage changes
+        them without touching a weight). Checked every step: flat lists are the cheapest to build and compare."""
+        return (list(map(_data_ptr, self.sources)), [t._version for t in self.derived_from],
                 [(m.dsa_mode, m.indexer_loss_on) for m in self.modes])
 
     @staticmethod
     def build(model, dtype: torch.dtype) -> Optional["DecodePlan"]:
         sources: list[torch.Tensor] = []
-        blocks, moes, keep, modes, kps = [], [], [], [], []
+        blocks, moes, keep, modes, kps, derived_from = [], [], [], [], [], []
         groups: set[int] = set()  # the int4 matrices' group sizes (one per model: ns_block's qg)
         for layer in model.layers:
             attn, ffn, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
             if attn.indexer_loss_on:
                 return None
-            # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass
-            if isinstance(attn.o_proj, QuantLinear):  # projections quantized (quant.py): codes, scales (, mins)
-                got = _quantized_attention(attn, norm, groups)
-                if got is None:
-                    return None
-                w, src = got
-            else:
-                src = attn._decode_sources(norm)
-                w = derived(attn, "_decode_weights", src, attn._decode_build)
-            if w is None or not kernel_weights(w["check"], dtype):
+            # attention: the arguments MLA._project_fused and cpu_decode.mla_absorbed pass, the projections as the
+            # module holds them (float weights, or quant.py's codes, scales and mins)
+            got = _attention(attn, norm, groups)
+            if got is None:
+                return None
+            w, src = got
+            if not kernel_weights(w["check"], dtype):
                 return None
             idx, H, R, P, V = attn.indexer, attn.n_heads, attn.R, attn.P, attn.V
-            if w.get("ik_wk") is not None or "wkv" in w:  # quantized: the indexer key's float rows (or none)
-                Di = w["ik_wk"].shape[0] if w.get("ik_wk") is not None else 0
-            else:  # wx = [W_qa | W_kva | W_ik]
-                Di = w["wx"].shape[0] - w["q_out"] - R - P
+            Di = w["ik_wk"].shape[0] if w["ik_wk"] is not None else 0
             kv_b = w["kv_b"]
             b = dict(layer=attn.layer_id, wx=_ptr(w["wx"]), q_out=w["q_out"], R=R, P=P, Di=Di,
                      qa_norm=_ptr(w["qa_norm"]), qa_eps=w["qa_eps"], wqb=_ptr(w["wqb"]), H=H, N=attn.N,
@@ -190,7 +189,7 @@ class DecodePlan:
                      Dm=w["o"].shape[0], post_w=_ptr(post.weight), post_eps=post.eps, wx_s=_ptr(w.get("wx_s")),
                      ik_wk=_ptr(w.get("ik_wk")), wqb_s=_ptr(w.get("wqb_s")), w_o_s=_ptr(w.get("o_s")),
                      wx_m=_ptr(w.get("wx_m")), wqb_m=_ptr(w.get("wqb_m")), w_o_m=_ptr(w.get("o_m")),
-                     wkv=_ptr(w.get("wkv")), wkv_s=_ptr(w.get("wkv_s")), wkv_m=_ptr(w.get("wkv_m")))
+                     wkv=_ptr(w["wkv"]), wkv_s=_ptr(w.get("wkv_s")), wkv_m=_ptr(w.get("wkv_m")))
             if Di:
                 b.update(ik_w=_ptr(idx.k_norm.weight), ik_b=_ptr(idx.k_norm.bias), ik_eps=idx.k_norm.eps)
             if idx is not None and attn.dsa_mode == "sparse":  # the kernel selects past top-k (from c_q)
@@ -201,9 +200,8 @@ class DecodePlan:
                 src = src + [idx.wq_b.weight, idx.weights_proj.weight]
             sources += src
             modes.append(attn)
-            keep.append(w)
             # feed-forward: the arguments MoE.fused_block / MLP.fused_block pass
-            I, Is, K = 0, 0, 0
+            I, K = 0, 0
             if isinstance(ffn, MoE):
                 g, ex = ffn.gate, ffn.experts
                 if isinstance(ex, QuantExperts):  # codes with their scales (, mins)
@@ -226,33 +224,29 @@ class DecodePlan:
                          norm=int(g.norm_topk), scaling=g.scaling, gate_up=_ptr(gate_up), down=_ptr(down), I=I)
                 sources += [g.weight, gate_up, down] + ([bias] if bias is not None else [])
                 keep.append(w32)
+                derived_from.append(g.weight)
                 moes.append(ffn)
                 s = ffn.shared_experts
             else:
                 b.update(n_group=1, topk_group=1, scaling=1.0)
                 moes.append(None)
                 s = ffn  # the dense MLP runs as the "shared" expert
-            if s is not None and isinstance(s.down_proj, QuantLinear):
+            if s is not None:  # its gate and up matrices as they are (no stacked copy)
                 lins = (s.gate_proj, s.up_proj, s.down_proj)
-                if not all(_quantized(lin, groups) for lin in lins) or not _same_format(*lins[:2]):
+                if isinstance(s.down_proj, QuantLinear):
+                    if not all(_quantized(lin, groups) for lin in lins) or not _same_format(*lins[:2]):
+                        return None
+                    routed = b.get("gate_up_s")  # the kernel prepares xn once for both gate_ups: one format
+                    if routed is not None and (b.get("gate_up_m") is None) != (s.gate_proj.format == "int8"):
+                        return None
+                elif (any(isinstance(lin, QuantLinear) for lin in lins)
+                      or not kernel_weights([lin.weight for lin in lins], dtype)):
                     return None
-                routed = b.get("gate_up_s")  # the kernel prepares xn once for both gate_ups: one format
-                if routed is not None and (b.get("gate_up_m") is None) != (s.gate_proj.format == "int8"):
-                    return None
-                (gate, gs, gm), (up, us, um), (dn, ds, dm) = [lin._weights("weight") for lin in lins]
-                Is = s.down_proj.in_features  # the gate and up matrices as they are: no concatenated copy
+                (gate, gs, gm), (up, us, um), (dn, ds, dm) = map(_mat, lins)
                 b.update(s_gate_up=_ptr(gate), s_gate_up_s=_ptr(gs), s_gate_up_m=_ptr(gm), s_up=_ptr(up),
                          s_up_s=_ptr(us), s_up_m=_ptr(um), s_down=_ptr(dn), s_down_s=_ptr(ds), s_down_m=_ptr(dm),
-                         Is=Is)
+                         Is=s.down_proj.in_features)
                 sources += [t for lin in lins for t in _parts(lin)]
-            elif s is not None:
-                s_gate_up = s.fused_gate_up() if hasattr(s, "fused_gate_up") else None
-                if s_gate_up is None or not kernel_weights([s_gate_up, s.down_proj.weight], dtype):
-                    return None
-                Is = s.down_proj.weight.shape[-1]
-                b.update(s_gate_up=_ptr(s_gate_up), s_down=_ptr(s.down_proj.weight), Is=Is)
-                sources += [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight]
-                keep.append(s_gate_up)
             if not kernel_weights([post.weight], dtype):
                 return None
             sources.append(post.weight)
@@ -282,7 +276,7 @@ class DecodePlan:
         if not kernel_weights([norm.weight], dtype):
             return None
         sources += [norm.weight, head]
-        return DecodePlan(dtype, sources, modes, blocks, moes, keep, [id(b) for b in model.layers],
+        return DecodePlan(dtype, sources, derived_from, modes, blocks, moes, keep, [id(b) for b in model.layers],
                           (norm.weight.data_ptr(), norm.eps, head.data_ptr(), _ptr(head_s), head.shape[0]))
 
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
@@ -352,9 +346,9 @@ def _quantized(lin, groups: set) -> bool:
     return isinstance(lin, QuantLinear) and _readable(*lin._weights("weight"), lin.in_features, groups)
 
 
-def _parts(lin: QuantLinear) -> list[torch.Tensor]:
-    """codes, scale (, min)"""
-    return [t for t in lin._weights("weight") if t is not None]
+def _parts(lin) -> list[torch.Tensor]:
+    """the tensors of `_mat(lin)`: weight, or codes, scale (, min)"""
+    return [t for t in _mat(lin) if t is not None]
 
 
 def _same_format(a: QuantLinear, b: QuantLinear) -> bool:
@@ -362,29 +356,38 @@ def _same_format(a: QuantLinear, b: QuantLinear) -> bool:
     return a.format == b.format and (a.format == "int8" or a.weight_scale.shape[-1] == b.weight_scale.shape[-1])
 
 
-def _quantized_attention(attn, norm, groups: set) -> Optional[tuple[dict, list]]:
-    """An MLA with quantized projections as FastMLA._decode_build's dict, plus the scales and int4's mins (wx_s,
-    wx_m, wqb_s, ...): wx the codes of q_a (or q) and wkv those of kv_a, as the modules hold them (no concatenated
-    copy: the kernel takes the two), ik_wk the indexer key's float weight (the indexer stays float); and the tensors
-    it reads. None where its projections are not all readable quantized ones or its shapes exceed the kernels'."""
+def _mat(lin) -> tuple:
+    """A projection's matrix as the kernels read it: (weight, None, None) for a float Linear, (codes, scale, min or
+    None) for a QuantLinear"""
+    return lin._weights("weight") if isinstance(lin, QuantLinear) else (lin.weight, None, None)
+
+
+def _attention(attn, norm, groups: set) -> Optional[tuple[dict, list]]:
+    """An MLA's decode arguments as FastMLA._decode_build's dict, with the projections of x as the module holds them:
+    wx the weight (or int8 / int4 codes) of q_a (or q), wkv that of kv_a, ik_wk the indexer key's float weight (no
+    concatenated copy: the kernel takes the three), and, where quantized, the scales and int4's mins (wx_s, wx_m,
+    wqb_s, ...); and the tensors it reads. None where its projections are neither all float nor all quantized ones
+    the kernels read as they are, or its shapes exceed the kernels'."""
     lora, idx = hasattr(attn, "q_a_proj"), attn.indexer
     first, kv_a = (attn.q_a_proj if lora else attn.q_proj), attn.kv_a_proj_with_mqa
     lins = [first, kv_a, attn.o_proj] + ([attn.q_b_proj] if lora else [])
-    if (not all(_quantized(lin, groups) for lin in lins) or not _same_format(first, kv_a) or attn.P > 512
-            or attn.R > cpu_decode.MAX_LATENT or (idx is not None and (idx.head_dim > 1024 or idx.rope_dim != attn.P))):
+    if isinstance(attn.o_proj, QuantLinear):
+        if not all(_quantized(lin, groups) for lin in lins) or not _same_format(first, kv_a):
+            return None
+    elif any(isinstance(lin, QuantLinear) for lin in lins):
         return None
-    xsrc = _parts(first) + _parts(kv_a)
-    (wq, qs, qm), (wkv, kvs, kvm) = first._weights("weight"), kv_a._weights("weight")
+    if attn.P > 512 or attn.R > cpu_decode.MAX_LATENT or (idx is not None and (idx.head_dim > 1024 or
+                                                                                  idx.rope_dim != attn.P)):
+        return None
+    (wq, qs, qm), (wkv, kvs, kvm), o = _mat(first), _mat(kv_a), _mat(attn.o_proj)
+    wqb = _mat(attn.q_b_proj) if lora else (None, None, None)
     floats = [attn.kv_a_layernorm.weight, attn.kv_b_proj.weight] + ([norm.weight] if norm is not None else [])
     floats += [attn.q_a_layernorm.weight] if lora else []
     floats += [idx.wk.weight, idx.k_norm.weight, idx.k_norm.bias] if idx is not None else []
-    wqb = _parts(attn.q_b_proj) + [None] * 3 if lora else [None] * 3
-    o = _parts(attn.o_proj) + [None]
     w = {"wx": wq, "wx_s": qs, "wx_m": qm, "wkv": wkv, "wkv_s": kvs, "wkv_m": kvm,
-         "ik_wk": idx.wk.weight if idx is not None else None, "q_out": first.weight.shape[0],
+         "ik_wk": idx.wk.weight if idx is not None else None, "q_out": wq.shape[0],
          "qa_norm": attn.q_a_layernorm.weight if lora else None, "qa_eps": attn.q_a_layernorm.eps if lora else 0.0,
          "wqb": wqb[0], "wqb_s": wqb[1], "wqb_m": wqb[2], "kv_norm": attn.kv_a_layernorm.weight,
          "kv_eps": attn.kv_a_layernorm.eps, "kv_b": attn.kv_b_proj.weight, "o": o[0], "o_s": o[1], "o_m": o[2],
-         "check": floats}
-    quantized = [t for lin in lins[2:] for t in _parts(lin)]
-    return w, xsrc + floats + quantized
+         "check": floats + [lin.weight for lin in lins if not isinstance(lin, QuantLinear)]}
+    return w, [t for lin in lins for t in _parts(lin)] + floats

@@ -48,6 +48,12 @@ def derived(owner: nn.Module, name: str, sources: Sequence[torch.Tensor], build:
     return hit[1]
 
 
+def forget(model: nn.Module) -> None:
+    """Drop the cached entries of `model`'s modules (rebuilt on their next use)."""
+    for m in model.modules():
+        _CACHE.pop(m, None)
+
+
 def packing_supported() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -29,7 +29,7 @@ results equal the reference's up to the order of fp32 sums (tests/test_kv_quant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -101,21 +101,23 @@ class RowStore:
     either in place (`planes`).
 
     Indices: a LongTensor of slots into the flattened lead dimensions (index_select / index_copy_), or a basic
-    index (slices) of the lead dimensions.
+    index (slices) of the lead dimensions. zeros(shape, dtype): where the planes are allocated, zero-filled (the
+    engine's CPU pool passes memory in huge pages, `nanoseek/kernels/hugepages.py`); torch.zeros by default.
     """
 
     def __init__(self, num_layers: int, lead: tuple[int, ...], parts: tuple[int, ...], dtype: torch.dtype, device,
-                 fmt: Optional[KVFormat]):
+                 fmt: Optional[KVFormat], zeros: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None):
         self.fmt, self.dtype, self.parts, self.width = fmt, dtype, parts, sum(parts)
         self.device = torch.device(device)
+        zeros = zeros or (lambda shape, dt: torch.zeros(shape, dtype=dt, device=device))
         shape = (num_layers, *lead)
         self.plain: Optional[torch.Tensor] = None
         if fmt is None:
-            self.plain = torch.zeros(*shape, self.width, dtype=dtype, device=device)
+            self.plain = zeros((*shape, self.width), dtype)
             return
         self.groups = [fmt.groups(w) for w in parts]
-        self.q = torch.zeros(*shape, self.width, dtype=fmt.container, device=device)
-        self.scale = torch.ones(*shape, sum(self.groups), dtype=torch.float32, device=device)
+        self.q = zeros((*shape, self.width), fmt.container)
+        self.scale = zeros((*shape, sum(self.groups)), torch.float32).fill_(1.0)
 
     @staticmethod
     def bytes_per_row(parts: tuple[int, ...], dtype: torch.dtype, fmt: Optional[KVFormat]) -> int:

@@ -1,0 +1,167 @@
+"""A model's weights in transparent huge pages (2 MB) for CPU decode.
+
+A decode step reads every activated weight once, so on CPU it runs at the rate the memory streams them. On 4 KB pages
+that stream misses the TLB every 4 KB, and each miss walks the page tables (twice over under a hypervisor's nested
+paging); on 2 MB pages it hardly misses. Linux gives anonymous memory 2 MB pages everywhere when
+/sys/kernel/mm/transparent_hugepage/enabled is `always`, and only where a program asks for them (madvise
+MADV_HUGEPAGE) when it is `madvise`, the default of Ubuntu among others; PyTorch's allocator does not ask.
+
+`place(model)` moves a CPU model's parameters and buffers into one anonymous mapping that asks for them: the same
+Parameter objects, values and state dict, each tensor's `.data` now a view of the mapping (tensors that shared a
+storage, tied weights, still share one). The engine calls it (`Engine(huge_pages=)`, on by default on CPU) and
+allocates its KV cache pool with `zeros` (huge pages, and memory taken only as the cache fills); on other systems,
+and with NANOSEEK_HUGEPAGES=0, both do nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import os
+import sys
+import weakref
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from nanoseek.kernels import fused
+
+HUGE = 2 << 20  # the x86-64 and ARM64 (4 KB granule) huge page
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+_mappings: list[tuple[int, int, weakref.ref]] = []  # (first, end address, its mmap) of each empty()
+
+
+def mode() -> str:
+    """The kernel's transparent huge page mode (`always`, `madvise`, `never`), or '' where there is none."""
+    try:
+        text = THP_MODE.read_text()
+    except OSError:
+        return ""
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else ""
+
+
+def supported() -> bool:
+    """Whether a mapping here can ask for huge pages (Linux with THP on), and NANOSEEK_HUGEPAGES is not 0."""
+    return (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and mode() in ("always", "madvise")
+            and os.environ.get("NANOSEEK_HUGEPAGES", "1") != "0")
+
+
+def empty(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] over a fresh anonymous mapping that asks for huge pages, starting on a 2 MB boundary (check
+    `supported()` first). Zero-filled; pages are taken as they are first written. The mapping lives as long as a
+    view of it does."""
+    m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages come huge from the start
+    whole = torch.frombuffer(m, dtype=torch.uint8)  # its storage holds the mmap object
+    _mappings[:] = [e for e in _mappings if e[2]() is not None] + [(whole.data_ptr(), whole.data_ptr() + len(m),
+                                                                    weakref.ref(m))]
+    start = -whole.data_ptr() % HUGE
+    return whole[start:start + nbytes]
+
+
+def zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in a mapping of its own that asks for huge pages (`empty`): its memory is taken as it is first
+    written, not at allocation (the engine's KV cache pool: `RowStore(zeros=)`)."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return empty(n).view(dtype).view(shape)
+
+
+def inside(t: torch.Tensor) -> bool:
+    """Whether t's storage lies in a live mapping of `empty`."""
+    p = t.untyped_storage().data_ptr()
+    return any(lo <= p < hi and m() is not None for lo, hi, m in _mappings)
+
+
+def _movable(t: torch.Tensor) -> bool:
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout is torch.strided
+            and not t.is_inference() and t.untyped_storage().nbytes() > 0 and not inside(t))
+
+
+def place_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """Move these CPU tensors into one mapping of `empty` (each storage copied once, every tensor of it re-pointed
+    at its copy with its offset, shape and strides); returns the bytes moved. Tensors already in such a mapping,
+    on another device, or of a subclass stay where they are."""
+    storages: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen or not _movable(t):
+            continue
+        seen.add(id(t))
+        st = t.untyped_storage()
+        storages.setdefault(st.data_ptr(), (st, []))[1].append(t)
+    total = sum(-(-st.nbytes() // 64) * 64 for st, _ in storages.values())
+    if not total:
+        return 0
+    arena = empty(total)
+    whole, base, rel = arena.untyped_storage(), arena.storage_offset(), 0  # base: a multiple of 4 KB
+    for st, ts in storages.values():
+        n = st.nbytes()
+        arena[rel:rel + n].copy_(torch.empty(0, dtype=torch.uint8).set_(st))
+        for t in ts:
+            at = (base + rel) // t.element_size() + t.storage_offset()
+            t.data = torch.empty(0, dtype=t.dtype).set_(whole, at, t.shape, t.stride())
+        rel += -(-n // 64) * 64
+    return total
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def place(model: nn.Module) -> int:
+    """Move `model`'s CPU parameters and buffers into huge pages (`place_tensors`); returns the bytes moved. Nothing
+    moves where not `supported()`, or where the free memory would not hold a second copy of them (the old tensors
+    go only once copied: a model that fills the machine keeps its 4 KB pages). The weight caches derived from the
+    old tensors (`fused.py`) are dropped; they are rebuilt on their next use."""
+    if not supported():
+        return 0
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if _movable(t)]
+    nbytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    if not nbytes or 2 * nbytes > available_bytes():
+        return 0
+    fused.forget(model)
+    moved = place_tensors(tensors)
+    _trim()
+    return moved
+
+
+def _trim() -> None:
+    """Return the heap memory the old tensors leave free to the system (glibc malloc_trim; smaller tensors come from
+    malloc's heap, which keeps what is freed)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def mapping_stats(t: torch.Tensor) -> dict:
+    """The kernel's account of the mapping holding t (/proc/self/smaps; {} where unknown): its sizes in bytes ("Rss":
+    resident, "AnonHugePages": of that, in huge pages, ...) and its "VmFlags" ('hg': it asks for huge pages)."""
+    p = t.untyped_storage().data_ptr()
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return {}
+    stats, inside_vma = {}, False
+    for line in lines:
+        head, *rest = line.split()
+        if "-" in head and not head.endswith(":"):  # a mapping's first line: its address range
+            if stats:
+                break
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside_vma = lo <= p < hi
+        elif inside_vma and head == "VmFlags:":
+            stats["VmFlags"] = rest
+        elif inside_vma and rest[-1:] == ["kB"]:
+            stats[head[:-1]] = int(rest[0]) * 1024
+    return stats

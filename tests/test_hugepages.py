@@ -1,0 +1,107 @@
+"""kernels/hugepages.py: a model's weights moved into a mapping that asks for transparent huge pages keep their
+values, Parameter objects, state dict and sharing; the engine decodes the same tokens either way; the mapping goes
+with the model; nothing moves where it is off, unsupported or would not fit twice in free memory."""
+import gc
+
+import pytest
+import torch
+
+from nanoseek import Transformer, get_preset
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.kernels import hugepages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_thp = pytest.mark.skipif(not hugepages.supported(), reason="no transparent huge pages here (not Linux, "
+                               "THP mode never, or NANOSEEK_HUGEPAGES=0)")
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return Transformer(get_preset("tiny", **kw)).eval()
+
+
+@needs_thp
+def test_place_keeps_values_objects_and_sharing():
+    m = model(tie_word_embeddings=True)
+    params = dict(m.named_parameters())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    view = m.layers[0].self_attn.kv_b_proj.weight[3:]  # a view another holder keeps: it stays where it was
+    moved = hugepages.place(m)
+    assert moved >= sum(p.numel() * p.element_size() for p in m.parameters())
+    assert dict(m.named_parameters()) == params  # the same Parameter objects
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert m.lm_head.weight is m.embed_tokens.weight  # tied: one Parameter, now in the mapping
+    assert all(hugepages.inside(t) for t in [*m.parameters(), *m.buffers()])
+    assert not hugepages.inside(view) and torch.equal(view, m.layers[0].self_attn.kv_b_proj.weight[3:])
+    stats = hugepages.mapping_stats(m.embed_tokens.weight)
+    assert "hg" in stats["VmFlags"]  # the mapping asks for huge pages
+    assert hugepages.place(m) == 0  # already there
+
+
+@needs_thp
+def test_shared_storage_stays_shared():
+    base = torch.arange(24, dtype=torch.float32)
+    a, b = base[:12].view(3, 4), base[6:].view(2, 9)[:, ::3]  # overlapping views of one storage, one strided
+    hugepages.place_tensors([a, b, base])
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert hugepages.inside(base) and b.stride() == (9, 3)
+    base[7] = -1.0  # a write through one is seen through the others
+    assert a[1, 3] == -1.0 and b[0, 0] == 6.0 and torch.equal(b[1], torch.tensor([15.0, 18.0, 21.0]))
+
+
+@needs_thp
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_pool_memory_is_taken_as_the_cache_fills(kv):
+    """The engine's pool in huge pages: zero until written, and its pages taken only as rows are written (a
+    pool allocated by torch.zeros takes them all at once). An 8-bit pool's scales are set to 1 at once: its test
+    is that of its values alone (the kernel may merge neighbouring mappings into one)."""
+    eng = Engine(model(), None, kv_cache_dtype=kv, cache_bytes=64 << 20)
+    store = eng.pool.rows
+    plane = store.plain if kv == "auto" else store.q
+    assert hugepages.inside(plane) and hugepages.inside(eng.pool.index_rows.q if kv != "auto" else plane)
+    assert not plane.any()
+    if kv != "auto":
+        assert torch.equal(store.scale, torch.ones_like(store.scale))
+        return
+    before = hugepages.mapping_stats(plane)["Rss"]
+    eng.generate([list(range(5, 40))], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert before < (4 << 20) < plane.numel() * plane.element_size()  # (64 MB of pool, 2 MB pages)
+    assert hugepages.mapping_stats(plane)["Rss"] > before
+
+
+@needs_thp
+def test_mapping_goes_with_the_model():
+    m = model()
+    hugepages.place(m)
+    live = [r for lo, hi, r in hugepages._mappings if lo <= m.embed_tokens.weight.data_ptr() < hi]
+    assert len(live) == 1 and live[0]() is not None
+    del m
+    gc.collect()
+    assert live[0]() is None  # the mmap closed: its memory is back
+
+
+def test_nothing_moves_when_off_or_too_big(monkeypatch):
+    m = model()
+    monkeypatch.setenv("NANOSEEK_HUGEPAGES", "0")
+    assert not hugepages.supported() and hugepages.place(m) == 0
+    monkeypatch.delenv("NANOSEEK_HUGEPAGES")
+    nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    monkeypatch.setattr(hugepages, "available_bytes", lambda: nbytes)  # a second copy would not fit
+    assert hugepages.place(m) == 0
+    assert not any(hugepages.inside(p) for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_tokens_equal_with_and_without(dtype):
+    """Weights and KV cache pool in huge pages (the engine's default on CPU) or not: the same greedy tokens."""
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 60))]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out = {}
+    for huge in (False, True):
+        eng = Engine(model().to(dtype), None, huge_pages=huge)
+        moved = huge and hugepages.supported()
+        assert (eng.huge_page_bytes > 0) == moved
+        assert hugepages.inside(eng.pool.rows.plain) == hugepages.inside(eng.pool.index_rows.plain) == moved
+        out[huge] = [o.new_token_ids for o in eng.generate(prompts, sp)]
+    assert out[True] == out[False]
