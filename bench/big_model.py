@@ -212,8 +212,8 @@ def main() -> int:
     print(f"{a.threads} threads; bound = activated bytes per token / bandwidth (copy and read, the higher of the "
           f"measurements before and after the timing)")
     print("| format | weights GB | peak RSS at load GB (target) | after decode GB | load s | activated MB/token | "
-          "decode tok/s | of bound (copy) | of bound (read) |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+          "weights in huge pages | decode tok/s | of bound (copy) | of bound (read) |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for fmt in a.formats.split(","):
         r = subprocess.run([sys.executable, __file__, "--one", fmt, "--dir", str(a.dir), "--tokens", str(a.tokens),
                             "--prompt", str(a.prompt), "--threads", str(a.threads)], capture_output=True, text=True,
@@ -226,7 +226,7 @@ def main() -> int:
         ok = "ok" if r["peak_rss_load"] <= TARGET_RSS[fmt] else "OVER"
         print(f"| {fmt} | {r['model_bytes'] / 1e9:.2f} | {r['peak_rss_load'] / 1e9:.2f} "
               f"(<= {TARGET_RSS[fmt] / 1e9:.0f}: {ok}) | {r['peak_rss_decode'] / 1e9:.2f} | {r['load_s']:.0f} | "
-              f"{act / 1e6:.0f} | {r['tok_s']:.2f} | {act / (r['bw_copy'] * 1e9) * r['tok_s']:.0%} "
+              f"{act / 1e6:.0f} | {'yes' if r['huge_pages'] else 'no'} | {r['tok_s']:.2f} | {act / (r['bw_copy'] * 1e9) * r['tok_s']:.0%} "
               f"({r['bw_copy']:.1f} GB/s) | {act / (r['bw_read'] * 1e9) * r['tok_s']:.0%} ({r['bw_read']:.1f} GB/s) |",
               flush=True)
     return 0

@@ -2,6 +2,8 @@
 values, Parameter objects, state dict and sharing; the engine decodes the same tokens either way; the mapping goes
 with the model; nothing moves where it is off, unsupported or would not fit twice in free memory."""
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,6 +81,29 @@ def test_mapping_goes_with_the_model():
     del m
     gc.collect()
     assert live[0]() is None  # the mmap closed: its memory is back
+
+
+MOVE_PEAK = """
+import torch
+from nanoseek.kernels import hugepages
+def kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+ts = [torch.ones(1 << 18) for _ in range(300)] + [torch.ones(8 << 20) for _ in range(4)]  # 300 x 1 MB, 4 x 32 MB
+before = kb("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) from here
+moved = hugepages.place_tensors(ts)
+print(moved >> 20, (kb("VmHWM:") - before) >> 10, all(hugepages.inside(t) and t.eq(1).all() for t in ts))
+"""
+
+
+@needs_thp
+def test_a_move_needs_memory_for_one_storage_not_a_second_copy():
+    """place_tensors frees each old storage once copied (and trims the heap): the process's peak grows by about the
+    largest storage (32 MB), not by the 428 MB moved."""
+    out = subprocess.run([sys.executable, "-c", MOVE_PEAK], capture_output=True, text=True, check=True)
+    moved_mb, peak_mb, ok = out.stdout.split()
+    assert int(moved_mb) == 428 and ok == "True"
+    assert int(peak_mb) < 100, out.stdout
 
 
 def test_nothing_moves_when_off_or_too_big(monkeypatch):

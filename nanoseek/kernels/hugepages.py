@@ -30,6 +30,7 @@ from nanoseek.kernels import fused
 
 HUGE = 2 << 20  # the x86-64 and ARM64 (4 KB granule) huge page
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+TRIM_EVERY = 256 << 20  # bytes a move copies between two returns of the heap's free memory (`_trim`)
 
 _mappings: list[tuple[int, int, weakref.ref]] = []  # (first, end address, its mmap) of each empty()
 
@@ -96,14 +97,21 @@ def place_tensors(tensors: Iterable[torch.Tensor]) -> int:
     if not total:
         return 0
     arena = empty(total)
-    whole, base, rel = arena.untyped_storage(), arena.storage_offset(), 0  # base: a multiple of 4 KB
-    for st, ts in storages.values():
+    whole, base, rel, freed = arena.untyped_storage(), arena.storage_offset(), 0, 0  # base: a multiple of 4 KB
+    while storages:  # one storage at a time, the old one freed once its tensors point at the copy
+        _, (st, ts) = storages.popitem()
         n = st.nbytes()
         arena[rel:rel + n].copy_(torch.empty(0, dtype=torch.uint8).set_(st))
         for t in ts:
             at = (base + rel) // t.element_size() + t.storage_offset()
             t.data = torch.empty(0, dtype=t.dtype).set_(whole, at, t.shape, t.stride())
+        del st, ts
         rel += -(-n // 64) * 64
+        freed += n
+        if freed >= TRIM_EVERY:
+            _trim()
+            freed = 0
+    _trim()
     return total
 
 
@@ -119,29 +127,41 @@ def available_bytes() -> int:
 
 
 def place(model: nn.Module) -> int:
-    """Move `model`'s CPU parameters and buffers into huge pages (`place_tensors`); returns the bytes moved. Nothing
-    moves where not `supported()`, or where the free memory would not hold a second copy of them (the old tensors
-    go only once copied: a model that fills the machine keeps its 4 KB pages). The weight caches derived from the
-    old tensors (`fused.py`) are dropped; they are rebuilt on their next use."""
+    """Move `model`'s CPU parameters and buffers into huge pages (`place_tensors`); returns the bytes moved. The
+    move copies one storage at a time and frees it (then gives the heap's free memory back every TRIM_EVERY
+    bytes), so it needs free memory for the largest storage and a little more, not for a second model; nothing
+    moves where not `supported()` or where that is not free. The weight caches derived from the old tensors
+    (`fused.py`) are dropped; they are rebuilt on their next use."""
     if not supported():
         return 0
     tensors = [t for t in (*model.parameters(), *model.buffers()) if _movable(t)]
-    nbytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-    if not nbytes or 2 * nbytes > available_bytes():
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    if not sizes:
+        return 0
+    # the move holds, beyond the model, its largest storage and what the heap frees between two trims (all of the
+    # model again where malloc cannot give freed memory back)
+    extra = max(sizes.values()) + 2 * TRIM_EVERY if _malloc_trim is not None else sum(sizes.values())
+    if extra + (64 << 20) > available_bytes():
         return 0
     fused.forget(model)
-    moved = place_tensors(tensors)
-    _trim()
-    return moved
+    return place_tensors(tensors)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()  # glibc's; None elsewhere
 
 
 def _trim() -> None:
-    """Return the heap memory the old tensors leave free to the system (glibc malloc_trim; smaller tensors come from
-    malloc's heap, which keeps what is freed)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Return the heap's free memory to the system (glibc malloc_trim: tensors below malloc's mmap threshold live in
+    its heap, which keeps what is freed)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def mapping_stats(t: torch.Tensor) -> dict:
