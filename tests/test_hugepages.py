@@ -52,24 +52,28 @@ def test_shared_storage_stays_shared():
     assert a[1, 3] == -1.0 and b[0, 0] == 6.0 and torch.equal(b[1], torch.tensor([15.0, 18.0, 21.0]))
 
 
+def rss_bytes() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) * 1024
+
+
 @needs_thp
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_pool_memory_is_taken_as_the_cache_fills(kv):
-    """The engine's pool in huge pages: zero until written, and its pages taken only as rows are written (a
-    pool allocated by torch.zeros takes them all at once). An 8-bit pool's scales are set to 1 at once: its test
-    is that of its values alone (the kernel may merge neighbouring mappings into one)."""
-    eng = Engine(model(), None, kv_cache_dtype=kv, cache_bytes=64 << 20)
-    store = eng.pool.rows
-    plane = store.plain if kv == "auto" else store.q
-    assert hugepages.inside(plane) and hugepages.inside(eng.pool.index_rows.q if kv != "auto" else plane)
-    assert not plane.any()
-    if kv != "auto":
-        assert torch.equal(store.scale, torch.ones_like(store.scale))
-        return
-    before = hugepages.mapping_stats(plane)["Rss"]
-    eng.generate([list(range(5, 40))], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    assert before < (4 << 20) < plane.numel() * plane.element_size()  # (64 MB of pool, 2 MB pages)
-    assert hugepages.mapping_stats(plane)["Rss"] > before
+    """The engine's pool in huge pages: zero, and no memory taken until rows are written, where a pool allocated by
+    torch.zeros takes all of it at once (an 8-bit pool's scales, set to 1, are taken at once)."""
+    m = model()
+    grown, eager = {}, 0
+    for huge in (False, True):
+        gc.collect()
+        before = rss_bytes()
+        eng = Engine(m, None, kv_cache_dtype=kv, cache_bytes=256 << 20, huge_pages=huge)
+        grown[huge] = rss_bytes() - before
+        stores = (eng.pool.rows, eng.pool.index_rows)
+        planes = [t for st in stores for t in st.planes() if t is not None]
+        eager = sum(st.scale.numel() * 4 for st in stores) if kv != "auto" else 0
+        assert all(hugepages.inside(t) == huge for t in planes) and not planes[0].any()
+        del eng, stores, planes
+    assert grown[False] > (200 << 20) and grown[True] < eager + (16 << 20), grown
 
 
 @needs_thp

@@ -1,4 +1,4 @@
-"""A model's weights in transparent huge pages (2 MB) for CPU decode.
+"""A model's weights in transparent huge pages (2 MB on x86-64) for CPU decode.
 
 A decode step reads every activated weight once, so on CPU it runs at the rate the memory streams them. On 4 KB pages
 that stream misses the TLB every 4 KB, and each miss walks the page tables (twice over under a hypervisor's nested
@@ -28,8 +28,17 @@ from torch import nn
 
 from nanoseek.kernels import fused
 
-HUGE = 2 << 20  # the x86-64 and ARM64 (4 KB granule) huge page
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP = Path("/sys/kernel/mm/transparent_hugepage")
+
+
+def _huge_page_bytes() -> int:
+    try:
+        return int((THP / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE = _huge_page_bytes()  # 2 MB on x86-64 and on ARM64 with 4 KB pages (512 MB with 64 KB pages)
 TRIM_EVERY = 256 << 20  # bytes a move copies between two returns of the heap's free memory (`_trim`)
 
 _mappings: list[tuple[int, int, weakref.ref]] = []  # (first, end address, its mmap) of each empty()
@@ -38,7 +47,7 @@ _mappings: list[tuple[int, int, weakref.ref]] = []  # (first, end address, its m
 def mode() -> str:
     """The kernel's transparent huge page mode (`always`, `madvise`, `never`), or '' where there is none."""
     try:
-        text = THP_MODE.read_text()
+        text = (THP / "enabled").read_text()
     except OSError:
         return ""
     return text[text.index("[") + 1:text.index("]")] if "[" in text else ""
