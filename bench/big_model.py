@@ -159,8 +159,8 @@ def one_load(path: Path, fmt: str, tokens: int, prompt_len: int) -> dict:
            "activated_bytes": activated_bytes(model)}
     prompt = [int(x) for x in torch.randint(0, model.config.vocab_size, (prompt_len,), generator=torch.Generator()
                                             .manual_seed(0))]
-    # what the engine does (`nanoseek/kernels/hugepages.py`): the weights into huge pages, unless a second copy does
-    # not fit in free memory (V2-Lite on a 24 GB machine); the bound is measured in the memory they are in
+    # what the engine does (`nanoseek/kernels/hugepages.py`): the weights into huge pages where this system offers
+    # them and the move's memory is free; the bound is measured in the memory they are in
     huge = hugepages.place(model) > 0
     bw, bw_read = bandwidth_gbs(huge=huge), read_bandwidth_gbs(huge=huge)
     rate = nanoseek_rate(model, prompt, tokens, repeats=1)
@@ -226,7 +226,8 @@ def main() -> int:
         ok = "ok" if r["peak_rss_load"] <= TARGET_RSS[fmt] else "OVER"
         print(f"| {fmt} | {r['model_bytes'] / 1e9:.2f} | {r['peak_rss_load'] / 1e9:.2f} "
               f"(<= {TARGET_RSS[fmt] / 1e9:.0f}: {ok}) | {r['peak_rss_decode'] / 1e9:.2f} | {r['load_s']:.0f} | "
-              f"{act / 1e6:.0f} | {'yes' if r['huge_pages'] else 'no'} | {r['tok_s']:.2f} | {act / (r['bw_copy'] * 1e9) * r['tok_s']:.0%} "
+              f"{act / 1e6:.0f} | {'yes' if r['huge_pages'] else 'no'} | {r['tok_s']:.2f} | "
+              f"{act / (r['bw_copy'] * 1e9) * r['tok_s']:.0%} "
               f"({r['bw_copy']:.1f} GB/s) | {act / (r['bw_read'] * 1e9) * r['tok_s']:.0%} ({r['bw_read']:.1f} GB/s) |",
               flush=True)
     return 0

@@ -41,6 +41,8 @@ tensor sizes, by tensor type. Where llama.cpp cannot be fetched, built, fed or r
 file, one line says why (per arm, where it is the arm's) and the rest of the bench runs.
 
 `--kv-cache-dtypes auto,fp8,int8` adds nanoseek's decode rate with each KV-cache dtype (`--peer none`: only that).
+`--pages` adds nanoseek's decode rate with its weights and KV cache in 4 KB pages against transparent huge pages
+(the engine's default on CPU), at each --peer-threads count.
 """
 from __future__ import annotations
 
@@ -131,8 +133,9 @@ def activated_bytes(model) -> int:
     return n
 
 
-def nanoseek_rate(model, prompt, n_tokens, repeats, kv_cache_dtype: str = "auto", clock=time.perf_counter) -> float:
-    engine = Engine(model, None, max_batch_size=1, kv_cache_dtype=kv_cache_dtype)
+def nanoseek_rate(model, prompt, n_tokens, repeats, kv_cache_dtype: str = "auto", clock=time.perf_counter,
+                  huge_pages: Optional[bool] = None) -> float:
+    engine = Engine(model, None, max_batch_size=1, kv_cache_dtype=kv_cache_dtype, huge_pages=huge_pages)
     params = SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True)
     best = float("inf")
     for r in range(repeats + 1):  # the first run warms up
@@ -337,6 +340,37 @@ def kv_cache_comparison(args, cfg, prompt) -> None:
             del ns
 
 
+def pages_comparison(args, cfg, prompt) -> None:
+    """nanoseek's decode rate with its weights and KV cache pool in 4 KB pages (`Engine(huge_pages=False)`) and in
+    transparent huge pages (the engine's default on CPU, `nanoseek/kernels/hugepages.py`), per dtype and
+    --peer-threads count: two copies of the same weights, interleaved rounds, best of --repeats each."""
+    if not hugepages.supported():
+        print(f"\npages comparison skipped: no transparent huge pages here (mode {hugepages.mode() or 'none'})")
+        return
+    threads, prev = [int(t) for t in args.peer_threads.split(",")], torch.get_num_threads()
+    print("\nDecode with the weights and KV cache in 4 KB pages and in huge pages (batch 1)")
+    print("| dtype | threads | 4 KB pages tok/s | huge pages tok/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(nanoseek.Transformer(cfg), d)
+        for name in args.dtypes.split(","):
+            models = {huge: nanoseek.from_pretrained(d, dtype=getattr(torch, name)) for huge in (False, True)}
+            best = {}
+            try:
+                for _ in range(2):  # interleaved rounds: the machine's speed drifts
+                    for t in threads:
+                        torch.set_num_threads(t)
+                        for huge, m in models.items():
+                            r = nanoseek_rate(m, prompt, args.tokens, args.repeats, huge_pages=huge)
+                            best[t, huge] = max(best.get((t, huge), 0.0), r)
+            finally:
+                torch.set_num_threads(prev)
+            for t in threads:
+                print(f"| {name} | {t} | {best[t, False]:.1f} | {best[t, True]:.1f} | "
+                      f"{best[t, True] / best[t, False]:.2f}x |")
+            del models
+
+
 def llamacpp_comparison(args, cfg, prompt) -> None:
     """nanoseek against llama.cpp on the same GGUF file (nanoseek reads it with `nanoseek.gguf`), per arm (each
     dtype, then each --quantize format against its llama.cpp type) and thread count: decode at batch 1
@@ -462,6 +496,8 @@ def main() -> None:
                     help="concurrent sequences of the llama.cpp comparison's batched rows (beside 1)")
     ap.add_argument("--quantize", default="", help="weight-only arms beside each dtype: int8, int4 or int8,int4")
     ap.add_argument("--quant-group-size", type=int, default=32, choices=quant.GROUP_SIZES)
+    ap.add_argument("--pages", action="store_true",
+                    help="also time nanoseek with its weights in 4 KB pages against huge pages (--peer none: only that)")
     args = ap.parse_args()
     args.quantize = [q for q in args.quantize.split(",") if q]
     if any(q not in quant.FORMATS for q in args.quantize):
@@ -489,6 +525,8 @@ def main() -> None:
         llamacpp_comparison(args, cfg, prompt)
     if args.kv_cache_dtypes != "auto":
         kv_cache_comparison(args, cfg, prompt)
+    if args.pages:
+        pages_comparison(args, cfg, prompt)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,25 @@ def test_gguf_weight_bytes_per_token_count_as_nanoseek_counts_its_model(tmp_path
                                                        cfg.num_experts_per_tok)
     assert set(q_types) == {"Q8_0", "F16", "F32"} and max(q_types, key=q_types.get) == "Q8_0"
     assert total / 4 < q_total < total / 2
+
+
+def test_pages_comparison_times_both_kinds_of_memory(monkeypatch, capsys):
+    """--pages: one engine over weights in 4 KB pages, one over weights moved into huge pages, per thread count."""
+    from nanoseek.kernels import hugepages
+    placed = []
+    real_rate = decode.nanoseek_rate
+
+    def rate(model, *a, huge_pages=None, **kw):
+        r = real_rate(model, *a, huge_pages=huge_pages, **kw)
+        placed.append((huge_pages, hugepages.inside(model.lm_head.weight)))
+        return r
+    monkeypatch.setattr(decode, "nanoseek_rate", rate)
+    args = argparse.Namespace(prompt=8, tokens=4, repeats=1, dtypes="float32", peer_threads="1,2")
+    decode.pages_comparison(args, get_preset("tiny"), list(range(3, 11)))
+    out = capsys.readouterr().out
+    if not hugepages.supported():
+        assert out.startswith("\npages comparison skipped: no transparent huge pages here")
+        return
+    rows = [line for line in out.splitlines() if line.startswith("| float32 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "2"]
+    assert set(placed) == {(False, False), (True, True)} and len(placed) == 8  # 2 rounds x 2 threads x 2 kinds

@@ -88,9 +88,9 @@ class Engine:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             pack_weights = self.device.type == "cpu" and weight_bytes <= ram // 4
         kernels.install(model, pack_weights=pack_weights)
-        # On CPU the weights move into transparent huge pages (`kernels/hugepages.py`; where Linux offers them and a
-        # second copy fits in free memory), and the KV cache pool is allocated in them: a decode step streams every
-        # weight and its requests' cache rows, and on 4 KB pages that stream misses the TLB every 4 KB.
+        # On CPU the weights move into transparent huge pages (`kernels/hugepages.py`, where Linux offers them), and
+        # the KV cache pool is allocated in them: a decode step streams every weight and its requests' cache rows,
+        # and on 4 KB pages that stream misses the TLB every 4 KB.
         if huge_pages is None:
             huge_pages = self.device.type == "cpu"
         self.huge_page_bytes = hugepages.place(model) if huge_pages else 0
