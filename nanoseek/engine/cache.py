@@ -178,13 +178,25 @@ class CacheView:
         self._read_slots: Optional[torch.Tensor] = None
         self.write_slots = torch.tensor(write, dtype=torch.long, device=dev)
         self.positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        self.mask = torch.arange(S, device=dev)[None, None, :] <= self.positions[:, :, None]  # [B, T, S]
+        self.num_visible = S  # the mask's width: rows any query sees
+        self._mask: Optional[torch.Tensor] = None
         self.rows_read = 0
         # one request whose blocks happen to be consecutive: reads are views of the pool, not copies
         t0 = tables[0][:nb]
         self._span = None
         if B == 1 and len(t0) == nb and t0[-1] - t0[0] == nb - 1 and t0 == list(range(t0[0], t0[0] + nb)):
             self._span = slice(t0[0] * bs, t0[0] * bs + S)
+
+    # the mask is by position: the whole-stack CPU decode (`decode_plan`) builds it from `positions` in its kernel
+    causal_positions = True
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, T, S] bool: query (b, t) sees row s where s <= its position. Built on first use."""
+        if self._mask is None:
+            S = self.num_visible
+            self._mask = torch.arange(S, device=self.positions.device)[None, None, :] <= self.positions[:, :, None]
+        return self._mask
 
     @property
     def read_slots(self) -> torch.Tensor:
@@ -193,10 +205,14 @@ class CacheView:
         views of the pool and never needs it."""
         if self._read_slots is None:
             bs, nb = self.pool.block_size, self._nb
-            tab = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self._tables], dtype=torch.long)
-            slots = (tab[:, :, None] * bs + torch.arange(bs)).view(len(self._tables), nb * bs)[:, :self._S]
-            self._read_slots = slots.to(self.pool.device)
+            slots = (self.block_tables()[:, :, None] * bs + torch.arange(bs)).view(len(self._tables), nb * bs)
+            self._read_slots = slots[:, :self._S].to(self.pool.device)
         return self._read_slots
+
+    def block_tables(self) -> torch.Tensor:
+        """[B, nb] int64 on the CPU: the blocks holding each request's S rows (padded with the null block)."""
+        nb = self._nb
+        return torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self._tables], dtype=torch.long)
 
     def write(self, layer: int, kv: torch.Tensor, index_k: Optional[torch.Tensor]) -> None:
         self.pool.rows.write(layer, self.write_slots, kv.reshape(-1, kv.shape[-1]))
@@ -210,16 +226,17 @@ class CacheView:
         return self.pool.rows.take(layer, self.read_slots)  # [B, S, C]
 
     def slots(self, full_layers: int, gathered: int = 0):
-        """The cache as pools of rows for `decode_plan`: (kv, index_k or None, write slots [B*T], read slots [B*S]
-        or None with the first row's slot when one request's rows are contiguous), kv and index_k the stores'
-        `RowStore.planes` (values [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads:
-        full_layers layers that read every row, and `gathered` rows that DSA's selection reads in the others."""
+        """The cache as pools of rows for `decode_plan`: (kv, index_k or None, write slots [B*T], the reads: the
+        block tables and the block size (`block_tables`; the kernel computes the slots), or None with the first
+        row's slot when one request's rows are contiguous), kv and index_k the stores' `RowStore.planes` (values
+        [L, slots, C or I], scales [L, slots, G] or None). Counts the caller's reads: full_layers layers that read
+        every row, and `gathered` rows that DSA's selection reads in the others."""
         self.rows_read += full_layers * len(self._tables) * self._S + gathered
         kv = self.pool.rows.planes()
         ik = self.pool.index_rows.planes() if self.pool.index_rows is not None else None
         if self._span is not None:
             return kv, ik, self.write_slots, None, self._span.start
-        return kv, ik, self.write_slots, self.read_slots.reshape(-1), 0
+        return kv, ik, self.write_slots, (self.block_tables(), self.pool.block_size), 0
 
     def read_index_keys(self, layer: int) -> torch.Tensor:
         if self._span is not None:

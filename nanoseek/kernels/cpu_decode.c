@@ -1163,8 +1163,10 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
 /* The decoder blocks of a decode step in one call (decode_plan.py): per block, the projections, the cache write,
  * absorbed attention with o_proj and the residual, and the feed-forward half, exactly the calls the blocks make
  * one by one. The cache is a pool of rows per layer: kv_pool [L, slots, C] and ik_pool [L, slots, Di]; the new
- * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or, with read_slots
- * NULL (one request), the contiguous rows from slot span0; attention reads them in place. A DSA block whose
+ * rows go to write_slots [M]; a query reads its request's S rows at read_slots [B, S], or at the slots its block
+ * table gives (tables [B, nb] with blocks of bs rows: row s at tables[b, s / bs] * bs + s % bs; the engine's paged
+ * pool), or, with both NULL (one request), the contiguous rows from slot span0; attention reads them in place.
+ * mask [B, T, S] says which rows each query sees; NULL: those up to its position (s <= pos). A DSA block whose
  * queries see more than its top-k rows selects them first (ns_dsa_select) into sel [M, topk] (slots).
  * x_in [M, D] is the blocks' input; h [M, D] holds the stream after attention and out [M, D] after each block.
  * idx [L, M, K'] receives each MoE block's expert ids. The angles of RoPE come from tables of every position
@@ -1175,7 +1177,7 @@ void ns_ffn_block(const wt *h, int64_t N, int64_t D, const wt *norm_w, float eps
  * indexer dequantize what they read (ns_kv8 above). Then the model's final norm,
  * hn [M, D], and with head_w [V, D] (int8 codes where head_s holds their scales) the logits [B, n_logits, V] of
  * each request's last n_logits rows (hl [B * n_logits, D] scratch). Returns 0, or -2 when out of memory for the
- * prepared activations of quantized matrices (mprep; allocated per call). */
+ * prepared activations of quantized matrices (mprep), the slots of the tables or the mask (allocated per call). */
 /* ns_block's fields, F(type, name) in order: the struct's declaration and its layout for ns_abi come from this one
  * list. layer: the block's plane in the cache pools; iwq, iwp, Hi, topk: the DSA indexer (wq_b, weights_proj;
  * topk 0: none). A model quantized by quant.py sets the scales after Kp: a matrix whose scale is set holds int8
@@ -1382,9 +1384,10 @@ static int64_t block_a4_bytes(const ns_block *b, int64_t M, int64_t D) {
 
 int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, int64_t B, int64_t T,
                      int64_t D, const float *cos_tab, const float *sin_tab, const int64_t *pos, float *cs,
-                     const uint8_t *mask, int64_t S,
+                     const uint8_t *mask_in, int64_t S,
                      void *kv_pool, void *ik_pool, int64_t n_slots, const int64_t *write_slots,
-                     const int64_t *read_slots, int64_t span0, int kv_fmt, int64_t kv_group, float *kv_scales,
+                     const int64_t *read_slots_in, int64_t span0, const int64_t *tables, int64_t nb, int64_t bs,
+                     int kv_fmt, int64_t kv_group, float *kv_scales,
                      float *ik_scales, int64_t *sel, wt *rows, wt *ik, wt *xn,
                      wt *xo, wt *cq, wt *q, wt *att, wt *qc, float *sc, float *ol, wt *pb,
                      wt *fxn, wt *act, float *ys, float *rs, float *gw,
@@ -1405,7 +1408,20 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
     for (int64_t l = 0; l < n_blocks; l++)
         if (block_a4_bytes(&blocks[l], M, D) > a4n) a4n = block_a4_bytes(&blocks[l], M, D);
     void *a4buf = a4n ? malloc((size_t)a4n) : NULL;
-    if (a4n && !a4buf) return -2;
+    int64_t *slots = tables ? malloc((size_t)(B * S) * sizeof(int64_t)) : NULL; /* read slots from the tables */
+    uint8_t *by_pos = mask_in ? NULL : malloc((size_t)(M * S)); /* the mask from the positions */
+    if ((a4n && !a4buf) || (tables && !slots) || (!mask_in && !by_pos)) {
+        free(a4buf);
+        free(slots);
+        free(by_pos);
+        return -2;
+    }
+    for (int64_t b = 0; b < B && tables; b++)
+        for (int64_t s = 0; s < S; s++) slots[b * S + s] = tables[b * nb + s / bs] * bs + s % bs;
+    for (int64_t m = 0; m < M && by_pos; m++)
+        for (int64_t s = 0; s < S; s++) by_pos[m * S + s] = s <= pos[m];
+    const int64_t *read_slots = tables ? slots : read_slots_in;
+    const uint8_t *mask = mask_in ? mask_in : by_pos;
     for (int64_t l = 0; l < n_blocks; l++) {
         const ns_block *b = &blocks[l];
         const int64_t C = b->R + b->P;
@@ -1462,6 +1478,8 @@ int ns_decode_stack(const ns_block *blocks, int64_t n_blocks, const wt *x_in, in
         linear_m(xl, B * n_logits, D, head, V, logits, a4buf, nt);
     }
     free(a4buf);
+    free(slots);
+    free(by_pos);
     return 0;
 }
 

@@ -78,8 +78,8 @@ def _build(dtype: torch.dtype, variant: str) -> Optional[ctypes.CDLL]:
                                  ctypes.c_float, p, p, i64, p, p, i64, p, p, p, p, p, p, p, nt]
     lib.ns_rmsnorm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.ns_dsa_select.argtypes = [p, p] + [i64] * 9 + [p] * 6 + [p, i64] + [p] * 6 + [nt]
-    lib.ns_decode_stack.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p, p, i64, p, p, i64, nt, i64, p,
-                                    p] + [p] * 22 + [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, p, p, nt]
+    lib.ns_decode_stack.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p, p, i64, p, p, i64, p, i64, i64,
+                                    nt, i64, p, p] + [p] * 22 + [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, p, p, nt]
     lib.ns_decode_stack.restype = lib.ns_q8.restype = nt
     lib.ns_kv8_write.argtypes = [p, i64, i64, i64, nt, i64, i64, p, p, p]
     return lib

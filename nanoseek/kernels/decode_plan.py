@@ -89,7 +89,7 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
         return None
     if not hasattr(cache, "slots"):
         return None
-    if B * T > cpu_decode.MAX_ROWS and B * T * cache.mask.shape[-1] > MAX_PLAN_SCORES:
+    if B * T > cpu_decode.MAX_ROWS and B * T * _visible(cache) > MAX_PLAN_SCORES:
         return None  # DSA's selection scratch is [rows, S]: a big group over a long context runs block by block
     plan = _PLANS.get(model)
     if plan is None or plan.dtype is not x.dtype or plan.assignments != _assignments[0] or \
@@ -100,6 +100,11 @@ def run(model, x: torch.Tensor, cache, num_logits: Optional[int]):
             return None
         _PLANS[model] = plan
     return plan.run(x, cache, model.rotary, num_logits)
+
+
+def _visible(cache) -> int:
+    """S, the rows a query of this cache's step can see"""
+    return cache.num_visible if hasattr(cache, "num_visible") else cache.mask.shape[-1]
 
 
 class _Block(ctypes.Structure):
@@ -138,6 +143,7 @@ class DecodePlan:
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
         self.moes = moes  # per block, its MoE module or None
+        self.ks = [moe.gate.K if moe is not None else 0 for moe in moes]  # per block, its experts per token
         self.keep = keep  # the derived weights whose addresses the structs hold (the routers' fp32 copies)
         # scratch widths, the largest over the blocks
         self.C, self.P, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["P"], blocks[0]["Di"]
@@ -282,11 +288,14 @@ class DecodePlan:
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
         B, T, D = x.shape
         M = B * T
-        mask = cache.mask.contiguous()  # bool [B, T, S]
-        S = mask.shape[-1]
+        # bool [B, T, S]; a mask by position (s <= the query's position) the kernel builds itself
+        mask = None if getattr(cache, "causal_positions", False) else cache.mask.contiguous()
+        S = _visible(cache)
         selecting = [k for k in self.topks if 0 < k < S]  # DSA blocks that read only their top-k rows
         (kv_pool, kv_scales), ik, write, read, span0 = cache.slots(len(self.topks) - len(selecting),
                                                                    M * sum(selecting))
+        tables, bs = read if isinstance(read, tuple) else (None, 0)  # block tables: the kernel computes the slots
+        read = None if tables is not None else read
         ik_pool, ik_scales = ik if ik is not None else (None, None)
         fmt = getattr(cache, "kv_format", None)
         cos, sin = rotary.cached(S)  # fp32 [positions, P/2], every position < S
@@ -311,16 +320,16 @@ class DecodePlan:
         idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
         rc = cpu_decode.library(x.dtype).ns_decode_stack(
             self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
-            pos.data_ptr(), cs, mask.data_ptr(), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
-            write.data_ptr(), _ptr(read), span0, _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,
+            pos.data_ptr(), cs, _ptr(mask), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
+            write.data_ptr(), _ptr(read), span0, _ptr(tables), tables.shape[1] if tables is not None else 0, bs,
+            _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,
             _ptr(kv_scales), _ptr(ik_scales), *scratch[:-4], h, out, idx.data_ptr(), norm_w, norm_eps,
             hn.data_ptr(), head_w, head_s, V, nl, hl, logits.data_ptr(), torch.get_num_threads())
         if rc == -2:
-            raise MemoryError("ns_decode_stack: no memory for the int4 matrices' activations")
+            raise MemoryError("ns_decode_stack: no memory for its scratch")
         expert_ids = []  # per MoE block, [M, K]: what `LayerStats.expert_ids` holds
-        for moe, ids in zip(self.moes, idx.unbind(0)):
-            if moe is not None:
-                K = moe.gate.K
+        for K, ids in zip(self.ks, idx.unbind(0)):
+            if K:
                 expert_ids.append(ids if K == Kp else ids.view(-1)[:M * K].view(M, K))
         return logits, hn, expert_ids
 

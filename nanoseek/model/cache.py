@@ -35,8 +35,9 @@ class LatentCache(Protocol):
     def gather(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         """Only the selected rows: idx [B, T, K] (values in [0, S)) -> [B, T, K, C]. O(K) reads, for DSA decode."""
 
-    # optional: slots(num_layers) -> (kv, index_k or None, write slots [B*T], read slots [B*S] or None, first
-    # slot of a single request's contiguous rows), kv and index_k each `RowStore.planes` flattened to slots
+    # optional: slots(num_layers) -> (kv, index_k or None, write slots [B*T], the reads: read slots [B*S], or
+    # (block tables [B, nb], block size bs) for row s of request b at tables[b, s // bs] * bs + s % bs, or None,
+    # first slot of a single request's contiguous rows), kv and index_k each `RowStore.planes` flattened to slots
     # (values [L, slots, W], fp32 scales [L, slots, G] or None): the whole-stack CPU decode (`decode_plan.py`)
     # reads and writes the cache itself through it, in the cache's `kv_format` (8-bit rows, `kv_quant.py`) or
     # the model's dtype; a cache without it takes the blocks one by one.
