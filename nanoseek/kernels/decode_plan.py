@@ -132,7 +132,7 @@ class DecodePlan:
     """A model's decoder blocks as C structs for `ns_decode_stack`, valid while `key` is current."""
 
     def __init__(self, dtype: torch.dtype, sources: list[torch.Tensor], derived_from: list[torch.Tensor], modes: list,
-                 blocks: list[dict], moes: list, keep: list, layers: list[int], final: tuple):
+                 blocks: list[dict], ks: list[int], keep: list, layers: list[int], final: tuple):
         self.dtype, self.sources, self.derived_from, self.modes = dtype, sources, derived_from, modes
         self.final = final  # (final norm's weight address, its eps, the head's weight and scales (int8) addresses,
         # vocabulary size)
@@ -142,8 +142,7 @@ class DecodePlan:
         self.key = self.current_key()
         self.structs = (_Block * len(blocks))(*(_Block(**b) for b in blocks))
         self.structs_addr = ctypes.addressof(self.structs)
-        self.moes = moes  # per block, its MoE module or None
-        self.ks = [moe.gate.K if moe is not None else 0 for moe in moes]  # per block, its experts per token
+        self.ks = ks  # per block, its experts per token (0: a dense block)
         self.keep = keep  # the derived weights whose addresses the structs hold (the routers' fp32 copies)
         # scratch widths, the largest over the blocks
         self.C, self.P, self.Di = blocks[0]["R"] + blocks[0]["P"], blocks[0]["P"], blocks[0]["Di"]
@@ -171,7 +170,7 @@ class DecodePlan:
     @staticmethod
     def build(model, dtype: torch.dtype) -> Optional["DecodePlan"]:
         sources: list[torch.Tensor] = []
-        blocks, moes, keep, modes, kps, derived_from = [], [], [], [], [], []
+        blocks, ks, keep, modes, derived_from = [], [], [], [], []
         groups: set[int] = set()  # the int4 matrices' group sizes (one per model: ns_block's qg)
         for layer in model.layers:
             attn, ffn, norm, post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
@@ -207,7 +206,6 @@ class DecodePlan:
             sources += src
             modes.append(attn)
             # feed-forward: the arguments MoE.fused_block / MLP.fused_block pass
-            I, K = 0, 0
             if isinstance(ffn, MoE):
                 g, ex = ffn.gate, ffn.experts
                 if isinstance(ex, QuantExperts):  # codes with their scales (, mins)
@@ -231,11 +229,11 @@ class DecodePlan:
                 sources += [g.weight, gate_up, down] + ([bias] if bias is not None else [])
                 keep.append(w32)
                 derived_from.append(g.weight)
-                moes.append(ffn)
+                ks.append(K)
                 s = ffn.shared_experts
             else:
                 b.update(n_group=1, topk_group=1, scaling=1.0)
-                moes.append(None)
+                ks.append(0)
                 s = ffn  # the dense MLP runs as the "shared" expert
             if s is not None:  # its gate and up matrices as they are (no stacked copy)
                 lins = (s.gate_proj, s.up_proj, s.down_proj)
@@ -257,7 +255,6 @@ class DecodePlan:
                 return None
             sources.append(post.weight)
             blocks.append(b)
-            kps.append(max(K, 1))
         # the cache rows and index keys of all blocks go through one buffer each: their widths must agree (they
         # come from the config)
         if not blocks or len({(b["R"] + b["P"], b["Di"]) for b in blocks}) != 1:
@@ -268,7 +265,7 @@ class DecodePlan:
         if len(groups) > 1 or (groups and q8 and not cpu_decode.library(dtype).ns_q8()):
             return None
         for b in blocks:  # expert ids: idx [L, M, K'] with K' the largest K, each block's [M, K] at its start
-            b["Kp"] = max(kps)
+            b["Kp"] = max(1, *ks)
             b.update(qg=min(groups, default=0), q8=int(q8 and bool(groups)))
         # the final norm and the head (an int8 head: its codes and scales; quant.py keeps an int4 model's head int8)
         norm, head, head_s = model.norm, model.lm_head.weight, None
@@ -282,7 +279,7 @@ class DecodePlan:
         if not kernel_weights([norm.weight], dtype):
             return None
         sources += [norm.weight, head]
-        return DecodePlan(dtype, sources, derived_from, modes, blocks, moes, keep, [id(b) for b in model.layers],
+        return DecodePlan(dtype, sources, derived_from, modes, blocks, ks, keep, [id(b) for b in model.layers],
                           (norm.weight.data_ptr(), norm.eps, head.data_ptr(), _ptr(head_s), head.shape[0]))
 
     def run(self, x: torch.Tensor, cache, rotary, num_logits: Optional[int]):
@@ -317,9 +314,9 @@ class DecodePlan:
         cs, h, out, hl = scratch[-4:]  # RoPE's angles, the stream after attention, after each block, head rows
         hn = torch.empty(B, T, D, dtype=x.dtype)  # the result: the normed hidden state ...
         logits = torch.empty(B, nl, V, dtype=x.dtype)  # ... and the logits of the last nl rows of each request
-        idx = torch.empty(len(self.moes), M, Kp, dtype=torch.int64)
+        idx = torch.empty(len(self.ks), M, Kp, dtype=torch.int64)
         rc = cpu_decode.library(x.dtype).ns_decode_stack(
-            self.structs_addr, len(self.moes), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
+            self.structs_addr, len(self.ks), x.data_ptr(), B, T, D, cos.data_ptr(), sin.data_ptr(),
             pos.data_ptr(), cs, _ptr(mask), S, kv_pool.data_ptr(), _ptr(ik_pool), kv_pool.shape[1],
             write.data_ptr(), _ptr(read), span0, _ptr(tables), tables.shape[1] if tables is not None else 0, bs,
             _KV_FORMATS[fmt.name if fmt is not None else None], GROUP,

@@ -90,10 +90,8 @@ def _movable(t: torch.Tensor) -> bool:
             and not t.is_inference() and t.untyped_storage().nbytes() > 0 and not inside(t))
 
 
-def place_tensors(tensors: Iterable[torch.Tensor]) -> int:
-    """Move these CPU tensors into one mapping of `empty` (each storage copied once, every tensor of it re-pointed
-    at its copy with its offset, shape and strides); returns the bytes moved. Tensors already in such a mapping,
-    on another device, or of a subclass stay where they are."""
+def _by_storage(tensors: Iterable[torch.Tensor]) -> dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]]:
+    """The movable tensors (`_movable`) grouped by the storage they view, keyed by its address."""
     storages: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
     seen: set[int] = set()
     for t in tensors:
@@ -102,6 +100,17 @@ def place_tensors(tensors: Iterable[torch.Tensor]) -> int:
         seen.add(id(t))
         st = t.untyped_storage()
         storages.setdefault(st.data_ptr(), (st, []))[1].append(t)
+    return storages
+
+
+def place_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """Move these CPU tensors into one mapping of `empty` (each storage copied once, every tensor of it re-pointed
+    at its copy with its offset, shape and strides); returns the bytes moved. Tensors already in such a mapping,
+    on another device, or of a subclass stay where they are."""
+    return _move(_by_storage(tensors))
+
+
+def _move(storages: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]]) -> int:
     total = sum(-(-st.nbytes() // 64) * 64 for st, _ in storages.values())
     if not total:
         return 0
@@ -143,17 +152,17 @@ def place(model: nn.Module) -> int:
     (`fused.py`) are dropped; they are rebuilt on their next use."""
     if not supported():
         return 0
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if _movable(t)]
-    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = _by_storage([*model.parameters(), *model.buffers()])
+    sizes = [st.nbytes() for st, _ in storages.values()]
     if not sizes:
         return 0
     # the move holds, beyond the model, its largest storage and what the heap frees between two trims (all of the
     # model again where malloc cannot give freed memory back)
-    extra = max(sizes.values()) + 2 * TRIM_EVERY if _malloc_trim is not None else sum(sizes.values())
+    extra = max(sizes) + 2 * TRIM_EVERY if _malloc_trim is not None else sum(sizes)
     if extra + (64 << 20) > available_bytes():
         return 0
     fused.forget(model)
-    return place_tensors(tensors)
+    return _move(storages)
 
 
 def _libc_malloc_trim():
