@@ -64,7 +64,7 @@ from nanoseek import lora
 from nanoseek.kernels import cpu_experts
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
-from nanoseek.model.transformer import Transformer, cross_entropy
+from nanoseek.model.transformer import Transformer
 from nanoseek.optim import (MasterWeightAdamW, MuonAdamW, Schedule, build_adamw, load_optimizer_state,
                             optimizer_state_tensors, set_lr)
 from nanoseek.vocab import NewRowsOnly, extend_model
@@ -367,12 +367,12 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     mean: the global batch's target count over (processes x micro-batches), so that micro-batches holding
     different numbers of trained tokens (SFT's masks) add up to the global batch's per-token mean, the same
     however the batch is split across processes and accumulation steps."""
-    out = model(x, segment_ids=segment_ids)
+    out = model(x, segment_ids=segment_ids, num_logits=0)  # the head runs in head_loss (no [B, T, V] logits)
 
-    def mean_nats(logits: torch.Tensor, target: torch.Tensor, i: int) -> torch.Tensor:
-        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+    def mean_nats(hidden: torch.Tensor, target: torch.Tensor, i: int) -> torch.Tensor:
+        nats = model.head_loss(hidden, target, reduction="sum")
         return nats / (per_target[i] if per_target is not None else (target != -100).sum().clamp_min(1))
-    lm = cross_entropy(out.logits, y) if per_target is None else mean_nats(out.logits, y, 0)
+    lm = model.head_loss(out.hidden, y) if per_target is None else mean_nats(out.hidden, y, 0)
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
     total = lm
     if mtp_depth:
@@ -385,11 +385,12 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
             if n <= 0:
                 break
             seg = None if segment_ids is None else segment_ids[:, :n]
-            logits, h = model.mtp_forward(k, h[:, :n], x[:, k + 1:k + 1 + n], stats=out.stats, segment_ids=seg)
+            normed, h = model.mtp_forward(k, h[:, :n], x[:, k + 1:k + 1 + n], stats=out.stats, segment_ids=seg,
+                                          logits=False)
             if seg is None and per_target is None:
-                mtp = mtp + cross_entropy(logits, y[:, k + 1:k + 1 + n])
+                mtp = mtp + model.head_loss(normed, y[:, k + 1:k + 1 + n])
             else:  # a target in another document than position i's is not predicted (it may leave none)
-                mtp = mtp + mean_nats(logits, _mtp_targets(y, segment_ids, k), k + 1)
+                mtp = mtp + mean_nats(normed, _mtp_targets(y, segment_ids, k), k + 1)
         mtp = mtp / mtp_depth
         parts["mtp_loss"] = mtp
         total = total + tc.mtp_weight * mtp
@@ -692,9 +693,8 @@ def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
     nbytes = torch.zeros((), dtype=torch.float64)
     for x, y, b, *seg in batches:
         with autocast():
-            logits = model(x, segment_ids=seg[0] if seg else None).logits
-        nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                  reduction="sum").double().cpu()
+            out = model(x, segment_ids=seg[0] if seg else None, num_logits=0)
+            nats += model.head_loss(out.hidden, y, reduction="sum").double().cpu()
         tokens += (y != -100).sum().double().cpu()
         nbytes += b
     sums = _all_reduce_sum(torch.stack([nats, tokens, nbytes]).to(dist.device), dist).cpu()

@@ -12,7 +12,8 @@ What they add:
   concatenated weights, fp32 copies of the router and of MLA's absorbed W_UK / W_UV, per-expert weight views,
   oneDNN-packed weights when packing is on (`pack_weights`), and a per-(token, expert) loop for decode-sized
   batches (the fewest PyTorch ops);
-- training on CPU: the experts' grouped GEMMs in C (`cpu_experts.py`);
+- training on CPU: the experts' grouped GEMMs in C (`cpu_experts.py`); on any device, the output head's
+  cross-entropy without the [N, V] logits (`linear_ce.py`);
 - quantized weights (`nanoseek.quant`): int8 / int4 matmuls from the packed codes for a few rows on CPU
   (`cpu_quant.py`), in the quantized linears and the routed experts.
 Every fast path is checked against its reference in tests/test_cpu_decode.py, test_cpu_experts.py,
@@ -28,6 +29,7 @@ from torch import nn
 
 from nanoseek.kernels import cpu_decode, cpu_experts, cpu_quant, decode_plan
 from nanoseek.kernels.fused import derived, expert_weights, fused_linear, linear, packing_supported, packs, set_packing
+from nanoseek.kernels.linear_ce import linear_cross_entropy
 from nanoseek.model.mla import ABSORB_MAX_QUERIES, MLA
 from nanoseek.model.moe import MLP, Experts, MoE, Router
 from nanoseek.model.norm import RMSNorm
@@ -274,6 +276,12 @@ class PlannedTransformer(Transformer):
 class FastTransformer(PlannedTransformer):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(self, "_lm_head", hidden, self.lm_head.weight)
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss = None
+        if type(self.lm_head) is nn.Linear:  # (not a quantized or adapted head)
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction)  # no [N, V] logits
+        return super().head_loss(hidden, targets, reduction) if loss is None else loss
 
 
 class FastQuantLinear(QuantLinear):

@@ -109,6 +109,12 @@ class Transformer(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the head's logits for hidden [B, T, D] (final-normed) against targets [B, T] (-100:
+        not a target): 'mean' over the targets or 'sum'. Training calls this rather than `head` + `cross_entropy`
+        so that a fast path can skip the logits (`nanoseek/kernels/linear_ce.py`)."""
+        return cross_entropy(self.head(hidden), targets, reduction=reduction)
+
     def rope_for(self, positions: torch.Tensor, cache) -> RopeTables:
         """The rotation tables of a call, shared by all layers; with a cache (inference) read from the angles
         computed once per position (the cache's mask bounds the positions without a device sync)."""
@@ -133,17 +139,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, cache, path, stats, mask)
         h = self.norm(x)
-        hl = h if num_logits is None else h[:, -num_logits:]
+        hl = h if num_logits is None else h[:, h.shape[1] - num_logits:]  # 0: none (the trainer's head_loss)
         return CausalLMOutput(logits=self.head(hl), hidden=h, stats=stats)
 
     def mtp_forward(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, cache=None,
                     positions: Optional[torch.Tensor] = None, stats: Optional[LayerStats] = None,
-                    segment_ids: Optional[torch.Tensor] = None):
+                    segment_ids: Optional[torch.Tensor] = None, logits: bool = True):
         """Run MTP depth k (0-based) on hidden [B, T, D] and the tokens one step ahead next_ids [B, T]; its MoE
         layer reports into `stats` when given (training: the main forward's). segment_ids [B, T]: those of
         `hidden`'s positions in a packed row (its attention and positions, as in `forward`).
 
-        Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]).
+        Returns (logits [B, T, V] for the tokens two steps ahead of `hidden`'s positions, new hidden [B, T, D]);
+        logits=False: the head's input (the depth's final-normed hidden) in place of the logits, for `head_loss`.
         """
         mask = None
         if segment_ids is not None:
@@ -154,7 +161,8 @@ class Transformer(nn.Module):
             rope = self.rotary(positions)
         m = self.mtp[k]
         h = m(hidden, self.embed_tokens(next_ids), rope, cache, stats, mask)
-        return self.head(m.head_norm(h)), h
+        normed = m.head_norm(h)
+        return (self.head(normed) if logits else normed), h
 
     def set_expert_impl(self, impl: str) -> None:
         """'grouped' (default, fast) or 'loop' (per-expert reference)."""
@@ -179,6 +187,8 @@ class Transformer(nn.Module):
         return from_pretrained(path, dtype=dtype, device=device, strict_mtp=strict_mtp)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean token cross-entropy in fp32. logits [B, T, V], targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32 ('mean' or 'sum' over the targets). logits [B, T, V], targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
