@@ -8,7 +8,8 @@ bfloat16 = bf16 matmuls with fp32 master weights for both: transformers autocast
 weight at each use and each weight gradient back); nanoseek keeps bf16 working copies of its matmul weights and
 their fp32 masters in the optimizer (`MasterWeightAdamW`), the same arithmetic without the casts. nanoseek's step
 is the one `nanoseek train` runs: its blocks torch.compile'd (`--no-compile`: eager; the compilation happens
-in the untimed first step), its optimizer and clipping.
+in the untimed first step), the head's cross-entropy without the logits (`nanoseek/kernels/linear_ce.py`), its
+optimizer and clipping.
 The process keeps freed memory in malloc's heap as `nanoseek train` does (`keep_freed_memory`), which speeds up
 both models alike. The two models are timed in alternation (one step each, repeated) so that load from other
 processes hits both alike; the median step is reported, both in wall-clock time and in process CPU time /

@@ -1,7 +1,8 @@
-"""The output head and its cross-entropy in one pass over chunks of rows, for training: the fused linear
-cross-entropy of Liger-Kernel and of Apple's Cut Cross-Entropy, written with PyTorch ops. The [N, V] logits and
-their gradient never exist whole; the reference is `Transformer.head_loss` (the head's logits, then
-`F.cross_entropy`), which `FastTransformer.head_loss` calls where this does not apply.
+"""The output head and its cross-entropy in one pass over chunks of rows, for training (and, loss only, the
+trainer's held-out evaluation): the fused linear cross-entropy of Liger-Kernel and of Apple's Cut Cross-Entropy,
+written with PyTorch ops. The [N, V] logits and their gradient never exist whole; the reference is
+`Transformer.head_loss` (the head's logits, then `F.cross_entropy`), which `FastTransformer.head_loss` calls where
+this does not apply.
 
 Forward, chunk by chunk of rows: logits = h @ W^T (in the matmul dtype, then fp32, as the reference rounds them),
 their log-sum-exp and the targets' nats; when a gradient is wanted, the gradient of the chunk's nats
