@@ -68,16 +68,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # (needs_input_grad says requires_grad even under no_grad: evaluation computes no gradient)
             nats, dh, dw = _chunks(hc, wc, targets, ignore_index, scale, grad_mode and ctx.needs_input_grad[0],
                                    grad_mode and ctx.needs_input_grad[1])
-        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
-        ctx.has = (dh is not None, dw is not None)
+        ctx.save_for_backward(dh, dw)  # (None where that input needs no gradient)
         ctx.dtypes = (h.dtype, w.dtype)
         return nats / count if mean else nats
 
     @staticmethod
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        dh = next(saved) if ctx.has[0] else None
-        dw = next(saved) if ctx.has[1] else None
+        dh, dw = ctx.saved_tensors
         dh = None if dh is None else (dh * grad).to(ctx.dtypes[0])
         dw = None if dw is None else (dw * grad).to(ctx.dtypes[1])
         return dh, dw, None, None, None, None
