@@ -4,8 +4,9 @@ that kind (as torchtitan's `apply_compile` and PyTorch's regional-compilation re
 Compiling the whole training step traces every layer into one graph, so inductor generates, and the C++ compiler
 builds, the same kernels once per layer: a cold first step of minutes on a 2-core CPU. A block is the unit that
 repeats: compiled as a function of (block, inputs), with the block's parameters as graph inputs, its graph and
-kernels are reused by every block of the same structure (the dense block, the MoE blocks, the MTP block at its
-one-token-shorter length). Embedding, final norm, head and losses stay eager: they run once per step.
+kernels are reused by every block of the same structure, at the same length and input dtype: the dense block, and
+the MoE blocks, MTP's included (the trainer runs MTP at the main blocks' length, `train.micro_step_losses`).
+Embedding, final norm, head and losses stay eager: they run once per step.
 
 Two things would make every block a new compilation and are kept outside the compiled region: the
 `LayerStats` lists (a guard on their length) and the `RopeTables` memo (a guard on its keys). The region returns

@@ -54,6 +54,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nanoseek import metrics as M
 from nanoseek.checkpoint import CheckpointError, SafetensorsFile, from_pretrained, read_json, save_pretrained
@@ -376,7 +377,10 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
     total = lm
     if mtp_depth:
-        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= x[:, i+k+1]) -> predicts y[:, i+k+1]
+        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= x[:, i+k+1]) -> predicts y[:, i+k+1].
+        # Each depth runs over all T positions, its last k+1 fed a repeat of the row's last token and not trained
+        # (-100): causal attention keeps them out of the other positions' outputs, and at the main blocks' length
+        # the MTP block reuses their compiled graph (`nanoseek.compile`) instead of compiling its own.
         T = x.shape[1]
         h = out.hidden
         mtp = lm.new_zeros(())
@@ -384,13 +388,13 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
             n = T - 1 - k
             if n <= 0:
                 break
-            seg = None if segment_ids is None else segment_ids[:, :n]
-            normed, h = model.mtp_forward(k, h[:, :n], x[:, k + 1:k + 1 + n], stats=out.stats, segment_ids=seg,
-                                          logits=False)
-            if seg is None and per_target is None:
-                mtp = mtp + model.head_loss(normed, y[:, k + 1:k + 1 + n])
+            ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
+            normed, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
+            target = F.pad(_mtp_targets(y, segment_ids, k), (0, k + 1), value=-100)
+            if segment_ids is None and per_target is None:
+                mtp = mtp + model.head_loss(normed, target)
             else:  # a target in another document than position i's is not predicted (it may leave none)
-                mtp = mtp + mean_nats(normed, _mtp_targets(y, segment_ids, k), k + 1)
+                mtp = mtp + mean_nats(normed, target, k + 1)
         mtp = mtp / mtp_depth
         parts["mtp_loss"] = mtp
         total = total + tc.mtp_weight * mtp

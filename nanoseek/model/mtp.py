@@ -34,5 +34,7 @@ class MTPModule(nn.Module):
         [B, T, T] the block's attention mask for packed rows (None: causal).
 
         Returns this depth's hidden state [B, T, D] (before head_norm; feed it to the next depth)."""
-        x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h)), dim=-1))
+        # the block's residual stream in h's dtype, as the main blocks': fp32 under bf16 autocast, not the
+        # projection's bf16 output
+        x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h)), dim=-1)).to(h.dtype)
         return self.block(x, rope, cache, stats=stats, mask=mask)
