@@ -9,7 +9,7 @@
 #
 # Cost (2 cores, 2 threads, cold torch.compile cache; README "Train"): AMD EPYC Zen 3 with AVX2 (float32, picked by
 # --dtype auto) 26 min 13 s wall, held-out 1.640 bits/byte after pre-training and 1.648 after the DSA stages
-# (2026-12-03); AMD EPYC Zen 4 with AVX-512 BF16 (bfloat16) 11 min 54 s, 1.648 and 1.665 (2026-12-04); AMD EPYC
+# (2026-12-03); AMD EPYC Zen 4 with AVX-512 BF16 (bfloat16) 11 min 21 s, 1.641 and 1.661 (2026-12-04); AMD EPYC
 # Zen 5 with AVX-512 BF16 (bfloat16) 9 min 09 s, 1.64 and 1.665 (2026-12-02).
 #
 # Usage: bash scripts/speedrun.sh            (everything below can be overridden from the environment)
