@@ -2,15 +2,16 @@
 # nanoseek speedrun: a DeepSeek-V3.2-style model from nothing on a laptop CPU, in one command. Stages:
 #   1. byte-level BPE tokenizer (8192 tokens) on the default corpus (this Python's standard library source)
 #   2. pre-training of the `small` preset (MoE 40 experts top-6 + shared, MTP depth 1, ~96M total / 26M active)
-#      with aux-loss-free balancing, in the dtype the CPU runs fast (bf16 or float32), held-out bits per byte every EVAL_EVERY steps
+#      with aux-loss-free balancing, the token embedding and output head at 6x the body's learning rate, in the
+#      dtype the CPU runs fast (bf16 or float32), held-out bits per byte every EVAL_EVERY steps
 #   3. DSA dense warm-up: only the lightning indexers train, on rows of 512 tokens (index_topk 256)
 #   4. DSA sparse stage: everything trains with top-256 attention; held-out bits per byte; sampled completions
 #   5. report: RUN/report.md (+ each stage's own report.md, metrics.jsonl and plots)
 #
-# Cost (2 cores, 2 threads, cold torch.compile cache; README "Train"): AMD EPYC Zen 3 with AVX2 (float32, picked by
-# --dtype auto) 26 min 13 s wall, held-out 1.640 bits/byte after pre-training and 1.648 after the DSA stages
-# (2026-12-03); AMD EPYC Zen 4 with AVX-512 BF16 (bfloat16) 11 min 21 s, 1.641 and 1.661 (2026-12-04); AMD EPYC
-# Zen 5 with AVX-512 BF16 (bfloat16) 9 min 09 s, 1.64 and 1.665 (2026-12-02).
+# Cost (2 cores, 2 threads, cold torch.compile cache; README "Train"): AMD EPYC Zen 4 with AVX-512 BF16 (bfloat16,
+# picked by --dtype auto) 9 min 07 s wall, held-out 1.636 bits/byte after pre-training and 1.633 after the DSA
+# stages (2026-12-04). With the recipe before (320 pre-training steps, one learning rate): AMD EPYC Zen 3 with AVX2
+# (float32) 26 min 13 s, 1.640 and 1.648 (2026-12-03); AMD EPYC Zen 5 with AVX-512 BF16 9 min 09 s, 1.64 and 1.665.
 #
 # Usage: bash scripts/speedrun.sh            (everything below can be overridden from the environment)
 #        DATA=~/my_texts bash scripts/speedrun.sh     to train on your own text instead (files or folders)
@@ -19,11 +20,12 @@ cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/speedrun}
 DATA=${DATA:-}                      # empty = the Python standard library source
-PRE_STEPS=${PRE_STEPS:-320}         # pre-training steps of BATCH x SEQ_LEN tokens
+PRE_STEPS=${PRE_STEPS:-256}         # pre-training steps of BATCH x SEQ_LEN tokens
 BATCH=${BATCH:-8}
 SEQ_LEN=${SEQ_LEN:-256}
 LR=${LR:-2e-3}
-EVAL_EVERY=${EVAL_EVERY:-80}
+EMBED_LR_SCALE=${EMBED_LR_SCALE:-6} # the embedding's and head's lr as a multiple of LR (README "Train")
+EVAL_EVERY=${EVAL_EVERY:-64}
 WARM_STEPS=${WARM_STEPS:-20}        # DSA warm-up steps (rows of DSA_SEQ_LEN)
 SPARSE_STEPS=${SPARSE_STEPS:-20}    # DSA sparse-stage steps
 DSA_SEQ_LEN=${DSA_SEQ_LEN:-512}
@@ -52,7 +54,7 @@ echo "== 2/4 pre-training (small preset, MoE + MTP)"
 $PY -m nanoseek train "${DATA_ARGS[@]}" --tokenizer "$RUN/tokenizer" --preset small --out "$RUN/pretrain" \
   --max-steps "$PRE_STEPS" --seq-len "$SEQ_LEN" --batch-size "$BATCH" --lr "$LR" --min-lr 2e-4 --warmup 30 \
   --dtype "$DTYPE" --eval-every "$EVAL_EVERY" --eval-tokens 16384 --save-every 100 --mtp-weight 0.3 \
-  --bias-update-speed 1e-3 --seq-aux-alpha 1e-4 --samples 2
+  --embed-lr-scale "$EMBED_LR_SCALE" --bias-update-speed 1e-3 --seq-aux-alpha 1e-4 --samples 2
 t_pre=$(stamp)
 
 # The two short DSA stages run eagerly: compiling their graphs (indexer KL, top-k masks) takes about as long as
