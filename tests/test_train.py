@@ -253,6 +253,29 @@ def test_side_losses_and_loads_come_in_the_output_not_on_the_model():
     assert not [t for t in tensors if t.grad_fn is not None]
 
 
+def test_mtp_loss_over_padded_rows_equals_the_loss_over_its_positions():
+    """The trainer runs each MTP depth over all T positions (the last ones fed a padding token, not trained) so that
+    the MTP block has the main blocks' shape: its loss and gradients are those of the depth run over its own T-1-k
+    positions only (causal attention keeps the padding out of them)."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(nanoseek.get_preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 41))
+    x, y = ids[:, :40], ids[:, 1:]
+    parts = T.micro_step_losses(model, x, y, T.TrainConfig(out="-", seq_aux_alpha=0.0), 1)
+    parts["mtp_loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.mtp.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out = model(x, num_logits=0)
+    logits, _ = model.mtp_forward(0, out.hidden[:, :-1], x[:, 1:])
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
+    ref.backward()
+    torch.testing.assert_close(parts["mtp_loss"], ref, rtol=1e-5, atol=1e-6)
+    assert grads
+    for n, p in model.mtp.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_dsa_warmup_trains_only_the_indexer_and_kl_falls(env, pretrained, tmp_path):
     init = pretrained[0] / "final"
     out = tmp_path / "warm"
