@@ -385,8 +385,7 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
         h = out.hidden
         mtp = lm.new_zeros(())
         for k in range(mtp_depth):
-            n = T - 1 - k
-            if n <= 0:
+            if k >= T - 1:  # no position has a token k+1 steps ahead
                 break
             ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
             normed, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
