@@ -369,6 +369,8 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     different numbers of trained tokens (SFT's masks) add up to the global batch's per-token mean, the same
     however the batch is split across processes and accumulation steps."""
     out = model(x, segment_ids=segment_ids, num_logits=0)  # the head runs in head_loss (no [B, T, V] logits)
+    if tc.dsa_stage == "warmup":
+        return _warmup_losses(model, x, out, mtp_depth, segment_ids)
 
     def mean_nats(hidden: torch.Tensor, target: torch.Tensor, i: int) -> torch.Tensor:
         nats = model.head_loss(hidden, target, reduction="sum")
@@ -405,8 +407,28 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
         parts["indexer_kl"] = stats.indexer_loss()
         parts["indexer_recall"] = stats.indexer_recall()
         # warm-up: the frozen model only supplies the target; only the indexers' KL is optimised
-        total = parts["indexer_kl"] if tc.dsa_stage == "warmup" else total + parts["indexer_kl"]
+        total = total + parts["indexer_kl"]
     parts["loss"] = total
+    load = stats.expert_load(model.config.n_routed_experts)
+    if load is not None:
+        parts["expert_load"] = load
+    return parts
+
+
+def _warmup_losses(model: Transformer, x: torch.Tensor, out, mtp_depth: int,
+                   segment_ids: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DSA warm-up: only the indexers train, on their KL to the frozen model's attention. The MTP blocks run (their
+    indexers warm up too) but no head pass does: the LM losses would be the frozen model's, at a tenth of the
+    step's cost."""
+    h = out.hidden
+    for k in range(mtp_depth):
+        if k >= x.shape[1] - 1:
+            break
+        ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
+        _, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
+    stats = out.stats
+    parts = {"indexer_kl": stats.indexer_loss(), "indexer_recall": stats.indexer_recall()}
+    parts["loss"] = parts["indexer_kl"]
     load = stats.expert_load(model.config.n_routed_experts)
     if load is not None:
         parts["expert_load"] = load
@@ -926,7 +948,12 @@ def train(tc: TrainConfig) -> dict:
 
     # -- what the user sees --------------------------------------------------------------------------------
     peak, peak_src = M.peak_flops(device, dtype)
-    n_flops = M.flops_params(cfg, with_mtp=mtp_depth > 0)
+    # matmul FLOPs a token (6N: forward + backward; attention left out); the DSA warm-up runs the frozen model's
+    # forward (2N) without its head passes (`_warmup_losses`)
+    n_params = M.flops_params(cfg, with_mtp=mtp_depth > 0)
+    n_flops = 6 * n_params
+    if tc.dsa_stage == "warmup":
+        n_flops = 2 * (n_params - (1 + mtp_depth) * cfg.vocab_size * cfg.hidden_size)
     log = M.MetricsLog(run / "metrics.jsonl", resume_step=start if saved is not None else None, enabled=main)
     stop = tc.stop_after or tc.max_steps
     n = cfg.num_params()
@@ -1015,7 +1042,7 @@ def train(tc: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             tps = step_tokens / dt
             rec = {"step": step, **means, "lr": lr, "grad_norm": gnorm, "tokens": step * step_tokens,
-                   "tokens_per_s": tps, "mfu": 6 * n_flops * tps / (peak * world), "memory_mb": M.memory_mb(device),
+                   "tokens_per_s": tps, "mfu": n_flops * tps / (peak * world), "memory_mb": M.memory_mb(device),
                    "step_time_s": dt}
             if moes:
                 rec["maxvio"] = [M.max_vio(l) for l in loads]
@@ -1030,7 +1057,8 @@ def train(tc: TrainConfig) -> dict:
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"loss is {means['loss']} at step {step}; lower --lr or check the data")
             log.log(rec)
-            info = f"loss {means['loss']:.4f} (LM {means['lm_loss']:.4f}) | {tps:,.0f} tok/s | lr {lr:.2e}"
+            info = f"loss {means['loss']:.4f}" + (f" (LM {means['lm_loss']:.4f})" if "lm_loss" in means else "")
+            info += f" | {tps:,.0f} tok/s | lr {lr:.2e}"
             if "indexer_kl" in means:
                 info += f" | KL {means['indexer_kl']:.4f}"
             bar.update(step, info)
@@ -1047,8 +1075,8 @@ def train(tc: TrainConfig) -> dict:
     if last_saved != step:
         checkpoint(step)
     elapsed = time.perf_counter() - t_start
-    summary = {"run": str(run), "preset": tc.preset, "stage": tc.dsa_stage, "steps": step,
-               "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
+    summary = {"run": str(run), "preset": tc.preset if tc.init is None else None, "init": tc.init,
+               "stage": tc.dsa_stage, "steps": step, "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
                "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed, **task_summary}
     if step == tc.max_steps:
         _finish(model, tok, tc, run, dist, log, summary, rec, peak_src, prompts)

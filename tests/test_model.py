@@ -160,6 +160,58 @@ def test_dsa_with_k_at_least_T_equals_dense():
     assert (sparse - dense).abs().max() < 1e-6
 
 
+def test_indexer_scores_in_query_blocks_equal_one_block_per_row(monkeypatch):
+    """`Indexer.scores` computes many queries' logits in blocks (dsa.BLOCK_LOGITS): blocks of 3 queries, the last
+    one short, give one row's single GEMM's scores and gradients (every input and indexer weight)."""
+    from nanoseek.model import dsa
+    m = model()
+    mla = m.layers[0].self_attn
+    cfg = m.config
+    x = torch.randn(B, T, cfg.hidden_size, requires_grad=True)
+    cq = torch.randn(B, T, cfg.q_lora_rank, requires_grad=True)
+    rope = m.rotary(torch.arange(T)[None].expand(B, -1))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, -1, -1)
+    g = torch.randn(B, T, T)
+
+    def run(block):
+        monkeypatch.setattr(dsa, "BLOCK_LOGITS", block)
+        m.zero_grad()
+        x.grad = cq.grad = None
+        keys = mla.indexer.key(x, rope)
+        s = mla.indexer.scores(x, cq, keys, rope, mask)
+        s.masked_fill(~mask, 0).mul(g).sum().backward()
+        return s.detach(), [t.grad.clone() for t in [x, cq, *mla.indexer.parameters()]]
+
+    one_block, grads1 = run(1 << 30)
+    blocks, grads3 = run(3 * cfg.index_n_heads * T)  # 48 queries: 16 blocks of 3
+    assert torch.equal(one_block.isinf(), ~mask)
+    assert (blocks - one_block)[mask].abs().max() < 1e-6
+    for a, b in zip(grads3, grads1):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max())
+
+
+def test_explicit_attention_equals_sdpa():
+    """MLA.naive with need_probs (the DSA stages' explicit softmax(q k^T) v, the mask as an additive bias) gives
+    SDPA's output and gradients, and probabilities that sum to 1 over the visible keys and are 0 elsewhere."""
+    m = model()
+    mla = m.layers[0].self_attn
+    H, qk = mla.n_heads, m.config.qk_head_dim
+    q = torch.randn(B, T, H, qk, requires_grad=True)
+    rows = torch.randn(B, T, mla.R + mla.P, requires_grad=True)
+    mask = (torch.rand(B, T, T) < 0.4) | torch.eye(T, dtype=torch.bool)
+    g = torch.randn(B, T, H, mla.V)
+    out = {}
+    for explicit in (False, True):
+        q.grad = rows.grad = None
+        o, probs = mla.naive(q, rows, mask, need_probs=explicit)
+        (o * g).sum().backward()
+        out[explicit] = o.detach(), q.grad.clone(), rows.grad.clone(), probs
+    for a, b in zip(out[True][:3], out[False][:3]):
+        assert (a - b).abs().max() < 1e-5
+    probs = out[True][3]
+    assert torch.allclose(probs.sum(-1), torch.ones(())) and not probs.masked_select(~mask[:, None]).any()
+
+
 @pytest.mark.parametrize("dsa", [False, True])
 def test_decode_step_by_step_equals_full_forward(dsa):
     m = model() if dsa else model(index_topk=0, index_n_heads=0)
@@ -180,7 +232,7 @@ def test_sparse_decode_reads_only_k_rows():
     x = ids(m.config)
     cache = nanoseek.DenseCache(m.config, B, T)
     seen = []
-    orig_gather, orig_read = cache.gather, cache.read
+    orig_gather = cache.gather
     cache.gather = lambda layer, idx: (seen.append(("gather", idx.shape[-1])), orig_gather(layer, idx))[1]
     with torch.no_grad():
         m(x[:, :T - 1], cache=cache.step(T - 1))

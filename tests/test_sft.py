@@ -48,6 +48,10 @@ def env(tmp_path_factory):
     tok = train_tokenizer([text], 500)
     model_dir = root / "model"
     cfg = nanoseek.get_preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    # the same weights whatever ran before in this process: with some draws two keys' index scores tie exactly at
+    # the k-th place, and which one top-k keeps differs between a packed row and a conversation alone
+    # (test_packed_rows_equal_each_conversation_alone failed so after tests/test_engine.py)
+    torch.manual_seed(0)
     save_pretrained(nanoseek.Transformer(cfg), model_dir)
     tok.save(model_dir)
     rows = []

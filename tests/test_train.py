@@ -288,6 +288,8 @@ def test_dsa_warmup_trains_only_the_indexer_and_kl_falls(env, pretrained, tmp_pa
     after = nanoseek.from_pretrained(out / "final").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".indexer." in k for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("mtp.0.block.self_attn.indexer.") for k in changed)  # the MTP block's warms up too
+    assert not any("lm_loss" in r or "mtp_loss" in r for r in recs)  # no head pass in the warm-up
 
     # sparse stage: everything trains with top-k attention (64 > index_topk 32) and the indexer KL is reported
     sparse = run(env, tmp_path / "sparse", "--init", str(out / "final"), "--dsa-stage", "sparse",

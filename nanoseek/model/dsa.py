@@ -23,6 +23,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.rope import RopeTables, apply_rope_halves
 
 
+BLOCK_LOGITS = 1 << 21  # index logits computed at once when scoring many queries (`Indexer.scores`)
+
+
 class Indexer(nn.Module):
     # under autocast the index scores (and so the KL the indexer trains on) are computed in fp32 (`scores`):
     # bf16 training keeps these weights fp32 (optim.py)
@@ -67,9 +70,20 @@ class Indexer(nn.Module):
             logits = torch.matmul(keys, q.transpose(1, 2)).relu_()
             scores = torch.matmul(logits, w.to(dt).view(B, self.n_heads, 1)).view(B, 1, -1).float()
         else:
-            # one GEMM over all (query, head) pairs: [B, T*Hi, Di] x [B, Di, S] -> [B, T*Hi, S]
-            logits = torch.matmul(q, keys.transpose(1, 2)).relu_().view(B * T, self.n_heads, -1)
-            scores = torch.bmm(w.to(dt).reshape(B * T, 1, self.n_heads), logits).view(B, T, -1).float()
+            # per row, blocks of n queries: [n*Hi, Di] x [Di, S] -> logits [n*Hi, S], summed over heads by w.
+            # All of them at once would be B*T*Hi*S logits (32 MB in fp32 for `small` at 4 x 512 tokens, quadratic
+            # in T); in blocks of at most BLOCK_LOGITS they stay in the last-level cache and the allocator reuses
+            # the same memory (CPU, 4 x 512: the indexer's forward + backward in half the time)
+            H, S = self.n_heads, keys.shape[1]
+            n = max(1, BLOCK_LOGITS // (H * S))
+            w = w.to(dt)
+            rows = []
+            for b in range(B):
+                kt = keys[b].t()
+                rows.append(torch.cat([
+                    torch.bmm(w[b, t:t + n].unsqueeze(1), (q[b, t * H:(t + n) * H] @ kt).relu_().view(-1, H, S))
+                    for t in range(0, T, n)]).view(T, S))
+            scores = torch.stack(rows).float()
         return scores.masked_fill(~mask, float("-inf"))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:

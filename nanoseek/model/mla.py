@@ -127,8 +127,11 @@ class MLA(nn.Module):
             T = q.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None]
         if explicit:
-            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
-            probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+            # the mask as an additive bias [B, 1, T, S] and the scale in the same add: one pass over the
+            # [B, H, T, S] scores forward and one backward (eager DSA stages; inductor fuses either way)
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill_(~mask, float("-inf"))
+            scores = torch.add(bias[:, None], torch.matmul(q, k.transpose(-1, -2)).float(), alpha=self.scale)
+            probs = scores.softmax(-1)
             out = torch.matmul(probs.to(v.dtype), v)
             return out.transpose(1, 2), (probs if need_probs else None)
         # CPU flash attention is ~2x slower when v's head dim differs from q/k's: pad v, slice the output
@@ -228,7 +231,7 @@ class MLA(nn.Module):
         out, probs = self.naive(q, rows, attn_mask, need_probs=True)
         if stats is not None:
             stats.indexer_losses.append(self._indexer_kl(probs, scores, attn_mask))
-            stats.indexer_recalls.append(self._indexer_recall(probs, scores))
+            stats.indexer_recalls.append(self._indexer_recall(probs, scores, idx))
         return self.o_proj(out.flatten(2))
 
     def _forward_sparse(self, x, cq, q, rows, mask, keys, rope, cache, path, plain):
@@ -283,12 +286,13 @@ class MLA(nn.Module):
                          torch.zeros_like(target))
         return kl.sum(-1).mean()
 
-    def _indexer_recall(self, probs, scores) -> torch.Tensor:
-        """The share of the attention mass on the indexer's top-k positions (a diagnostic, no gradient)."""
+    def _indexer_recall(self, probs, scores, idx=None) -> torch.Tensor:
+        """The share of the attention mass on the indexer's top-k positions (a diagnostic, no gradient); idx: those
+        positions [B, T, K] if already selected."""
         with torch.no_grad():
-            k = min(self.indexer.topk, scores.shape[-1])
-            top = scores.topk(k, dim=-1).indices
-            return torch.gather(self._attention_target(probs), -1, top).sum(-1).mean()
+            if idx is None:
+                idx = scores.topk(min(self.indexer.topk, scores.shape[-1]), dim=-1).indices
+            return torch.gather(self._attention_target(probs), -1, idx).sum(-1).mean()
 
     @staticmethod
     def _attention_target(probs) -> torch.Tensor:
