@@ -732,29 +732,22 @@ def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(model: Transformer, tok, prompt: str | list[int], max_new: int, temperature: float = 0.8,
-           seed: int = 0) -> str:
-    """A plain sampling loop over a DenseCache (the serving engine does this properly). prompt: text (BOS put
-    before it), or token ids as they are."""
-    from nanoseek.model.cache import DenseCache
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    ids = [tok.bos_id] + tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    cache = DenseCache(model.config, 1, len(ids) + max_new, dtype=dtype, device=dev)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = model(torch.tensor([ids], device=dev), cache=cache.step(len(ids)), num_logits=1).logits[0, -1]
-    out: list[int] = []
-    for _ in range(max_new):
-        if temperature > 0:
-            probs = (logits.float().cpu() / temperature).softmax(-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        else:
-            nxt = int(logits.argmax())
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        logits = model(torch.tensor([[nxt]], device=dev), cache=cache.step(1)).logits[0, -1]
-    return tok.decode(out)
+def sample(model: Transformer, tok, prompts: list, max_new: int, temperature: float = 0.8, seed: int = 0) -> list[str]:
+    """Sampled completions of `prompts` (text, BOS put before it, or token ids as they are), the i-th drawn with
+    seed + i, up to max_new tokens or the tokenizer's EOS: one batch through the serving engine (its decode
+    kernels: the report's four samples in a quarter of the time a plain cached loop takes on CPU)."""
+    from nanoseek.engine import Engine, SamplingParams
+    ids = [[tok.bos_id] + tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    engine = Engine(model, None, max_batch_size=len(ids), max_model_len=max(map(len, ids)) + max_new)
+    params = [SamplingParams(max_tokens=max_new, temperature=temperature, seed=seed + i, stop_token_ids=[tok.eos_id])
+              for i in range(len(ids))]
+    texts = []
+    for out in engine.generate(ids, params):
+        new = out.new_token_ids
+        if out.finish_reason == "stop" and new and new[-1] in (tok.eos_id, engine.eos_id):
+            new = new[:-1]
+        texts.append(tok.decode(new))
+    return texts
 
 
 SAMPLE_PROMPTS = ["def ", "import os\n", "class Parser:\n    def ", "# Copyright", "The "]
@@ -1203,9 +1196,8 @@ def _finish(model, tok, tc: TrainConfig, run: Path, dist, log, summary: dict, re
         m = from_pretrained(tc.init if tc.lora_rank else final, dtype=torch.float32)
         if tc.lora_rank:  # cached decoding reads kv_b_proj's weight directly: sample from the merged model
             m = lora.merge_lora(lora.load_adapter(m, final))
-        for i, p in enumerate(prompts):
-            shown = p if isinstance(p, str) else tok.decode(p)
-            samples.append((shown, sample(m, tok, p, tc.sample_tokens, seed=tc.seed + i)))
+        texts = sample(m, tok, prompts, tc.sample_tokens, seed=tc.seed)
+        samples = [(p if isinstance(p, str) else tok.decode(p), t) for p, t in zip(prompts, texts)]
     last = records[-1] if records else rec
     summary.update({"final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss"), "tokens_per_s": _median([r.get("tokens_per_s")
                                                                             for r in records[-20:]]),

@@ -276,6 +276,25 @@ def test_mtp_loss_over_padded_rows_equals_the_loss_over_its_positions():
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_samples_are_seeded_batched_and_stop_at_eos(pretrained):
+    """`train.sample` (the report's completions, through the engine): the i-th prompt drawn with seed + i whatever
+    the batch, text and token-id prompts alike, at most max_new tokens, and EOS ends a sample without showing."""
+    import types
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.tokenizer import load_tokenizer
+    final = pretrained[0] / "final"
+    tok = load_tokenizer(final)
+    m = nanoseek.from_pretrained(final, dtype=torch.float32)
+    both = T.sample(m, tok, ["def ", "import os\n"], 12, seed=5)
+    assert both[1] == T.sample(m, tok, ["import os\n"], 12, seed=6)[0]
+    assert both[0] == T.sample(m, tok, [[tok.bos_id] + tok.encode("def ")], 12, seed=5)[0]
+    assert all(len(tok.encode(t)) <= 14 for t in both) and any(both)
+    ids = [tok.bos_id] + tok.encode("def ")
+    first = Engine(m, None).generate([ids], SamplingParams(max_tokens=1, temperature=0.8, seed=5))[0].new_token_ids[0]
+    stops_there = types.SimpleNamespace(bos_id=tok.bos_id, eos_id=first, encode=tok.encode, decode=tok.decode)
+    assert T.sample(m, stops_there, ["def "], 12, seed=5) == [""]
+
+
 def test_dsa_warmup_trains_only_the_indexer_and_kl_falls(env, pretrained, tmp_path):
     init = pretrained[0] / "final"
     out = tmp_path / "warm"
