@@ -389,8 +389,7 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
         for k in range(mtp_depth):
             if k >= T - 1:  # no position has a token k+1 steps ahead
                 break
-            ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
-            normed, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
+            normed, h = model.mtp_forward(k, h, _ahead(x, k), stats=out.stats, segment_ids=segment_ids, logits=False)
             target = F.pad(_mtp_targets(y, segment_ids, k), (0, k + 1), value=-100)
             if segment_ids is None and per_target is None:
                 mtp = mtp + model.head_loss(normed, target)
@@ -406,7 +405,6 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     if stats.indexer_losses:
         parts["indexer_kl"] = stats.indexer_loss()
         parts["indexer_recall"] = stats.indexer_recall()
-        # warm-up: the frozen model only supplies the target; only the indexers' KL is optimised
         total = total + parts["indexer_kl"]
     parts["loss"] = total
     load = stats.expert_load(model.config.n_routed_experts)
@@ -415,17 +413,19 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     return parts
 
 
+def _ahead(x: torch.Tensor, k: int) -> torch.Tensor:
+    """MTP depth k's input tokens [B, T]: x[:, i+k+1] at position i, the row's last token repeated past its end."""
+    return torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
+
+
 def _warmup_losses(model: Transformer, x: torch.Tensor, out, mtp_depth: int,
                    segment_ids: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """DSA warm-up: only the indexers train, on their KL to the frozen model's attention. The MTP blocks run (their
-    indexers warm up too) but no head pass does: the LM losses would be the frozen model's, at a tenth of the
+    indexers warm up too) but no head pass does: the LM losses would be the frozen model's, at a sixth of the
     step's cost."""
     h = out.hidden
-    for k in range(mtp_depth):
-        if k >= x.shape[1] - 1:
-            break
-        ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
-        _, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
+    for k in range(min(mtp_depth, x.shape[1] - 1)):
+        _, h = model.mtp_forward(k, h, _ahead(x, k), stats=out.stats, segment_ids=segment_ids, logits=False)
     stats = out.stats
     parts = {"indexer_kl": stats.indexer_loss(), "indexer_recall": stats.indexer_recall()}
     parts["loss"] = parts["indexer_kl"]
@@ -732,7 +732,8 @@ def evaluate(model, batches, autocast, dist, stage: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample(model: Transformer, tok, prompts: list, max_new: int, temperature: float = 0.8, seed: int = 0) -> list[str]:
+def sample(model: Transformer, tok, prompts: list, max_new: int, temperature: float = 0.8,
+           seed: int = 0) -> list[str]:
     """Sampled completions of `prompts` (text, BOS put before it, or token ids as they are), the i-th drawn with
     seed + i, up to max_new tokens or the tokenizer's EOS: one batch through the serving engine (its decode
     kernels: the report's four samples in a quarter of the time a plain cached loop takes on CPU)."""
@@ -1069,8 +1070,9 @@ def train(tc: TrainConfig) -> dict:
         checkpoint(step)
     elapsed = time.perf_counter() - t_start
     summary = {"run": str(run), "preset": tc.preset if tc.init is None else None, "init": tc.init,
-               "stage": tc.dsa_stage, "steps": step, "tokens": step * step_tokens, "params_total": n["total"], "params_active": n["active"],
-               "processes": world, "device": str(device), "dtype": tc.dtype, "wall_time_s": elapsed, **task_summary}
+               "stage": tc.dsa_stage, "steps": step, "tokens": step * step_tokens, "params_total": n["total"],
+               "params_active": n["active"], "processes": world, "device": str(device), "dtype": tc.dtype,
+               "wall_time_s": elapsed, **task_summary}
     if step == tc.max_steps:
         _finish(model, tok, tc, run, dist, log, summary, rec, peak_src, prompts)
     elif main:

@@ -9,7 +9,7 @@
 #   5. report: RUN/report.md (+ each stage's own report.md, metrics.jsonl and plots)
 #
 # Cost (2 cores, 2 threads, cold torch.compile cache; README "Train"): AMD EPYC Zen 4 with AVX-512 BF16 (bfloat16,
-# picked by --dtype auto) 8 min 40 s wall, held-out 1.636 bits/byte after pre-training and 1.633 after the DSA
+# picked by --dtype auto) 8 min 23 s wall, held-out 1.636 bits/byte after pre-training and 1.633 after the DSA
 # stages (2026-12-05). With the recipe before (320 pre-training steps, one learning rate): AMD EPYC Zen 3 with AVX2
 # (float32) 26 min 13 s, 1.640 and 1.648 (2026-12-03); AMD EPYC Zen 5 with AVX-512 BF16 9 min 09 s, 1.64 and 1.665.
 #
