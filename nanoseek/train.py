@@ -370,7 +370,13 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     however the batch is split across processes and accumulation steps."""
     out = model(x, segment_ids=segment_ids, num_logits=0)  # the head runs in head_loss (no [B, T, V] logits)
     if tc.dsa_stage == "warmup":
-        return _warmup_losses(model, x, out, mtp_depth, segment_ids)
+        # only the indexers train, on their KL to the frozen model's attention: the MTP blocks run (their indexers
+        # warm up too) but no head pass does (the LM losses would be the frozen model's, at a sixth of the step)
+        for _ in _mtp_depths(model, x, out, mtp_depth, segment_ids):
+            pass
+        kl = out.stats.indexer_loss()
+        return _with_loads(model, out.stats, {"indexer_kl": kl, "indexer_recall": out.stats.indexer_recall(),
+                                              "loss": kl})
 
     def mean_nats(hidden: torch.Tensor, target: torch.Tensor, i: int) -> torch.Tensor:
         nats = model.head_loss(hidden, target, reduction="sum")
@@ -379,17 +385,9 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
     parts: dict[str, torch.Tensor] = {"lm_loss": lm}
     total = lm
     if mtp_depth:
-        # depth k (0-based): hidden of depth k-1 at i, token i+k+1 (= x[:, i+k+1]) -> predicts y[:, i+k+1].
-        # Each depth runs over all T positions, its last k+1 fed a repeat of the row's last token and not trained
-        # (-100): causal attention keeps them out of the other positions' outputs, and at the main blocks' length
-        # the MTP block reuses their compiled graph (`nanoseek.compile`) instead of compiling its own.
-        T = x.shape[1]
-        h = out.hidden
+        # depth k's targets: y[:, i+k+1] at position i, -100 past the row's end (`_mtp_depths`)
         mtp = lm.new_zeros(())
-        for k in range(mtp_depth):
-            if k >= T - 1:  # no position has a token k+1 steps ahead
-                break
-            normed, h = model.mtp_forward(k, h, _ahead(x, k), stats=out.stats, segment_ids=segment_ids, logits=False)
+        for k, normed in _mtp_depths(model, x, out, mtp_depth, segment_ids):
             target = F.pad(_mtp_targets(y, segment_ids, k), (0, k + 1), value=-100)
             if segment_ids is None and per_target is None:
                 mtp = mtp + model.head_loss(normed, target)
@@ -407,28 +405,24 @@ def micro_step_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, tc: 
         parts["indexer_recall"] = stats.indexer_recall()
         total = total + parts["indexer_kl"]
     parts["loss"] = total
-    load = stats.expert_load(model.config.n_routed_experts)
-    if load is not None:
-        parts["expert_load"] = load
-    return parts
+    return _with_loads(model, stats, parts)
 
 
-def _ahead(x: torch.Tensor, k: int) -> torch.Tensor:
-    """MTP depth k's input tokens [B, T]: x[:, i+k+1] at position i, the row's last token repeated past its end."""
-    return torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
-
-
-def _warmup_losses(model: Transformer, x: torch.Tensor, out, mtp_depth: int,
-                   segment_ids: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DSA warm-up: only the indexers train, on their KL to the frozen model's attention. The MTP blocks run (their
-    indexers warm up too) but no head pass does: the LM losses would be the frozen model's, at a sixth of the
-    step's cost."""
+def _mtp_depths(model: Transformer, x: torch.Tensor, out, mtp_depth: int, segment_ids: Optional[torch.Tensor]):
+    """Run the MTP depths after the main blocks' output `out`, yielding (k, normed hidden [B, T, D]) for each depth
+    k (0-based) that has a token k+1 steps ahead. Depth k reads the hidden state of depth k-1 at i and token i+k+1
+    (= x[:, i+k+1]), and predicts y[:, i+k+1]. It runs over all T positions, its last k+1 fed a repeat of the row's
+    last token (their targets are -100): causal attention keeps them out of the other positions' outputs, and at the
+    main blocks' length the MTP block reuses their compiled graph (`nanoseek.compile`) instead of compiling its own."""
     h = out.hidden
     for k in range(min(mtp_depth, x.shape[1] - 1)):
-        _, h = model.mtp_forward(k, h, _ahead(x, k), stats=out.stats, segment_ids=segment_ids, logits=False)
-    stats = out.stats
-    parts = {"indexer_kl": stats.indexer_loss(), "indexer_recall": stats.indexer_recall()}
-    parts["loss"] = parts["indexer_kl"]
+        ahead = torch.cat((x[:, k + 1:], x[:, -1:].expand(-1, k + 1)), dim=1)
+        normed, h = model.mtp_forward(k, h, ahead, stats=out.stats, segment_ids=segment_ids, logits=False)
+        yield k, normed
+
+
+def _with_loads(model: Transformer, stats, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """parts with the expert loads of the MoE layers that ran ('expert_load' [L, E]), where any did."""
     load = stats.expert_load(model.config.n_routed_experts)
     if load is not None:
         parts["expert_load"] = load
@@ -943,7 +937,7 @@ def train(tc: TrainConfig) -> dict:
     # -- what the user sees --------------------------------------------------------------------------------
     peak, peak_src = M.peak_flops(device, dtype)
     # matmul FLOPs a token (6N: forward + backward; attention left out); the DSA warm-up runs the frozen model's
-    # forward (2N) without its head passes (`_warmup_losses`)
+    # forward (2N) without its head passes (`micro_step_losses`)
     n_params = M.flops_params(cfg, with_mtp=mtp_depth > 0)
     n_flops = 6 * n_params
     if tc.dsa_stage == "warmup":
