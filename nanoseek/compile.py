@@ -48,10 +48,27 @@ def _regional_forward(block: nn.Module, region: Callable):
     return forward
 
 
+def key_cache_on_cpu_isa() -> None:
+    """Make the CPU's vector ISA part of every torch.compile cache key of this process.
+
+    Inductor's on-disk graph cache (torch 2.13) keys a compiled graph on the graph, its inputs, the configs and the
+    torch version, not on the vector ISA its C++ kernels were generated for, while it builds a cached graph's
+    kernels with the flags of the process that loads it. A graph generated for AVX2 (a process capped with
+    ATEN_CPU_CAPABILITY=avx2, or another machine sharing the cache folder) and built for AVX-512 indexes its
+    buffers with the wrong vector width: the training step corrupted the heap (glibc: "corrupted size vs.
+    prev_size") until the cache folder was deleted. With the ISA in the key, each ISA compiles its own graphs."""
+    import torch.compiler.config as cc
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    tag = f"nanoseek-cpu-isa:{pick_vec_isa() or 'none'}"
+    if tag not in cc.cache_key_tag.split(","):
+        cc.cache_key_tag = ",".join(t for t in (cc.cache_key_tag, tag) if t)
+
+
 def compile_blocks(model: Transformer) -> None:
     """Compile the training forward of every block of `model` (main layers and MTP) regionally, in place.
     Shapes stay static: each (block kind, length) is one graph."""
     import torch._dynamo
+    key_cache_on_cpu_isa()
     # one entry per block kind and sequence length, with room for the stages' recompiles (e.g. a freeze change)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     region = torch.compile(_block_region, dynamic=False)
