@@ -5,7 +5,7 @@ written with PyTorch ops. The [N, V] logits and their gradient never exist whole
 this does not apply.
 
 Forward, chunk by chunk of rows: logits = h @ W^T (in the matmul dtype, then fp32, as the reference rounds them),
-their log-sum-exp and the targets' nats; when a gradient is wanted, the gradient of the chunk's nats
+their log-softmax and the targets' nats; when a gradient is wanted, the gradient of the chunk's nats
 (softmax - one-hot) goes straight into dh = g @ W and dW += g^T @ h while the chunk is still in cache. Backward
 only scales dh and dW by the incoming gradient. The head's three GEMMs run once each, as in the unfused step.
 """
@@ -38,12 +38,13 @@ def _chunks(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_inde
         x, t = h[s:s + rows], targets[s:s + rows]
         keep = t != ignore_index
         t = t.masked_fill(~keep, 0)
-        logits = (x @ w.T).float()  # [c, V]
-        lse = torch.logsumexp(logits, -1)
-        nats += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
+        # log-probabilities by one kernel that finishes each row while it is in cache (as F.cross_entropy computes
+        # them); logsumexp and a subtraction made three passes over the [c, V] chunk and a temporary of its size
+        logp = torch.log_softmax((x @ w.T).float(), -1)  # [c, V]
+        nats -= (logp.gather(1, t[:, None]).squeeze(1) * keep).sum()
         if not (need_h or need_w):
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        g = logp.exp_()  # softmax, in place of the log-probabilities
         g[torch.arange(len(t), device=t.device), t] -= 1.0
         g.mul_((keep * scale).to(g.dtype)[:, None])  # ignored rows: no gradient
         g = g.to(h.dtype)
