@@ -502,6 +502,9 @@ def main() -> None:
     args.quantize = [q for q in args.quantize.split(",") if q]
     if any(q not in quant.FORMATS for q in args.quantize):
         ap.error(f"--quantize: formats are {', '.join(quant.FORMATS)}")
+    for name in ("prompt", "tokens", "repeats", "sequences"):
+        if getattr(args, name) < (2 if name == "tokens" else 1):
+            ap.error(f"--{name} must be at least {2 if name == 'tokens' else 1}")
     args.dtypes = ",".join(precision.dtype_names(args.dtypes, what="decode"))
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -208,3 +208,14 @@ def test_pages_comparison_times_both_kinds_of_memory(monkeypatch, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| float32 |")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "2"]
     assert set(placed) == {(False, False), (True, True)} and len(placed) == 8  # 2 rounds x 2 threads x 2 kinds
+
+
+@pytest.mark.parametrize("bad", [["--sequences", "0"], ["--tokens", "1"], ["--prompt", "0"], ["--repeats", "0"]])
+def test_counts_out_of_range_are_refused_in_one_line(bad, monkeypatch, capsys):
+    """(--sequences 0 made llama-batched-bench print a result line that is not JSON, and the bench stopped in a
+    traceback halfway through its llama.cpp comparison)"""
+    monkeypatch.setattr(sys, "argv", ["decode.py", *bad])
+    with pytest.raises(SystemExit) as e:
+        decode.main()
+    assert e.value.code == 2
+    assert f"{bad[0]} must be at least" in capsys.readouterr().err
