@@ -53,10 +53,10 @@ def key_cache_on_cpu_isa() -> None:
 
     Inductor's on-disk graph cache (torch 2.13) keys a compiled graph on the graph, its inputs, the configs and the
     torch version, not on the vector ISA its C++ kernels were generated for, while it builds a cached graph's
-    kernels with the flags of the process that loads it. A graph generated for AVX2 (a process capped with
-    ATEN_CPU_CAPABILITY=avx2, or another machine sharing the cache folder) and built for AVX-512 indexes its
-    buffers with the wrong vector width: the training step corrupted the heap (glibc: "corrupted size vs.
-    prev_size") until the cache folder was deleted. With the ISA in the key, each ISA compiles its own graphs."""
+    kernels with the flags of the process that loads it. A graph generated for AVX2 (by a process capped with
+    ATEN_CPU_CAPABILITY=avx2, or another machine sharing the cache folder) and loaded by an AVX-512 process made
+    the training step corrupt the heap (glibc: "corrupted size vs. prev_size"), every run until the cache folder
+    was deleted. With the ISA in the key, each ISA compiles its own graphs."""
     import torch.compiler.config as cc
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     tag = f"nanoseek-cpu-isa:{pick_vec_isa() or 'none'}"
