@@ -89,16 +89,18 @@ static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
 #define NS_WT_BF 1
 #endif
 
-/* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator
- * (op % NS_DOT_ACC), a prefetch 2 KB ahead per line (b streams weight rows one after another: asking 2 KB ahead
- * keeps more of memory's latency hidden than the hardware prefetcher alone; on AVX-512 the bf16 block stack ran
- * 8-12% faster, and 0.5 and 4 KB ahead were slower); then whole vector ops into the first accumulator, the
- * accumulators' sum reduced, and a scalar tail. dot_k shares each load of b among up to four rows, so its
+/* The dot products' loop: steps of two cache lines of b, each vector op of a step into accumulator (op %
+ * NS_DOT_ACC), a prefetch 2 KB ahead per line (b streams weight rows one after another: asking 2 KB ahead keeps
+ * more of memory's latency hidden than the hardware prefetcher alone; on AVX-512 the bf16 block stack ran 8-12%
+ * faster, and 0.5 and 4 KB ahead were slower); then whole vector ops into the first accumulator, the accumulators'
+ * sum reduced, and a scalar tail. The prefetch is non-temporal on x86 (ns_prefetch_nta): a token reads each weight
+ * once, and keeping the weights out of the caches' recency order leaves cached what is read again (the activations,
+ * the KV cache rows, the caller's objects between calls). dot_k shares each load of b among up to four rows, so its
  * 4 x NS_DOT_ACC accumulators must stay in registers. AVX-512 and AVX2 keep one accumulator per line (on AVX-512
  * the arithmetic these kernels had before simd.h): on Zen 3 (AVX2, one thread, rows of 384 in L2) four rows ran
- * 1.2x (bf16) to 1.7x (fp32) faster than with four accumulators (four rows of them spill AVX2's 16 registers;
- * two rows per call read b twice), while one row alone ran ~15% slower (in cache only: rows streamed from memory
- * are bound by its bandwidth). NEON's narrower vectors take four accumulators: 4 x 4 of its 32 registers. */
+ * 1.2x (bf16) to 1.7x (fp32) faster than with four accumulators (four rows of them spill AVX2's 16 registers; two
+ * rows per call read b twice), while one row alone ran ~15% slower (in cache only: rows streamed from memory are
+ * bound by its bandwidth). NEON's narrower vectors take four accumulators: 4 x 4 of its 32 registers. */
 #define NS_STEP (128 / (int64_t)sizeof(wt))
 #define NS_AHEAD (2048 / (int64_t)sizeof(wt))
 #define NS_OPS (NS_STEP / NS_VWT) /* vector ops per step */
@@ -116,8 +118,8 @@ static inline float dot(const wt *a, const wt *b, int64_t n) {
     vf acc[NS_DOT_ACC];
     for (int j = 0; j < NS_DOT_ACC; j++) acc[j] = vf_zero();
     for (; i + NS_STEP <= n; i += NS_STEP) {
-        ns_prefetch(b + i + NS_AHEAD);
-        ns_prefetch(b + i + NS_AHEAD + NS_STEP / 2);
+        ns_prefetch_nta(b + i + NS_AHEAD);
+        ns_prefetch_nta(b + i + NS_AHEAD + NS_STEP / 2);
         for (int v = 0; v < NS_OPS; v++) {
             const int64_t o = i + v * NS_VWT;
             acc[v % NS_DOT_ACC] = vw_madd(acc[v % NS_DOT_ACC], vw_loadu(a + o), vw_loadu(b + o));
@@ -152,8 +154,8 @@ static inline __attribute__((always_inline)) void dot_k(const wt *const *x, cons
     for (int j = 0; j < k; j++)
         for (int u = 0; u < NS_DOT_ACC; u++) acc[j][u] = vf_zero();
     for (; i + NS_STEP <= n; i += NS_STEP) {
-        ns_prefetch(b + i + NS_AHEAD);
-        ns_prefetch(b + i + NS_AHEAD + NS_STEP / 2);
+        ns_prefetch_nta(b + i + NS_AHEAD);
+        ns_prefetch_nta(b + i + NS_AHEAD + NS_STEP / 2);
         for (int v = 0; v < NS_OPS; v++) {
             const vw bv = vw_loadu(b + i + v * NS_VWT);
             for (int j = 0; j < k; j++)

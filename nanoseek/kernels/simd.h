@@ -6,6 +6,8 @@
  *   vf_loadu_bf16(p)  NS_VW bf16 values widened to fp32 (exact: a bf16 is the high half of an fp32)
  *   vf_reduce_add(v)  the lanes' sum, in a fixed order per ISA
  *   ns_prefetch(p)    a read prefetch into L1
+ *   ns_prefetch_nta(p) a read prefetch of data read once (weights streamed by decode): non-temporal on x86,
+ *                     ns_prefetch elsewhere
  *   NS_BF16_DOT       defined where the CPU has a bf16 pair dot product (AVX-512 BF16): vf_dpbf16(acc, a, b)
  *                     adds a[2i] * b[2i] + a[2i+1] * b[2i+1] to lane i, over 2 * NS_VW bf16 values of a and b
  *   NS_SIMD_NAME      the variant's name, for ns_isa() in each library
@@ -69,6 +71,7 @@ static inline vf vf_dpbf16(vf acc, const uint16_t *a, const uint16_t *b) {
 }
 #endif
 #define ns_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define ns_prefetch_nta(p) _mm_prefetch((const char *)(p), _MM_HINT_NTA)
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -96,6 +99,7 @@ static inline float vf_reduce_add(vf v) {
     return _mm_cvtss_f32(s);
 }
 #define ns_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define ns_prefetch_nta(p) _mm_prefetch((const char *)(p), _MM_HINT_NTA)
 
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -120,6 +124,7 @@ static inline vf vf_fmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
 static inline vf vf_loadu_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
 static inline float vf_reduce_add(vf v) { return vaddvq_f32(v); }
 #define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define ns_prefetch_nta(p) ns_prefetch(p) /* (untimed on ARM hardware: kept as it was) */
 
 #else /* scalar: the reference build of the self-test */
 #define NS_VW 1
@@ -144,6 +149,7 @@ static inline vf vf_loadu_bf16(const uint16_t *p) {
 }
 static inline float vf_reduce_add(vf v) { return v; }
 #define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define ns_prefetch_nta(p) ns_prefetch(p) /* (untimed on ARM hardware: kept as it was) */
 #endif
 
 /* ---- bf16 pair dot products on every ISA (for cpu_decode.c) ------------------------------------------------
