@@ -149,7 +149,7 @@ static inline vf vf_loadu_bf16(const uint16_t *p) {
 }
 static inline float vf_reduce_add(vf v) { return v; }
 #define ns_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
-#define ns_prefetch_nta(p) ns_prefetch(p) /* (untimed on ARM hardware: kept as it was) */
+#define ns_prefetch_nta(p) ns_prefetch(p)
 #endif
 
 /* ---- bf16 pair dot products on every ISA (for cpu_decode.c) ------------------------------------------------
