@@ -94,8 +94,8 @@ static inline vf vf_loadu_w(const wt *p) { return vf_loadu_bf16(p); }
  * more of memory's latency hidden than the hardware prefetcher alone; on AVX-512 the bf16 block stack ran 8-12%
  * faster, and 0.5 and 4 KB ahead were slower); then whole vector ops into the first accumulator, the accumulators'
  * sum reduced, and a scalar tail. The prefetch is non-temporal on x86 (ns_prefetch_nta): a token reads each weight
- * once, and keeping the weights out of the caches' recency order leaves cached what is read again (the activations,
- * the KV cache rows, the caller's objects between calls). dot_k shares each load of b among up to four rows, so its
+ * once, so its lines need not displace lines that are read again (activations, KV cache rows); batch-1 decode ran
+ * faster with it on Zen 4 (the notes of issue 12). dot_k shares each load of b among up to four rows, so its
  * 4 x NS_DOT_ACC accumulators must stay in registers. AVX-512 and AVX2 keep one accumulator per line (on AVX-512
  * the arithmetic these kernels had before simd.h): on Zen 3 (AVX2, one thread, rows of 384 in L2) four rows ran
  * 1.2x (bf16) to 1.7x (fp32) faster than with four accumulators (four rows of them spill AVX2's 16 registers; two
