@@ -59,6 +59,7 @@ def key_cache_on_cpu_isa() -> None:
     was deleted. With the ISA in the key, each ISA compiles its own graphs."""
     import torch.compiler.config as cc
     from torch._inductor.cpu_vec_isa import pick_vec_isa
+    # inductor's own pick (it follows ATEN_CPU_CAPABILITY), not kernels.isa's: it is what its C++ is generated for
     tag = f"nanoseek-cpu-isa:{pick_vec_isa() or 'none'}"
     if tag not in cc.cache_key_tag.split(","):
         cc.cache_key_tag = ",".join(t for t in (cc.cache_key_tag, tag) if t)
