@@ -5,8 +5,9 @@
   eval_base_loss / eval_base_bpb when adapting: the base domain's held-out text).
 - MFU counts 6 x activated parameters x tokens/s (forward 2N + backward 4N FLOPs per token; attention's T^2
   term left out, as in PaLM's "6N" model FLOPs), over the peak of the device in the training dtype:
-  CUDA from a table of datasheet dense peaks, CPU MEASURED at start-up with a large matmul (best of a few runs),
-  so CPU MFU means "share of what this machine's matmul reaches", not of a datasheet number.
+  CUDA from a table of datasheet dense peaks, CPU MEASURED at start-up with a large matmul (best of a few runs;
+  a smaller one where the dtype multiplies slowly, so that this takes ~1 s at most), so CPU MFU means "share of
+  what this machine's matmul reaches", not of a datasheet number.
 - MaxVio = (max load - mean load) / mean load over the global batch (DeepSeek-V3 §4.5.2, Wang et al. 2024).
 - plots (matplotlib Agg, no display): loss.png (train/eval loss and bits per byte), throughput.png, maxvio.png
   (per-layer MaxVio heatmap over steps); report.md summarises the run.
@@ -32,12 +33,24 @@ CUDA_PEAK = {
 }
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """Best-of-`reps` FLOP/s of an n x n x n matmul in dtype: the practical peak of this device."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5,
+                         budget_s: float = 1.5) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matmul in dtype: the practical peak of this device, measured in about
+    budget_s at most. Where this dtype multiplies slowly (bf16 on a CPU without bf16 arithmetic, a few GFLOP/s:
+    the 1024^3 products took ~58 s of every `nanoseek train --dtype bfloat16` start on an AVX2 CPU), the products
+    shrink by halves, down to 256, as a short probe at 256 predicts."""
+    probe = _matmul_seconds(device, dtype, 256, 1)
+    while n > 256 and (reps + 1) * 4 * probe * (n / 256) ** 3 > budget_s:
+        n //= 2
+    return 2 * n ** 3 / _matmul_seconds(device, dtype, n, reps)
+
+
+def _matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """Seconds of one n x n x n matmul: the best of reps + 1 runs of 4 back to back (the first warms up)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(reps + 1):  # first run warms up
+    for _ in range(reps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -46,7 +59,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n ** 3 / best
+    return best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

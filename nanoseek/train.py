@@ -947,10 +947,11 @@ def train(tc: TrainConfig) -> dict:
     n = cfg.num_params()
     if main:
         name = f"from {tc.init}" if tc.init and saved is None else tc.preset
+        peak_s = f"{peak / 1e12:.2f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.1f} GFLOP/s"
         print(f"nanoseek train: {name} ({n['total'] / 1e6:.1f}M params, {n['active'] / 1e6:.1f}M active), "
               f"stage {tc.dsa_stage}, {world} process(es) on {device}, {tc.dtype}, global batch {step_tokens} "
               f"tokens ({world}x{accum}x{tc.batch_size}x{tc.seq_len}), steps {start + 1}..{stop} of "
-              f"{tc.max_steps}; peak {peak / 1e12:.2f} TFLOP/s ({peak_src})", file=sys.stderr)
+              f"{tc.max_steps}; peak {peak_s} ({peak_src})", file=sys.stderr)
     bar = M.Progress(tc.max_steps, start, enabled=main and tc.progress, every=tc.log_every,
                      desc=f"train[{tc.dsa_stage}]" if tc.dsa_stage != "none" else "train")
 
