@@ -6,7 +6,7 @@
 - MFU counts 6 x activated parameters x tokens/s (forward 2N + backward 4N FLOPs per token; attention's T^2
   term left out, as in PaLM's "6N" model FLOPs), over the peak of the device in the training dtype:
   CUDA from a table of datasheet dense peaks, CPU MEASURED at start-up with a large matmul (best of a few runs;
-  a smaller one where the dtype multiplies slowly, so that this takes ~1 s at most), so CPU MFU means "share of
+  a smaller one where the dtype multiplies slowly, so that this takes ~1.5 s at most), so CPU MFU means "share of
   what this machine's matmul reaches", not of a datasheet number.
 - MaxVio = (max load - mean load) / mean load over the global batch (DeepSeek-V3 §4.5.2, Wang et al. 2024).
 - plots (matplotlib Agg, no display): loss.png (train/eval loss and bits per byte), throughput.png, maxvio.png
@@ -36,8 +36,8 @@ CUDA_PEAK = {
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5,
                          budget_s: float = 1.5) -> float:
     """Best-of-`reps` FLOP/s of an n x n x n matmul in dtype: the practical peak of this device, measured in about
-    budget_s at most. Where this dtype multiplies slowly (bf16 on a CPU without bf16 arithmetic, a few GFLOP/s:
-    the 1024^3 products took ~58 s of every `nanoseek train --dtype bfloat16` start on an AVX2 CPU), the products
+    budget_s at most. Where this dtype multiplies slowly (bf16 on a CPU without bf16 arithmetic runs at a few
+    GFLOP/s, where the 1024^3 products would hold up the start of training for about a minute), the products
     shrink by halves, down to 256, as a short probe at 256 predicts."""
     probe = _matmul_seconds(device, dtype, 256, 1)
     while n > 256 and (reps + 1) * 4 * probe * (n / 256) ** 3 > budget_s:
