@@ -11,9 +11,13 @@ Variants, best first on each architecture:
 - ARM64: `neon-bf16` (ARMv8.6 BFDOT), `neon` (baseline AArch64 Advanced SIMD).
 A library that needs an instruction the CPU lacks is never loaded. NANOSEEK_KERNEL_ISA=<variant> caps the choice
 (e.g. `avx2` on an AVX-512 machine, to measure or test that path); NANOSEEK_CPU_KERNELS=0 turns the kernels off.
+NANOSEEK_HIDE_CPU_FLAGS (shell patterns, e.g. "avx512* amx*") goes further: nanoseek reads the CPU as lacking those
+features everywhere (kernel variants, `--dtype auto`'s native bf16), so that a developer's machine can run the
+test suite as a CPU without them would (README "Tests").
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import platform
@@ -39,12 +43,17 @@ def arch() -> str:
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux names them (x86 `flags`, ARM `Features`); outside Linux, what torch's
-    own CPU checks report."""
+    own CPU checks report. Less those NANOSEEK_HIDE_CPU_FLAGS names."""
+    hidden = os.environ.get("NANOSEEK_HIDE_CPU_FLAGS", "").replace(",", " ").split()
+    return frozenset(f for f in _cpu_flags() if not any(fnmatch.fnmatchcase(f, h) for h in hidden))
+
+
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() in ("flags", "Features"):
-                return frozenset(value.split())
+                return set(value.split())
     except OSError:
         pass
     import torch
@@ -58,7 +67,7 @@ def cpu_flags() -> frozenset[str]:
             flags.add("avx512_bf16")
     elif arch() == "aarch64":
         flags.add("asimd")  # Advanced SIMD is part of every AArch64 CPU
-    return frozenset(flags)
+    return flags
 
 
 @functools.lru_cache(maxsize=None)
